@@ -1,0 +1,476 @@
+"""The engine as asyncio sees it: `async for out in engine.generate(request)`.
+
+The parent process keeps the tokenizer (a vocab-only model), the chat
+template and the scheduler. One engine thread runs the step loop: plan a step
+per worker, write it to the worker's shared memory, ring, wait for the
+answers (or a worker's death), turn tokens into text, and hand the pieces to
+the event loop in one call per step. The event loop never blocks on a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import multiprocessing as mp
+import threading
+import time
+from multiprocessing.connection import wait as wait_ready
+
+import numpy as np
+import orjson
+
+from engine import worker as worker_module
+from engine.chat_template import ChatTemplate
+from engine.config import EngineConfig
+from engine.detokenizer import TextStream
+from engine.llama import Model, SamplerChain, SamplingParams
+from engine.request import EngineError, Output, Request, TokenLogprob
+from engine.scheduler import OP_COPY, OP_FREE, OP_START, Scheduler, Sequence, StepPlan, WorkerState
+from engine.transport import OP_COPY as T_COPY, OP_FREE as T_FREE, OP_START as T_START
+from engine.transport import STATUS_OK, StepBuffer
+
+log = logging.getLogger("sentiric.engine")
+batch_log = logging.getLogger("sentiric.batch")
+_OPS = {OP_START: T_START, OP_FREE: T_FREE, OP_COPY: T_COPY}
+_STARTUP_TIMEOUT_S = 300
+
+
+class _Worker:
+    """The parent's handle on one worker process and its step buffer."""
+
+    def __init__(self, index: int, config: EngineConfig):
+        self.index, self.config = index, config
+        self.buffer = StepBuffer.create(config.batch_size)
+        self.process = None
+        self.restarts = 0
+        self.step_id = 0
+
+    def spawn(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.to_worker_r, self.to_worker = ctx.Pipe(duplex=False)
+        self.from_worker, self.from_worker_w = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=worker_module.run, name=f"sentiric-worker-{self.index}", daemon=True,
+            args=(self.index, self.config.worker_config(), self.buffer.spec(),
+                  self.to_worker_r, self.from_worker_w, logging.getLogger().getEffectiveLevel()))
+        self.process.start()
+        self.to_worker_r.close()
+        self.from_worker_w.close()  # so the worker's death reads as EOF
+        self.started_at = time.monotonic()
+
+    def poll_ready(self) -> dict | None:
+        """The worker's hello once it has loaded the model; raises if it failed or died."""
+        if self.from_worker.poll():
+            try:
+                msg = self.from_worker.recv()
+            except EOFError:
+                raise EngineError(f"worker {self.index} exited while loading (exit code {self.process.exitcode})")
+            if "error" in msg:
+                raise EngineError(f"worker {self.index} failed to start: {msg['error']}")
+            return msg
+        if not self.process.is_alive():
+            raise EngineError(f"worker {self.index} exited while loading (exit code {self.process.exitcode})")
+        if time.monotonic() - self.started_at > _STARTUP_TIMEOUT_S:
+            raise EngineError(f"worker {self.index} did not load the model in {_STARTUP_TIMEOUT_S} s")
+        return None
+
+    def ring(self) -> None:
+        self.to_worker.send_bytes(b"s")
+
+    def wait_done(self) -> bool:
+        """Wait for the step's answer; False if the worker died instead."""
+        ready = wait_ready([self.from_worker, self.process.sentinel])
+        if self.from_worker in ready:
+            try:
+                self.from_worker.recv_bytes()
+                return True
+            except (EOFError, OSError):
+                return False
+        return False
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.is_alive():
+            try:
+                self.buffer.header[0] = -1
+                self.ring()
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(5)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(5)
+        for conn in (self.to_worker, self.from_worker):
+            conn.close()
+
+    def kill_for_respawn(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        for conn in (self.to_worker, self.from_worker):
+            conn.close()
+
+
+class _Stream:
+    """A request's way back to its caller."""
+
+    __slots__ = ("request", "queue", "text", "seq")
+
+    def __init__(self, request: Request, queue: asyncio.Queue):
+        self.request, self.queue = request, queue
+        self.text = TextStream(request.stop)
+        self.seq: Sequence | None = None
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.vocab_model: Model | None = None
+        self.template: ChatTemplate | None = None
+        self._workers: list[_Worker] = []
+        self._scheduler: Scheduler | None = None
+        self._streams: dict[Sequence, _Stream] = {}
+        self._lock = threading.Lock()          # guards the scheduler and _streams
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self.ready = False
+        self._stats = collections.Counter()
+        self._batch_sizes = collections.Counter()
+        self._recent = collections.deque(maxlen=512)  # (time, tokens) per step, for tokens/s
+        self._last_batch = 0
+        self._parent_us = collections.deque(maxlen=256)
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._start_blocking)
+        self._thread = threading.Thread(target=self._run, name="sentiric-engine", daemon=True)
+        self._thread.start()
+        self.ready = True
+
+    def _start_blocking(self) -> None:
+        cfg = self.config
+        self.vocab_model = Model(cfg.model_path, vocab_only=True)
+        vocab = self.vocab_model.vocab
+        self.template = ChatTemplate(self.vocab_model.chat_template(),
+                                     bos_token=vocab.token_to_piece(vocab.bos, special=True).decode("utf-8", "replace") if vocab.bos >= 0 else "",
+                                     eos_token=vocab.token_to_piece(vocab.eos, special=True).decode("utf-8", "replace") if vocab.eos >= 0 else "")
+        self.n_ctx_train = self.vocab_model.n_ctx_train
+        states = []
+        try:
+            for i in range(cfg.workers):
+                w = _Worker(i, cfg)
+                self._workers.append(w)
+                w.spawn()
+            for w in self._workers:
+                while (hello := w.poll_ready()) is None:
+                    time.sleep(0.02)
+                state = WorkerState(w.index, hello["n_ctx"], cfg.parallel, cfg.cache_slots)
+                state.alive = True
+                states.append(state)
+                log.info("worker %d ready (pid %d, %d KV cells, %d sequences)", w.index, hello["pid"],
+                         hello["n_ctx"], hello["n_seq_max"])
+        except BaseException:
+            self._stop_workers()
+            raise
+        self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
+                                    reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=vocab.is_eog)
+
+    async def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._stop_workers()
+        with self._lock:
+            for stream in self._streams.values():
+                stream.queue.put_nowait(Output(finish_reason="error", error="the server is shutting down"))
+            self._streams.clear()
+        if self.vocab_model is not None:
+            self.vocab_model.close()
+        self.ready = False
+
+    def _stop_workers(self) -> None:
+        for w in self._workers:
+            w.stop()
+            w.buffer.unlink()
+
+    # --- text helpers (parent side) ---
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.vocab_model.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        for t in tokens:
+            self.vocab_model.vocab.check_token(t)
+        return self.vocab_model.vocab.detokenize(tokens)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        return self.template.render(messages, add_generation_prompt=True)
+
+    def validate_sampling(self, params: SamplingParams) -> None:
+        """Raise ValueError for settings llama.cpp would reject (bad grammar, bad token ids)."""
+        for token in (params.logit_bias or {}):
+            self.vocab_model.vocab.check_token(int(token))
+        if params.grammar:
+            with SamplerChain(self.vocab_model.vocab, SamplingParams(grammar=params.grammar)):
+                pass
+
+    @property
+    def n_ctx(self) -> int:
+        """The longest sequence (prompt + completion) a request can have."""
+        return self.config.ctx_size
+
+    # --- requests ---
+    async def generate(self, request: Request):
+        """Yields Outputs; the last has finish_reason. Leaving early cancels the request."""
+        if not self.ready or self._stopping:
+            raise EngineError("the engine is not running")
+        if not request.prompt:
+            raise ValueError("the prompt is empty")
+        if len(request.prompt) >= self.n_ctx:
+            raise ValueError(f"the prompt has {len(request.prompt)} tokens but the context holds {self.n_ctx}")
+        stream = _Stream(request, asyncio.Queue())
+        with self._wake:
+            stream.seq = self._scheduler.add(request)  # raises Overloaded
+            self._streams[stream.seq] = stream
+            self._wake.notify()
+        finished = False
+        try:
+            while True:
+                out = await stream.queue.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                with self._wake:
+                    seq = stream.seq
+                    if seq.finish_reason is None:
+                        self._scheduler.finish(seq, "cancelled", keep_prefix=False)
+                    self._streams.pop(seq, None)
+                    self._wake.notify()
+
+    # --- the step loop (engine thread) ---
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    plans = self._plan_or_sleep()
+                    if plans is None:
+                        return
+                    t0 = time.perf_counter()
+                    for plan in plans:
+                        self._write_step(plan)
+                    t_write = time.perf_counter() - t0
+                for plan in plans:
+                    self._workers[plan.worker.index].ring()
+                done = [self._workers[p.worker.index].wait_done() for p in plans]
+                with self._wake:
+                    t1 = time.perf_counter()
+                    deliveries = []
+                    for plan, ok in zip(plans, done):
+                        if ok:
+                            self._complete_step(plan, deliveries)
+                        else:
+                            self._worker_died(plan.worker, deliveries)
+                    self._deliver(deliveries)
+                    self._parent_us.append((t_write + time.perf_counter() - t1) * 1e6)
+        except Exception:
+            log.exception("the engine loop failed; failing all requests")
+            with self._wake:
+                self._stopping = True
+                self._deliver([(s, Output(finish_reason="error", error="internal engine error"))
+                               for s in self._streams.values()])
+
+    def _plan_or_sleep(self):
+        while not self._stopping:
+            self._poll_respawns()
+            plans = self._scheduler.plan()
+            if self._scheduler.ended:
+                deliveries = [(self._streams.get(s), self._final(s)) for s in self._scheduler.ended]
+                self._scheduler.ended.clear()
+                self._deliver(deliveries)
+            if plans:
+                return plans
+            respawning = any(not w.alive for w in self._scheduler.workers)
+            self._wake.wait(0.05 if respawning else None)
+        return None
+
+    def _write_step(self, plan: StepPlan) -> None:
+        w = self._workers[plan.worker.index]
+        buf = w.buffer
+        blob_used = 0
+        for i, (kind, seq_id, a, b, seq) in enumerate(plan.ops):
+            if kind == OP_START:
+                p = seq.request.sampling
+                raw = orjson.dumps({**p.__dict__, "logit_bias": {str(k): v for k, v in (p.logit_bias or {}).items()},
+                                    "top_logprobs": seq.request.top_logprobs})
+                buf.blob[blob_used:blob_used + len(raw)] = np.frombuffer(raw, np.uint8)
+                a, b = blob_used, len(raw)
+                blob_used += len(raw)
+            buf.ops[i] = (_OPS[kind], seq_id, a, b)
+        k = 0
+        for row in plan.rows:
+            seq, n = row.seq, row.count
+            if n == 1:
+                buf.token[k] = seq.tokens[row.start]
+                buf.pos[k] = row.start
+                buf.seq[k] = seq.seq_id
+                buf.logits[k] = row.output
+            else:
+                buf.token[k:k + n] = seq.tokens[row.start:row.start + n]
+                buf.pos[k:k + n] = np.arange(row.start, row.start + n, dtype=np.int32)
+                buf.seq[k:k + n] = seq.seq_id
+                buf.logits[k:k + n] = 0
+                buf.logits[k + n - 1] = row.output
+            k += n
+        w.step_id += 1
+        buf.header[:] = (k, len(plan.ops), blob_used, w.step_id)
+        size = plan.batch_size
+        if size:
+            self._last_batch = size
+            self._batch_sizes[size] += 1
+            if self.config.log_batches:
+                batch_log.info("Processing batch of size: %d", size)
+            elif batch_log.isEnabledFor(logging.DEBUG):
+                batch_log.debug("Processing batch of size: %d", size)
+
+    def _complete_step(self, plan: StepPlan, deliveries: list) -> None:
+        sched, buf = self._scheduler, self._workers[plan.worker.index].buffer
+        status, n_out = int(buf.out_header[0]), int(buf.out_header[1])
+        failed_starts = {plan.ops[i][1] for i in np.flatnonzero(buf.op_status[:len(plan.ops)])
+                         if plan.ops[i][0] == OP_START}
+        if status != STATUS_OK:
+            message = buf.message_text()
+            log.error("worker %d step failed: %s", plan.worker.index, message)
+            for row in plan.rows:
+                if row.seq.finish_reason is None:
+                    sched.finish(row.seq, "error", keep_prefix=False)
+                    deliveries.append((self._streams.get(row.seq), self._final(row.seq, error=message)))
+            return
+        tokens = buf.out_token[:n_out].tolist()
+        sampled = sched.complete(plan, tokens)
+        self._stats["steps"] += 1
+        self._stats["prompt_tokens_computed"] += plan.n_tokens - n_out
+        self._stats["generated_tokens"] += len(sampled)
+        self._recent.append((time.monotonic(), len(sampled)))
+        vocab = self.vocab_model.vocab
+        for seq, j, token in sampled:
+            stream = self._streams.get(seq)
+            if seq.seq_id in failed_starts:
+                sched.finish(seq, "error", keep_prefix=False)
+                deliveries.append((stream, self._final(seq, error=buf.message_text() or "could not start sampling")))
+                continue
+            reason = sched.finish_reason_for(seq, token)
+            out = Output(token_ids=[token])
+            if stream is not None:
+                if reason != "stop" or not vocab.is_eog(token):
+                    out.text = stream.text.push(vocab.token_to_piece(token))
+                if stream.request.top_logprobs >= 0:
+                    out.logprobs.append(self._logprob(buf, j, token, stream.request.top_logprobs))
+                if stream.text.stopped:
+                    reason = "stop"
+            if reason is None:
+                deliveries.append((stream, out))
+                continue
+            sched.finish(seq, reason)
+            if stream is not None:
+                out.text += stream.text.flush()
+            final = self._final(seq)
+            final.text, final.token_ids, final.logprobs = out.text, out.token_ids, out.logprobs
+            deliveries.append((stream, final))
+
+    def _logprob(self, buf: StepBuffer, j: int, token: int, k: int) -> TokenLogprob:
+        piece = self.vocab_model.vocab.token_to_piece
+        top = [(int(t), piece(int(t)).decode("utf-8", "replace"), float(lp))
+               for t, lp in zip(buf.out_top_id[j, :k], buf.out_top_logprob[j, :k])]
+        return TokenLogprob(token, piece(token).decode("utf-8", "replace"), float(buf.out_logprob[j]), top)
+
+    def _final(self, seq: Sequence, error: str | None = None) -> Output:
+        reason = "error" if error else (seq.finish_reason or "error")
+        return Output(finish_reason=reason, error=error, prompt_tokens=seq.n_prompt,
+                      completion_tokens=seq.n_generated, cached_tokens=seq.cached_tokens)
+
+    def _worker_died(self, state: WorkerState, deliveries: list) -> None:
+        w = self._workers[state.index]
+        log.error("worker %d died (exit code %s); respawning it", w.index, w.process.exitcode)
+        w.kill_for_respawn()
+        for seq in self._scheduler.worker_lost(state):
+            stream = self._streams.pop(seq, None)
+            if stream is None:
+                continue
+            if seq.n_generated == 0:  # nothing was sent yet: run it again elsewhere
+                stream.seq = self._scheduler.add(stream.request, front=True)
+                self._streams[stream.seq] = stream
+            else:
+                deliveries.append((stream, self._final(
+                    seq, error=f"the worker process running this request crashed (exit code {w.process.exitcode}); "
+                               "the service recovered, please retry")))
+        w.restarts += 1
+        self._stats["worker_restarts"] += 1
+        w.spawn()
+
+    def _poll_respawns(self) -> None:
+        for state in self._scheduler.workers:
+            if state.alive:
+                continue
+            w = self._workers[state.index]
+            try:
+                if w.poll_ready() is not None:
+                    state.alive = True
+                    log.info("worker %d is back", w.index)
+            except EngineError as exc:
+                log.error("%s; trying again", exc)
+                w.kill_for_respawn()
+                w.spawn()
+
+    def _deliver(self, deliveries: list) -> None:
+        items = [(s.queue, out) for s, out in deliveries if s is not None]
+        for s, out in deliveries:
+            if s is not None and out.finish_reason is not None:
+                self._streams.pop(s.seq, None)
+        if items:
+            self._loop.call_soon_threadsafe(_put_all, items)
+
+    # --- numbers ---
+    def stats(self) -> dict:
+        with self._lock:
+            sched = self._scheduler
+            now = time.monotonic()
+            window = [(t, n) for t, n in self._recent if now - t <= 10]
+            span = (now - window[0][0]) if len(window) > 1 else 0
+            tps = sum(n for _, n in window[1:]) / span if span > 0 else 0.0
+            return {
+                "running": sched.running if sched else 0,
+                "waiting": len(sched.waiting) if sched else 0,
+                "kv_used": sched.kv_used() if sched else 0,
+                "kv_running": sched.kv_running() if sched else 0,
+                "kv_total": sum(w.n_ctx for w in sched.workers) if sched else 0,
+                "prefix_cache_entries": sum(len(w.cache) for w in sched.workers) if sched else 0,
+                "prefix_hit_tokens": sched.prefix_hit_tokens if sched else 0,
+                "free_slots": sum(w.parallel - len(w.running) for w in sched.workers if w.alive) if sched else 0,
+                "workers": len(self._workers),
+                "workers_alive": sum(w.alive for w in sched.workers) if sched else 0,
+                "worker_restarts": self._stats["worker_restarts"],
+                "steps": self._stats["steps"],
+                "generated_tokens": self._stats["generated_tokens"],
+                "prompt_tokens_computed": self._stats["prompt_tokens_computed"],
+                "last_batch_size": self._last_batch if sched and sched.running else 0,
+                "batch_size_counts": dict(self._batch_sizes),
+                "tokens_per_second": round(tps, 1),
+                "parent_us_per_step": round(float(np.median(self._parent_us)), 1) if self._parent_us else 0.0,
+            }
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.process is not None]
+
+
+def _put_all(items) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)

@@ -1,0 +1,49 @@
+"""Engine settings (the server's CLI fills these in)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class EngineConfig:
+    model_path: str
+    workers: int = 1                  # worker processes, each with its own model and context
+    parallel: int = 16                # sequences decoded together per worker
+    ctx_size: int = 16384             # KV cells per worker, shared by its sequences
+    batch_size: int = 512             # tokens per step per worker (decodes + prefill chunks)
+    ubatch_size: int = 512            # llama.cpp's physical batch
+    threads: int = 0                  # per worker; 0 = all cores divided among the workers
+    flash_attn: str = "auto"          # auto | on | off
+    kv_unified: bool = True           # one KV buffer for all sequences (needed for prefix sharing)
+    cache_slots: int = -1             # finished sequences kept as prefix cache; -1 = parallel
+    max_waiting: int = 256            # queued requests beyond this get Overloaded (HTTP 429)
+    n_gpu_layers: int = -1            # layers offloaded to a GPU build; -1 = all
+    log_batches: bool = False         # log "Processing batch of size: N" at INFO instead of DEBUG
+
+    def __post_init__(self):
+        if self.threads <= 0:
+            self.threads = max(1, (os.cpu_count() or 1) // max(1, self.workers))
+        if self.cache_slots < 0:
+            self.cache_slots = self.parallel if self.kv_unified else 0
+        for name in ("workers", "parallel", "ctx_size", "batch_size", "ubatch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.flash_attn not in ("auto", "on", "off"):
+            raise ValueError("flash_attn must be auto, on or off")
+
+    def worker_config(self) -> dict:
+        """What a worker process needs to build its model and context (plain data)."""
+        return {
+            "model_path": self.model_path,
+            "n_gpu_layers": self.n_gpu_layers,
+            "context": {
+                "n_ctx": self.ctx_size, "n_batch": self.batch_size, "n_ubatch": min(self.ubatch_size, self.batch_size),
+                "n_seq_max": self.parallel + self.cache_slots, "n_threads": self.threads,
+                "kv_unified": self.kv_unified, "flash_attn": self.flash_attn,
+            },
+        }
+
+    def as_dict(self) -> dict:
+        return asdict(self)

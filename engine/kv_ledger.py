@@ -1,0 +1,79 @@
+"""Counts the KV cells a worker's unified cache holds, with shared prefixes.
+
+`llama_memory_seq_cp` in a unified cache does not copy cells: it adds the
+destination sequence to them. A Span is the list of cell segments one
+sequence references; shared segments are counted once. A partial segment at
+the end of a shared range is counted again for the copy, so the ledger never
+counts fewer cells than llama.cpp really uses (it may count a few more).
+"""
+
+from __future__ import annotations
+
+
+class Segment:
+    __slots__ = ("cells", "refs")
+
+    def __init__(self, cells: int):
+        self.cells, self.refs = cells, 1
+
+
+class Span:
+    """The cells one sequence references, in position order."""
+
+    __slots__ = ("segments", "length")
+
+    def __init__(self):
+        self.segments: list[Segment] = []
+        self.length = 0
+
+
+class KvLedger:
+    def __init__(self, n_ctx: int):
+        self.n_ctx = n_ctx
+        self.used = 0
+
+    def new_span(self) -> Span:
+        return Span()
+
+    def grow(self, span: Span, n: int) -> None:
+        """`span` computed n more positions."""
+        last = span.segments[-1] if span.segments else None
+        if last is not None and last.refs == 1:
+            last.cells += n
+        else:
+            span.segments.append(Segment(n))
+        span.length += n
+        self.used += n
+
+    def share(self, src: Span, n: int) -> Span:
+        """A new span referencing the first n positions of src."""
+        dst, left = Span(), n
+        for seg in src.segments:
+            if left <= 0:
+                break
+            if seg.cells <= left:
+                seg.refs += 1
+                dst.segments.append(seg)
+                left -= seg.cells
+            else:
+                dst.segments.append(Segment(left))
+                self.used += left
+                left = 0
+        dst.length = n
+        return dst
+
+    def release(self, span: Span) -> None:
+        for seg in span.segments:
+            seg.refs -= 1
+            if seg.refs == 0:
+                self.used -= seg.cells
+        span.segments, span.length = [], 0
+
+    @staticmethod
+    def cells_of(spans) -> int:
+        """Distinct cells referenced by the given spans."""
+        seen: dict[int, int] = {}
+        for span in spans:
+            for seg in span.segments:
+                seen[id(seg)] = seg.cells
+        return sum(seen.values())

@@ -1,0 +1,429 @@
+"""Python owners of llama.cpp's native objects: Model, Vocab, Context, Batch, SamplerChain.
+
+Each class frees its native resource exactly once (close() is idempotent and
+the classes are context managers) and turns llama.cpp's sentinel return values
+into exceptions that say what went wrong.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.llama_cpp import (
+    FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, LLAMA_DEFAULT_SEED,
+    lib, llama_batch, llama_chat_message, llama_logit_bias, llama_token,
+)
+
+
+class LlamaError(RuntimeError):
+    """A llama.cpp call failed; the message explains the return code."""
+
+
+_DECODE_ERRORS = {
+    1: "no KV cache slot for the batch (context full: reduce the batch or raise ctx_size)",
+    2: "decode aborted",
+    -1: "invalid input batch (token id out of range, bad position or sequence id)",
+}
+
+
+def version() -> str:
+    return lib.llama_version().decode()
+
+
+def system_info() -> str:
+    return lib.llama_print_system_info().decode()
+
+
+def supports_gpu_offload() -> bool:
+    return bool(lib.llama_supports_gpu_offload())
+
+
+def max_parallel_sequences() -> int:
+    return int(lib.llama_max_parallel_sequences())
+
+
+class _Owner:
+    """Holds one native pointer and frees it once, on close() or exit."""
+
+    _free = None  # the llama.cpp function that frees the pointer
+
+    def __init__(self, ptr: int | None, what: str):
+        if not ptr:
+            raise LlamaError(what)
+        self._ptr = ptr
+
+    @property
+    def ptr(self) -> int:
+        if self._ptr is None:
+            raise LlamaError(f"{type(self).__name__} is closed")
+        return self._ptr
+
+    def close(self) -> None:
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            type(self)._free(ptr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_ptr", None) is not None:
+            self.close()
+
+
+class Model(_Owner):
+    """A loaded GGUF model (or only its vocabulary, with vocab_only=True)."""
+
+    _free = lib.llama_model_free
+
+    def __init__(self, path: str | Path, *, vocab_only: bool = False, n_gpu_layers: int = -1):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        params = lib.llama_model_default_params()
+        params.vocab_only = vocab_only
+        params.n_gpu_layers = n_gpu_layers
+        super().__init__(lib.llama_model_load_from_file(str(path).encode(), params),
+                         f"llama.cpp could not load {path} (not a GGUF model, or an architecture this build does not know)")
+        self.path = path
+        self.vocab = Vocab(lib.llama_model_get_vocab(self._ptr), self)
+
+    def chat_template(self) -> str | None:
+        tmpl = lib.llama_model_chat_template(self.ptr, None)
+        return tmpl.decode() if tmpl else None
+
+    def meta(self, key: str) -> str | None:
+        buf = C.create_string_buffer(256)
+        n = lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = C.create_string_buffer(n + 1)
+            lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    @property
+    def n_ctx_train(self) -> int:
+        return lib.llama_model_n_ctx_train(self.ptr)
+
+    @property
+    def n_embd(self) -> int:
+        return lib.llama_model_n_embd(self.ptr)
+
+    @property
+    def n_params(self) -> int:
+        return lib.llama_model_n_params(self.ptr)
+
+    def description(self) -> str:
+        buf = C.create_string_buffer(256)
+        lib.llama_model_desc(self.ptr, buf, len(buf))
+        return buf.value.decode()
+
+
+class Vocab:
+    """Tokenizer and special tokens of a model (lives as long as its Model)."""
+
+    def __init__(self, ptr: int, model: Model):
+        self._ptr, self._model = ptr, model
+        self.n_tokens = lib.llama_vocab_n_tokens(ptr)
+        self.bos = lib.llama_vocab_bos(ptr)
+        self.eos = lib.llama_vocab_eos(ptr)
+        self.eot = lib.llama_vocab_eot(ptr)
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(ptr))
+        self._piece = C.create_string_buffer(256)
+
+    @property
+    def ptr(self) -> int:
+        self._model.ptr  # raises if the model was closed
+        return self._ptr
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lib.llama_vocab_is_eog(self.ptr, token))
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (llama_token * cap)()
+        n = lib.llama_tokenize(self.ptr, raw, len(raw), buf, cap, add_special, parse_special)
+        if n < 0:
+            if n == -(2**31):
+                raise LlamaError("text too long to tokenize")
+            cap = -n
+            buf = (llama_token * cap)()
+            n = lib.llama_tokenize(self.ptr, raw, len(raw), buf, cap, add_special, parse_special)
+        return buf[:n]
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The raw bytes of one token (may be part of a UTF-8 character)."""
+        n = lib.llama_token_to_piece(self.ptr, token, self._piece, len(self._piece), 0, special)
+        if n < 0:
+            big = C.create_string_buffer(-n)
+            n = lib.llama_token_to_piece(self.ptr, token, big, len(big), 0, special)
+            return big.raw[:n]
+        return self._piece.raw[:n]
+
+    def detokenize(self, tokens: list[int], *, remove_special: bool = False, unparse_special: bool = False) -> str:
+        if not tokens:
+            return ""
+        arr = (llama_token * len(tokens))(*tokens)
+        cap = max(16, len(tokens) * 8)
+        buf = C.create_string_buffer(cap)
+        n = lib.llama_detokenize(self.ptr, arr, len(tokens), buf, cap, remove_special, unparse_special)
+        if n < 0:
+            buf = C.create_string_buffer(-n)
+            n = lib.llama_detokenize(self.ptr, arr, len(tokens), buf, -n, remove_special, unparse_special)
+        return buf.raw[:n].decode("utf-8", "replace")
+
+    def check_token(self, token: int) -> None:
+        if not 0 <= token < self.n_tokens:
+            raise ValueError(f"token id {token} is outside the vocabulary (0..{self.n_tokens - 1})")
+
+
+def builtin_chat_template(template: str | None, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """llama.cpp's own (non-jinja) rendering of a known template family, e.g. 'chatml'."""
+    keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+    arr = (llama_chat_message * len(keep))(*[llama_chat_message(r, c) for r, c in keep])
+    tmpl = template.encode() if template else None
+    cap = sum(len(r) + len(c) for r, c in keep) * 2 + 256
+    buf = C.create_string_buffer(cap)
+    n = lib.llama_chat_apply_template(tmpl, arr, len(keep), add_generation_prompt, buf, cap)
+    if n < 0:
+        raise LlamaError(f"llama.cpp does not know the chat template {template!r}")
+    if n > cap:
+        buf = C.create_string_buffer(n)
+        n = lib.llama_chat_apply_template(tmpl, arr, len(keep), add_generation_prompt, buf, n)
+    return buf.raw[:n].decode("utf-8", "replace")
+
+
+@dataclass
+class ContextParams:
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_seq_max: int = 1
+    n_threads: int = 2
+    kv_unified: bool = True
+    flash_attn: str = "auto"  # auto | on | off
+
+
+class Context(_Owner):
+    """A llama_context: KV cache plus compute buffers for decoding batches."""
+
+    _free = lib.llama_free
+
+    def __init__(self, model: Model, params: ContextParams):
+        p = lib.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch = params.n_ctx, params.n_batch, params.n_ubatch
+        p.n_seq_max = params.n_seq_max
+        p.n_threads = p.n_threads_batch = params.n_threads
+        p.kv_unified = params.kv_unified
+        p.flash_attn_type = {"auto": FLASH_ATTN_AUTO, "on": FLASH_ATTN_ENABLED, "off": FLASH_ATTN_DISABLED}[params.flash_attn]
+        p.no_perf = False
+        super().__init__(lib.llama_init_from_model(model.ptr, p),
+                         f"llama.cpp could not create a context ({params}); see its log for why (often: out of memory)")
+        self.model = model
+        self.n_ctx = lib.llama_n_ctx(self._ptr)
+        self.n_batch = lib.llama_n_batch(self._ptr)
+        self.n_seq_max = lib.llama_n_seq_max(self._ptr)
+        self.n_vocab = model.vocab.n_tokens
+        self._memory = lib.llama_get_memory(self._ptr)
+
+    def decode(self, batch: "Batch") -> None:
+        rc = lib.llama_decode(self.ptr, batch.struct)
+        if rc != 0:
+            raise LlamaError(f"llama_decode returned {rc}: {_DECODE_ERRORS.get(rc, 'fatal error in the compute graph')}")
+
+    def logits(self, n_rows: int) -> np.ndarray:
+        """The output rows of the last decode, as a [n_rows, n_vocab] view (valid until the next decode)."""
+        ptr = lib.llama_get_logits(self.ptr)
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab))
+
+    def logits_row(self, i: int) -> np.ndarray:
+        """Logits of batch position i (which must have requested output)."""
+        ptr = lib.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise LlamaError(f"no logits for batch row {i}: it did not request output")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    # --- KV cache (memory) ---
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        if not lib.llama_memory_seq_rm(self._memory_ptr(), seq, p0, p1):
+            raise LlamaError(f"cannot remove positions [{p0}, {p1}) of sequence {seq} from this memory type")
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        lib.llama_memory_seq_cp(self._memory_ptr(), src, dst, p0, p1)
+
+    def seq_keep(self, seq: int) -> None:
+        lib.llama_memory_seq_keep(self._memory_ptr(), seq)
+
+    def seq_pos_max(self, seq: int) -> int:
+        return lib.llama_memory_seq_pos_max(self._memory_ptr(), seq)
+
+    def clear(self) -> None:
+        lib.llama_memory_clear(self._memory_ptr(), True)
+
+    def _memory_ptr(self) -> int:
+        self.ptr  # raises if closed
+        return self._memory
+
+    # --- state ---
+    def seq_state(self, seq: int) -> bytes:
+        size = lib.llama_state_seq_get_size(self.ptr, seq)
+        buf = C.create_string_buffer(size)
+        n = lib.llama_state_seq_get_data(self.ptr, buf, size, seq)
+        return buf.raw[:n]
+
+    def set_seq_state(self, seq: int, state: bytes) -> None:
+        if lib.llama_state_seq_set_data(self.ptr, state, len(state), seq) == 0:
+            raise LlamaError(f"could not restore the state of sequence {seq} (not enough KV cells, or another model)")
+
+    def perf(self) -> dict:
+        d = lib.llama_perf_context(self.ptr)
+        return {"prompt_ms": d.t_p_eval_ms, "prompt_tokens": d.n_p_eval,
+                "eval_ms": d.t_eval_ms, "eval_tokens": d.n_eval}
+
+
+class Batch:
+    """A llama_batch whose arrays are numpy arrays (or views over shared memory).
+
+    Each token belongs to one sequence; the seq_id pointer table is built once,
+    so filling a batch is plain numpy assignment with no per-step allocation.
+    """
+
+    def __init__(self, capacity: int, *, token=None, pos=None, seq=None, logits=None):
+        def arr(given, dtype):
+            return given if given is not None else np.zeros(capacity, dtype)
+        self.token = arr(token, np.int32)
+        self.pos = arr(pos, np.int32)
+        self.seq = arr(seq, np.int32)
+        self.logits = arr(logits, np.int8)
+        self.capacity = capacity
+        self._n_seq_id = np.ones(capacity, np.int32)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = np.arange(capacity, dtype=np.uintp) * self.seq.itemsize + base
+        self.struct = llama_batch(
+            0,
+            self.token.ctypes.data_as(C.POINTER(C.c_int32)),
+            None,
+            self.pos.ctypes.data_as(C.POINTER(C.c_int32)),
+            self._n_seq_id.ctypes.data_as(C.POINTER(C.c_int32)),
+            self._seq_ptrs.ctypes.data_as(C.POINTER(C.POINTER(C.c_int32))),
+            self.logits.ctypes.data_as(C.POINTER(C.c_int8)),
+        )
+
+    @property
+    def n_tokens(self) -> int:
+        return self.struct.n_tokens
+
+    @n_tokens.setter
+    def n_tokens(self, n: int) -> None:
+        if not 0 <= n <= self.capacity:
+            raise ValueError(f"batch of {n} tokens does not fit capacity {self.capacity}")
+        self.struct.n_tokens = n
+
+    def set(self, tokens, seq: int, start_pos: int, *, output_last: bool = True) -> None:
+        """Fill the batch with one sequence's tokens (convenience for tests and the CLI)."""
+        n = len(tokens)
+        self.n_tokens = n
+        self.token[:n] = tokens
+        self.pos[:n] = np.arange(start_pos, start_pos + n)
+        self.seq[:n] = seq
+        self.logits[:n] = 0
+        if output_last:
+            self.logits[n - 1] = 1
+
+
+@dataclass
+class SamplingParams:
+    """Per-sequence sampling settings (OpenAI names where they exist)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+    grammar: str | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """Plain argmax: no temperature, penalty, bias or grammar to apply."""
+        return (self.temperature <= 0 and self.repeat_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty and not self.logit_bias and not self.grammar)
+
+
+class SamplerChain(_Owner):
+    """One llama.cpp sampler chain built from SamplingParams."""
+
+    _free = lib.llama_sampler_free
+
+    def __init__(self, vocab: Vocab, params: SamplingParams):
+        super().__init__(lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params()),
+                         "llama_sampler_chain_init failed")
+        try:
+            self._build(vocab, params)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, smpl: int | None, what: str) -> None:
+        if not smpl:
+            raise LlamaError(what)
+        lib.llama_sampler_chain_add(self._ptr, smpl)  # the chain owns it from here
+
+    def _build(self, vocab: Vocab, p: SamplingParams) -> None:
+        n_vocab = vocab.n_tokens
+        if p.logit_bias:
+            items = list(p.logit_bias.items())
+            arr = (llama_logit_bias * len(items))(*[llama_logit_bias(t, b) for t, b in items])
+            self._add(lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr), "bad logit_bias")
+        if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            self._add(lib.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty,
+                                                       p.frequency_penalty, p.presence_penalty), "bad penalties")
+        if p.grammar:
+            self._add(lib.llama_sampler_init_grammar(vocab.ptr, p.grammar.encode(), b"root"),
+                      "invalid GBNF grammar (llama.cpp could not parse it, or it has no 'root' rule)")
+        if p.temperature <= 0:
+            self._add(lib.llama_sampler_init_greedy(), "greedy sampler")
+            return
+        if p.top_k > 0:
+            self._add(lib.llama_sampler_init_top_k(p.top_k), "top_k")
+        if p.typical_p < 1.0:
+            self._add(lib.llama_sampler_init_typical(p.typical_p, 1), "typical_p")
+        if p.top_p < 1.0:
+            self._add(lib.llama_sampler_init_top_p(p.top_p, 1), "top_p")
+        if p.min_p > 0.0:
+            self._add(lib.llama_sampler_init_min_p(p.min_p, 1), "min_p")
+        self._add(lib.llama_sampler_init_temp(p.temperature), "temperature")
+        seed = LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
+        self._add(lib.llama_sampler_init_dist(seed), "dist")
+
+    def sample(self, ctx: Context, row: int) -> int:
+        """Sample the token for batch row `row` and record it in the chain's history."""
+        return lib.llama_sampler_sample(self.ptr, ctx.ptr, row)
+
+    def accept(self, token: int) -> None:
+        lib.llama_sampler_accept(self.ptr, token)
+
+    def __len__(self) -> int:
+        return lib.llama_sampler_chain_n(self.ptr)
+
+
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    """Log-probabilities of one row of logits (float64 for stable small values)."""
+    x = row.astype(np.float64)
+    m = x.max()
+    return x - (m + math.log(np.exp(x - m).sum()))

@@ -1,0 +1,51 @@
+"""What a caller asks the engine for, and what it gets back."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from engine.llama import SamplingParams
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None         # None: until end of generation or the context is full
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int = -1                # -1: no logprobs; 0: the chosen token's; k: and the k best
+    ignore_eos: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+@dataclass
+class Output:
+    """One streamed piece of a generation; the last one has finish_reason set."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None      # stop | length | error
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full: try again later (HTTP 429)."""
+
+
+class EngineError(RuntimeError):
+    """The engine cannot serve the request (not started, shutting down)."""

@@ -1,0 +1,324 @@
+"""Continuous batching over worker processes, as plain Python over plain data.
+
+Every iteration, `plan()` builds one step per worker: each running sequence
+contributes its next token (decode), waiting requests are admitted as slots
+and KV budget allow, and prompts are prefilled in chunks under a per-step
+token budget, mixed with the decodes. `complete()` takes the sampled tokens
+back. KV cells of common prompt prefixes are shared inside a worker (running
+sequences and finished ones kept as a prefix cache, evicted least recently
+used). Nothing here touches a model, a process or the event loop.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.kv_ledger import KvLedger, Span
+from engine.request import Overloaded, Request
+
+MIN_SHARED_PREFIX = 16   # fewer common tokens than this are not worth a copy or a wait
+MIN_CACHED_PREFIX = 32   # shorter finished sequences are not kept in the prefix cache
+
+OP_START, OP_FREE, OP_COPY = "start", "free", "copy"
+
+
+class Sequence:
+    """One request's state inside the scheduler."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.prompt = np.asarray(request.prompt, dtype=np.int32)
+        self.tokens: list[int] = list(request.prompt)  # prompt + generated
+        self.n_prompt = len(request.prompt)
+        self.worker: WorkerState | None = None
+        self.seq_id = -1
+        self.span: Span | None = None
+        self.n_computed = 0       # positions already in the KV cache
+        self.reserve = 0          # KV positions this sequence may hold without asking again
+        self.cached_tokens = 0    # prompt tokens reused from the prefix cache
+        self.finish_reason: str | None = None
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.tokens) - self.n_prompt
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_computed < self.n_prompt
+
+
+@dataclass
+class CacheEntry:
+    seq_id: int
+    tokens: np.ndarray
+    span: Span
+
+
+@dataclass
+class Row:
+    """A run of one sequence's tokens in a step; the last asks for output if `output`."""
+
+    seq: Sequence
+    start: int
+    count: int
+    output: bool
+
+
+@dataclass
+class StepPlan:
+    worker: "WorkerState"
+    ops: list[tuple] = field(default_factory=list)   # (OP_*, seq_id, a, b, Sequence | None)
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(r.count for r in self.rows)
+
+    @property
+    def batch_size(self) -> int:
+        """Distinct sequences carried by this step."""
+        return len(self.rows)
+
+
+class WorkerState:
+    """The scheduler's view of one worker: sequence ids, KV ledger, prefix cache."""
+
+    def __init__(self, index: int, n_ctx: int, parallel: int, cache_slots: int):
+        self.index, self.parallel, self.cache_slots = index, parallel, cache_slots
+        self.n_ctx = n_ctx
+        self.alive = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (the worker process is new)."""
+        self.ledger = KvLedger(self.n_ctx)
+        self.free_ids = list(range(self.parallel + self.cache_slots - 1, -1, -1))
+        self.running: list[Sequence] = []
+        self.cache: collections.OrderedDict[int, CacheEntry] = collections.OrderedDict()
+        self.pending_ops: list[tuple] = []
+
+    @property
+    def reserved(self) -> int:
+        """Cells promised to running sequences but not yet used."""
+        return sum(max(0, s.reserve - s.span.length) for s in self.running)
+
+    @property
+    def free_cells(self) -> int:
+        return self.n_ctx - self.ledger.used - self.reserved
+
+    def evict_one(self) -> bool:
+        if not self.cache:
+            return False
+        _, entry = self.cache.popitem(last=False)
+        self.ledger.release(entry.span)
+        self.pending_ops.append((OP_FREE, entry.seq_id, 0, 0, None))
+        self.free_ids.append(entry.seq_id)
+        return True
+
+    def make_room(self, cells: int) -> bool:
+        while self.free_cells < cells:
+            if not self.evict_one():
+                return False
+        return True
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+class Scheduler:
+    def __init__(self, workers: list[WorkerState], *, max_waiting: int, step_tokens: int,
+                 reserve_cap: int, is_eog=lambda token: False):
+        self.workers = workers
+        self.max_waiting = max_waiting
+        self.step_tokens = step_tokens
+        self.reserve_cap = reserve_cap
+        self.is_eog = is_eog
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.ended: list[Sequence] = []  # finished inside plan() (context full); the caller reports them
+        self.prefix_hit_tokens = 0
+
+    # --- requests in and out ---
+    def add(self, request: Request, *, front: bool = False) -> Sequence:
+        if len(self.waiting) >= self.max_waiting and not front:
+            raise Overloaded(f"the server is at capacity ({self.max_waiting} requests already waiting); retry shortly")
+        seq = Sequence(request)
+        (self.waiting.appendleft if front else self.waiting.append)(seq)
+        return seq
+
+    def finish(self, seq: Sequence, reason: str, *, keep_prefix: bool = True) -> None:
+        """End a sequence; its KV cells are freed (or kept as a prefix cache entry) in the next step."""
+        if seq.finish_reason is not None:
+            return
+        seq.finish_reason = reason
+        if seq.worker is None:
+            self.waiting.remove(seq)
+            return
+        w = seq.worker
+        w.running.remove(seq)
+        if keep_prefix and w.cache_slots and seq.n_computed >= MIN_CACHED_PREFIX:
+            w.cache[seq.seq_id] = CacheEntry(seq.seq_id, np.asarray(seq.tokens[:seq.n_computed], np.int32), seq.span)
+            while len(w.cache) > w.cache_slots:
+                w.evict_one()
+        else:
+            w.ledger.release(seq.span)
+            w.pending_ops.append((OP_FREE, seq.seq_id, 0, 0, None))
+            w.free_ids.append(seq.seq_id)
+
+    def worker_lost(self, w: WorkerState) -> list[Sequence]:
+        """A worker died: forget its state and hand back the sequences it was running."""
+        lost = list(w.running)
+        w.alive = False
+        w.reset()
+        for s in lost:
+            s.finish_reason = "error"
+        return lost
+
+    # --- one iteration ---
+    def plan(self) -> list[StepPlan]:
+        plans = {w.index: StepPlan(w) for w in self.workers if w.alive}
+        budget = {i: self.step_tokens for i in plans}
+        for p in plans.values():
+            self._continue_running(p, budget)
+        self._admit(plans, budget)
+        for p in plans.values():
+            p.ops[:0] = p.worker.pending_ops
+            p.worker.pending_ops = []
+        return [p for p in plans.values() if p.rows or p.ops]
+
+    def _continue_running(self, plan: StepPlan, budget: dict) -> None:
+        w = plan.worker
+        for seq in list(w.running):
+            if not seq.prefilling:
+                if seq.span.length + 1 > seq.reserve and not self._grow_reserve(seq):
+                    self.finish(seq, "length")
+                    self.ended.append(seq)
+                    continue
+                plan.rows.append(Row(seq, seq.n_computed, 1, True))
+                budget[w.index] -= 1
+        for seq in w.running:
+            if seq.prefilling and budget[w.index] > 0:
+                self._prefill_chunk(plan, seq, budget)
+
+    def _prefill_chunk(self, plan: StepPlan, seq: Sequence, budget: dict) -> None:
+        n = min(seq.n_prompt - seq.n_computed, budget[plan.worker.index])
+        plan.rows.append(Row(seq, seq.n_computed, n, seq.n_computed + n == seq.n_prompt))
+        budget[plan.worker.index] -= n
+
+    def _grow_reserve(self, seq: Sequence) -> bool:
+        w = seq.worker
+        if len(seq.tokens) >= w.n_ctx:
+            return False
+        step = min(self.reserve_cap, w.n_ctx - seq.reserve)
+        if not w.make_room(step):
+            step = 1
+            if not w.make_room(step):
+                return False
+        seq.reserve += step
+        return True
+
+    def _admit(self, plans: dict, budget: dict) -> None:
+        for seq in list(self.waiting):
+            choice = self._place(seq, plans)
+            if choice is None:
+                continue
+            w, source, shared = choice
+            self.waiting.remove(seq)
+            self._start(plans[w.index], seq, source, shared)
+            if budget[w.index] > 0:
+                self._prefill_chunk(plans[w.index], seq, budget)
+
+    def _place(self, seq: Sequence, plans: dict):
+        """(worker, prefix source, shared length) for a waiting sequence, or None to keep it waiting."""
+        limit = seq.n_prompt - 1  # the last prompt token is always computed, for its logits
+        best = None  # (shared, -load, worker, source)
+        for w in self.workers:
+            if w.index not in plans or len(w.running) >= w.parallel:
+                continue
+            for r in w.running:
+                c = min(common_prefix(r.prompt, seq.prompt), limit)
+                if c >= MIN_SHARED_PREFIX and r.n_computed < c:
+                    return None  # its prefill is computing our prefix: wait for it
+            cands = [(min(common_prefix(r.prompt, seq.prompt), limit, r.n_computed), r.seq_id, r.span)
+                     for r in w.running]
+            cands += [(min(common_prefix(e.tokens, seq.prompt), limit), e.seq_id, e.span)
+                      for e in w.cache.values()]
+            shared, src = 0, None
+            for c, sid, span in cands:
+                if c >= MIN_SHARED_PREFIX and c > shared:
+                    shared, src = c, (sid, span)
+            key = (shared, -len(w.running), w.free_cells)
+            if best is None or key > best[0]:
+                best = (key, w, src)
+        if best is None:
+            return None
+        (shared, _, _), w, src = best
+        want = seq.n_prompt + min(seq.request.max_tokens or w.n_ctx, self.reserve_cap)
+        seq_reserve = min(want, w.n_ctx)
+        if seq.n_prompt >= w.n_ctx or not w.make_room(seq_reserve - shared):
+            return None
+        if src is not None and src[0] in w.cache:
+            w.cache.move_to_end(src[0])
+        if not w.free_ids:
+            w.evict_one()
+        seq.reserve = seq_reserve
+        return w, src, shared
+
+    def _start(self, plan: StepPlan, seq: Sequence, source, shared: int) -> None:
+        w = plan.worker
+        seq.worker, seq.seq_id = w, w.free_ids.pop()
+        if source is not None:
+            src_id, src_span = source
+            plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
+            seq.span = w.ledger.share(src_span, shared)
+            seq.n_computed = seq.cached_tokens = shared
+            self.prefix_hit_tokens += shared
+        else:
+            seq.span = w.ledger.new_span()
+        plan.ops.append((OP_START, seq.seq_id, 0, 0, seq))
+        w.running.append(seq)
+
+    # --- results ---
+    def complete(self, plan: StepPlan, tokens) -> list[tuple[Sequence, int, int]]:
+        """Record a finished step; returns (sequence, output row, token) for every sampled token."""
+        sampled, j = [], 0
+        for row in plan.rows:
+            seq = row.seq
+            if seq.finish_reason is None:  # a sequence cancelled mid-step has already released its cells
+                seq.n_computed += row.count
+                plan.worker.ledger.grow(seq.span, row.count)
+            if row.output:
+                token = int(tokens[j])
+                if seq.finish_reason is None:
+                    seq.tokens.append(token)
+                    sampled.append((seq, j, token))
+                j += 1
+        return sampled
+
+    def finish_reason_for(self, seq: Sequence, token: int) -> str | None:
+        """Token-level end conditions: end of generation, max_tokens, a full context."""
+        if token < 0:
+            return "error"
+        if self.is_eog(token) and not seq.request.ignore_eos:
+            return "stop"
+        if seq.request.max_tokens is not None and seq.n_generated >= seq.request.max_tokens:
+            return "length"
+        if len(seq.tokens) >= seq.worker.n_ctx:
+            return "length"
+        return None
+
+    # --- introspection ---
+    @property
+    def running(self) -> int:
+        return sum(len(w.running) for w in self.workers)
+
+    def kv_used(self) -> int:
+        return sum(w.ledger.used for w in self.workers)
+
+    def kv_running(self) -> int:
+        return sum(KvLedger.cells_of(s.span for s in w.running) for w in self.workers)

@@ -1,0 +1,94 @@
+"""The shared-memory step buffer between the scheduler and one worker.
+
+One preallocated region per worker holds a step's input (token rows, control
+ops, a small blob for sampling parameters) and its output (sampled tokens,
+logprobs, op results). Both processes map the same file under /dev/shm and see
+it through numpy views; a one-byte message on a pipe is the doorbell. Nothing
+on the per-step path is pickled or allocated.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import uuid
+
+import numpy as np
+
+MAX_TOP_LOGPROBS = 20
+
+# control ops, applied by the worker in order before it decodes the step
+OP_START = 1  # (seq, blob offset, blob length): new sampler chain from JSON params
+OP_FREE = 2   # (seq, -, -): drop the sequence's KV cells and sampler
+OP_COPY = 3   # (dst, src, n): dst's KV = the first n positions of src (shared cells)
+
+# step status written by the worker
+STATUS_OK = 0
+STATUS_DECODE_FAILED = 1
+
+
+class StepBuffer:
+    """numpy views over one worker's shared region (same layout on both sides)."""
+
+    def __init__(self, path: str, n_batch: int, max_ops: int, blob_size: int, *, create: bool):
+        self.path, self.n_batch, self.max_ops, self.blob_size = path, n_batch, max_ops, blob_size
+        fields = [
+            ("header", np.int32, (4,)),              # n_tokens, n_ops, blob_used, step id
+            ("token", np.int32, (n_batch,)),
+            ("pos", np.int32, (n_batch,)),
+            ("seq", np.int32, (n_batch,)),
+            ("logits", np.int8, (n_batch,)),
+            ("ops", np.int32, (max_ops, 4)),         # kind, seq, a, b
+            ("blob", np.uint8, (blob_size,)),
+            ("out_header", np.int32, (4,)),          # status, n_out, message length, step id
+            ("out_token", np.int32, (n_batch,)),
+            ("out_logprob", np.float32, (n_batch,)),
+            ("out_top_id", np.int32, (n_batch, MAX_TOP_LOGPROBS)),
+            ("out_top_logprob", np.float32, (n_batch, MAX_TOP_LOGPROBS)),
+            ("op_status", np.int32, (max_ops,)),
+            ("message", np.uint8, (4096,)),
+        ]
+        offsets, size = [], 0
+        for _, dtype, shape in fields:
+            size = (size + 63) & ~63  # cache-line aligned arrays
+            offsets.append(size)
+            size += int(np.dtype(dtype).itemsize * np.prod(shape))
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self._mmap = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        for (name, dtype, shape), off in zip(fields, offsets):
+            count = int(np.prod(shape))
+            setattr(self, name, np.frombuffer(self._mmap, dtype, count, off).reshape(shape))
+
+    @classmethod
+    def create(cls, n_batch: int, max_ops: int = 256, blob_size: int = 1 << 20) -> "StepBuffer":
+        path = f"/dev/shm/sentiric-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return cls(path, n_batch, max_ops, blob_size, create=True)
+
+    def spec(self) -> tuple:
+        """What a worker needs to map the same region."""
+        return (self.path, self.n_batch, self.max_ops, self.blob_size)
+
+    @classmethod
+    def attach(cls, spec: tuple) -> "StepBuffer":
+        path, n_batch, max_ops, blob_size = spec
+        return cls(path, n_batch, max_ops, blob_size, create=False)
+
+    def message_text(self) -> str:
+        n = int(self.out_header[2])
+        return bytes(self.message[:n]).decode("utf-8", "replace")
+
+    def set_message(self, text: str) -> None:
+        raw = text.encode("utf-8")[: len(self.message)]
+        self.message[: len(raw)] = np.frombuffer(raw, np.uint8)
+        self.out_header[2] = len(raw)
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,136 @@
+"""A worker process: owns one model and one llama_context and runs the steps
+the scheduler writes into its shared StepBuffer.
+
+A step is: apply control ops (start/free/copy sequences), llama_decode the
+token rows (many sequences in one batch), sample every row that asked for
+output with that sequence's own sampler chain, write the tokens back, ring.
+llama_decode always runs on this process's main thread (ggml's threads spin;
+decoding from changing threads was measured at half speed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import traceback
+
+import numpy as np
+import orjson
+
+from engine.transport import (MAX_TOP_LOGPROBS, OP_COPY, OP_FREE, OP_START, STATUS_DECODE_FAILED, STATUS_OK,
+                              StepBuffer)
+
+log = logging.getLogger("sentiric.worker")
+
+
+class _SeqSampling:
+    """How one sequence picks its tokens: a llama.cpp chain, or plain argmax."""
+
+    __slots__ = ("chain", "top_logprobs")
+
+    def __init__(self, chain, top_logprobs: int):
+        self.chain, self.top_logprobs = chain, top_logprobs
+
+
+def worker_main(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out, log_level: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    logging.basicConfig(level=log_level, format=f"%(asctime)s worker{index} %(levelname)s %(name)s: %(message)s")
+    from engine.llama import Batch, Context, ContextParams, LlamaError, Model, SamplerChain, SamplingParams, log_softmax
+
+    try:
+        model = Model(config["model_path"], n_gpu_layers=config["n_gpu_layers"])
+        ctx = Context(model, ContextParams(**config["context"]))
+        buf = StepBuffer.attach(spec)
+    except Exception as exc:  # tell the parent why, then exit
+        doorbell_out.send({"error": f"{type(exc).__name__}: {exc}"})
+        return
+    batch = Batch(buf.n_batch, token=buf.token, pos=buf.pos, seq=buf.seq, logits=buf.logits)
+    vocab = model.vocab
+    sampling: dict[int, _SeqSampling] = {}
+    doorbell_out.send({"ready": True, "pid": os.getpid(), "n_ctx": ctx.n_ctx, "n_seq_max": ctx.n_seq_max})
+
+    def drop(seq: int) -> None:
+        s = sampling.pop(seq, None)
+        if s is not None and s.chain is not None:
+            s.chain.close()
+
+    while True:
+        try:
+            doorbell_in.recv_bytes()
+        except (EOFError, OSError):
+            break
+        n_tokens, n_ops, _, step_id = (int(x) for x in buf.header)
+        if n_tokens < 0:  # shutdown
+            break
+        status, message = STATUS_OK, ""
+        for i in range(n_ops):
+            kind, seq, a, b = (int(x) for x in buf.ops[i])
+            buf.op_status[i] = 0
+            try:
+                if kind == OP_START:
+                    drop(seq)
+                    p = orjson.loads(bytes(buf.blob[a:a + b]))
+                    top = p.pop("top_logprobs")
+                    params = SamplingParams(**p)
+                    if params.logit_bias:
+                        params.logit_bias = {int(t): v for t, v in params.logit_bias.items()}
+                    sampling[seq] = _SeqSampling(None if params.greedy else SamplerChain(vocab, params), top)
+                elif kind == OP_FREE:
+                    drop(seq)
+                    ctx.seq_rm(seq)
+                elif kind == OP_COPY:
+                    ctx.seq_rm(seq)
+                    ctx.seq_cp(a, seq, 0, b)
+            except Exception as exc:  # one bad op fails its sequence, not the worker
+                buf.op_status[i] = 1
+                message = f"{type(exc).__name__}: {exc}"
+        n_out = 0
+        if n_tokens:
+            batch.n_tokens = n_tokens
+            try:
+                ctx.decode(batch)
+            except LlamaError as exc:
+                status, message = STATUS_DECODE_FAILED, str(exc)
+            else:
+                rows = np.flatnonzero(buf.logits[:n_tokens])
+                n_out = len(rows)
+                logits = ctx.logits(n_out)
+                for j, row in enumerate(rows):
+                    s = sampling.get(int(buf.seq[row]))
+                    if s is None:
+                        buf.out_token[j] = -1
+                        continue
+                    if s.chain is None:
+                        token = int(np.argmax(logits[j]))
+                    else:
+                        token = s.chain.sample(ctx, int(row))
+                    buf.out_token[j] = token
+                    if s.top_logprobs >= 0:
+                        lp = log_softmax(logits[j])
+                        buf.out_logprob[j] = lp[token]
+                        k = min(s.top_logprobs, MAX_TOP_LOGPROBS)
+                        if k:
+                            top = np.argpartition(lp, -k)[-k:]
+                            top = top[np.argsort(lp[top])[::-1]]
+                            buf.out_top_id[j, :k] = top
+                            buf.out_top_logprob[j, :k] = lp[top]
+        buf.out_header[0], buf.out_header[1], buf.out_header[3] = status, n_out, step_id
+        buf.set_message(message)
+        try:
+            doorbell_out.send_bytes(b"d")
+        except (BrokenPipeError, OSError):
+            break
+    for seq in list(sampling):
+        drop(seq)
+    ctx.close()
+    model.close()
+
+
+def run(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out, log_level: int) -> None:
+    """Process entry point: any unexpected exception is reported, not swallowed."""
+    try:
+        worker_main(index, config, spec, doorbell_in, doorbell_out, log_level)
+    except Exception:
+        traceback.print_exc()
+        raise
