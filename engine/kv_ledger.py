@@ -5,6 +5,8 @@ destination sequence to them. A Span is the list of cell segments one
 sequence references; shared segments are counted once. A partial segment at
 the end of a shared range is counted again for the copy, so the ledger never
 counts fewer cells than llama.cpp really uses (it may count a few more).
+A segment only the source holds is split at the boundary, so the common case
+(sharing a freshly computed prompt) is counted exactly.
 """
 
 from __future__ import annotations
@@ -48,14 +50,18 @@ class KvLedger:
     def share(self, src: Span, n: int) -> Span:
         """A new span referencing the first n positions of src."""
         dst, left = Span(), n
-        for seg in src.segments:
+        for i, seg in enumerate(src.segments):
             if left <= 0:
                 break
+            if seg.cells > left and seg.refs == 1:  # only src holds it: split it exactly
+                tail = Segment(seg.cells - left)
+                seg.cells = left
+                src.segments.insert(i + 1, tail)
             if seg.cells <= left:
                 seg.refs += 1
                 dst.segments.append(seg)
                 left -= seg.cells
-            else:
+            else:  # shared with others too: count the copied part again
                 dst.segments.append(Segment(left))
                 self.used += left
                 left = 0

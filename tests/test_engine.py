@@ -1,0 +1,258 @@
+"""The engine end to end: worker processes, shared memory, continuous batching."""
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.llama import SamplingParams
+from engine.model_files import ensure_default_model
+from engine.request import Overloaded, Request
+
+QUESTIONS = [f"Give me one fact about the number {i}." for i in range(12)] + [
+    "What is the capital of Germany?", "Name three fruits.", "What colour is the sky?", "Count to five."]
+
+
+class EngineHarness:
+    """An engine running on its own event loop thread, driven from sync tests."""
+
+    def __init__(self, **config):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.engine = AsyncEngine(EngineConfig(model_path=str(ensure_default_model()), **config))
+        self.run(self.engine.start())
+
+    def run(self, coro, timeout=300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def prompt(self, question):
+        return self.engine.tokenize(self.engine.render_chat([{"role": "user", "content": question}]), add_special=False)
+
+    async def collect(self, request):
+        text, last = "", None
+        async for out in self.engine.generate(request):
+            text += out.text
+            last = out
+        return text, last
+
+    def generate(self, *requests):
+        async def all_of():
+            return await asyncio.gather(*(self.collect(r) for r in requests))
+        return self.run(all_of())
+
+    def wait_idle(self, timeout=10):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.engine.stats()
+            if s["running"] == 0 and s["waiting"] == 0 and s["kv_running"] == 0:
+                return s
+            time.sleep(0.05)
+        return self.engine.stats()
+
+    def close(self):
+        self.run(self.engine.shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def eng():
+    h = EngineHarness(parallel=16, ctx_size=8192, threads=2, log_batches=True)
+    yield h
+    h.close()
+
+
+def greedy_request(h, question, n=32):
+    return Request(prompt=h.prompt(question), sampling=SamplingParams(temperature=0), max_tokens=n)
+
+
+def test_concurrent_greedy_matches_alone(eng):
+    """16 concurrent greedy generations agree with the same prompts run alone.
+
+    llama.cpp's CPU build is not batch-invariant: decoding these 16 prompts in one
+    llama_batch directly (no engine) gives identical 32-token outputs for only 6 of 16,
+    first differing at token 11-27 (near-tie argmax after the matmul path changes with
+    batch size). The engine adds prefix-cache reuse (KV computed in yet another batch
+    shape) and was measured at 6 of 16 identical, first difference at token 3 to 30.
+    So it is held to that: the same first token everywhere, several whole outputs identical.
+    """
+    def tokens(results):
+        return [[t for o in outs for t in o.token_ids] for outs in results]
+    async def stream_all(reqs):
+        async def one(r):
+            return [o async for o in eng.engine.generate(r)]
+        return await asyncio.gather(*(one(r) for r in reqs))
+    alone = [tokens(eng.run(stream_all([greedy_request(eng, q)])))[0] for q in QUESTIONS]
+    together = tokens(eng.run(stream_all([greedy_request(eng, q) for q in QUESTIONS])))
+    assert all(a[0] == b[0] for a, b in zip(alone, together))  # the prompt's own logits agree
+    assert sum(a == b for a, b in zip(alone, together)) >= 3
+
+
+def test_batching_is_real(eng, caplog):
+    before = eng.engine.stats()["batch_size_counts"]
+    with caplog.at_level(logging.INFO, logger="sentiric.batch"):
+        results = eng.generate(*(greedy_request(eng, q, 24) for q in QUESTIONS[:8]))
+    assert all(out.finish_reason in ("stop", "length") for _, out in results)
+    after = eng.engine.stats()["batch_size_counts"]
+    multi = sum(n - before.get(size, 0) for size, n in after.items() if size > 1)
+    assert multi > 0
+    sizes = [int(r.getMessage().rsplit(":", 1)[1]) for r in caplog.records if "Processing batch of size" in r.getMessage()]
+    assert max(sizes) > 1
+
+
+def test_usage_and_berlin(eng):
+    text, out = eng.generate(greedy_request(eng, "What is the capital of Germany?"))[0]
+    assert "Berlin" in text
+    assert out.finish_reason == "stop"
+    assert out.prompt_tokens == len(eng.prompt("What is the capital of Germany?"))
+    assert out.completion_tokens >= 5
+
+
+def test_max_tokens_is_exact(eng):
+    _, out = eng.generate(Request(prompt=eng.prompt("Write a long story about a dragon."),
+                                  sampling=SamplingParams(temperature=0), max_tokens=7))[0]
+    assert out.finish_reason == "length" and out.completion_tokens == 7
+
+
+def test_cancel_frees_kv(eng):
+    async def cancel_midway():
+        req = Request(prompt=eng.prompt("Write a very long story about a dragon."),
+                      sampling=SamplingParams(temperature=0), max_tokens=500)
+        n = 0
+        gen = eng.engine.generate(req)
+        async for _ in gen:
+            n += 1
+            if n == 5:
+                break
+        await gen.aclose()
+        return n
+    assert eng.run(cancel_midway()) == 5
+    stats = eng.wait_idle()
+    assert stats["running"] == 0 and stats["kv_running"] == 0
+
+
+def test_stop_strings_never_leak(eng):
+    full, _ = eng.generate(greedy_request(eng, "What is the capital of Germany?"))[0]
+    assert "Berlin" in full
+    for stop in ("Berlin", "Ber", "erl", " capital of"):
+        req = greedy_request(eng, "What is the capital of Germany?")
+        req.stop = [stop]
+        text, out = eng.generate(req)[0]
+        assert out.finish_reason == "stop"
+        assert stop not in text
+        assert text == full[:full.index(stop)]
+
+
+def test_seeds(eng):
+    def sample(seed):
+        return Request(prompt=eng.prompt("Tell me a story."), max_tokens=24,
+                       sampling=SamplingParams(temperature=1.0, seed=seed))
+    a, b, c = eng.generate(sample(1), sample(1), sample(2))
+    assert a[0] == b[0]
+    assert a[0] != c[0]
+
+
+def test_logprobs(eng):
+    req = greedy_request(eng, "What is the capital of Germany?", 8)
+    req.top_logprobs = 3
+    async def run():
+        return [o async for o in eng.engine.generate(req)]
+    outs = eng.run(run())
+    lps = [lp for o in outs for lp in o.logprobs]
+    assert len(lps) == 8
+    for lp in lps:
+        assert lp.logprob <= 0 and len(lp.top) == 3
+        assert lp.top[0][0] == lp.token  # greedy picks the most likely token
+        assert lp.top[0][2] >= lp.top[1][2] >= lp.top[2][2]
+
+
+def test_bad_grammar_is_rejected_before_scheduling(eng):
+    with pytest.raises(Exception, match="grammar"):
+        eng.engine.validate_sampling(SamplingParams(grammar="root ::= ("))
+
+
+def test_grammar_constrains_output(eng):
+    req = Request(prompt=eng.prompt("Is the sky blue? Answer yes or no."), max_tokens=8,
+                  sampling=SamplingParams(temperature=0.8, seed=3, grammar='root ::= "yes" | "no"'))
+    text, out = eng.generate(req)[0]
+    assert text in ("yes", "no")
+
+
+def test_prompt_longer_than_context_is_refused(eng):
+    with pytest.raises(ValueError, match="context"):
+        eng.run(eng.collect(Request(prompt=[1] * 9000, max_tokens=1)))
+
+
+def test_shared_prefix_is_computed_once(eng):
+    system = "You are the support assistant of the Acme vault company. " * 20
+    reqs = [Request(prompt=eng.engine.tokenize(eng.engine.render_chat(
+        [{"role": "system", "content": system}, {"role": "user", "content": q}]), add_special=False),
+        sampling=SamplingParams(temperature=0), max_tokens=4) for q in QUESTIONS[:6]]
+    before = eng.engine.stats()["prefix_hit_tokens"]
+    results = eng.generate(*reqs)
+    hits = eng.engine.stats()["prefix_hit_tokens"] - before
+    assert hits >= 5 * 200
+    assert sum(out.cached_tokens for _, out in results) == hits
+
+
+def test_worker_killed_mid_run_recovers():
+    h = EngineHarness(parallel=4, ctx_size=4096, threads=2)
+    try:
+        async def run():
+            tasks = [asyncio.ensure_future(h.collect(Request(prompt=h.prompt("Write a long story."),
+                                                             sampling=SamplingParams(temperature=0), max_tokens=400)))
+                     for _ in range(2)]
+            while h.engine.stats()["generated_tokens"] < 10:
+                await asyncio.sleep(0.01)
+            os.kill(h.engine.worker_pids()[0], signal.SIGKILL)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        results = h.run(run())
+        assert all(out.finish_reason == "error" and "crashed" in out.error for _, out in results)
+        text, out = h.generate(greedy_request(h, "What is the capital of Germany?"))[0]
+        assert "Berlin" in text
+        stats = h.engine.stats()
+        assert stats["worker_restarts"] == 1 and stats["workers_alive"] == 1
+    finally:
+        h.close()
+
+
+def test_two_workers_share_the_load():
+    h = EngineHarness(workers=2, parallel=4, ctx_size=2048, threads=1)
+    try:
+        results = h.generate(*(greedy_request(h, q, 16) for q in QUESTIONS[:6]))
+        assert all(out.finish_reason in ("stop", "length") for _, out in results)
+        assert len(set(h.engine.worker_pids())) == 2
+        assert h.engine.stats()["workers_alive"] == 2
+    finally:
+        h.close()
+
+
+def test_overload_is_immediate():
+    h = EngineHarness(parallel=1, ctx_size=1024, threads=2, max_waiting=1)
+    try:
+        async def run():
+            def story():
+                return asyncio.ensure_future(h.collect(Request(prompt=h.prompt("Write a story."), max_tokens=64,
+                                                               sampling=SamplingParams(temperature=0))))
+            long = [story()]
+            while h.engine.stats()["running"] < 1:
+                await asyncio.sleep(0.005)
+            long.append(story())  # the one slot is busy: this one waits and fills the queue
+            while h.engine.stats()["waiting"] < 1:
+                await asyncio.sleep(0.005)
+            t0 = time.monotonic()
+            with pytest.raises(Overloaded):
+                await h.collect(Request(prompt=h.prompt("Hi"), max_tokens=4))
+            elapsed = time.monotonic() - t0
+            await asyncio.gather(*long)
+            return elapsed
+        assert h.run(run()) < 0.5
+    finally:
+        h.close()

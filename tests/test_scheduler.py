@@ -1,0 +1,159 @@
+"""The scheduler's planning logic, without a model."""
+
+import pytest
+
+from engine.kv_ledger import KvLedger
+from engine.request import Overloaded, Request
+from engine.scheduler import OP_COPY, OP_FREE, OP_START, MIN_CACHED_PREFIX, Scheduler, WorkerState
+
+EOG = 0
+
+
+def make(workers=1, parallel=4, n_ctx=4096, step_tokens=64, max_waiting=8, cache_slots=4):
+    states = [WorkerState(i, n_ctx, parallel, cache_slots) for i in range(workers)]
+    for s in states:
+        s.alive = True
+    return Scheduler(states, max_waiting=max_waiting, step_tokens=step_tokens, reserve_cap=256,
+                     is_eog=lambda t: t == EOG)
+
+
+def run_step(sched, token=5):
+    plans = sched.plan()
+    out = []
+    for p in plans:
+        n_out = sum(r.output for r in p.rows)
+        out += sched.complete(p, [token] * n_out)
+    return plans, out
+
+
+def test_prefill_is_chunked_and_mixed_with_decodes():
+    sched = make(step_tokens=32)
+    a = sched.add(Request(prompt=list(range(1, 11)), max_tokens=50))
+    run_step(sched)  # a is prefilled whole (10 tokens) and samples its first token
+    assert not a.prefilling and a.n_generated == 1
+    b = sched.add(Request(prompt=list(range(100, 200)), max_tokens=5))
+    plans, _ = run_step(sched)
+    rows = plans[0].rows
+    assert [(r.seq, r.count) for r in rows] == [(a, 1), (b, 31)]  # a decode + a chunk of b's prompt
+    assert plans[0].n_tokens <= 32
+    for _ in range(3):
+        plans, _ = run_step(sched)
+        assert plans[0].rows[0].seq is a and plans[0].rows[0].count == 1  # a never stalls
+    assert not b.prefilling
+
+
+def test_max_tokens_and_eog_end_sequences():
+    sched = make()
+    s = sched.add(Request(prompt=[1, 2, 3], max_tokens=2))
+    _, out = run_step(sched)
+    assert sched.finish_reason_for(s, out[0][2]) is None
+    _, out = run_step(sched)
+    assert sched.finish_reason_for(s, out[0][2]) == "length"
+    t = sched.add(Request(prompt=[1, 2, 3]))
+    run_step(sched)
+    assert sched.finish_reason_for(t, EOG) == "stop"
+    assert sched.finish_reason_for(t, -1) == "error"
+
+
+def test_overload_raises_beyond_the_bound():
+    sched = make(max_waiting=2)
+    sched.add(Request(prompt=[1]))
+    sched.add(Request(prompt=[1]))
+    with pytest.raises(Overloaded):
+        sched.add(Request(prompt=[1]))
+
+
+def test_parallel_limit_keeps_requests_waiting():
+    sched = make(parallel=2)
+    seqs = [sched.add(Request(prompt=[1, 2], max_tokens=4)) for _ in range(3)]
+    run_step(sched)
+    assert sched.running == 2 and list(sched.waiting) == [seqs[2]]
+
+
+def test_cancel_frees_cells_and_id_next_step():
+    sched = make(cache_slots=0)
+    s = sched.add(Request(prompt=list(range(1, 50)), max_tokens=10))
+    run_step(sched)
+    w = sched.workers[0]
+    assert w.ledger.used == 49
+    sched.finish(s, "cancelled", keep_prefix=False)
+    assert w.ledger.used == 0 and sched.running == 0
+    plans = sched.plan()
+    assert plans[0].ops[0][:2] == (OP_FREE, s.seq_id)
+
+
+def test_shared_prefix_waits_for_the_first_prefill_then_copies():
+    sched = make(step_tokens=64)
+    system = list(range(1000, 1200))
+    a = sched.add(Request(prompt=system + [1, 2], max_tokens=4))
+    b = sched.add(Request(prompt=system + [3, 4], max_tokens=4))
+    plans, _ = run_step(sched)
+    assert [r.seq for r in plans[0].rows] == [a]  # b waits: a is computing the common prefix
+    while a.prefilling:
+        run_step(sched)
+    plans = sched.plan()
+    copy = [op for op in plans[0].ops if op[0] == OP_COPY]
+    assert copy and copy[0][1] == b.seq_id and copy[0][2] == a.seq_id and copy[0][3] == 200
+    assert b.cached_tokens == 200 and sched.prefix_hit_tokens == 200
+    for p in plans:
+        sched.complete(p, [5] * sum(r.output for r in p.rows))
+    # the 200 shared cells are counted once
+    assert sched.workers[0].ledger.used == 200 + (a.n_computed - 200) + (b.n_computed - 200)
+
+
+def test_finished_sequence_becomes_prefix_cache_and_is_evicted_lru():
+    sched = make(cache_slots=1)
+    prompt = list(range(1, MIN_CACHED_PREFIX + 10))
+    a = sched.add(Request(prompt=prompt, max_tokens=1))
+    run_step(sched)
+    sched.finish(a, "length")
+    w = sched.workers[0]
+    assert a.seq_id in w.cache
+    b = sched.add(Request(prompt=prompt[:-1] + [999], max_tokens=1))
+    plans = sched.plan()
+    assert any(op[0] == OP_COPY and op[2] == a.seq_id for op in plans[0].ops)
+    assert any(op[0] == OP_START and op[1] == b.seq_id for op in plans[0].ops)
+    for p in plans:
+        sched.complete(p, [5])
+    sched.finish(b, "length")  # only one cache slot: a's entry is evicted
+    assert list(w.cache) == [b.seq_id]
+    assert any(op[:2] == (OP_FREE, a.seq_id) for op in w.pending_ops)
+
+
+def test_kv_budget_limits_admission():
+    sched = make(n_ctx=300, parallel=4, cache_slots=0)
+    sched.add(Request(prompt=list(range(1, 101)), max_tokens=100))
+    sched.add(Request(prompt=list(range(1, 101)), max_tokens=100))
+    run_step(sched)
+    assert sched.running == 1 and len(sched.waiting) == 1
+
+
+def test_least_loaded_worker_gets_new_requests():
+    sched = make(workers=2)
+    a = sched.add(Request(prompt=[1, 2, 3], max_tokens=4))
+    b = sched.add(Request(prompt=[7, 8, 9], max_tokens=4))
+    run_step(sched)
+    assert {a.worker.index, b.worker.index} == {0, 1}
+
+
+def test_ledger_counts_shared_cells_once():
+    ledger = KvLedger(100)
+    a = ledger.new_span()
+    ledger.grow(a, 40)
+    b = ledger.share(a, 40)
+    ledger.grow(b, 5)
+    assert ledger.used == 45
+    c = ledger.share(a, 30)  # a segment held by a and b is counted again for a partial copy
+    assert ledger.used == 75
+    d = ledger.new_span()
+    ledger.grow(d, 20)
+    e = ledger.share(d, 10)  # held by d alone: split exactly
+    assert ledger.used == 95
+    ledger.release(d)
+    assert ledger.used == 85
+    ledger.release(e)
+    ledger.release(a)
+    assert ledger.used == 75
+    ledger.release(b)
+    ledger.release(c)
+    assert ledger.used == 0
