@@ -116,12 +116,13 @@ class _Worker:
 class _Stream:
     """A request's way back to its caller."""
 
-    __slots__ = ("request", "queue", "text", "seq")
+    __slots__ = ("request", "queue", "text", "seq", "finished")
 
     def __init__(self, request: Request, queue: asyncio.Queue):
         self.request, self.queue = request, queue
         self.text = TextStream(request.stop)
         self.seq: Sequence | None = None
+        self.finished = False
 
 
 class AsyncEngine:
@@ -169,7 +170,7 @@ class AsyncEngine:
             for w in self._workers:
                 while (hello := w.poll_ready()) is None:
                     time.sleep(0.02)
-                state = WorkerState(w.index, hello["n_ctx"], cfg.parallel, cfg.cache_slots)
+                state = WorkerState(w.index, hello["n_ctx"], cfg.parallel, cfg.cache_slots, hello["n_ctx_seq"])
                 state.alive = True
                 states.append(state)
                 log.info("worker %d ready (pid %d, %d KV cells, %d sequences)", w.index, hello["pid"],
@@ -222,12 +223,15 @@ class AsyncEngine:
 
     @property
     def n_ctx(self) -> int:
-        """The longest sequence (prompt + completion) a request can have."""
-        return self.config.ctx_size
+        """The longest sequence (prompt + completion) a request can have (a sequence's share of
+        the context when the KV cache is not unified)."""
+        if self._scheduler is None:
+            return self.config.ctx_size
+        return min(w.n_ctx_seq for w in self._scheduler.workers)
 
     # --- requests ---
-    async def generate(self, request: Request):
-        """Yields Outputs; the last has finish_reason. Leaving early cancels the request."""
+    def submit(self, request: Request) -> "_Stream":
+        """Admit a request now (raises Overloaded, ValueError, EngineError); read it with `next_output`."""
         if not self.ready or self._stopping:
             raise EngineError("the engine is not running")
         if not request.prompt:
@@ -239,22 +243,33 @@ class AsyncEngine:
             stream.seq = self._scheduler.add(request)  # raises Overloaded
             self._streams[stream.seq] = stream
             self._wake.notify()
-        finished = False
+        return stream
+
+    async def next_output(self, stream: "_Stream") -> Output:
+        out = await stream.queue.get()
+        stream.finished = out.finish_reason is not None
+        return out
+
+    def cancel(self, stream: "_Stream") -> None:
+        """Stop a request that has not finished; its KV cells are freed at the next step. Idempotent."""
+        if stream.finished:
+            return
+        stream.finished = True
+        with self._wake:
+            seq = stream.seq
+            if seq.finish_reason is None:
+                self._scheduler.finish(seq, "cancelled", keep_prefix=False)
+            self._streams.pop(seq, None)
+            self._wake.notify()
+
+    async def generate(self, request: Request):
+        """Yields Outputs; the last has finish_reason. Leaving early cancels the request."""
+        stream = self.submit(request)
         try:
-            while True:
-                out = await stream.queue.get()
-                finished = out.finish_reason is not None
-                yield out
-                if finished:
-                    return
+            while not stream.finished:
+                yield await self.next_output(stream)
         finally:
-            if not finished:
-                with self._wake:
-                    seq = stream.seq
-                    if seq.finish_reason is None:
-                        self._scheduler.finish(seq, "cancelled", keep_prefix=False)
-                    self._streams.pop(seq, None)
-                    self._wake.notify()
+            self.cancel(stream)
 
     # --- the step loop (engine thread) ---
     def _run(self) -> None:

@@ -33,6 +33,7 @@ class ChatTemplate:
             env.globals.update(raise_exception=_raise,
                                strftime_now=lambda fmt: datetime.now().strftime(fmt))
             self._template = env.from_string(source)
+        self.bos_token = bos_token
         self._special = {"bos_token": bos_token, "eos_token": eos_token}
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:

@@ -231,6 +231,7 @@ class Context(_Owner):
                          f"llama.cpp could not create a context ({params}); see its log for why (often: out of memory)")
         self.model = model
         self.n_ctx = lib.llama_n_ctx(self._ptr)
+        self.n_ctx_seq = lib.llama_n_ctx_seq(self._ptr)  # n_ctx, or each sequence's share when not unified
         self.n_batch = lib.llama_n_batch(self._ptr)
         self.n_seq_max = lib.llama_n_seq_max(self._ptr)
         self.n_vocab = model.vocab.n_tokens

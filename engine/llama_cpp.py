@@ -179,6 +179,7 @@ _PROTOTYPES = {
     "llama_init_from_model": ([p_model, llama_context_params], p_context),
     "llama_free": ([p_context], None),
     "llama_n_ctx": ([p_context], _u32),
+    "llama_n_ctx_seq": ([p_context], _u32),
     "llama_n_batch": ([p_context], _u32),
     "llama_n_seq_max": ([p_context], _u32),
     "llama_get_memory": ([p_context], p_memory),

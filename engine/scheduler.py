@@ -84,11 +84,16 @@ class StepPlan:
 
 
 class WorkerState:
-    """The scheduler's view of one worker: sequence ids, KV ledger, prefix cache."""
+    """The scheduler's view of one worker: sequence ids, KV ledger, prefix cache.
 
-    def __init__(self, index: int, n_ctx: int, parallel: int, cache_slots: int):
+    `n_ctx` cells in all; one sequence may use `n_ctx_seq` of them (all of them
+    in a unified cache, its own share when llama.cpp splits the cache per sequence).
+    """
+
+    def __init__(self, index: int, n_ctx: int, parallel: int, cache_slots: int, n_ctx_seq: int | None = None):
         self.index, self.parallel, self.cache_slots = index, parallel, cache_slots
         self.n_ctx = n_ctx
+        self.n_ctx_seq = n_ctx_seq or n_ctx
         self.alive = False
         self.reset()
 
@@ -212,9 +217,9 @@ class Scheduler:
 
     def _grow_reserve(self, seq: Sequence) -> bool:
         w = seq.worker
-        if len(seq.tokens) >= w.n_ctx:
+        if len(seq.tokens) >= w.n_ctx_seq:
             return False
-        step = min(self.reserve_cap, w.n_ctx - seq.reserve)
+        step = min(self.reserve_cap, w.n_ctx_seq - seq.reserve)
         if not w.make_room(step):
             step = 1
             if not w.make_room(step):
@@ -258,9 +263,9 @@ class Scheduler:
         if best is None:
             return None
         (shared, _, _), w, src = best
-        want = seq.n_prompt + min(seq.request.max_tokens or w.n_ctx, self.reserve_cap)
-        seq_reserve = min(want, w.n_ctx)
-        if seq.n_prompt >= w.n_ctx or not w.make_room(seq_reserve - shared):
+        want = seq.n_prompt + min(seq.request.max_tokens or w.n_ctx_seq, self.reserve_cap)
+        seq_reserve = min(want, w.n_ctx_seq)
+        if seq.n_prompt >= w.n_ctx_seq or not w.make_room(seq_reserve - shared):
             return None
         if src is not None and src[0] in w.cache:
             w.cache.move_to_end(src[0])
@@ -308,7 +313,7 @@ class Scheduler:
             return "stop"
         if seq.request.max_tokens is not None and seq.n_generated >= seq.request.max_tokens:
             return "length"
-        if len(seq.tokens) >= seq.worker.n_ctx:
+        if len(seq.tokens) >= seq.worker.n_ctx_seq:
             return "length"
         return None
 

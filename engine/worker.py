@@ -48,7 +48,8 @@ def worker_main(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out
     batch = Batch(buf.n_batch, token=buf.token, pos=buf.pos, seq=buf.seq, logits=buf.logits)
     vocab = model.vocab
     sampling: dict[int, _SeqSampling] = {}
-    doorbell_out.send({"ready": True, "pid": os.getpid(), "n_ctx": ctx.n_ctx, "n_seq_max": ctx.n_seq_max})
+    doorbell_out.send({"ready": True, "pid": os.getpid(), "n_ctx": ctx.n_ctx, "n_ctx_seq": ctx.n_ctx_seq,
+                       "n_seq_max": ctx.n_seq_max})
 
     def drop(seq: int) -> None:
         s = sampling.pop(seq, None)

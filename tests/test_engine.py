@@ -202,6 +202,22 @@ def test_shared_prefix_is_computed_once(eng):
     assert sum(out.cached_tokens for _, out in results) == hits
 
 
+def test_split_kv_limits_each_sequence_to_its_share():
+    """With kv_unified=False llama.cpp gives each sequence n_ctx / n_seq_max cells: the engine
+    says so, refuses longer prompts and ends a generation that fills its share with "length"."""
+    h = EngineHarness(parallel=4, ctx_size=1024, threads=2, kv_unified=False)
+    try:
+        assert h.engine.n_ctx == 256
+        req = Request(prompt=h.prompt("Write a long story."), sampling=SamplingParams(temperature=0),
+                      max_tokens=400, ignore_eos=True)
+        _, out = h.generate(req)[0]
+        assert out.finish_reason == "length" and out.prompt_tokens + out.completion_tokens == 256
+        with pytest.raises(ValueError, match="context"):
+            h.run(h.collect(Request(prompt=[1] * 300, max_tokens=1)))
+    finally:
+        h.close()
+
+
 def test_worker_killed_mid_run_recovers():
     h = EngineHarness(parallel=4, ctx_size=4096, threads=2)
     try:

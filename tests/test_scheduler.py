@@ -128,6 +128,22 @@ def test_kv_budget_limits_admission():
     assert sched.running == 1 and len(sched.waiting) == 1
 
 
+def test_split_kv_caps_each_sequence_at_its_share():
+    """Without a unified cache llama.cpp gives each sequence n_ctx / n_seq_max cells; a
+    sequence that would outgrow its share ends with "length" instead of failing the decode."""
+    state = WorkerState(0, 1024, 4, 0, n_ctx_seq=256)
+    state.alive = True
+    sched = Scheduler([state], max_waiting=8, step_tokens=512, reserve_cap=256)
+    s = sched.add(Request(prompt=list(range(1, 201)), max_tokens=1000, ignore_eos=True))
+    while s.finish_reason is None:
+        _, out = run_step(sched)
+        assert s.reserve <= 256
+        for seq, _, token in out:
+            if reason := sched.finish_reason_for(seq, token):
+                sched.finish(seq, reason)
+    assert s.finish_reason == "length" and len(s.tokens) == 256
+
+
 def test_least_loaded_worker_gets_new_requests():
     sched = make(workers=2)
     a = sched.add(Request(prompt=[1, 2, 3], max_tokens=4))

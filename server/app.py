@@ -1,0 +1,174 @@
+"""The aiohttp application: middleware (request ids in logs, API key, errors
+in OpenAI's format, request metrics), the service routes and the studio."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from engine.async_engine import AsyncEngine
+from server import logs
+from server.errors import ApiError
+from server.metrics import Metrics
+from server.openai_routes import OpenAIRoutes, json_response, read_json
+from server.openapi import openapi_spec
+from server.params import RequestParser
+
+log = logging.getLogger("sentiric.server")
+access_log = logging.getLogger("sentiric.access")
+STUDIO_DIR = Path(__file__).resolve().parent.parent / "studio"
+ENGINE_PREFIXES = ("/v1/", "/tokenize", "/detokenize")  # need the model; also the ones an API key protects
+
+
+@dataclass
+class ServerSettings:
+    model_alias: str
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_n: int = 16
+    truncate: bool = False
+    rag_template: str = "{context}\n\n{question}"
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings) -> web.Application:
+    metrics = Metrics(engine)
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[_request_context, _errors(metrics, settings.max_body_bytes),
+                                       _auth(settings.api_key), _loading(engine)])
+    parser = RequestParser(engine, max_n=settings.max_n, truncate=settings.truncate,
+                           rag_template=settings.rag_template)
+    OpenAIRoutes(engine, parser, metrics, settings.model_alias).add_to(app)
+    ServiceRoutes(engine, metrics, settings.model_alias).add_to(app)
+    if STUDIO_DIR.is_dir():
+        app.router.add_get("/", lambda _: web.HTTPFound("/studio/"))
+        app.router.add_get("/studio", lambda _: web.HTTPFound("/studio/"))
+        app.router.add_get("/studio/", lambda _: web.FileResponse(STUDIO_DIR / "index.html"))
+        app.router.add_static("/studio/", STUDIO_DIR)
+    return app
+
+
+class ServiceRoutes:
+    """Health, numbers and tokenizer routes."""
+
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, model_alias: str):
+        self.engine, self.metrics, self.model = engine, metrics, model_alias
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/stats", self.stats)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/openapi.json", self.openapi)
+
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.engine.ready:
+            return json_response({"status": "loading"}, status=503)
+        s = self.engine.stats()
+        body = {"status": "ok" if s["workers_alive"] else "unavailable", "model": self.model,
+                **{k: s[k] for k in ("running", "waiting", "free_slots", "kv_used", "kv_total", "workers",
+                                     "workers_alive")}}
+        return json_response(body, status=200 if s["workers_alive"] else 503)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return json_response({"model": self.model, "ready": self.engine.ready, "worker_pids": self.engine.worker_pids(),
+                              **self.engine.stats()})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        text = body.get("content", body.get("text"))
+        if not isinstance(text, str):
+            raise ApiError(400, "'content' must be the text to tokenize", param="content", code="invalid_type")
+        add_special = body.get("add_special", False)
+        if not isinstance(add_special, bool):
+            raise ApiError(400, "'add_special' must be true or false", param="add_special", code="invalid_type")
+        tokens = self.engine.tokenize(text, add_special=add_special)
+        if body.get("with_pieces"):
+            pieces = [{"id": t, "piece": self.engine.detokenize([t])} for t in tokens]
+            return json_response({"tokens": pieces})
+        return json_response({"tokens": tokens})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        tokens = (await read_json(request)).get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise ApiError(400, "'tokens' must be a list of token ids", param="tokens", code="invalid_type")
+        try:
+            return json_response({"content": self.engine.detokenize(tokens)})
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="tokens") from None
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return json_response(openapi_spec())
+
+
+@web.middleware
+async def _request_context(request: web.Request, handler):
+    """Tenant and trace ids from the headers go into every log line of this request."""
+    logs.tenant_id.set(request.headers.get("x-tenant-id"))
+    logs.trace_id.set(request.headers.get("x-trace-id"))
+    return await handler(request)
+
+
+def _errors(metrics: Metrics, max_body_bytes: int):
+    @web.middleware
+    async def errors(request: web.Request, handler):
+        """Every failure becomes an OpenAI error object; an unexpected one is a logged 500."""
+        start = time.perf_counter()
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = exc.response()
+        except web.HTTPRequestEntityTooLarge:
+            response = ApiError(413, f"The request body is larger than the limit of {max_body_bytes} bytes.",
+                                code="request_too_large").response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = ApiError(exc.status, exc.reason if exc.status != 404 else f"No route for {request.path}",
+                                code=exc.reason.lower().replace(" ", "_")).response()
+        except ConnectionResetError:
+            log.info("client disconnected from %s", request.path)
+            raise
+        except Exception:
+            log.exception("internal error while serving %s %s", request.method, request.path)
+            response = ApiError(500, "Internal server error; it has been logged.", code="internal_error").response()
+        metrics.requests.labels(route, str(response.status)).inc()
+        access_log.info("%s %s %d %.1f ms", request.method, request.path, response.status,
+                        (time.perf_counter() - start) * 1000)
+        return response
+    return errors
+
+
+def _loading(engine: AsyncEngine):
+    @web.middleware
+    async def loading(request: web.Request, handler):
+        """Routes that need the model answer 503 until it is loaded."""
+        if not engine.ready and request.path.startswith(ENGINE_PREFIXES):
+            raise ApiError(503, "The model is still loading; retry in a few seconds.", code="loading",
+                           headers={"Retry-After": "2"})
+        return await handler(request)
+    return loading
+
+
+def _auth(api_key: str | None):
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if expected and request.path.startswith(ENGINE_PREFIXES):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                what = "is missing" if not given else "is not valid"
+                raise ApiError(401, f"The API key {what}: send 'Authorization: Bearer <key>'.",
+                               code="invalid_api_key")
+        return await handler(request)
+    return auth

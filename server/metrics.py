@@ -1,0 +1,63 @@
+"""Prometheus metrics: what the HTTP layer observes per request, plus the
+engine's own numbers read at scrape time (so the step loop never pays for them)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, engine):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("sentiric_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("sentiric_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("sentiric_cached_prompt_tokens", "Prompt tokens served from the prefix cache",
+                                     registry=r)
+        self.completion_tokens = Counter("sentiric_completion_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("sentiric_time_to_first_token_seconds", "Request start to first token",
+                              buckets=_LATENCY, registry=r)
+        self.inter_token = Histogram("sentiric_inter_token_latency_seconds", "Gap between a stream's tokens",
+                                     buckets=_TOKEN_GAP, registry=r)
+        self.e2e = Histogram("sentiric_request_duration_seconds", "Request start to last token",
+                             buckets=_LATENCY, registry=r)
+        r.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Reads engine.stats() when Prometheus scrapes."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        s = self.engine.stats()
+        gauges = {"running": "Requests being generated", "waiting": "Requests waiting for admission",
+                  "kv_used": "KV cells in use (running sequences and prefix cache)", "kv_total": "KV cells in all workers",
+                  "free_slots": "Sequences that can still be admitted", "workers_alive": "Worker processes serving"}
+        for key, doc in gauges.items():
+            yield GaugeMetricFamily(f"sentiric_{key}", doc, value=s[key])
+        counters = {"prefix_hit_tokens": "Prompt tokens reused from the prefix cache",
+                    "worker_restarts": "Worker processes respawned after dying",
+                    "steps": "Decode steps run", "generated_tokens": "Tokens sampled by the workers",
+                    "prompt_tokens_computed": "Prompt tokens prefilled (not from the cache)"}
+        for key, doc in counters.items():
+            yield CounterMetricFamily(f"sentiric_{key}", doc, value=s[key])
+        counts = s["batch_size_counts"]
+        buckets = []
+        for bound in BATCH_BUCKETS:
+            total_le = sum(n for size, n in counts.items() if size <= bound)
+            buckets.append((str(bound), total_le))
+        total = sum(counts.values())
+        buckets.append(("+Inf", total))
+        yield HistogramMetricFamily("sentiric_batch_size", "Sequences carried by one decode step",
+                                    buckets=buckets, sum_value=sum(size * n for size, n in counts.items()))

@@ -1,0 +1,249 @@
+"""The OpenAI routes: /v1/chat/completions, /v1/completions, /v1/models.
+
+A request is parsed into one engine request per choice, all admitted before
+any byte is sent (so overload is a clean 429), then answered whole or as
+Server-Sent Events shaped exactly like OpenAI's. Leaving the handler for any
+reason (done, client gone, error) cancels what is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import orjson
+from aiohttp import web
+
+from engine.request import EngineError, Output, Overloaded
+from server.errors import ApiError
+from server.params import Generation
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ChatShape:
+    """How chat completions look on the wire."""
+
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    @staticmethod
+    def delta(text: str) -> dict:
+        return {"delta": {"content": text} if text else {}}
+
+    @staticmethod
+    def whole(text: str) -> dict:
+        return {"message": {"role": "assistant", "content": text}}
+
+    @staticmethod
+    def logprobs(items, offset: int) -> dict:
+        def entry(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(s, lp) for _, s, lp in t.top]}
+                            for t in items]}
+
+
+class TextShape:
+    """How (legacy) text completions look on the wire."""
+
+    object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
+
+    @staticmethod
+    def delta(text: str) -> dict:
+        return {"text": text}
+
+    whole = delta
+
+    @staticmethod
+    def logprobs(items, offset: int) -> dict:
+        offsets, at = [], offset
+        for t in items:
+            offsets.append(at)
+            at += len(t.text)
+        return {"tokens": [t.text for t in items], "token_logprobs": [t.logprob for t in items],
+                "top_logprobs": [{s: lp for _, s, lp in t.top} for t in items], "text_offset": offsets}
+
+
+class OpenAIRoutes:
+    def __init__(self, engine, parser, metrics, model_alias: str):
+        self.engine, self.parser, self.metrics, self.model = engine, parser, metrics, model_alias
+        self.created = int(time.time())
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, self.parser.chat(await read_json(request)), ChatShape)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, self.parser.completion(await read_json(request)), TextShape)
+
+    async def models(self, request: web.Request) -> web.Response:
+        info = {"id": self.model, "object": "model", "created": self.created, "owned_by": "sentiric",
+                "meta": {"n_ctx": self.engine.n_ctx, "n_ctx_train": self.engine.n_ctx_train,
+                         "path": self.engine.config.model_path}}
+        return json_response({"object": "list", "data": [info]})
+
+    # --- one request ---
+    async def _answer(self, request: web.Request, gen: Generation, shape) -> web.StreamResponse:
+        handles = self._admit(gen)
+        tracker = _Tracker(self.metrics, len(handles))
+        try:
+            if gen.stream:
+                return await self._stream(request, gen, shape, handles, tracker)
+            return await self._whole(gen, shape, handles, tracker)
+        finally:
+            for h in handles:
+                self.engine.cancel(h)
+
+    def _admit(self, gen: Generation) -> list:
+        handles = []
+        try:
+            for r in gen.requests:
+                handles.append(self.engine.submit(r))
+        except BaseException as exc:
+            for h in handles:
+                self.engine.cancel(h)
+            if isinstance(exc, Overloaded):
+                raise ApiError(429, "The server is at capacity (its waiting queue is full); retry shortly.",
+                               code="overloaded", headers={"Retry-After": "1"}) from None
+            if isinstance(exc, EngineError):
+                raise ApiError(503, f"The model is not ready: {exc}", code="not_ready") from None
+            if isinstance(exc, ValueError):
+                raise ApiError(400, str(exc), param="messages") from None
+            raise
+        return handles
+
+    async def _whole(self, gen: Generation, shape, handles, tracker) -> web.Response:
+        texts = [gen.echo_text] * len(handles)
+        logprobs = [[] for _ in handles]
+        finals: list[Output | None] = [None] * len(handles)
+        async for i, out in _outputs(self.engine, handles):
+            tracker.seen(i, out)
+            if out.error:
+                raise ApiError(503, out.error, code="generation_failed")
+            texts[i] += out.text
+            logprobs[i] += out.logprobs
+            if out.finish_reason:
+                finals[i] = out
+        choices = [{"index": i, **shape.whole(texts[i]),
+                    "logprobs": shape.logprobs(logprobs[i], len(gen.echo_text)) if gen.logprobs else None,
+                    "finish_reason": finals[i].finish_reason} for i in range(len(handles))]
+        body = {"id": shape.id_prefix + uuid.uuid4().hex, "object": shape.object, "created": int(time.time()),
+                "model": self.model, "choices": choices, "usage": tracker.usage(len(gen.prompt), finals)}
+        return json_response(body)
+
+    async def _stream(self, request, gen: Generation, shape, handles, tracker) -> web.StreamResponse:
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        head = {"id": shape.id_prefix + uuid.uuid4().hex, "object": shape.chunk_object, "created": int(time.time()),
+                "model": self.model}
+
+        async def send(event: dict) -> None:
+            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+
+        def chunk(i: int, fields: dict, logprobs=None, reason=None) -> dict:
+            return {**head, "choices": [{"index": i, **fields, "logprobs": logprobs, "finish_reason": reason}]}
+
+        for i in range(len(handles)):
+            if shape is ChatShape:
+                await send(chunk(i, {"delta": {"role": "assistant", "content": ""}}))
+            elif gen.echo_text:
+                await send(chunk(i, shape.delta(gen.echo_text)))
+        offsets = [len(gen.echo_text)] * len(handles)
+        finals: list[Output | None] = [None] * len(handles)
+        async for i, out in _outputs(self.engine, handles):
+            tracker.seen(i, out)
+            if out.error:
+                await send(ApiError(503, out.error, code="generation_failed").body())
+                break
+            if out.text or (gen.logprobs and out.logprobs):
+                await send(chunk(i, shape.delta(out.text),
+                                 shape.logprobs(out.logprobs, offsets[i]) if gen.logprobs else None))
+                offsets[i] += len(out.text)
+            if out.finish_reason:
+                finals[i] = out
+                await send(chunk(i, shape.delta(""), reason=out.finish_reason))
+        if all(finals):
+            usage = tracker.usage(len(gen.prompt), finals)
+            if gen.include_usage:
+                await send({**head, "choices": [], "usage": usage})
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+async def _outputs(engine, handles):
+    """(choice index, Output) as they come, from one or several engine requests."""
+    if len(handles) == 1:
+        while not handles[0].finished:
+            yield 0, await engine.next_output(handles[0])
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, handle):
+        while not handle.finished:
+            queue.put_nowait((i, await engine.next_output(handle)))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        remaining = len(handles)
+        while remaining:
+            i, out = await queue.get()
+            remaining -= out.finish_reason is not None
+            yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class _Tracker:
+    """Per-request timings and token counts, for the metrics and the usage object."""
+
+    def __init__(self, metrics, n: int):
+        self.metrics = metrics
+        self.start = time.perf_counter()
+        self.last: list[float | None] = [None] * n
+        self.unfinished = n
+
+    def seen(self, i: int, out: Output) -> None:
+        now = time.perf_counter()
+        if out.token_ids:
+            if self.last[i] is not None:
+                self.metrics.inter_token.observe(now - self.last[i])
+            elif all(t is None for t in self.last):
+                self.metrics.ttft.observe(now - self.start)
+            self.last[i] = now
+        if out.finish_reason:
+            self.unfinished -= 1
+            if not self.unfinished and not out.error:
+                self.metrics.e2e.observe(now - self.start)
+
+    def usage(self, prompt_tokens: int, finals: list[Output]) -> dict:
+        """The usage object of a finished request (counted in the metrics once, here)."""
+        completion = sum(f.completion_tokens for f in finals)
+        cached = finals[0].cached_tokens  # the other choices reuse the first one's prefill
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.completion_tokens.inc(completion)
+        self.metrics.cached_tokens.inc(cached)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def read_json(request: web.Request) -> dict:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def json_response(body: dict, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS), status=status,
+                        content_type="application/json")

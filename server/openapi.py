@@ -1,0 +1,176 @@
+"""The OpenAPI 3.1 description served at /openapi.json.
+
+Request schemas are written out field by field (the tests validate every
+request they send against them, so they stay true); responses are described
+more loosely, by their main fields.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _number(description: str, **limits) -> dict:
+    return {"type": "number", "description": description, **limits}
+
+
+def _integer(description: str, **limits) -> dict:
+    return {"type": "integer", "description": description, **limits}
+
+
+_SAMPLING = {
+    "model": {"type": "string", "description": "Accepted for compatibility; the loaded model answers."},
+    "max_tokens": _integer("Most tokens to generate (default: until end of generation or the context is full).",
+                           minimum=1),
+    "max_completion_tokens": _integer("Same as max_tokens (newer OpenAI name); wins when both are sent.", minimum=1),
+    "temperature": _number("0 = greedy.", minimum=0, default=1),
+    "top_p": _number("Nucleus sampling.", exclusiveMinimum=0, maximum=1, default=1),
+    "top_k": _integer("Keep the k most likely tokens (0 = off).", minimum=0, default=0),
+    "min_p": _number("Drop tokens below min_p x the best token's probability.", minimum=0, maximum=1, default=0),
+    "typical_p": _number("Locally typical sampling.", exclusiveMinimum=0, maximum=1, default=1),
+    "repeat_penalty": _number("Penalty for repeating recent tokens (1 = off).", exclusiveMinimum=0, default=1),
+    "presence_penalty": _number("OpenAI presence penalty.", minimum=-2, maximum=2, default=0),
+    "frequency_penalty": _number("OpenAI frequency penalty.", minimum=-2, maximum=2, default=0),
+    "logit_bias": {"type": "object", "description": "Token id -> bias added to its logit.",
+                   "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+    "seed": _integer("Same seed + same request = same output; choice i uses seed + i."),
+    "stop": {"description": "Up to 16 strings that end the generation (not included in the output).",
+             "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+                       {"type": "null"}]},
+    "n": _integer("Number of choices; they share the prompt's prefill.", minimum=1, default=1),
+    "stream": {"type": "boolean", "default": False, "description": "Answer as Server-Sent Events."},
+    "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
+    "response_format": {"description": "Constrain the output to JSON (compiled to a GBNF grammar).", "oneOf": [
+        {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}, "required": ["type"]},
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"const": "json_schema"},
+            "json_schema": {"type": "object", "required": ["schema"], "properties": {
+                "name": {"type": "string"}, "strict": {"type": "boolean"}, "schema": {"type": "object"}}}}}]},
+    "grammar": {"type": "string", "description": "A raw GBNF grammar (llama.cpp syntax) with a 'root' rule."},
+    "ignore_eos": {"type": "boolean", "default": False, "description": "Keep generating past end of generation."},
+    "user": {"type": "string", "description": "Accepted and ignored."},
+}
+
+_MESSAGE = {
+    "type": "object", "required": ["role"],
+    "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {"oneOf": [
+            {"type": "string"}, {"type": "null"},
+            {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                        "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]},
+        "name": {"type": "string"},
+    },
+}
+
+_CHAT_REQUEST = {
+    "type": "object", "required": ["messages"],
+    "properties": {
+        "messages": {"type": "array", "items": _ref("ChatMessage"), "minItems": 1},
+        "system_prompt": {"type": "string", "description": "Sentiric: the system message when the conversation "
+                                                           "has none, otherwise put before it."},
+        "rag_context": {"description": "Sentiric: retrieved documents, placed into the last user turn.",
+                        "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "logprobs": {"type": "boolean", "default": False},
+        "top_logprobs": _integer("Alternatives per token (needs logprobs).", minimum=0, maximum=20),
+        **_SAMPLING,
+    },
+}
+
+_COMPLETION_REQUEST = {
+    "type": "object", "required": ["prompt"],
+    "properties": {
+        "prompt": {"oneOf": [{"type": "string", "minLength": 1},
+                             {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+                             {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]},
+        "logprobs": _integer("Return log-probabilities with this many alternatives.", minimum=0, maximum=20),
+        "echo": {"type": "boolean", "default": False},
+        **_SAMPLING,
+    },
+}
+
+_USAGE = {"type": "object", "properties": {
+    "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
+    "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}}}}
+
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def _completion_response(choice: dict) -> dict:
+    return {"type": "object", "properties": {
+        "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
+        "model": {"type": "string"}, "usage": _ref("Usage"),
+        "choices": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length", None]}, **choice}}}}}
+
+
+def _errors(*codes: int) -> dict:
+    return {str(c): {"description": desc, "content": {"application/json": {"schema": _ref("Error")}}}
+            for c, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"), (413, "Body too large"),
+                            (429, "Overloaded; see Retry-After"), (503, "Loading or unavailable")) if c in codes}
+
+
+def _post(summary: str, request: str, ok: dict, *errors: int) -> dict:
+    return {"post": {"summary": summary,
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+                     "responses": {"200": ok, **_errors(*errors)}}}
+
+
+def _json(schema: dict, description: str = "OK") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _generation_ok(schema: str) -> dict:
+    return {"description": "The completion, or with stream=true Server-Sent Events of chunks ending in [DONE]",
+            "content": {"application/json": {"schema": _ref(schema)}, "text/event-stream": {"schema": {"type": "string"}}}}
+
+
+@cache
+def openapi_spec() -> dict:
+    text = {"type": "string"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Sentiric LLM Llama Service", "version": "0.1.0",
+                 "description": "OpenAI-compatible LLM inference over llama.cpp with continuous batching."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "ChatMessage": _MESSAGE, "ChatCompletionRequest": _CHAT_REQUEST,
+                "CompletionRequest": _COMPLETION_REQUEST, "Usage": _USAGE, "Error": _ERROR,
+                "ChatCompletion": _completion_response({"message": {"type": "object", "properties": {
+                    "role": {"const": "assistant"}, "content": text}}, "logprobs": {"type": ["object", "null"]}}),
+                "Completion": _completion_response({"text": text, "logprobs": {"type": ["object", "null"]}}),
+                "TokenizeRequest": {"type": "object", "required": ["content"], "properties": {
+                    "content": text, "add_special": {"type": "boolean", "default": False},
+                    "with_pieces": {"type": "boolean", "default": False}}},
+                "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
+                    "tokens": {"type": "array", "items": {"type": "integer"}}}},
+            },
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/chat/completions": _post("Chat completion (OpenAI), plus system_prompt and rag_context",
+                                          "ChatCompletionRequest", _generation_ok("ChatCompletion"),
+                                          400, 401, 413, 429, 503),
+            "/v1/completions": _post("Text completion (OpenAI legacy)", "CompletionRequest",
+                                     _generation_ok("Completion"), 400, 401, 413, 429, 503),
+            "/tokenize": _post("Text to token ids", "TokenizeRequest", _json({"type": "object", "properties": {
+                "tokens": {"type": "array"}}}), 400, 401, 503),
+            "/detokenize": _post("Token ids to text", "DetokenizeRequest", _json({"type": "object", "properties": {
+                "content": text}}), 400, 401, 503),
+            "/v1/models": {"get": {"summary": "The served model", "responses": {"200": _json({"type": "object"})}}},
+            "/health": {"get": {"summary": "Readiness and capacity", "security": [], "responses": {
+                "200": _json({"type": "object"}, "Ready"), **_errors(503)}}},
+            "/stats": {"get": {"summary": "Engine numbers for the studio", "security": [],
+                               "responses": {"200": _json({"type": "object"})}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {
+                "description": "Prometheus text format", "content": {"text/plain": {"schema": text}}}}}},
+        },
+    }
