@@ -3,6 +3,7 @@ in OpenAI's format, request metrics), the service routes and the studio."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -135,8 +136,10 @@ def _errors(metrics: Metrics, max_body_bytes: int):
                 raise
             response = ApiError(exc.status, exc.reason if exc.status != 404 else f"No route for {request.path}",
                                 code=exc.reason.lower().replace(" ", "_")).response()
-        except ConnectionResetError:
-            log.info("client disconnected from %s", request.path)
+        except (ConnectionResetError, asyncio.CancelledError):
+            metrics.requests.labels(route, "499").inc()  # nginx's code for "client closed the request"
+            access_log.info("%s %s client disconnected after %.1f ms; its generation was cancelled", request.method,
+                            request.path, (time.perf_counter() - start) * 1000)
             raise
         except Exception:
             log.exception("internal error while serving %s %s", request.method, request.path)

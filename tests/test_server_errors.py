@@ -168,6 +168,7 @@ def test_disconnect_mid_stream_frees_the_sequence(server):
     stats = server.wait_idle(timeout=10)
     assert stats["running"] == 0 and stats["kv_running"] == 0
     assert stats["generated_tokens"] > 0
+    assert 'sentiric_requests_total{route="/v1/chat/completions",status="499"} 1.0' in server.metrics()
 
 
 def test_worker_crash_fails_its_stream_and_service_recovers(start_server):
