@@ -179,7 +179,8 @@ class AsyncEngine:
             self._stop_workers()
             raise
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
-                                    reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=vocab.is_eog)
+                                    reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=vocab.is_eog,
+                                    share_prefixes=cfg.kv_unified)
 
     async def shutdown(self) -> None:
         with self._wake:

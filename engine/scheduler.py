@@ -138,12 +138,14 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 class Scheduler:
     def __init__(self, workers: list[WorkerState], *, max_waiting: int, step_tokens: int,
-                 reserve_cap: int, is_eog=lambda token: False):
+                 reserve_cap: int, is_eog=lambda token: False, share_prefixes: bool = True):
         self.workers = workers
         self.max_waiting = max_waiting
         self.step_tokens = step_tokens
         self.reserve_cap = reserve_cap
         self.is_eog = is_eog
+        # a KV cache split per sequence cannot share cells (llama.cpp aborts on a partial seq_cp across streams)
+        self.share_prefixes = share_prefixes
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.ended: list[Sequence] = []  # finished inside plan() (context full); the caller reports them
         self.prefix_hit_tokens = 0
@@ -240,7 +242,8 @@ class Scheduler:
 
     def _place(self, seq: Sequence, plans: dict):
         """(worker, prefix source, shared length) for a waiting sequence, or None to keep it waiting."""
-        limit = seq.n_prompt - 1  # the last prompt token is always computed, for its logits
+        # prompt tokens a prefix may give: all but the last, which is always computed for its logits
+        limit = seq.n_prompt - 1 if self.share_prefixes else 0
         best = None  # (shared, -load, worker, source)
         for w in self.workers:
             if w.index not in plans or len(w.running) >= w.parallel:

@@ -204,7 +204,8 @@ def test_shared_prefix_is_computed_once(eng):
 
 def test_split_kv_limits_each_sequence_to_its_share():
     """With kv_unified=False llama.cpp gives each sequence n_ctx / n_seq_max cells: the engine
-    says so, refuses longer prompts and ends a generation that fills its share with "length"."""
+    says so, refuses longer prompts and ends a generation that fills its share with "length".
+    Prefixes are not shared (llama.cpp would abort the worker on the partial copy)."""
     h = EngineHarness(parallel=4, ctx_size=1024, threads=2, kv_unified=False)
     try:
         assert h.engine.n_ctx == 256
@@ -214,6 +215,13 @@ def test_split_kv_limits_each_sequence_to_its_share():
         assert out.finish_reason == "length" and out.prompt_tokens + out.completion_tokens == 256
         with pytest.raises(ValueError, match="context"):
             h.run(h.collect(Request(prompt=[1] * 300, max_tokens=1)))
+        system = "You are the support assistant of the Acme vault company. " * 10
+        results = h.generate(*(Request(prompt=h.engine.tokenize(h.engine.render_chat(
+            [{"role": "system", "content": system}, {"role": "user", "content": q}]), add_special=False),
+            sampling=SamplingParams(temperature=0), max_tokens=4) for q in QUESTIONS[:3]))
+        assert all(out.finish_reason == "length" for _, out in results)
+        stats = h.engine.stats()
+        assert stats["worker_restarts"] == 0 and stats["prefix_hit_tokens"] == 0
     finally:
         h.close()
 

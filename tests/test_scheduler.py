@@ -144,6 +144,17 @@ def test_split_kv_caps_each_sequence_at_its_share():
     assert s.finish_reason == "length" and len(s.tokens) == 256
 
 
+def test_split_kv_never_shares_prefixes():
+    sched = make(step_tokens=512)
+    sched.share_prefixes = False
+    system = list(range(1000, 1200))
+    a = sched.add(Request(prompt=system + [1, 2], max_tokens=4))
+    b = sched.add(Request(prompt=system + [3, 4], max_tokens=4))
+    plans, _ = run_step(sched)
+    assert [r.seq for r in plans[0].rows] == [a, b]  # b does not wait for a's prefix
+    assert not any(op[0] == OP_COPY for op in plans[0].ops) and sched.prefix_hit_tokens == 0
+
+
 def test_least_loaded_worker_gets_new_requests():
     sched = make(workers=2)
     a = sched.add(Request(prompt=[1, 2, 3], max_tokens=4))
