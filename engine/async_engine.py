@@ -170,7 +170,8 @@ class AsyncEngine:
             for w in self._workers:
                 while (hello := w.poll_ready()) is None:
                     time.sleep(0.02)
-                state = WorkerState(w.index, hello["n_ctx"], cfg.parallel, cfg.cache_slots, hello["n_ctx_seq"])
+                state = WorkerState(w.index, hello["n_ctx"], cfg.parallel, cfg.cache_slots, hello["n_ctx_seq"],
+                                    cfg.cache_cells)
                 state.alive = True
                 states.append(state)
                 log.info("worker %d ready (pid %d, %d KV cells, %d sequences)", w.index, hello["pid"],

@@ -90,8 +90,10 @@ class WorkerState:
     in a unified cache, its own share when llama.cpp splits the cache per sequence).
     """
 
-    def __init__(self, index: int, n_ctx: int, parallel: int, cache_slots: int, n_ctx_seq: int | None = None):
+    def __init__(self, index: int, n_ctx: int, parallel: int, cache_slots: int, n_ctx_seq: int | None = None,
+                 cache_cells: int | None = None):
         self.index, self.parallel, self.cache_slots = index, parallel, cache_slots
+        self.cache_cells = n_ctx if cache_cells is None else cache_cells
         self.n_ctx = n_ctx
         self.n_ctx_seq = n_ctx_seq or n_ctx
         self.alive = False
@@ -113,6 +115,12 @@ class WorkerState:
     @property
     def free_cells(self) -> int:
         return self.n_ctx - self.ledger.used - self.reserved
+
+    @property
+    def cached_only_cells(self) -> int:
+        """Cells held only by the prefix cache. With a unified KV every token attends over all used
+        cells, so what the cache holds makes every prefill chunk and decode step dearer."""
+        return self.ledger.used - KvLedger.cells_of(s.span for s in self.running)
 
     def evict_one(self) -> bool:
         if not self.cache:
@@ -170,8 +178,8 @@ class Scheduler:
         w.running.remove(seq)
         if keep_prefix and w.cache_slots and seq.n_computed >= MIN_CACHED_PREFIX:
             w.cache[seq.seq_id] = CacheEntry(seq.seq_id, np.asarray(seq.tokens[:seq.n_computed], np.int32), seq.span)
-            while len(w.cache) > w.cache_slots:
-                w.evict_one()
+            while (len(w.cache) > w.cache_slots or w.cached_only_cells > w.cache_cells) and w.evict_one():
+                pass
         else:
             w.ledger.release(seq.span)
             w.pending_ops.append((OP_FREE, seq.seq_id, 0, 0, None))

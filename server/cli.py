@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "cache)", type=bool)
     _option(eng, "--cache-slots", "CACHE_SLOTS", -1, "finished sequences kept as prefix cache (-1 = --parallel)",
             type=int)
+    _option(eng, "--cache-cells", "CACHE_CELLS", -1, "KV cells the prefix cache may hold beyond running "
+                                                      "sequences (-1 = ctx-size / 4); every cached cell slows "
+                                                      "attention in a unified cache", type=int)
     _option(eng, "--max-waiting", "MAX_WAITING", 256, "queued requests beyond this get 429", type=int)
     req = p.add_argument_group("requests")
     _option(req, "--max-n", "MAX_N", 16, "largest 'n' (choices per request)", type=int)
@@ -90,6 +93,7 @@ def serve(argv: list[str] | None = None) -> int:
             model_path=str(model_path), workers=args.workers, parallel=args.parallel, ctx_size=args.ctx_size,
             batch_size=args.batch_size, ubatch_size=args.ubatch_size, threads=args.threads,
             flash_attn=args.flash_attn, kv_unified=args.kv_unified, cache_slots=args.cache_slots,
+            cache_cells=args.cache_cells,
             max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, log_batches=args.log_batches)
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc)

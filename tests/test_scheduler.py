@@ -184,3 +184,16 @@ def test_ledger_counts_shared_cells_once():
     ledger.release(b)
     ledger.release(c)
     assert ledger.used == 0
+
+
+def test_prefix_cache_keeps_within_its_cell_budget():
+    state = WorkerState(0, 4096, 4, 8, cache_cells=300)
+    state.alive = True
+    sched = Scheduler([state], max_waiting=8, step_tokens=512, reserve_cap=256, is_eog=lambda t: t == EOG)
+    for i in range(6):  # distinct 100-token prompts: nothing shared, each entry ~100 cells
+        seq = sched.add(Request(prompt=[1000 * (i + 1) + j for j in range(100)], max_tokens=1))
+        run_step(sched)
+        sched.finish(seq, "length")
+        assert state.cached_only_cells <= 300
+    assert 2 <= len(state.cache) <= 3  # the newest entries survive, the oldest were evicted first
+    assert [int(e.tokens[0]) for e in state.cache.values()][-1] == 6000
