@@ -46,11 +46,15 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> web.Application
     OpenAIRoutes(engine, parser, metrics, settings.model_alias).add_to(app)
     ServiceRoutes(engine, metrics, settings.model_alias).add_to(app)
     if STUDIO_DIR.is_dir():
-        app.router.add_get("/", lambda _: web.HTTPFound("/studio/"))
-        app.router.add_get("/studio", lambda _: web.HTTPFound("/studio/"))
+        app.router.add_get("/", _to_studio)
+        app.router.add_get("/studio", _to_studio)
         app.router.add_get("/studio/", lambda _: web.FileResponse(STUDIO_DIR / "index.html"))
         app.router.add_static("/studio/", STUDIO_DIR)
     return app
+
+
+async def _to_studio(request: web.Request):
+    raise web.HTTPFound("/studio/")
 
 
 class ServiceRoutes:
