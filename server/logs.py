@@ -37,9 +37,6 @@ class _JsonFormatter(logging.Formatter):
         for key in ("tenant_id", "trace_id"):
             if getattr(record, key, None):
                 entry[key] = getattr(record, key)
-        for key in ("method", "path", "status", "duration_ms", "prompt_tokens", "completion_tokens"):
-            if hasattr(record, key):
-                entry[key] = getattr(record, key)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()

@@ -243,9 +243,10 @@ class RequestParser:
         )
         try:
             self.engine.validate_sampling(sampling)
-        except (ValueError, LlamaError) as exc:
-            param = "grammar" if sampling.grammar and "token" not in str(exc) else "logit_bias"
-            raise invalid(str(exc), param) from None
+        except LlamaError as exc:  # llama.cpp could not parse the grammar
+            raise invalid(str(exc), "grammar" if "grammar" in body else "response_format") from None
+        except ValueError as exc:  # a logit_bias token outside the vocabulary
+            raise invalid(str(exc), "logit_bias") from None
         prompt = self._fit(prompt, max_tokens)
         stream = _bool(body, "stream")
         options = body.get("stream_options") or {}
