@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from functools import cache
 
+from server.params import DEFAULT_TOP_K
+
 
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -29,7 +31,7 @@ _SAMPLING = {
     "max_completion_tokens": _integer("Same as max_tokens (newer OpenAI name); wins when both are sent.", minimum=1),
     "temperature": _number("0 = greedy.", minimum=0, default=1),
     "top_p": _number("Nucleus sampling.", exclusiveMinimum=0, maximum=1, default=1),
-    "top_k": _integer("Keep the k most likely tokens (0 = off).", minimum=0, default=0),
+    "top_k": _integer("Keep the k most likely tokens (0 = the whole vocabulary).", minimum=0, default=DEFAULT_TOP_K),
     "min_p": _number("Drop tokens below min_p x the best token's probability.", minimum=0, maximum=1, default=0),
     "typical_p": _number("Locally typical sampling.", exclusiveMinimum=0, maximum=1, default=1),
     "repeat_penalty": _number("Penalty for repeating recent tokens (1 = off).", exclusiveMinimum=0, default=1),

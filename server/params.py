@@ -17,6 +17,8 @@ from server.json_grammar import SchemaError, json_object_grammar, json_schema_gr
 
 _MISSING = object()
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+# llama.cpp's and Ollama's default; OpenAI samples the whole vocabulary, which costs ~10x more per token here
+DEFAULT_TOP_K = 40
 
 
 def _number(body: dict, name: str, default, *, lo=None, hi=None, lo_open=False, integer=False):
@@ -232,7 +234,7 @@ class RequestParser:
         sampling = SamplingParams(
             temperature=_number(body, "temperature", 1.0, lo=0, hi=100),
             top_p=_number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True),
-            top_k=_number(body, "top_k", 0, lo=0, integer=True),
+            top_k=_number(body, "top_k", DEFAULT_TOP_K, lo=0, integer=True),
             min_p=_number(body, "min_p", 0.0, lo=0, hi=1),
             typical_p=_number(body, "typical_p", 1.0, lo=0, hi=1, lo_open=True),
             repeat_penalty=_number(body, "repeat_penalty", 1.0, lo=0, lo_open=True),

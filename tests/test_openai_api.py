@@ -141,6 +141,20 @@ def test_logprobs(client):
     assert lp.text_offset[0] == 0 and all(len(t) == 2 for t in lp.top_logprobs)
 
 
+def test_top_k_defaults_to_40(client):
+    """At a very high temperature the default top_k still keeps sampling among the likely tokens;
+    top_k=0 (the whole vocabulary) picks tokens the model finds far less likely."""
+    def mean_logprob(**extra):
+        r = client.chat.completions.create(model="any", messages=CAPITAL, temperature=100, max_tokens=24, seed=7,
+                                           logprobs=True, extra_body={"ignore_eos": True, **extra})
+        return sum(i.logprob for i in r.choices[0].logprobs.content) / len(r.choices[0].logprobs.content)
+    assert mean_logprob() > mean_logprob(top_k=0) + 3
+    greedy = client.chat.completions.create(model="any", messages=CAPITAL, temperature=0, max_tokens=12)
+    top1 = client.chat.completions.create(model="any", messages=CAPITAL, temperature=100, max_tokens=12,
+                                          extra_body={"top_k": 1})
+    assert top1.choices[0].message.content == greedy.choices[0].message.content
+
+
 def test_json_object_output_parses(client):
     r = client.chat.completions.create(
         model="any", temperature=0, max_tokens=200, response_format={"type": "json_object"},
