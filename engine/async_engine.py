@@ -13,9 +13,9 @@ import asyncio
 import collections
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
-from multiprocessing.connection import wait as wait_ready
 
 import numpy as np
 import orjson
@@ -76,28 +76,25 @@ class _Worker:
         return None
 
     def ring(self) -> None:
-        self.to_worker.send_bytes(b"s")
+        try:
+            os.write(self.to_worker.fileno(), b"s")
+        except OSError:  # the worker is dead: wait_done() reads the end of its pipe
+            pass
 
     def wait_done(self) -> bool:
-        """Wait for the step's answer; False if the worker died instead."""
-        ready = wait_ready([self.from_worker, self.process.sentinel])
-        if self.from_worker in ready:
-            try:
-                self.from_worker.recv_bytes()
-                return True
-            except (EOFError, OSError):
-                return False
-        return False
+        """Wait for the step's answer; False if the worker died instead (its end of the pipe closed:
+        only the worker holds it, so a dead worker reads as end of file)."""
+        try:
+            return os.read(self.from_worker.fileno(), 1) == b"d"
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.process is None:
             return
         if self.process.is_alive():
-            try:
-                self.buffer.header[0] = -1
-                self.ring()
-            except (BrokenPipeError, OSError):
-                pass
+            self.buffer.header[0] = -1
+            self.ring()
             self.process.join(5)
             if self.process.is_alive():
                 self.process.kill()

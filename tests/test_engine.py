@@ -243,6 +243,14 @@ def test_worker_killed_mid_run_recovers():
         assert "Berlin" in text
         stats = h.engine.stats()
         assert stats["worker_restarts"] == 1 and stats["workers_alive"] == 1
+        # a worker that dies while idle is noticed at the next step; that step's request is run again
+        pid = h.engine.worker_pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+            time.sleep(0.01)
+        text, out = h.generate(greedy_request(h, "What is the capital of Germany?"))[0]
+        assert "Berlin" in text and out.finish_reason in ("stop", "length")
+        assert h.engine.stats()["worker_restarts"] == 2
     finally:
         h.close()
 
