@@ -18,7 +18,7 @@ class EngineConfig:
     flash_attn: str = "auto"          # auto | on | off
     kv_unified: bool = True           # one KV buffer for all sequences (needed for prefix sharing)
     cache_slots: int = -1             # finished sequences kept as prefix cache; -1 = parallel
-    cache_cells: int = -1             # KV cells the prefix cache may hold alone; -1 = ctx_size // 4
+    cache_cells: int = -1             # KV cells the prefix cache may hold alone; -1 = ctx_size // 32
     max_waiting: int = 256            # queued requests beyond this get Overloaded (HTTP 429)
     n_gpu_layers: int = -1            # layers offloaded to a GPU build; -1 = all
     log_batches: bool = False         # log "Processing batch of size: N" at INFO instead of DEBUG
@@ -27,7 +27,7 @@ class EngineConfig:
         if self.threads <= 0:
             self.threads = max(1, (os.cpu_count() or 1) // max(1, self.workers))
         if self.cache_cells < 0:
-            self.cache_cells = self.ctx_size // 4
+            self.cache_cells = self.ctx_size // 32
         if self.cache_slots < 0:
             self.cache_slots = self.parallel if self.kv_unified else 0
         for name in ("workers", "parallel", "ctx_size", "batch_size", "ubatch_size"):

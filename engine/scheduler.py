@@ -178,8 +178,9 @@ class Scheduler:
         w.running.remove(seq)
         if keep_prefix and w.cache_slots and seq.n_computed >= MIN_CACHED_PREFIX:
             w.cache[seq.seq_id] = CacheEntry(seq.seq_id, np.asarray(seq.tokens[:seq.n_computed], np.int32), seq.span)
-            while (len(w.cache) > w.cache_slots or w.cached_only_cells > w.cache_cells) and w.evict_one():
-                pass
+            # the newest entry stays even beyond the cell budget: a long shared prefix must survive its last user
+            while len(w.cache) > 1 and (len(w.cache) > w.cache_slots or w.cached_only_cells > w.cache_cells):
+                w.evict_one()
         else:
             w.ledger.release(seq.span)
             w.pending_ops.append((OP_FREE, seq.seq_id, 0, 0, None))

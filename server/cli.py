@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(eng, "--cache-slots", "CACHE_SLOTS", -1, "finished sequences kept as prefix cache (-1 = --parallel)",
             type=int)
     _option(eng, "--cache-cells", "CACHE_CELLS", -1, "KV cells the prefix cache may hold beyond running "
-                                                      "sequences (-1 = ctx-size / 4); every cached cell slows "
-                                                      "attention in a unified cache", type=int)
+                                                      "sequences (-1 = ctx-size / 32; the newest entry is always "
+                                                      "kept); every cached cell slows attention in a unified cache",
+            type=int)
     _option(eng, "--max-waiting", "MAX_WAITING", 256, "queued requests beyond this get 429", type=int)
     req = p.add_argument_group("requests")
     _option(req, "--max-n", "MAX_N", 16, "largest 'n' (choices per request)", type=int)

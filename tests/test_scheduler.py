@@ -197,3 +197,15 @@ def test_prefix_cache_keeps_within_its_cell_budget():
         assert state.cached_only_cells <= 300
     assert 2 <= len(state.cache) <= 3  # the newest entries survive, the oldest were evicted first
     assert [int(e.tokens[0]) for e in state.cache.values()][-1] == 6000
+
+
+def test_newest_prefix_cache_entry_survives_beyond_the_cell_budget():
+    """A shared system prompt longer than the budget must still be there for the next request."""
+    state = WorkerState(0, 4096, 4, 8, cache_cells=64)
+    state.alive = True
+    sched = Scheduler([state], max_waiting=8, step_tokens=512, reserve_cap=256, is_eog=lambda t: t == EOG)
+    for i in range(3):
+        seq = sched.add(Request(prompt=[1000 * (i + 1) + j for j in range(200)], max_tokens=1))
+        run_step(sched)
+        sched.finish(seq, "length")
+        assert [int(e.tokens[0]) for e in state.cache.values()] == [1000 * (i + 1)]
