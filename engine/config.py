@@ -12,7 +12,7 @@ class EngineConfig:
     workers: int = 1                  # worker processes, each with its own model and context
     parallel: int = 16                # sequences decoded together per worker
     ctx_size: int = 16384             # KV cells per worker, shared by its sequences
-    batch_size: int = 512             # tokens per step per worker (decodes + prefill chunks)
+    batch_size: int = 0               # tokens per step per worker (decodes + prefill chunks); 0 = auto
     ubatch_size: int = 512            # llama.cpp's physical batch
     threads: int = 0                  # per worker; 0 = all cores divided among the workers
     flash_attn: str = "auto"          # auto | on | off
@@ -26,6 +26,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.threads <= 0:
             self.threads = max(1, (os.cpu_count() or 1) // max(1, self.workers))
+        if self.batch_size <= 0:
+            self.batch_size = self.auto_batch_size()
         if self.cache_cells < 0:
             self.cache_cells = self.ctx_size // 32
         if self.cache_slots < 0:
@@ -35,6 +37,14 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.flash_attn not in ("auto", "on", "off"):
             raise ValueError("flash_attn must be auto, on or off")
+
+    def auto_batch_size(self) -> int:
+        """256 on a CPU: a step carrying a prefill chunk stalls every decoding stream, and on the
+        2-core machine 256-token chunks prefill as fast as 512 while halving that stall (long-prompt
+        bench: ITL p99 1.6 s -> 0.9 s, short requests' TTFT p90 4.4 s -> 1.9 s at 16 streams).
+        A GPU prefills bigger chunks at little extra cost."""
+        from engine.llama import supports_gpu_offload
+        return 1024 if self.n_gpu_layers != 0 and supports_gpu_offload() else 256
 
     def worker_config(self) -> dict:
         """What a worker process needs to build its model and context (plain data)."""

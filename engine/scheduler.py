@@ -200,14 +200,15 @@ class Scheduler:
         plans = {w.index: StepPlan(w) for w in self.workers if w.alive}
         budget = {i: self.step_tokens for i in plans}
         for p in plans.values():
-            self._continue_running(p, budget)
-        self._admit(plans, budget)
+            self._continue_decoding(p, budget)
+        self._admit(plans)
         for p in plans.values():
+            self._prefill(p, budget)
             p.ops[:0] = p.worker.pending_ops
             p.worker.pending_ops = []
         return [p for p in plans.values() if p.rows or p.ops]
 
-    def _continue_running(self, plan: StepPlan, budget: dict) -> None:
+    def _continue_decoding(self, plan: StepPlan, budget: dict) -> None:
         w = plan.worker
         for seq in list(w.running):
             if not seq.prefilling:
@@ -217,14 +218,18 @@ class Scheduler:
                     continue
                 plan.rows.append(Row(seq, seq.n_computed, 1, True))
                 budget[w.index] -= 1
-        for seq in w.running:
-            if seq.prefilling and budget[w.index] > 0:
-                self._prefill_chunk(plan, seq, budget)
 
-    def _prefill_chunk(self, plan: StepPlan, seq: Sequence, budget: dict) -> None:
-        n = min(seq.n_prompt - seq.n_computed, budget[plan.worker.index])
-        plan.rows.append(Row(seq, seq.n_computed, n, seq.n_computed + n == seq.n_prompt))
-        budget[plan.worker.index] -= n
+    def _prefill(self, plan: StepPlan, budget: dict) -> None:
+        """Prompt chunks into what is left of the step, shortest remaining prompt first: a short
+        question arriving during a long prompt's prefill starts at once instead of behind it."""
+        prefilling = sorted((s for s in plan.worker.running if s.prefilling), key=lambda s: s.n_prompt - s.n_computed)
+        for seq in prefilling:
+            left = budget[plan.worker.index]
+            if left <= 0:
+                break
+            n = min(seq.n_prompt - seq.n_computed, left)
+            plan.rows.append(Row(seq, seq.n_computed, n, seq.n_computed + n == seq.n_prompt))
+            budget[plan.worker.index] -= n
 
     def _grow_reserve(self, seq: Sequence) -> bool:
         w = seq.worker
@@ -238,7 +243,7 @@ class Scheduler:
         seq.reserve += step
         return True
 
-    def _admit(self, plans: dict, budget: dict) -> None:
+    def _admit(self, plans: dict) -> None:
         for seq in list(self.waiting):
             choice = self._place(seq, plans)
             if choice is None:
@@ -246,8 +251,6 @@ class Scheduler:
             w, source, shared = choice
             self.waiting.remove(seq)
             self._start(plans[w.index], seq, source, shared)
-            if budget[w.index] > 0:
-                self._prefill_chunk(plans[w.index], seq, budget)
 
     def _place(self, seq: Sequence, plans: dict):
         """(worker, prefix source, shared length) for a waiting sequence, or None to keep it waiting."""

@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(eng, "--threads", "THREADS", 0, "CPU threads per worker (0 = cores / workers)", type=int)
     _option(eng, "--workers", "WORKERS", 1, "worker processes, each with its own model copy and context", type=int)
     _option(eng, "--parallel", "PARALLEL", 16, "sequences decoded together per worker", type=int)
-    _option(eng, "--batch-size", "BATCH_SIZE", 512, "tokens per decode step per worker (decodes + prefill chunks)",
-            type=int)
+    _option(eng, "--batch-size", "BATCH_SIZE", 0, "tokens per decode step per worker (decodes + prefill chunks); "
+                                                  "0 = 256 on CPU, 1024 with GPU offload", type=int)
     _option(eng, "--ubatch-size", "UBATCH_SIZE", 512, "llama.cpp physical batch size", type=int)
     _option(eng, "--flash-attn", "FLASH_ATTN", "auto", "flash attention", choices=["auto", "on", "off"])
     _option(eng, "--kv-unified", "KV_UNIFIED", True, "one KV buffer shared by all sequences (enables the prefix "

@@ -42,6 +42,16 @@ def test_prefill_is_chunked_and_mixed_with_decodes():
     assert not b.prefilling
 
 
+def test_short_prompt_is_not_stuck_behind_a_long_prefill():
+    sched = make(step_tokens=64)
+    long = sched.add(Request(prompt=list(range(1000, 1300)), max_tokens=5))
+    run_step(sched)  # the long prompt takes the whole first step
+    short = sched.add(Request(prompt=list(range(1, 11)), max_tokens=5))
+    plans, _ = run_step(sched)
+    assert [(r.seq, r.count) for r in plans[0].rows] == [(short, 10), (long, 54)]  # short first, long the rest
+    assert not short.prefilling and short.n_generated == 1 and long.prefilling
+
+
 def test_max_tokens_and_eog_end_sequences():
     sched = make()
     s = sched.add(Request(prompt=[1, 2, 3], max_tokens=2))
