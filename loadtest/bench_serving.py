@@ -85,9 +85,12 @@ def llama_server_command(binary: Path, *, port: int, model: str, threads: int, p
 
 def lcp_command(python: Path, *, port: int, model: str, threads: int, ctx_size: int,
                 extra: str = "") -> list[str]:
-    """llama-cpp-python's OpenAI server (no continuous batching: one request at a time)."""
+    """llama-cpp-python's OpenAI server (no continuous batching: one request at a time). Its default
+    interrupt_requests cuts off a running stream when the next request arrives; turned off, the
+    others queue, so the comparison measures waiting instead of counting broken streams."""
     return [str(python), "-m", "llama_cpp.server", "--model", model, "--n_threads", str(threads),
-            "--n_ctx", str(ctx_size), "--host", "127.0.0.1", "--port", str(port)] + shlex.split(extra)
+            "--n_ctx", str(ctx_size), "--host", "127.0.0.1", "--port", str(port),
+            "--interrupt_requests", "False"] + shlex.split(extra)
 
 
 def _help_text(binary: Path) -> str:
@@ -238,7 +241,9 @@ class Target:
     role: str                      # "ours" or "theirs"
     model_id: str = "default"
     server: ManagedServer | None = None
-    send_ignore_eos: bool = True
+    # how the target is told to run to max_tokens: "ignore_eos" (llama.cpp, this service) or
+    # "min_tokens" (llama-cpp-python, which ignores ignore_eos)
+    length_field: str = "ignore_eos"
     info: dict = field(default_factory=dict)
 
 
@@ -261,8 +266,8 @@ async def stream_request(session, target: Target, messages: list[dict], kind: st
 
     body: dict = {"model": target.model_id, "messages": messages, "max_tokens": args.max_tokens,
                   "stream": True, "stream_options": {"include_usage": True}}
-    if target.send_ignore_eos and not args.no_ignore_eos:
-        body["ignore_eos"] = True
+    if not args.no_ignore_eos:
+        body[target.length_field] = True if target.length_field == "ignore_eos" else args.max_tokens
     if args.temperature is not None:
         body["temperature"] = args.temperature
     t0 = time.perf_counter()
@@ -811,7 +816,7 @@ def main(argv=None) -> int:
                                 health_paths=("/v1/models",))
             servers.append(srv)
             srv.wait_ready(args.ready_timeout)
-            targets.append(Target(srv.name, srv.base_url, "theirs", server=srv,
+            targets.append(Target(srv.name, srv.base_url, "theirs", server=srv, length_field="min_tokens",
                                   info={"command": shlex.join(argv_)}))
         elif args.compare_url:
             targets.append(Target(args.compare_name or "reference", args.compare_url.rstrip("/"), "theirs",
