@@ -222,14 +222,13 @@ class Scheduler:
     def _prefill(self, plan: StepPlan, budget: dict) -> None:
         """Prompt chunks into what is left of the step, shortest remaining prompt first: a short
         question arriving during a long prompt's prefill starts at once instead of behind it."""
-        prefilling = sorted((s for s in plan.worker.running if s.prefilling), key=lambda s: s.n_prompt - s.n_computed)
-        for seq in prefilling:
-            left = budget[plan.worker.index]
-            if left <= 0:
+        w = plan.worker
+        for seq in sorted((s for s in w.running if s.prefilling), key=lambda s: s.n_prompt - s.n_computed):
+            n = min(seq.n_prompt - seq.n_computed, budget[w.index])
+            if n <= 0:
                 break
-            n = min(seq.n_prompt - seq.n_computed, left)
             plan.rows.append(Row(seq, seq.n_computed, n, seq.n_computed + n == seq.n_prompt))
-            budget[plan.worker.index] -= n
+            budget[w.index] -= n
 
     def _grow_reserve(self, seq: Sequence) -> bool:
         w = seq.worker

@@ -226,6 +226,18 @@ def test_split_kv_limits_each_sequence_to_its_share():
         h.close()
 
 
+def _wait_until_dead(pid: int) -> None:
+    """Until a SIGKILLed process is gone or a zombie (dead, not yet reaped by its parent)."""
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+
+
 def test_worker_killed_mid_run_recovers():
     h = EngineHarness(parallel=4, ctx_size=4096, threads=2)
     try:
@@ -246,8 +258,7 @@ def test_worker_killed_mid_run_recovers():
         # a worker that dies while idle is noticed at the next step; that step's request is run again
         pid = h.engine.worker_pids()[0]
         os.kill(pid, signal.SIGKILL)
-        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
-            time.sleep(0.01)
+        _wait_until_dead(pid)
         text, out = h.generate(greedy_request(h, "What is the capital of Germany?"))[0]
         assert "Berlin" in text and out.finish_reason in ("stop", "length")
         assert h.engine.stats()["worker_restarts"] == 2
