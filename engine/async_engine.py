@@ -20,7 +20,7 @@ import time
 import numpy as np
 import orjson
 
-from engine import worker as worker_module
+from engine import logs, worker as worker_module
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.detokenizer import TextStream
@@ -53,7 +53,7 @@ class _Worker:
         self.process = ctx.Process(
             target=worker_module.run, name=f"sentiric-worker-{self.index}", daemon=True,
             args=(self.index, self.config.worker_config(), self.buffer.spec(),
-                  self.to_worker_r, self.from_worker_w, logging.getLogger().getEffectiveLevel()))
+                  self.to_worker_r, self.from_worker_w, logs.current_settings()))
         self.process.start()
         self.to_worker_r.close()
         self.from_worker_w.close()  # so the worker's death reads as EOF

@@ -18,6 +18,7 @@ import traceback
 import numpy as np
 import orjson
 
+from engine.logs import setup_logging
 from engine.transport import (MAX_TOP_LOGPROBS, OP_COPY, OP_FREE, OP_START, STATUS_DECODE_FAILED, STATUS_OK,
                               StepBuffer)
 
@@ -33,9 +34,9 @@ class _SeqSampling:
         self.chain, self.top_logprobs = chain, top_logprobs
 
 
-def worker_main(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out, log_level: int) -> None:
+def worker_main(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out, log_settings: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    logging.basicConfig(level=log_level, format=f"%(asctime)s worker{index} %(levelname)s %(name)s: %(message)s")
+    setup_logging(**log_settings, process=f"worker{index} ")
     from engine.llama import Batch, Context, ContextParams, LlamaError, Model, SamplerChain, SamplingParams, log_softmax
 
     try:
@@ -130,10 +131,10 @@ def worker_main(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out
     model.close()
 
 
-def run(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out, log_level: int) -> None:
+def run(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out, log_settings: dict) -> None:
     """Process entry point: any unexpected exception is reported, not swallowed."""
     try:
-        worker_main(index, config, spec, doorbell_in, doorbell_out, log_level)
+        worker_main(index, config, spec, doorbell_in, doorbell_out, log_settings)
     except Exception:
         traceback.print_exc()
         raise

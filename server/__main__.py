@@ -1,4 +1,8 @@
-from server.cli import main
+"""`python -m server [flags]` = `sentiric-llama serve [flags]`."""
+
+import sys
+
+from server.cli import serve
 
 if __name__ == "__main__":
-    main()
+    sys.exit(serve())

@@ -7,18 +7,18 @@ import asyncio
 import hmac
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
+from engine import logs
 from engine.async_engine import AsyncEngine
-from server import logs
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.openai_routes import OpenAIRoutes, json_response, read_json
 from server.openapi import openapi_spec
-from server.params import RequestParser
+from server.shaping import InvalidRequest, SamplingDefaults, Shaper
 
 log = logging.getLogger("sentiric.server")
 access_log = logging.getLogger("sentiric.access")
@@ -28,29 +28,47 @@ ENGINE_PREFIXES = ("/v1/", "/tokenize", "/detokenize")  # need the model; also t
 
 @dataclass
 class ServerSettings:
+    """What both doors share besides the engine."""
+
     model_alias: str
     api_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     max_n: int = 16
     truncate: bool = False
     rag_template: str = "{context}\n\n{question}"
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    require_tenant: bool = False
+    cors_origins: tuple[str, ...] = ()
+    metrics_on_http_port: bool = True  # False when --metrics-port serves them apart
+
+    def shaper(self, engine: AsyncEngine) -> Shaper:
+        return Shaper(engine, defaults=self.defaults, max_n=self.max_n, truncate=self.truncate,
+                      rag_template=self.rag_template)
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings) -> web.Application:
-    metrics = Metrics(engine)
-    app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[_request_context, _errors(metrics, settings.max_body_bytes),
-                                       _auth(settings.api_key), _loading(engine)])
-    parser = RequestParser(engine, max_n=settings.max_n, truncate=settings.truncate,
-                           rag_template=settings.rag_template)
-    OpenAIRoutes(engine, parser, metrics, settings.model_alias).add_to(app)
-    ServiceRoutes(engine, metrics, settings.model_alias).add_to(app)
+def create_app(engine: AsyncEngine, settings: ServerSettings, metrics: Metrics) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app.middlewares.extend([_cors(app, settings.cors_origins), _errors(metrics, settings.max_body_bytes),
+                            _request_context(settings.require_tenant), _auth(settings.api_key), _loading(engine)])
+    OpenAIRoutes(engine, settings.shaper(engine), metrics, settings.model_alias).add_to(app)
+    ServiceRoutes(engine, metrics, settings.model_alias).add_to(app, with_metrics=settings.metrics_on_http_port)
     if STUDIO_DIR.is_dir():
         app.router.add_get("/", _to_studio)
         app.router.add_get("/studio", _to_studio)
         app.router.add_get("/studio/", lambda _: web.FileResponse(STUDIO_DIR / "index.html"))
         app.router.add_static("/studio/", STUDIO_DIR)
     return app
+
+
+def create_metrics_app(metrics: Metrics) -> web.Application:
+    """/metrics alone, for --metrics-port."""
+    app = web.Application()
+    app.router.add_get("/metrics", lambda _: _prometheus(metrics))
+    return app
+
+
+def _prometheus(metrics: Metrics) -> web.Response:
+    return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
 async def _to_studio(request: web.Request):
@@ -63,29 +81,38 @@ class ServiceRoutes:
     def __init__(self, engine: AsyncEngine, metrics: Metrics, model_alias: str):
         self.engine, self.metrics, self.model = engine, metrics, model_alias
 
-    def add_to(self, app: web.Application) -> None:
+    def add_to(self, app: web.Application, *, with_metrics: bool = True) -> None:
         app.router.add_get("/health", self.health)
         app.router.add_get("/stats", self.stats)
-        app.router.add_get("/metrics", self.prometheus)
+        if with_metrics:
+            app.router.add_get("/metrics", self.prometheus)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/openapi.json", self.openapi)
 
     async def health(self, request: web.Request) -> web.Response:
+        """200 when requests can be served; 503 while loading or with no live worker. Carries the
+        platform's fields (status, model_ready, capacity, current_profile, timestamp) and the engine's."""
+        body = {"service": "sentiric-llm-llama-service", "current_profile": self.model, "model": self.model,
+                "timestamp": int(time.time())}
         if not self.engine.ready:
-            return json_response({"status": "loading"}, status=503)
+            return json_response({"status": "loading", "model_ready": False, **body}, status=503)
         s = self.engine.stats()
-        body = {"status": "ok" if s["workers_alive"] else "unavailable", "model": self.model,
+        ready = s["workers_alive"] > 0
+        total = s["workers_alive"] * self.engine.config.parallel
+        capacity = {"active": s["running"], "total": total, "available": s["free_slots"],
+                    "has_capacity": s["free_slots"] > 0}
+        body = {"status": "healthy" if ready else "unavailable", "model_ready": ready, "capacity": capacity, **body,
                 **{k: s[k] for k in ("running", "waiting", "free_slots", "kv_used", "kv_total", "workers",
                                      "workers_alive")}}
-        return json_response(body, status=200 if s["workers_alive"] else 503)
+        return json_response(body, status=200 if ready else 503)
 
     async def stats(self, request: web.Request) -> web.Response:
         return json_response({"model": self.model, "ready": self.engine.ready, "worker_pids": self.engine.worker_pids(),
                               **self.engine.stats()})
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+        return _prometheus(self.metrics)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await read_json(request)
@@ -114,12 +141,48 @@ class ServiceRoutes:
         return json_response(openapi_spec())
 
 
-@web.middleware
-async def _request_context(request: web.Request, handler):
-    """Tenant and trace ids from the headers go into every log line of this request."""
-    logs.tenant_id.set(request.headers.get("x-tenant-id"))
-    logs.trace_id.set(request.headers.get("x-trace-id"))
-    return await handler(request)
+def _request_context(require_tenant: bool):
+    @web.middleware
+    async def request_context(request: web.Request, handler):
+        """Tenant, trace and span ids from the headers go into every log line of this request;
+        with --require-tenant a generation request without a tenant is refused."""
+        tenant = request.headers.get("x-tenant-id")
+        logs.bind_request(tenant, request.headers.get("x-trace-id"), request.headers.get("x-span-id"))
+        if require_tenant and not tenant and request.path.startswith("/v1/"):
+            raise ApiError(400, "This service requires the 'x-tenant-id' header on /v1 requests.",
+                           param="x-tenant-id", code="missing_tenant")
+        return await handler(request)
+    return request_context
+
+
+def _cors(app: web.Application, origins: tuple[str, ...]):
+    """Browser clients from --cors-origins ('*' = any) may call every route: their responses,
+    streams included, carry the CORS headers; preflights (OPTIONS) are answered 204 on every route."""
+    any_origin = "*" in origins
+
+    def allowed(request: web.Request) -> dict:
+        origin = request.headers.get("Origin")
+        if not origin or not (any_origin or origin in origins):
+            return {}
+        return {"Access-Control-Allow-Origin": "*" if any_origin else origin, "Vary": "Origin",
+                "Access-Control-Expose-Headers": "Retry-After"}
+
+    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(allowed(request))
+
+    @web.middleware
+    async def preflight(request: web.Request, handler):
+        if request.method != "OPTIONS":
+            return await handler(request)
+        headers = {}
+        if allowed(request):
+            headers = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600",
+                       "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
+                                                                           "Authorization, Content-Type")}
+        return web.Response(status=204, headers=headers)
+
+    app.on_response_prepare.append(add_headers)
+    return preflight
 
 
 def _errors(metrics: Metrics, max_body_bytes: int):
@@ -132,6 +195,8 @@ def _errors(metrics: Metrics, max_body_bytes: int):
             response = await handler(request)
         except ApiError as exc:
             response = exc.response()
+        except InvalidRequest as exc:
+            response = ApiError(400, exc.message, param=exc.param, code=exc.code).response()
         except web.HTTPRequestEntityTooLarge:
             response = ApiError(413, f"The request body is larger than the limit of {max_body_bytes} bytes.",
                                 code="request_too_large").response()
@@ -141,16 +206,22 @@ def _errors(metrics: Metrics, max_body_bytes: int):
             response = ApiError(exc.status, exc.reason if exc.status != 404 else f"No route for {request.path}",
                                 code=exc.reason.lower().replace(" ", "_")).response()
         except (ConnectionResetError, asyncio.CancelledError):
+            ms = (time.perf_counter() - start) * 1000
             metrics.requests.labels(route, "499").inc()  # nginx's code for "client closed the request"
             access_log.info("%s %s client disconnected after %.1f ms; its generation was cancelled", request.method,
-                            request.path, (time.perf_counter() - start) * 1000)
+                            request.path, ms, extra=logs.event("CLIENT_DISCONNECTED", door="http",
+                                                               method=request.method, path=request.path,
+                                                               status=499, duration_ms=round(ms, 1)))
             raise
         except Exception:
-            log.exception("internal error while serving %s %s", request.method, request.path)
+            log.exception("internal error while serving %s %s", request.method, request.path,
+                          extra=logs.event("INTERNAL_ERROR", door="http", method=request.method, path=request.path))
             response = ApiError(500, "Internal server error; it has been logged.", code="internal_error").response()
+        ms = (time.perf_counter() - start) * 1000
         metrics.requests.labels(route, str(response.status)).inc()
-        access_log.info("%s %s %d %.1f ms", request.method, request.path, response.status,
-                        (time.perf_counter() - start) * 1000)
+        access_log.info("%s %s %d %.1f ms", request.method, request.path, response.status, ms,
+                        extra=logs.event("REQUEST_FINISHED", door="http", method=request.method, path=request.path,
+                                         status=response.status, duration_ms=round(ms, 1)))
         return response
     return errors
 

@@ -1,5 +1,10 @@
-"""`sentiric-llama serve` / `python -m server`: flags with environment
-fallbacks (LLM_LLAMA_SERVICE_*, as the original service named them)."""
+"""`sentiric-llama`: the command line. `serve` starts both doors (the OpenAI
+HTTP API and the platform's gRPC service) on one engine; `client` talks to a
+running service over gRPC; `generate` is the smoke test of the engine alone.
+
+Every `serve` flag has an environment fallback named as the original service
+named it (LLM_LLAMA_SERVICE_*, GRPC_TLS_CA_PATH, ENV).
+"""
 
 from __future__ import annotations
 
@@ -9,39 +14,61 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.llama import SamplingParams, supports_gpu_offload
+from engine.logs import event, setup_logging
 from engine.model_files import DEFAULT_ALIAS, resolve_model
-from server.app import ServerSettings, create_app
-from server.logs import setup_logging
+from engine.request import Request
+from server.app import ServerSettings, create_app, create_metrics_app
+from server.grpc_service import GrpcDoor, GrpcSettings, LlamaService
+from server.metrics import Metrics
+from server.shaping import SamplingDefaults
 
 log = logging.getLogger("sentiric.server")
 ENV = "LLM_LLAMA_SERVICE_"
 
 
-def _option(parser, flag: str, env: str, default, help: str, type=str, **kw) -> None:
-    """A flag whose default comes from $LLM_LLAMA_SERVICE_<env> when set."""
-    value = os.environ.get(ENV + env)
+def _option(parser, flag: str, env: str, default, help: str, type=str, *, prefixed: bool = True, **kw) -> None:
+    """A flag whose default comes from the environment variable `env` (LLM_LLAMA_SERVICE_<env>) when set."""
+    name = ENV + env if prefixed else env
+    value = os.environ.get(name)
     if type is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction,
                             default=value.lower() in ("1", "true", "yes", "on") if value else default,
-                            help=f"{help} [env {ENV}{env}]")
+                            help=f"{help} [env {name}]")
         return
     parser.add_argument(flag, type=type, default=type(value) if value else default,
-                        help=f"{help} (default: %(default)s) [env {ENV}{env}]", **kw)
+                        help=f"{help} (default: %(default)s) [env {name}]", **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sentiric-llama serve", description="Serve the OpenAI-compatible API.")
+    p = argparse.ArgumentParser(prog="sentiric-llama serve",
+                                description="Serve the OpenAI-compatible HTTP API and the platform's gRPC service.")
     net = p.add_argument_group("network")
-    _option(net, "--host", "LISTEN_ADDRESS", "127.0.0.1", "address to listen on")
-    _option(net, "--port", "HTTP_PORT", 16070, "TCP port", type=int)
+    _option(net, "--host", "LISTEN_ADDRESS", "127.0.0.1", "address both doors listen on")
+    _option(net, "--port", "HTTP_PORT", 16070, "HTTP port (OpenAI API, studio, health)", type=int)
+    _option(net, "--grpc-port", "GRPC_PORT", 16071, "gRPC port (sentiric.llm.v1.LlamaService; 0 = off)", type=int)
+    _option(net, "--metrics-port", "METRICS_PORT", 0, "serve /metrics on this port only (0 = on the HTTP port)",
+            type=int)
     _option(net, "--api-key", "API_KEY", None, "require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize")
-    _option(net, "--max-body-mb", "MAX_BODY_MB", 8.0, "largest request body accepted, in MiB", type=float)
+    _option(net, "--max-body-mb", "MAX_BODY_MB", 8.0, "largest request body (HTTP) or message (gRPC), in MiB",
+            type=float)
+    _option(net, "--cors-origins", "CORS_ORIGINS", "", "browser origins allowed to call the HTTP API, comma "
+                                                       "separated ('*' = any; default none)")
+    _option(net, "--require-tenant", "REQUIRE_TENANT", False, "refuse generation requests without an "
+                                                              "x-tenant-id header / metadata", type=bool)
+    tls = p.add_argument_group("gRPC TLS (with a CA, clients must present a certificate it signed: mutual TLS; "
+                               "with ENV=production the gRPC door refuses to start without TLS)")
+    _option(tls, "--grpc-tls-cert", "CERT_PATH", None, "server certificate (PEM)")
+    _option(tls, "--grpc-tls-key", "KEY_PATH", None, "server private key (PEM)")
+    _option(tls, "--grpc-tls-ca", "GRPC_TLS_CA_PATH", None, "CA that signs client certificates (PEM)",
+            prefixed=False)
     model = p.add_argument_group("model")
     _option(model, "--model", "MODEL_PATH", None, "GGUF file; default SmolLM2-135M-Instruct Q4_1, fetched once")
     _option(model, "--model-alias", "MODEL_ALIAS", None, "model id shown in /v1/models and responses "
@@ -65,16 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "sequences (-1 = ctx-size / 32; the newest entry is always "
                                                       "kept); every cached cell slows attention in a unified cache",
             type=int)
-    _option(eng, "--max-waiting", "MAX_WAITING", 256, "queued requests beyond this get 429", type=int)
+    _option(eng, "--max-waiting", "MAX_WAITING", 256, "queued requests beyond this get 429 / RESOURCE_EXHAUSTED",
+            type=int)
+    d = SamplingDefaults()
+    smp = p.add_argument_group("sampling defaults (for every field a request leaves out, HTTP and gRPC alike)")
+    _option(smp, "--temp", "DEFAULT_TEMPERATURE", d.temperature, "temperature (0 = greedy)", type=float)
+    _option(smp, "--top-k", "DEFAULT_TOP_K", d.top_k, "top-k (0 = the whole vocabulary)", type=int)
+    _option(smp, "--top-p", "DEFAULT_TOP_P", d.top_p, "top-p (1 = off)", type=float)
+    _option(smp, "--min-p", "DEFAULT_MIN_P", d.min_p, "min-p (0 = off)", type=float)
+    _option(smp, "--repeat-penalty", "DEFAULT_REPEAT_PENALTY", d.repeat_penalty, "repeat penalty (1 = off)",
+            type=float)
+    _option(smp, "--repeat-last-n", "DEFAULT_REPEAT_LAST_N", d.repeat_last_n, "tokens the penalties look back at",
+            type=int)
+    _option(smp, "--max-tokens", "DEFAULT_MAX_TOKENS", d.max_tokens, "tokens per answer when a request sets no "
+                                                                     "max_tokens (none = until the context is full)",
+            type=int)
     req = p.add_argument_group("requests")
     _option(req, "--max-n", "MAX_N", 16, "largest 'n' (choices per request)", type=int)
     _option(req, "--truncate", "TRUNCATE", False, "cut prompts longer than the context from the left instead of "
-                                                  "answering 400", type=bool)
+                                                  "refusing them", type=bool)
     _option(req, "--rag-template", "RAG_TEMPLATE", "{context}\n\n{question}",
             "how rag_context is put into the last user turn ({context} and {question} placeholders)")
     logs = p.add_argument_group("logging")
-    _option(logs, "--log-format", "LOG_FORMAT", "text", "text lines or one JSON object per line",
-            choices=["text", "json"])
+    _option(logs, "--log-format", "LOG_FORMAT", "text", "text lines (stderr) or the platform's JSON schema, one "
+                                                        "object per line (stdout)", choices=["text", "json"])
     _option(logs, "--log-level", "LOG_LEVEL", "info", "log level",
             choices=["debug", "info", "warning", "error"])
     _option(logs, "--log-batches", "LOG_BATCHES", False, "log 'Processing batch of size: N' for every step at "
@@ -85,10 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    if "{context}" not in args.rag_template or "{question}" not in args.rag_template:
-        log.error("--rag-template must contain {context} and {question}")
-        return 2
     try:
+        if "{context}" not in args.rag_template or "{question}" not in args.rag_template:
+            raise ValueError("--rag-template must contain {context} and {question}")
+        grpc_settings = GrpcSettings(host=args.host, port=args.grpc_port, tls_cert=args.grpc_tls_cert,
+                                     tls_key=args.grpc_tls_key, tls_ca=args.grpc_tls_ca,
+                                     max_message_bytes=int(args.max_body_mb * 2**20))
+        if args.grpc_port and not grpc_settings.tls and os.environ.get("ENV", "").lower() in ("production", "prod"):
+            raise ValueError("ENV=production: the gRPC door needs TLS (--grpc-tls-cert and --grpc-tls-key, with "
+                             "--grpc-tls-ca for mutual TLS), or --grpc-port 0 to turn it off")
+        grpc_settings.credentials()  # unreadable files stop the start here, before the model loads
         model_path = resolve_model(args.model)
         engine_config = EngineConfig(
             model_path=str(model_path), workers=args.workers, parallel=args.parallel, ctx_size=args.ctx_size,
@@ -96,55 +143,161 @@ def serve(argv: list[str] | None = None) -> int:
             flash_attn=args.flash_attn, kv_unified=args.kv_unified, cache_slots=args.cache_slots,
             cache_cells=args.cache_cells,
             max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, log_batches=args.log_batches)
+        defaults = SamplingDefaults(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                    repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                                    max_tokens=args.max_tokens)
     except (OSError, RuntimeError, ValueError) as exc:
-        log.error("%s", exc)
+        log.error("%s", exc, extra=event("STARTUP_FAILED"))
         return 2
     alias = args.model_alias or (DEFAULT_ALIAS if not args.model else Path(model_path).name.removesuffix(".gguf"))
+    metrics_port = args.metrics_port if args.metrics_port not in (0, args.port) else 0
     settings = ServerSettings(model_alias=alias, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
-                              max_n=args.max_n, truncate=args.truncate, rag_template=args.rag_template)
+                              max_n=args.max_n, truncate=args.truncate, rag_template=args.rag_template,
+                              defaults=defaults, require_tenant=args.require_tenant,
+                              cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+                              metrics_on_http_port=not metrics_port)
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(_serve(args.host, args.port, AsyncEngine(engine_config), settings))
+    return asyncio.run(_serve(args.host, args.port, metrics_port, grpc_settings if args.grpc_port else None,
+                              AsyncEngine(engine_config), settings))
 
 
-async def _serve(host: str, port: int, engine: AsyncEngine, settings: ServerSettings) -> int:
-    """Listen at once (health answers 503 while the model loads), then serve until SIGINT/SIGTERM."""
-    runner = web.AppRunner(create_app(engine, settings), access_log=None, handle_signals=False,
-                           handler_cancellation=True)
-    await runner.setup()
+async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSettings | None, engine: AsyncEngine,
+                 settings: ServerSettings) -> int:
+    """Listen at once (health says loading while the model loads), then serve until SIGINT/SIGTERM."""
+    metrics = Metrics(engine)
+    runners = [web.AppRunner(create_app(engine, settings, metrics), access_log=None, handle_signals=False,
+                             handler_cancellation=True)]
+    sites = [(runners[0], port)]
+    if metrics_port:
+        runners.append(web.AppRunner(create_metrics_app(metrics), access_log=None, handle_signals=False))
+        sites.append((runners[1], metrics_port))
+    grpc_door = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", host, port, exc)
-        await runner.cleanup()
+        for runner, at in sites:
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, host, at).start()
+            except OSError as exc:
+                raise OSError(f"cannot listen on {host}:{at}: {exc.strerror or exc}") from None
+        if grpc_settings is not None:
+            grpc_door = GrpcDoor(LlamaService(engine, settings.shaper(engine), metrics,
+                                              require_tenant=settings.require_tenant), grpc_settings)
+            await grpc_door.start()
+    except (OSError, ValueError) as exc:
+        log.error("%s", exc, extra=event("STARTUP_FAILED"))
+        for runner in runners:
+            await runner.cleanup()
         return 2
-    base = f"http://{host}:{port}"
-    log.info("listening on %s, loading %s", base, engine.config.model_path)
+    log.info("listening on http://%s:%d%s, loading %s", host, port,
+             f" and grpc {host}:{grpc_settings.port}" if grpc_door else "", engine.config.model_path,
+             extra=event("SERVICE_STARTING", http_port=port, grpc_port=grpc_settings.port if grpc_door else 0))
     starting = asyncio.create_task(engine.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if starting.done() and starting.exception() is not None:
-        log.error("the model could not be loaded: %s", starting.exception())
+        log.error("the model could not be loaded: %s", starting.exception(), extra=event("MODEL_LOAD_FAILED"))
         code = 1
     elif starting.done():
-        log.info("ready: OpenAI API at %s/v1, studio at %s/studio/", base, base)
+        if grpc_door:
+            await grpc_door.set_serving(True)
+        _announce(engine, settings, host, port, metrics_port, grpc_settings if grpc_door else None)
         await stopping
-    log.info("shutting down")
+    log.info("shutting down", extra=event("SERVICE_STOPPING"))
     stopping.cancel()
-    await runner.cleanup()
+    if grpc_door:
+        await grpc_door.stop(grace=1)
+    for runner in runners:
+        await runner.cleanup()
     if not starting.done():  # the load runs in a thread: let it finish, then stop the workers cleanly
         await asyncio.wait([starting])
     await engine.shutdown()
     return code
 
 
-def main() -> None:
-    sys.exit(serve())
+def _announce(engine: AsyncEngine, settings: ServerSettings, host: str, port: int, metrics_port: int,
+              grpc_settings: GrpcSettings | None) -> None:
+    """The one block a person reads when the service is ready."""
+    cfg, model = engine.config, engine.vocab_model
+    base = f"http://{host}:{port}"
+    size_mb = Path(cfg.model_path).stat().st_size / 2**20
+    backend = "CUDA" if cfg.n_gpu_layers != 0 and supports_gpu_offload() else "CPU"
+    d = settings.defaults
+    grpc_line = "off"
+    if grpc_settings:
+        tls = "mutual TLS" if grpc_settings.tls_ca else "TLS" if grpc_settings.tls else "plaintext"
+        grpc_line = f"{host}:{grpc_settings.port} (sentiric.llm.v1.LlamaService, {tls})"
+    lines = [
+        f"ready: OpenAI API at {base}/v1, studio at {base}/studio/",
+        f"  gRPC      {grpc_line}",
+        f"  model     {settings.model_alias} ({model.meta('general.architecture')} "
+        f"{model.meta('general.size_label') or ''}, {size_mb:.0f} MiB) from {cfg.model_path}",
+        f"  engine    {backend}, {cfg.workers} worker x {cfg.parallel} sequences, {engine.n_ctx} KV cells, "
+        f"{cfg.threads} threads, batch {cfg.batch_size}",
+        f"  sampling  temperature {d.temperature:g}, top_k {d.top_k}, top_p {d.top_p:g}, min_p {d.min_p:g}, "
+        f"repeat_penalty {d.repeat_penalty:g} (last {d.repeat_last_n}), max_tokens {d.max_tokens or 'context'}",
+        f"  metrics   {f'http://{host}:{metrics_port}' if metrics_port else base}/metrics, health {base}/health",
+    ]
+    log.info("\n".join(lines), extra=event("SERVICE_READY", http_port=port,
+                                           grpc_port=grpc_settings.port if grpc_settings else 0))
+
+
+async def _generate(args) -> int:
+    engine = AsyncEngine(EngineConfig(model_path=str(resolve_model(args.model)), parallel=1,
+                                      ctx_size=args.ctx_size, threads=args.threads))
+    await engine.start()
+    try:
+        prompt = engine.tokenize(engine.render_chat([{"role": "user", "content": args.prompt}]), add_special=False)
+        request = Request(prompt=prompt, sampling=SamplingParams(temperature=0), max_tokens=args.max_tokens)
+        t0 = first = time.perf_counter()
+        n = 0
+        async for out in engine.generate(request):
+            if n == 0:
+                first = time.perf_counter()
+            n += len(out.token_ids)
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+        end = time.perf_counter()
+        print()
+        rate = (n - 1) / (end - first) if n > 1 and end > first else 0.0
+        print(f"[{n} tokens, first after {(first - t0) * 1000:.0f} ms, {rate:.1f} tokens/s]", file=sys.stderr)
+        return 0 if out.finish_reason != "error" else 1
+    finally:
+        await engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sentiric-llama", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="start the service (see `sentiric-llama serve --help`)", add_help=False)
+    sub.add_parser("client", help="talk to a running service over gRPC (see `sentiric-llama client --help`)",
+                   add_help=False)
+    gen = sub.add_parser("generate", help="answer one question greedily with the engine alone (smoke test)")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched once)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    gen.add_argument("--ctx-size", type=int, default=2048)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return serve(rest)
+    if args.command == "client":
+        from server.client import main as client_main
+        return client_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(level=logging.WARNING)
+    return asyncio.run(_generate(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

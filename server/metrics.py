@@ -3,6 +3,8 @@ engine's own numbers read at scrape time (so the step loop never pays for them).
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -27,6 +29,13 @@ class Metrics:
                                      buckets=_TOKEN_GAP, registry=r)
         self.e2e = Histogram("sentiric_request_duration_seconds", "Request start to last token",
                              buckets=_LATENCY, registry=r)
+        self.grpc_requests = Counter("sentiric_grpc_requests", "gRPC calls by method and status code",
+                                     ["method", "code"], registry=r)
+        # the original service's series, which the platform's dashboards read (both doors)
+        self.llm_requests = Counter("llm_requests", "Generation requests admitted (HTTP and gRPC)", registry=r)
+        self.llm_latency = Histogram("llm_request_latency_seconds", "Generation request start to last token",
+                                     buckets=_LATENCY, registry=r)
+        self.llm_tokens = Counter("llm_tokens_generated", "Tokens generated (HTTP and gRPC)", registry=r)
         r.register(_EngineCollector(engine))
 
     def render(self) -> bytes:
@@ -46,6 +55,8 @@ class _EngineCollector:
                   "free_slots": "Sequences that can still be admitted", "workers_alive": "Worker processes serving"}
         for key, doc in gauges.items():
             yield GaugeMetricFamily(f"sentiric_{key}", doc, value=s[key])
+        yield GaugeMetricFamily("llm_active_contexts", "Sequences being generated (the original service's name)",
+                                value=s["running"])
         counters = {"prefix_hit_tokens": "Prompt tokens reused from the prefix cache",
                     "worker_restarts": "Worker processes respawned after dying",
                     "steps": "Decode steps run", "generated_tokens": "Tokens sampled by the workers",
@@ -61,3 +72,40 @@ class _EngineCollector:
         buckets.append(("+Inf", total))
         yield HistogramMetricFamily("sentiric_batch_size", "Sequences carried by one decode step",
                                     buckets=buckets, sum_value=sum(size * n for size, n in counts.items()))
+
+
+class RequestTracker:
+    """One generation request's timings and token counts, for the metrics and the usage object
+    (both doors use it, so a token is counted the same way whichever door it left by)."""
+
+    def __init__(self, metrics: Metrics, n: int = 1):
+        self.metrics = metrics
+        self.start = time.perf_counter()
+        self.last: list[float | None] = [None] * n
+        self.unfinished = n
+        metrics.llm_requests.inc()
+
+    def seen(self, i: int, out) -> None:
+        now = time.perf_counter()
+        if out.token_ids:
+            if self.last[i] is not None:
+                self.metrics.inter_token.observe(now - self.last[i])
+            elif all(t is None for t in self.last):
+                self.metrics.ttft.observe(now - self.start)
+            self.last[i] = now
+        if out.finish_reason:
+            self.unfinished -= 1
+            if not self.unfinished and not out.error:
+                self.metrics.e2e.observe(now - self.start)
+                self.metrics.llm_latency.observe(now - self.start)
+
+    def usage(self, prompt_tokens: int, finals: list) -> dict:
+        """The usage object of a finished request (counted in the metrics once, here)."""
+        completion = sum(f.completion_tokens for f in finals)
+        cached = finals[0].cached_tokens  # the other choices reuse the first one's prefill
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.completion_tokens.inc(completion)
+        self.metrics.llm_tokens.inc(completion)
+        self.metrics.cached_tokens.inc(cached)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}

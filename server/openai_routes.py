@@ -17,7 +17,8 @@ from aiohttp import web
 
 from engine.request import EngineError, Output, Overloaded
 from server.errors import ApiError
-from server.params import Generation
+from server.metrics import RequestTracker
+from server.shaping import Generation
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -89,7 +90,7 @@ class OpenAIRoutes:
     # --- one request ---
     async def _answer(self, request: web.Request, gen: Generation, shape) -> web.StreamResponse:
         handles = self._admit(gen)
-        tracker = _Tracker(self.metrics, len(handles))
+        tracker = RequestTracker(self.metrics, len(handles))
         try:
             if gen.stream:
                 return await self._stream(request, gen, shape, handles, tracker)
@@ -197,39 +198,6 @@ async def _outputs(engine, handles):
     finally:
         for t in tasks:
             t.cancel()
-
-
-class _Tracker:
-    """Per-request timings and token counts, for the metrics and the usage object."""
-
-    def __init__(self, metrics, n: int):
-        self.metrics = metrics
-        self.start = time.perf_counter()
-        self.last: list[float | None] = [None] * n
-        self.unfinished = n
-
-    def seen(self, i: int, out: Output) -> None:
-        now = time.perf_counter()
-        if out.token_ids:
-            if self.last[i] is not None:
-                self.metrics.inter_token.observe(now - self.last[i])
-            elif all(t is None for t in self.last):
-                self.metrics.ttft.observe(now - self.start)
-            self.last[i] = now
-        if out.finish_reason:
-            self.unfinished -= 1
-            if not self.unfinished and not out.error:
-                self.metrics.e2e.observe(now - self.start)
-
-    def usage(self, prompt_tokens: int, finals: list[Output]) -> dict:
-        """The usage object of a finished request (counted in the metrics once, here)."""
-        completion = sum(f.completion_tokens for f in finals)
-        cached = finals[0].cached_tokens  # the other choices reuse the first one's prefill
-        self.metrics.prompt_tokens.inc(prompt_tokens)
-        self.metrics.completion_tokens.inc(completion)
-        self.metrics.cached_tokens.inc(cached)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def read_json(request: web.Request) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from server.params import DEFAULT_TOP_K
+from server.shaping import SamplingDefaults
 
 
 def _ref(name: str) -> dict:
@@ -24,38 +24,45 @@ def _integer(description: str, **limits) -> dict:
     return {"type": "integer", "description": description, **limits}
 
 
-_SAMPLING = {
-    "model": {"type": "string", "description": "Accepted for compatibility; the loaded model answers."},
-    "max_tokens": _integer("Most tokens to generate (default: until end of generation or the context is full).",
-                           minimum=1),
-    "max_completion_tokens": _integer("Same as max_tokens (newer OpenAI name); wins when both are sent.", minimum=1),
-    "temperature": _number("0 = greedy.", minimum=0, default=1),
-    "top_p": _number("Nucleus sampling.", exclusiveMinimum=0, maximum=1, default=1),
-    "top_k": _integer("Keep the k most likely tokens (0 = the whole vocabulary).", minimum=0, default=DEFAULT_TOP_K),
-    "min_p": _number("Drop tokens below min_p x the best token's probability.", minimum=0, maximum=1, default=0),
-    "typical_p": _number("Locally typical sampling.", exclusiveMinimum=0, maximum=1, default=1),
-    "repeat_penalty": _number("Penalty for repeating recent tokens (1 = off).", exclusiveMinimum=0, default=1),
-    "presence_penalty": _number("OpenAI presence penalty.", minimum=-2, maximum=2, default=0),
-    "frequency_penalty": _number("OpenAI frequency penalty.", minimum=-2, maximum=2, default=0),
-    "logit_bias": {"type": "object", "description": "Token id -> bias added to its logit.",
-                   "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
-    "seed": _integer("Same seed + same request = same output; choice i uses seed + i."),
-    "stop": {"description": "Up to 16 strings that end the generation (not included in the output).",
-             "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16},
-                       {"type": "null"}]},
-    "n": _integer("Number of choices; they share the prompt's prefill.", minimum=1, default=1),
-    "stream": {"type": "boolean", "default": False, "description": "Answer as Server-Sent Events."},
-    "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
-    "response_format": {"description": "Constrain the output to JSON (compiled to a GBNF grammar).", "oneOf": [
-        {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}, "required": ["type"]},
-        {"type": "object", "required": ["type", "json_schema"], "properties": {
-            "type": {"const": "json_schema"},
-            "json_schema": {"type": "object", "required": ["schema"], "properties": {
-                "name": {"type": "string"}, "strict": {"type": "boolean"}, "schema": {"type": "object"}}}}}]},
-    "grammar": {"type": "string", "description": "A raw GBNF grammar (llama.cpp syntax) with a 'root' rule."},
-    "ignore_eos": {"type": "boolean", "default": False, "description": "Keep generating past end of generation."},
-    "user": {"type": "string", "description": "Accepted and ignored."},
-}
+def _sampling(d: SamplingDefaults) -> dict:
+    """Generation parameters with the server's defaults in force."""
+    until = "until end of generation or the context is full" if d.max_tokens is None else str(d.max_tokens)
+    return {
+        "model": {"type": "string", "description": "Accepted for compatibility; the loaded model answers."},
+        "max_tokens": _integer(f"Most tokens to generate (default: {until}).", minimum=1),
+        "max_completion_tokens": _integer("Same as max_tokens (newer OpenAI name); wins when both are sent.", minimum=1),
+        "temperature": _number("0 = greedy.", minimum=0, maximum=100, default=d.temperature),
+        "top_p": _number("Nucleus sampling.", exclusiveMinimum=0, maximum=1, default=d.top_p),
+        "top_k": _integer("Keep the k most likely tokens (0 = the whole vocabulary).", minimum=0, maximum=2**31 - 1,
+                          default=d.top_k),
+        "min_p": _number("Drop tokens below min_p x the best token's probability.", minimum=0, maximum=1,
+                         default=d.min_p),
+        "typical_p": _number("Locally typical sampling.", exclusiveMinimum=0, maximum=1, default=1),
+        "repeat_penalty": _number("Penalty for repeating recent tokens (1 = off).", exclusiveMinimum=0,
+                                  default=d.repeat_penalty),
+        "repeat_last_n": _integer("How many recent tokens the penalties look at (-1 = the context).", minimum=-1,
+                                  maximum=2**31 - 1, default=d.repeat_last_n),
+        "presence_penalty": _number("OpenAI presence penalty.", minimum=-2, maximum=2, default=0),
+        "frequency_penalty": _number("OpenAI frequency penalty.", minimum=-2, maximum=2, default=0),
+        "logit_bias": {"type": "object", "description": "Token id -> bias added to its logit.",
+                       "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+        "seed": _integer("Same seed + same request = same output; choice i uses seed + i."),
+        "stop": {"description": "Up to 16 strings that end the generation (not included in the output).",
+                 "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+                           {"type": "null"}]},
+        "n": _integer("Number of choices; they share the prompt's prefill.", minimum=1, default=1),
+        "stream": {"type": "boolean", "default": False, "description": "Answer as Server-Sent Events."},
+        "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
+        "response_format": {"description": "Constrain the output to JSON (compiled to a GBNF grammar).", "oneOf": [
+            {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}, "required": ["type"]},
+            {"type": "object", "required": ["type", "json_schema"], "properties": {
+                "type": {"const": "json_schema"},
+                "json_schema": {"type": "object", "required": ["schema"], "properties": {
+                    "name": {"type": "string"}, "strict": {"type": "boolean"}, "schema": {"type": "object"}}}}}]},
+        "grammar": {"type": "string", "description": "A raw GBNF grammar (llama.cpp syntax) with a 'root' rule."},
+        "ignore_eos": {"type": "boolean", "default": False, "description": "Keep generating past end of generation."},
+        "user": {"type": "string", "description": "Accepted and ignored."},
+    }
 
 _MESSAGE = {
     "type": "object", "required": ["role"],
@@ -69,31 +76,34 @@ _MESSAGE = {
     },
 }
 
-_CHAT_REQUEST = {
-    "type": "object", "required": ["messages"],
-    "properties": {
-        "messages": {"type": "array", "items": _ref("ChatMessage"), "minItems": 1},
-        "system_prompt": {"type": "string", "description": "Sentiric: the system message when the conversation "
-                                                           "has none, otherwise put before it."},
-        "rag_context": {"description": "Sentiric: retrieved documents, placed into the last user turn.",
-                        "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        "logprobs": {"type": "boolean", "default": False},
-        "top_logprobs": _integer("Alternatives per token (needs logprobs).", minimum=0, maximum=20),
-        **_SAMPLING,
-    },
-}
+def _chat_request(sampling: dict) -> dict:
+    return {
+        "type": "object", "required": ["messages"],
+        "properties": {
+            "messages": {"type": "array", "items": _ref("ChatMessage"), "minItems": 1},
+            "system_prompt": {"type": "string", "description": "Sentiric: the system message when the conversation "
+                                                               "has none, otherwise put before it."},
+            "rag_context": {"description": "Sentiric: retrieved documents, placed into the last user turn.",
+                            "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "logprobs": {"type": "boolean", "default": False},
+            "top_logprobs": _integer("Alternatives per token (needs logprobs).", minimum=0, maximum=20),
+            **sampling,
+        },
+    }
 
-_COMPLETION_REQUEST = {
-    "type": "object", "required": ["prompt"],
-    "properties": {
-        "prompt": {"oneOf": [{"type": "string", "minLength": 1},
-                             {"type": "array", "items": {"type": "integer"}, "minItems": 1},
-                             {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]},
-        "logprobs": _integer("Return log-probabilities with this many alternatives.", minimum=0, maximum=20),
-        "echo": {"type": "boolean", "default": False},
-        **_SAMPLING,
-    },
-}
+
+def _completion_request(sampling: dict) -> dict:
+    return {
+        "type": "object", "required": ["prompt"],
+        "properties": {
+            "prompt": {"oneOf": [{"type": "string", "minLength": 1},
+                                 {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+                                 {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]},
+            "logprobs": _integer("Return log-probabilities with this many alternatives.", minimum=0, maximum=20),
+            "echo": {"type": "boolean", "default": False},
+            **sampling,
+        },
+    }
 
 _USAGE = {"type": "object", "properties": {
     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
@@ -135,8 +145,9 @@ def _generation_ok(schema: str) -> dict:
 
 
 @cache
-def openapi_spec() -> dict:
+def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
     text = {"type": "string"}
+    sampling = _sampling(defaults)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Sentiric LLM Llama Service", "version": "0.1.0",
@@ -144,8 +155,8 @@ def openapi_spec() -> dict:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
-                "ChatMessage": _MESSAGE, "ChatCompletionRequest": _CHAT_REQUEST,
-                "CompletionRequest": _COMPLETION_REQUEST, "Usage": _USAGE, "Error": _ERROR,
+                "ChatMessage": _MESSAGE, "ChatCompletionRequest": _chat_request(sampling),
+                "CompletionRequest": _completion_request(sampling), "Usage": _USAGE, "Error": _ERROR,
                 "ChatCompletion": _completion_response({"message": {"type": "object", "properties": {
                     "role": {"const": "assistant"}, "content": text}}, "logprobs": {"type": ["object", "null"]}}),
                 "Completion": _completion_response({"text": text, "logprobs": {"type": ["object", "null"]}}),

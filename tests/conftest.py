@@ -17,21 +17,33 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct loopback ports that were free a moment ago."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class ServiceProcess:
     """A running `python -m server`; its stderr goes to a log file tests can read."""
 
     def __init__(self, *flags: str, log_dir: Path, env: dict | None = None, wait: bool = True):
-        self.port = free_port()
+        self.port, self.grpc_port = free_ports(2)
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *flags]
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--grpc-port", str(self.grpc_port), *flags]
         self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **(env or {})})
         self.pid = self.process.pid

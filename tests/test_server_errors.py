@@ -3,6 +3,7 @@ keeps serving; faults (a disconnect, a crashed worker) lose nothing else."""
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -198,14 +199,26 @@ def test_worker_crash_fails_its_stream_and_service_recovers(start_server):
     assert "sentiric_worker_restarts_total 1.0" in service.metrics()
 
 
-def test_json_logs_carry_tenant_and_trace_ids(start_server):
+def test_json_logs_follow_the_platform_schema(start_server):
     service = start_server("--parallel", "2", "--ctx-size", "2048", "--log-format", "json")
     post(service.base_url, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2},
-         {"x-tenant-id": "acme", "x-trace-id": "trace-42"})
+         {"x-tenant-id": "acme", "x-trace-id": "trace-42", "x-span-id": "span-1"})
     post(service.base_url, "/v1/chat/completions", {"messages": [], "max_tokens": 2},
          {"x-tenant-id": "acme", "x-trace-id": "trace-43"})
     lines = [json.loads(line) for line in service.log().splitlines() if line.startswith("{")]
-    assert lines and all({"ts", "level", "logger", "message"} <= set(line) for line in lines)
-    tagged = [line for line in lines if line.get("trace_id") in ("trace-42", "trace-43")]
+    assert lines
+    for line in lines:
+        assert {"schema_v", "ts", "severity", "tenant_id", "resource", "trace_id", "span_id", "event",
+                "message"} <= set(line), line
+        assert line["schema_v"] == "1.0.0" and line["ts"].endswith("Z") and "T" in line["ts"]
+        assert line["severity"] in ("DEBUG", "INFO", "WARN", "ERROR", "FATAL")
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]*", line["event"]), line["event"]
+        assert line["resource"]["service.name"] == "llm-llama-service"
+        assert {"service.version", "service.env", "host.name"} <= set(line["resource"])
+    tagged = [line for line in lines if line["trace_id"] in ("trace-42", "trace-43")]
     assert {line["trace_id"] for line in tagged} == {"trace-42", "trace-43"}
     assert all(line["tenant_id"] == "acme" for line in tagged)
+    finished = [line for line in tagged if line["event"] == "REQUEST_FINISHED"]
+    assert sorted(line["attributes"]["status"] for line in finished) == [200, 400]
+    assert [line["span_id"] for line in finished if line["trace_id"] == "trace-42"] == ["span-1"]
+    assert any(line["event"] == "SERVICE_READY" for line in lines)

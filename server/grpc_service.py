@@ -1,0 +1,254 @@
+"""The gRPC door: sentiric.llm.v1.LlamaService/GenerateStream, the way the
+platform's llm-gateway-service calls the service, with the standard health
+service and server reflection beside it.
+
+It runs on the HTTP door's event loop and feeds the same engine, so requests
+from both doors share decode steps. A call is translated into the shared
+shaping's names (server/shaping.py), answered as token messages (whole UTF-8
+characters, stop strings held back) and exactly one finish_details; every
+failure ends the call with a status code and a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine import logs
+from engine.request import EngineError, Overloaded
+from server.metrics import Metrics, RequestTracker
+from server.proto import llama_pb2, llama_pb2_grpc
+from server.shaping import InvalidRequest, Shaper
+
+log = logging.getLogger("sentiric.grpc")
+SERVICE = llama_pb2.DESCRIPTOR.services_by_name["LlamaService"].full_name
+METHOD = f"/{SERVICE}/GenerateStream"
+# the HTTP-only knobs a caller may send in engine_specific_params, by their OpenAI / llama.cpp names
+ENGINE_SPECIFIC = ("min_p", "typical_p", "presence_penalty", "frequency_penalty", "repeat_last_n", "ignore_eos",
+                   "logit_bias", "grammar", "json_schema")
+# the gRPC field each canonical parameter came from, so an error names what the caller sent
+_FIELDS = {"max_tokens": "params.max_new_tokens", "temperature": "params.temperature", "top_k": "params.top_k",
+           "top_p": "params.top_p", "repeat_penalty": "params.repetition_penalty", "stop": "params.stop_sequences",
+           "seed": "params.seed", "system_prompt": "system_prompt", "rag_context": "rag_context",
+           "messages": "history", "response_format.json_schema": "params.engine_specific_params.json_schema"}
+
+
+class Refused(Exception):
+    """A call ends with this status code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def chat_body(request: llama_pb2.GenerateStreamRequest) -> tuple[dict, callable]:
+    """The call as the shared shaping's chat body (OpenAI / llama.cpp names), and the function that
+    names each of those fields as the gRPC caller spelled it."""
+    turns = [{"role": t.role, "content": t.content} for t in request.history]
+    n_history = len(turns)
+    if request.user_prompt:
+        turns.append({"role": "user", "content": request.user_prompt})
+    elif not turns or turns[-1]["role"] != "user":
+        raise InvalidRequest("'user_prompt' is empty and 'history' does not end with a user turn: there is "
+                             "nothing to answer", "user_prompt")
+    body = {"messages": turns, "system_prompt": request.system_prompt,
+            "rag_context": request.rag_context if request.HasField("rag_context") else None}
+    if request.HasField("params"):
+        body.update(_params(request.params))
+
+    def label(name: str) -> str:
+        if name.startswith("messages["):
+            i, rest = int(name[9:name.index("]")]), name[name.index("]") + 1:]
+            return f"history[{i}]{rest}" if i < n_history else "user_prompt"
+        return _FIELDS.get(name) or f"params.engine_specific_params.{name}"
+    return body, label
+
+
+def _params(p: llama_pb2.GenerationParams) -> dict:
+    out = {}
+    for grpc_name, name in (("max_new_tokens", "max_tokens"), ("temperature", "temperature"), ("top_k", "top_k"),
+                            ("top_p", "top_p"), ("repetition_penalty", "repeat_penalty"), ("seed", "seed")):
+        if p.HasField(grpc_name):
+            value = getattr(p, grpc_name)
+            out[name] = float(f"{value:.7g}") if isinstance(value, float) else value  # float32 as the caller wrote it
+    if p.stop_sequences:
+        out["stop"] = list(p.stop_sequences)
+    if p.HasField("engine_specific_params"):
+        extra = json_format.MessageToDict(p.engine_specific_params)
+        unknown = sorted(k for k in extra if k not in ENGINE_SPECIFIC)
+        if unknown:
+            log.warning("ignoring unknown engine_specific_params: %s (known: %s)", ", ".join(unknown),
+                        ", ".join(ENGINE_SPECIFIC), extra=logs.event("UNKNOWN_PARAMS_IGNORED", keys=unknown))
+        for key in ENGINE_SPECIFIC:
+            if key in extra:
+                out[key] = extra[key]
+        if "json_schema" in out:
+            out["response_format"] = {"type": "json_schema", "json_schema": {"schema": out.pop("json_schema")}}
+    return out
+
+
+class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
+    def __init__(self, engine, shaper: Shaper, metrics: Metrics, *, require_tenant: bool = False):
+        self.engine, self.shaper, self.metrics = engine, shaper, metrics
+        self.require_tenant = require_tenant
+
+    async def GenerateStream(self, request, context):
+        start = time.perf_counter()
+        metadata = dict(context.invocation_metadata() or ())
+        logs.bind_request(metadata.get("x-tenant-id"), metadata.get("x-trace-id"), metadata.get("x-span-id"))
+        code, message, final = grpc.StatusCode.OK, "", None
+        try:
+            prompt_tokens, handle = self._admit(request, metadata)
+            tracker = RequestTracker(self.metrics)
+            try:
+                while True:
+                    out = await self.engine.next_output(handle)
+                    tracker.seen(0, out)
+                    if out.error:
+                        raise Refused(grpc.StatusCode.UNAVAILABLE, out.error)
+                    if out.text:
+                        await context.write(llama_pb2.GenerateStreamResponse(token=out.text.encode()))
+                    if out.finish_reason:
+                        final = out
+                        tracker.usage(prompt_tokens, [out])
+                        await context.write(llama_pb2.GenerateStreamResponse(finish_details=llama_pb2.FinishDetails(
+                            finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
+                            completion_tokens=out.completion_tokens)))
+                        break
+            finally:
+                self.engine.cancel(handle)  # a cancelled call or an expired deadline frees the sequence now
+        except Refused as exc:
+            code, message = exc.code, exc.message
+            context.set_code(code)
+            context.set_details(message)
+        except asyncio.CancelledError:  # the caller went away, or its deadline passed (give or take the clocks)
+            remaining = context.time_remaining()
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining < 0.1 \
+                else grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code, message = grpc.StatusCode.INTERNAL, "Internal server error; it has been logged."
+            log.exception("internal error while serving GenerateStream", extra=logs.event("INTERNAL_ERROR",
+                                                                                         door="grpc"))
+            context.set_code(code)
+            context.set_details(message)
+        finally:
+            self._finished(code, message, final, start)
+
+    def _admit(self, request, metadata: dict):
+        """(prompt tokens, engine handle) for a call, or Refused."""
+        if self.require_tenant and not metadata.get("x-tenant-id"):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "This service requires the 'x-tenant-id' metadata.")
+        if request.HasField("lora_adapter_id") and request.lora_adapter_id:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"LoRA adapter {request.lora_adapter_id!r} is not available: "
+                                                     "this server has no adapters (leave lora_adapter_id unset "
+                                                     "for the base model)")
+        if not self.engine.ready:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "The model is still loading; retry in a few seconds.")
+        try:
+            gen = self.shaper.chat(*chat_body(request))
+            return len(gen.prompt), self.engine.submit(gen.requests[0])
+        except InvalidRequest as exc:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, exc.message) from None
+        except Overloaded:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "The server is at capacity (its waiting queue is full); retry shortly.") from None
+        except EngineError as exc:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, f"The model is not ready: {exc}") from None
+        except ValueError as exc:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+    def _finished(self, code: grpc.StatusCode, message: str, final, start: float) -> None:
+        ms = (time.perf_counter() - start) * 1000
+        self.metrics.grpc_requests.labels(METHOD, code.name).inc()
+        attributes = {"door": "grpc", "method": METHOD, "code": code.name, "duration_ms": round(ms, 1)}
+        if final is not None:
+            attributes.update(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
+                              finish_reason=final.finish_reason)
+        if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+            log.info("GenerateStream %s after %.1f ms; its generation was cancelled", code.name, ms,
+                     extra=logs.event("CLIENT_DISCONNECTED", **attributes))
+        else:
+            log.info("GenerateStream %s %.1f ms%s", code.name, ms, f": {message}" if message else "",
+                     extra=logs.event("REQUEST_FINISHED", **attributes))
+
+
+@dataclass
+class GrpcSettings:
+    host: str = "127.0.0.1"
+    port: int = 16071
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None       # with a CA, clients must present a certificate it signed (mutual TLS)
+    max_message_bytes: int = 8 * 1024 * 1024
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert or self.tls_key)
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials from the files, None for plaintext; ValueError says what is wrong."""
+        if not self.tls:
+            if self.tls_ca:
+                raise ValueError("--grpc-tls-ca needs --grpc-tls-cert and --grpc-tls-key")
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ValueError("--grpc-tls-cert and --grpc-tls-key go together")
+
+        def read(path: str, what: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ValueError(f"cannot read the gRPC TLS {what} {path}: {exc.strerror}") from None
+        ca = read(self.tls_ca, "CA") if self.tls_ca else None
+        return grpc.ssl_server_credentials([(read(self.tls_key, "key"), read(self.tls_cert, "certificate"))],
+                                           root_certificates=ca, require_client_auth=ca is not None)
+
+
+class GrpcDoor:
+    """The gRPC server: LlamaService, health (NOT_SERVING until the model is ready) and reflection."""
+
+    def __init__(self, service: LlamaService, settings: GrpcSettings):
+        self.settings = settings
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ])
+        llama_pb2_grpc.add_LlamaServiceServicer_to_server(service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+
+    async def start(self) -> None:
+        """Listen (raises OSError when the address cannot be bound) and report NOT_SERVING."""
+        s = self.settings
+        address = f"{s.host}:{s.port}"
+        credentials = s.credentials()
+        try:
+            if credentials is None:
+                self.server.add_insecure_port(address)
+            else:
+                self.server.add_secure_port(address, credentials)
+        except RuntimeError:
+            raise OSError(f"cannot listen on {address} (in use, or not an address of this machine)") from None
+        await self.server.start()
+        await self.set_serving(False)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace)

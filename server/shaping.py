@@ -1,0 +1,373 @@
+"""Request shaping shared by both doors: a conversation and parameters by
+their OpenAI / llama.cpp names in, validated engine requests out.
+
+The HTTP door hands over its JSON body; the gRPC door translates its message
+into the same names. Prompts are assembled, defaults applied and values
+checked here once, so both doors answer the same conversation identically.
+Everything a client can get wrong raises InvalidRequest naming the field as
+that client spelled it; each door maps it to its own error (HTTP 400, gRPC
+INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Callable
+
+from engine.chat_template import TemplateError
+from engine.llama import LlamaError, SamplingParams
+from engine.request import Request
+from server.json_grammar import SchemaError, json_object_grammar, json_schema_grammar
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_STOP = 16
+INT32_MAX = 2**31 - 1
+_MISSING = object()
+
+
+class InvalidRequest(ValueError):
+    """A request the service refuses: the message says what would be accepted, `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for each field it leaves out (the server's flags)."""
+
+    temperature: float = 1.0
+    top_k: int = 40          # llama.cpp's and Ollama's: the whole 49k vocabulary costs ~10x more per token on CPU
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    max_tokens: int | None = None
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Fields:
+    """Request fields read with checks. `label` turns a field's canonical name into the one
+    the client used (a gRPC caller reads 'params.max_new_tokens', not 'max_tokens')."""
+
+    def __init__(self, values: dict, label: Callable[[str], str] = lambda name: name):
+        self.values, self.label = values, label
+
+    def get(self, name: str, default=None):
+        return self.values.get(name, default)
+
+    def error(self, name: str, problem: str, code: str = "invalid_value") -> InvalidRequest:
+        """'<field as the client named it> <problem>'."""
+        label = self.label(name)
+        return InvalidRequest(f"'{label}' {problem}", label, code)
+
+    def number(self, name: str, default, *, lo=None, hi=None, lo_open=False, integer=False):
+        value = self.values.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                integer and isinstance(value, float) and not value.is_integer()):
+            raise self.error(name, f"must be {'an integer' if integer else 'a number'}, not {value!r}", "invalid_type")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(name, "must be a finite number")
+        if integer and not -2**63 <= value < 2**63:
+            raise self.error(name, "is outside the 64-bit integer range")
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        if too_low or (hi is not None and value > hi):
+            low = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+            high = "" if hi is None else f"<= {hi}"
+            raise self.error(name, f"is {value:g}, but it must be {' and '.join(x for x in (low, high) if x)}")
+        return int(value) if integer else float(value)
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        value = self.values.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(name, f"must be true or false, not {value!r}", "invalid_type")
+        return value
+
+    def text(self, name: str) -> str | None:
+        value = self.values.get(name)
+        if value is not None and not isinstance(value, str):
+            raise self.error(name, "must be a string", "invalid_type")
+        return value
+
+    def stop(self) -> list[str]:
+        stop = self.values.get("stop")
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise self.error("stop", "must be a string or a list of strings", "invalid_type")
+        if len(stop) > MAX_STOP:
+            raise self.error("stop", f"has {len(stop)} strings; at most {MAX_STOP} are allowed")
+        return [s for s in stop if s]
+
+    def logit_bias(self) -> dict[int, float] | None:
+        bias = self.values.get("logit_bias")
+        if not bias:
+            return None
+        if not isinstance(bias, dict):
+            raise self.error("logit_bias", "must be an object mapping token ids to a bias in [-100, 100]",
+                             "invalid_type")
+        out = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise self.error("logit_bias", f"has the key {key!r}, which is not a token id") from None
+            out[token] = Fields(bias, lambda k: f"{self.label('logit_bias')}.{k}").number(key, 0.0, lo=-100, hi=100)
+        return out
+
+    def grammar(self) -> str | None:
+        """A GBNF grammar from `grammar`, or compiled from a JSON `response_format`."""
+        grammar, fmt = self.values.get("grammar"), self.values.get("response_format")
+        if grammar is not None:
+            if not isinstance(grammar, str) or not grammar.strip():
+                raise self.error("grammar", "must be a non-empty GBNF string", "invalid_type")
+            if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+                raise self.error("grammar", "cannot be combined with a JSON 'response_format'; send one of them")
+            return grammar
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict):
+            raise self.error("response_format", "must be an object such as {\"type\": \"json_object\"}", "invalid_type")
+        kind = fmt.get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return json_object_grammar()
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise self.error("response_format.json_schema", "must be an object with a 'schema'")
+            try:
+                return json_schema_grammar(spec["schema"])
+            except (SchemaError, TypeError, ValueError) as exc:
+                raise self.error("response_format.json_schema", f"cannot be enforced: {exc}") from None
+        raise self.error("response_format.type", f"is {kind!r}, not one of text, json_object, json_schema")
+
+
+@dataclass
+class Generation:
+    """A validated completion request: the engine requests (one per choice) and how to answer."""
+
+    prompt: list[int]
+    requests: list[Request]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    echo_text: str = ""
+
+
+class Shaper:
+    """Turns conversations and parameters into Generations with the engine's tokenizer and limits."""
+
+    def __init__(self, engine, *, defaults: SamplingDefaults = SamplingDefaults(), max_n: int = 16,
+                 truncate: bool = False, rag_template: str = "{context}\n\n{question}"):
+        self.engine, self.defaults = engine, defaults
+        self.max_n, self.truncate, self.rag_template = max_n, truncate, rag_template
+
+    # --- chat ---
+    def chat(self, body: dict, label: Callable[[str], str] = lambda name: name) -> Generation:
+        """A chat request: `messages`, the platform's `system_prompt` / `rag_context`, parameters."""
+        f = Fields(body, label)
+        prompt = self.chat_prompt(self.conversation(f))
+        top = f.number("top_logprobs", None, lo=0, hi=20, integer=True)
+        logprobs = f.flag("logprobs")
+        if top is not None and not logprobs:
+            raise f.error("top_logprobs", "needs 'logprobs': true")
+        return self._generation(f, prompt, logprobs, top or 0)
+
+    def conversation(self, f: Fields) -> list[dict]:
+        """The messages with system_prompt and rag_context applied: system_prompt becomes the system
+        message (put before the conversation's own, if it has one); the documents go into the last
+        user turn through the RAG template."""
+        raw = f.get("messages", _MISSING)
+        if raw is _MISSING:
+            raise f.error("messages", "is required", "missing_required_parameter")
+        if not isinstance(raw, list) or not raw:
+            raise f.error("messages", "must be a non-empty list of {role, content} objects")
+        messages = [self._message(f, i, m) for i, m in enumerate(raw)]
+        system_prompt = f.text("system_prompt")
+        if system_prompt:
+            if messages[0]["role"] == "system":
+                messages[0]["content"] = f"{system_prompt}\n\n{messages[0]['content']}"
+            else:
+                messages.insert(0, {"role": "system", "content": system_prompt})
+        rag = f.get("rag_context")
+        if rag:
+            docs = [rag] if isinstance(rag, str) else rag
+            if not isinstance(docs, list) or not all(isinstance(d, str) for d in docs):
+                raise f.error("rag_context", "must be a string or a list of strings", "invalid_type")
+            last_user = next((m for m in reversed(messages) if m["role"] == "user"), None)
+            if last_user is None:
+                raise f.error("rag_context", "needs a user message to attach the documents to")
+            last_user["content"] = self.rag_template.format(context="\n\n".join(d.strip() for d in docs if d.strip()),
+                                                            question=last_user["content"])
+        return messages
+
+    @staticmethod
+    def _message(f: Fields, i: int, m) -> dict:
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise f.error(where, "must be an object with 'role' and 'content'", "invalid_type")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise f.error(f"{where}.role", f"is {role!r}; expected one of {', '.join(sorted(ROLES))}")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise f.error(f"{where}.content", f"has a {kind!r} part at {j}; this model reads text parts only "
+                                  '({"type": "text", "text": ...})')
+                parts.append(part["text"])
+            content = "\n".join(parts)
+        if not isinstance(content, str):
+            raise f.error(f"{where}.content", "must be a string or a list of text parts", "invalid_type")
+        return {"role": "system" if role == "developer" else role, "content": content}
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Render with the model's template, then tokenize. A template that rejects the conversation
+        (a system turn after the first, roles that do not alternate, no system role at all) gets it
+        again in a stricter shape: see `strict_shapes`."""
+        try:
+            text = self.engine.render_chat(messages)
+        except TemplateError as first:
+            for shaped in strict_shapes(messages):
+                try:
+                    text = self.engine.render_chat(shaped)
+                    break
+                except TemplateError:
+                    continue
+            else:
+                raise InvalidRequest(str(first), "messages") from None
+        return self.engine.tokenize(text, add_special=not self._starts_with_bos(text))
+
+    # --- completions ---
+    def completion(self, body: dict) -> Generation:
+        f = Fields(body)
+        prompt = f.get("prompt", _MISSING)
+        if prompt is _MISSING:
+            raise f.error("prompt", "is required", "missing_required_parameter")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one, as some clients send
+        if isinstance(prompt, str):
+            if not prompt:
+                raise f.error("prompt", "is empty")
+            tokens = self.engine.tokenize(prompt, add_special=not self._starts_with_bos(prompt))
+            echo_text = prompt
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            try:
+                echo_text = self.engine.detokenize(prompt)
+            except ValueError as exc:
+                raise f.error("prompt", f"is not valid: {exc}") from None
+            tokens = list(prompt)
+        else:
+            raise f.error("prompt", "must be a string or a list of token ids (one prompt per request)",
+                          "invalid_type")
+        top = f.number("logprobs", None, lo=0, hi=20, integer=True)
+        gen = self._generation(f, tokens, top is not None, top or 0)
+        if f.flag("echo"):
+            gen.echo_text = echo_text
+        return gen
+
+    # --- shared ---
+    def sampling(self, f: Fields) -> SamplingParams:
+        """Sampling settings: the request's values, the server's defaults for the rest."""
+        d = self.defaults
+        last_n = f.number("repeat_last_n", d.repeat_last_n, lo=-1, hi=INT32_MAX, integer=True)
+        params = SamplingParams(
+            temperature=f.number("temperature", d.temperature, lo=0, hi=100),
+            top_p=f.number("top_p", d.top_p, lo=0, hi=1, lo_open=True),
+            top_k=f.number("top_k", d.top_k, lo=0, hi=INT32_MAX, integer=True),
+            min_p=f.number("min_p", d.min_p, lo=0, hi=1),
+            typical_p=f.number("typical_p", 1.0, lo=0, hi=1, lo_open=True),
+            repeat_penalty=f.number("repeat_penalty", d.repeat_penalty, lo=0, lo_open=True),
+            presence_penalty=f.number("presence_penalty", 0.0, lo=-2, hi=2),
+            frequency_penalty=f.number("frequency_penalty", 0.0, lo=-2, hi=2),
+            penalty_last_n=self.engine.n_ctx if last_n == -1 else last_n,
+            seed=f.number("seed", None, integer=True),  # llama.cpp takes 32 bits: see _generation
+            logit_bias=f.logit_bias(),
+            grammar=f.grammar(),
+        )
+        try:
+            self.engine.validate_sampling(params)
+        except LlamaError as exc:  # llama.cpp could not parse the grammar
+            raise f.error("grammar" if f.get("grammar") is not None else "response_format", f"was rejected: {exc}") from None
+        except ValueError as exc:  # a logit_bias token outside the vocabulary
+            raise f.error("logit_bias", f"is not valid: {exc}") from None
+        return params
+
+    def _generation(self, f: Fields, prompt: list[int], logprobs: bool, top: int) -> Generation:
+        if not isinstance(f.get("model", ""), str):  # any name is served by the one model loaded
+            raise f.error("model", "must be a string", "invalid_type")
+        max_tokens = f.number("max_completion_tokens", None, lo=1, integer=True)
+        if max_tokens is None:
+            max_tokens = f.number("max_tokens", self.defaults.max_tokens, lo=1, integer=True)
+        n = f.number("n", 1, lo=1, hi=self.max_n, integer=True)
+        sampling = self.sampling(f)
+        prompt = self._fit(f, prompt, max_tokens)
+        stream = f.flag("stream")
+        options = f.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise f.error("stream_options", "must be an object", "invalid_type")
+        stop, ignore_eos = f.stop(), f.flag("ignore_eos")
+        requests = [Request(prompt=prompt, max_tokens=max_tokens, stop=stop, top_logprobs=top if logprobs else -1,
+                            ignore_eos=ignore_eos,
+                            sampling=replace(sampling, seed=None if sampling.seed is None else (sampling.seed + i) & 0xFFFFFFFF))
+                    for i in range(n)]
+        include_usage = stream and Fields(options, lambda k: f"{f.label('stream_options')}.{k}").flag("include_usage")
+        return Generation(prompt=prompt, requests=requests, stream=stream, include_usage=include_usage,
+                          logprobs=logprobs)
+
+    def _fit(self, f: Fields, prompt: list[int], max_tokens: int | None) -> list[int]:
+        limit = self.engine.n_ctx
+        if len(prompt) < limit:
+            return prompt
+        if not self.truncate:
+            raise InvalidRequest(f"This model's maximum context length is {limit} tokens, but the prompt has "
+                                 f"{len(prompt)} tokens. Shorten the messages or the RAG context (or start the "
+                                 "server with --truncate).", f.label("messages"), "context_length_exceeded")
+        keep = limit - min(max_tokens or limit // 4, limit // 2)
+        return prompt[-keep:]
+
+    def _starts_with_bos(self, text: str) -> bool:
+        bos = self.engine.template.bos_token
+        return bool(bos) and text.startswith(bos)
+
+
+def strict_shapes(messages: list[dict]):
+    """Stricter shapes of a conversation for templates that reject it, mildest first:
+    1. every system turn merged, in order, into one leading system message, and consecutive
+       turns of the same role joined with a blank line (templates that allow a system message
+       only first, or require user and assistant to alternate);
+    2. that system message put in front of the first user turn instead (templates with no
+       system role)."""
+    systems = [m["content"] for m in messages if m["role"] == "system"]
+    merged: list[dict] = []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        if merged and merged[-1]["role"] == m["role"]:
+            merged[-1] = {**merged[-1], "content": f"{merged[-1]['content']}\n\n{m['content']}"}
+        else:
+            merged.append(dict(m))
+    system = "\n\n".join(s for s in systems if s)
+    yield ([{"role": "system", "content": system}] if system else []) + merged
+    if system:
+        first_user = next((i for i, m in enumerate(merged) if m["role"] == "user"), None)
+        if first_user is not None:
+            folded = [dict(m) for m in merged]
+            folded[first_user]["content"] = f"{system}\n\n{folded[first_user]['content']}"
+            yield folded
