@@ -172,7 +172,7 @@ class AsyncEngine:
                 state.alive = True
                 states.append(state)
                 log.info("worker %d ready (pid %d, %d KV cells, %d sequences)", w.index, hello["pid"],
-                         hello["n_ctx"], hello["n_seq_max"])
+                         hello["n_ctx"], hello["n_seq_max"], extra=logs.event("WORKER_READY", worker=w.index))
         except BaseException:
             self._stop_workers()
             raise
@@ -296,7 +296,7 @@ class AsyncEngine:
                     self._deliver(deliveries)
                     self._parent_us.append((t_write + time.perf_counter() - t1) * 1e6)
         except Exception:
-            log.exception("the engine loop failed; failing all requests")
+            log.exception("the engine loop failed; failing all requests", extra=logs.event("ENGINE_FAILED"))
             with self._wake:
                 self._stopping = True
                 self._deliver([(s, Output(finish_reason="error", error="internal engine error"))
@@ -351,9 +351,9 @@ class AsyncEngine:
             self._last_batch = size
             self._batch_sizes[size] += 1
             if self.config.log_batches:
-                batch_log.info("Processing batch of size: %d", size)
+                batch_log.info("Processing batch of size: %d", size, extra=logs.event("DECODE_STEP", batch_size=size))
             elif batch_log.isEnabledFor(logging.DEBUG):
-                batch_log.debug("Processing batch of size: %d", size)
+                batch_log.debug("Processing batch of size: %d", size, extra=logs.event("DECODE_STEP", batch_size=size))
 
     def _complete_step(self, plan: StepPlan, deliveries: list) -> None:
         sched, buf = self._scheduler, self._workers[plan.worker.index].buffer
@@ -362,7 +362,8 @@ class AsyncEngine:
                          if plan.ops[i][0] == OP_START}
         if status != STATUS_OK:
             message = buf.message_text()
-            log.error("worker %d step failed: %s", plan.worker.index, message)
+            log.error("worker %d step failed: %s", plan.worker.index, message,
+                      extra=logs.event("STEP_FAILED", worker=plan.worker.index))
             for row in plan.rows:
                 if row.seq.finish_reason is None:
                     sched.finish(row.seq, "error", keep_prefix=False)
@@ -413,7 +414,8 @@ class AsyncEngine:
 
     def _worker_died(self, state: WorkerState, deliveries: list) -> None:
         w = self._workers[state.index]
-        log.error("worker %d died (exit code %s); respawning it", w.index, w.process.exitcode)
+        log.error("worker %d died (exit code %s); respawning it", w.index, w.process.exitcode,
+                  extra=logs.event("WORKER_DIED", worker=w.index, exit_code=w.process.exitcode))
         w.kill_for_respawn()
         for seq in self._scheduler.worker_lost(state):
             stream = self._streams.pop(seq, None)
@@ -438,9 +440,9 @@ class AsyncEngine:
             try:
                 if w.poll_ready() is not None:
                     state.alive = True
-                    log.info("worker %d is back", w.index)
+                    log.info("worker %d is back", w.index, extra=logs.event("WORKER_RESTARTED", worker=w.index))
             except EngineError as exc:
-                log.error("%s; trying again", exc)
+                log.error("%s; trying again", exc, extra=logs.event("WORKER_START_FAILED", worker=w.index))
                 w.kill_for_respawn()
                 w.spawn()
 

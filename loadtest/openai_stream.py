@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from loadtest.stats import decode_rate
+
 try:  # orjson is faster; json is enough
     import orjson as _json
 
@@ -134,10 +136,5 @@ class StreamAccumulator:
         return "".join(self.text_parts)
 
     def decode_rate(self) -> float | None:
-        """Tokens per second after the first token: (tokens - 1) / (last - first
-        content chunk). None with fewer than two chunks."""
-        if len(self.content_times) < 2:
-            return None
-        span = self.content_times[-1] - self.content_times[0]
-        n = self.completion_tokens
-        return (n - 1) / span if span > 0 and n > 1 else None
+        """Tokens per second after the first token (stats.decode_rate over the content chunks)."""
+        return decode_rate(self.content_times, self.completion_tokens)

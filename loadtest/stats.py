@@ -57,6 +57,16 @@ def inter_token_gaps(timestamps: Sequence[float]) -> list[float]:
     return [b - a for a, b in zip(timestamps, timestamps[1:])]
 
 
+def decode_rate(arrivals: Sequence[float], tokens: int) -> float | None:
+    """A request's tokens per second after its first token: (tokens - 1) / seconds from the
+    first to the last arrival (tokens come from the server's count, since one arrival can carry
+    several tokens, or none). None with fewer than two arrivals."""
+    if len(arrivals) < 2:
+        return None
+    span = arrivals[-1] - arrivals[0]
+    return (tokens - 1) / span if span > 0 and tokens > 1 else None
+
+
 # -- /metrics ---------------------------------------------------------------
 
 def parse_prometheus(text: str) -> list[Sample]:
