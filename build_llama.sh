@@ -25,7 +25,8 @@ Options:
   --portable          generic CPU build (GGML_NATIVE=OFF) instead of tuned for this CPU
   --cuda              NVIDIA GPUs (GGML_CUDA=ON); needs nvcc
   --cuda-arch LIST    CUDA architectures, e.g. 90 or "80;86;90" (default: CMake's choice)
-  --server            also build llama-server and llama-batched-bench (the benchmark reference)
+  --server            also build llama-server and llama-batched-bench (the benchmark reference);
+                      added to an existing build without touching libllama, and kept by later builds
   --jobs N            parallel compile jobs (default: number of cores)
   --clean             throw the build directory away first
   -h, --help          this text
@@ -33,7 +34,10 @@ Options:
                       -- -DGGML_VULKAN=ON | -DGGML_HIP=ON | -DGGML_METAL=ON
                       -- -DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS
 
-Re-running with the same source and options does nothing (a stamp file records them).
+One build directory whose contents only grow: re-running with the same source
+and options does nothing (a stamp file records them); new options reconfigure
+the same directory and CMake recompiles what they change; a new source starts
+from a clean directory.
 USAGE
 }
 
@@ -58,7 +62,6 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-FLAGS+=("-DSENTIRIC_REFERENCE_TOOLS=$SERVER")
 
 command -v cmake >/dev/null || die "cmake not found: install it (apt-get install cmake, or pip install cmake)"
 command -v c++ >/dev/null || command -v g++ >/dev/null || die "no C++ compiler found: install g++ (apt-get install build-essential)"
@@ -100,24 +103,50 @@ else
 fi
 
 # --- build ------------------------------------------------------------------
+# The stamp holds the source on its first line and the CMake flags on its second.
+# The reference tools are always configured (configuring compiles nothing) and
+# only compiled on request, so adding them never touches libllama; once built,
+# later builds keep them and keep them up to date.
 STAMP="$BUILD_DIR/bin/.build-stamp"
-WANT="$SRC_ID ${FLAGS[*]}"
-if [ "$CLEAN" = 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -f "$BUILD_DIR/bin/libllama.so" ]; then
-  say "up to date: $BUILD_DIR/bin ($WANT)"
+BIN="$BUILD_DIR/bin"
+TARGETS=(llama abi_probe)
+OUTPUTS=("$BIN/libllama.so" "$BIN/abi_probe")
+if [ "$SERVER" = ON ]; then
+  OUTPUTS+=("$BIN/llama-server" "$BIN/llama-batched-bench")
+fi
+if [ "$SERVER" = ON ] || [ -e "$BIN/llama-server" ]; then  # tools once built are kept up to date
+  TARGETS+=(llama-server llama-batched-bench)
+fi
+OLD_SRC=""; OLD_FLAGS=""
+if [ -f "$STAMP" ]; then
+  OLD_SRC=$(sed -n 1p "$STAMP"); OLD_FLAGS=$(sed -n 2p "$STAMP")
+fi
+missing() { for f in "${OUTPUTS[@]}"; do [ -e "$f" ] || return 0; done; return 1; }
+if [ "$CLEAN" = 0 ] && [ "$OLD_SRC" = "$SRC_ID" ] && [ "$OLD_FLAGS" = "${FLAGS[*]}" ] && ! missing; then
+  say "up to date: $BIN ($SRC_ID ${FLAGS[*]})"
   exit 0
 fi
-if [ "$CLEAN" = 1 ] || { [ -f "$STAMP" ] && [ "$(cat "$STAMP")" != "$WANT" ]; }; then
-  say "options or source changed: starting from a clean build directory"
+if [ "$CLEAN" = 1 ] || { [ -n "$OLD_SRC" ] && [ "$OLD_SRC" != "$SRC_ID" ]; } || [ ! -f "$BUILD_DIR/CMakeCache.txt" ]; then
+  [ -d "$BUILD_DIR" ] && say "new source (or --clean): starting from a clean build directory"
   rm -rf "$BUILD_DIR"
+  OLD_FLAGS=""
 fi
-say "configuring: ${FLAGS[*]}"
-mkdir -p "$BUILD_DIR"
-cmake -S "$ROOT/native" -B "$BUILD_DIR" -DLLAMA_CPP_SRC="$SRC" "${FLAGS[@]}" >"$BUILD_DIR/configure.log" 2>&1 \
-  || { tail -40 "$BUILD_DIR/configure.log" >&2; die "CMake configure failed (full log: $BUILD_DIR/configure.log)"; }
-TARGETS=(llama abi_probe)
-[ "$SERVER" = ON ] && TARGETS+=(llama-server llama-batched-bench)
+if [ ! -f "$BUILD_DIR/CMakeCache.txt" ] || [ "$OLD_FLAGS" != "${FLAGS[*]}" ]; then
+  # a -DNAME=... given last time but not now goes back to its default
+  UNSET=()
+  for old in $OLD_FLAGS; do
+    name=${old#-D}; name=${name%%=*}; name=${name%%:*}
+    [[ " ${FLAGS[*]} " == *" -D$name="* || " ${FLAGS[*]} " == *" -D$name:"* ]] || UNSET+=("-U$name")
+  done
+  say "configuring: ${FLAGS[*]} ${UNSET[*]}"
+  mkdir -p "$BUILD_DIR"
+  cmake -S "$ROOT/native" -B "$BUILD_DIR" -DLLAMA_CPP_SRC="$SRC" "${UNSET[@]}" "${FLAGS[@]}" \
+      >"$BUILD_DIR/configure.log" 2>&1 \
+    || { tail -40 "$BUILD_DIR/configure.log" >&2; die "CMake configure failed (full log: $BUILD_DIR/configure.log)"; }
+  rm -f "$STAMP"  # until the compile below succeeds
+fi
 say "compiling ${TARGETS[*]} with $JOBS jobs"
 cmake --build "$BUILD_DIR" --parallel "$JOBS" --target "${TARGETS[@]}" >"$BUILD_DIR/build.log" 2>&1 \
   || { tail -40 "$BUILD_DIR/build.log" >&2; die "compile failed (full log: $BUILD_DIR/build.log)"; }
-echo "$WANT" >"$STAMP"
-say "done: $(cd "$BUILD_DIR/bin" && ls -1 *.so* llama-* 2>/dev/null | tr '\n' ' ')"
+printf '%s\n%s\n' "$SRC_ID" "${FLAGS[*]}" >"$STAMP"
+say "done: $(cd "$BIN" && ls -1 *.so* llama-* 2>/dev/null | tr '\n' ' ')"
