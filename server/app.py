@@ -19,10 +19,10 @@ from server.metrics import Metrics
 from server.openai_routes import OpenAIRoutes, json_response, read_json
 from server.openapi import openapi_spec
 from server.shaping import InvalidRequest, SamplingDefaults, Shaper
+from server.studio import DEFAULT_DIR as STUDIO_DIR, add_studio
 
 log = logging.getLogger("sentiric.server")
 access_log = logging.getLogger("sentiric.access")
-STUDIO_DIR = Path(__file__).resolve().parent.parent / "studio"
 ENGINE_PREFIXES = ("/v1/", "/tokenize", "/detokenize")  # need the model; also the ones an API key protects
 
 
@@ -40,6 +40,7 @@ class ServerSettings:
     require_tenant: bool = False
     cors_origins: tuple[str, ...] = ()
     metrics_on_http_port: bool = True  # False when --metrics-port serves them apart
+    studio_dir: Path = STUDIO_DIR
 
     def shaper(self, engine: AsyncEngine) -> Shaper:
         return Shaper(engine, defaults=self.defaults, max_n=self.max_n, truncate=self.truncate,
@@ -52,11 +53,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, metrics: Metrics) 
                             _request_context(settings.require_tenant), _auth(settings.api_key), _loading(engine)])
     OpenAIRoutes(engine, settings.shaper(engine), metrics, settings.model_alias).add_to(app)
     ServiceRoutes(engine, metrics, settings.model_alias).add_to(app, with_metrics=settings.metrics_on_http_port)
-    if STUDIO_DIR.is_dir():
-        app.router.add_get("/", _to_studio)
-        app.router.add_get("/studio", _to_studio)
-        app.router.add_get("/studio/", lambda _: web.FileResponse(STUDIO_DIR / "index.html"))
-        app.router.add_static("/studio/", STUDIO_DIR)
+    add_studio(app, settings.studio_dir)
     return app
 
 
@@ -69,10 +66,6 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
 
 def _prometheus(metrics: Metrics) -> web.Response:
     return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
-
-
-async def _to_studio(request: web.Request):
-    raise web.HTTPFound("/studio/")
 
 
 class ServiceRoutes:

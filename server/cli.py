@@ -29,6 +29,7 @@ from server.app import ServerSettings, create_app, create_metrics_app
 from server.grpc_service import GrpcDoor, GrpcSettings, LlamaService
 from server.metrics import Metrics
 from server.shaping import SamplingDefaults
+from server.studio import DEFAULT_DIR as STUDIO_DIR
 
 log = logging.getLogger("sentiric.server")
 ENV = "LLM_LLAMA_SERVICE_"
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "refusing them", type=bool)
     _option(req, "--rag-template", "RAG_TEMPLATE", "{context}\n\n{question}",
             "how rag_context is put into the last user turn ({context} and {question} placeholders)")
+    _option(req, "--studio-dir", "STUDIO_DIR", str(STUDIO_DIR), "the developer studio served at /studio/")
     logs = p.add_argument_group("logging")
     _option(logs, "--log-format", "LOG_FORMAT", "text", "text lines (stderr) or the platform's JSON schema, one "
                                                         "object per line (stdout)", choices=["text", "json"])
@@ -155,7 +157,7 @@ def serve(argv: list[str] | None = None) -> int:
                               max_n=args.max_n, truncate=args.truncate, rag_template=args.rag_template,
                               defaults=defaults, require_tenant=args.require_tenant,
                               cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-                              metrics_on_http_port=not metrics_port)
+                              metrics_on_http_port=not metrics_port, studio_dir=Path(args.studio_dir))
     try:
         import uvloop
         uvloop.install()

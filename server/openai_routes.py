@@ -84,7 +84,8 @@ class OpenAIRoutes:
     async def models(self, request: web.Request) -> web.Response:
         info = {"id": self.model, "object": "model", "created": self.created, "owned_by": "sentiric",
                 "meta": {"n_ctx": self.engine.n_ctx, "n_ctx_train": self.engine.n_ctx_train,
-                         "path": self.engine.config.model_path}}
+                         "path": self.engine.config.model_path,
+                         "sampling_defaults": self.parser.defaults.as_dict()}}
         return json_response({"object": "list", "data": [info]})
 
     # --- one request ---

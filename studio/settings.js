@@ -2,14 +2,29 @@
 import { persisted } from './storage.js';
 import { DEFAULT_PARAMS } from './params.js';
 
+// The studio starts from the server's own sampling defaults (GET /v1/models), so what it sends
+// by default is what any client leaving the fields out gets; DEFAULT_PARAMS until they arrive.
+let defaults = { ...DEFAULT_PARAMS };
+
 export const params = persisted('params', { ...DEFAULT_PARAMS });
 // Fill in parameters added after the user's settings were saved.
 for (const [k, v] of Object.entries(DEFAULT_PARAMS)) if (!(k in params.value)) params.value[k] = v;
+
+const SERVER_FIELDS = ['temperature', 'top_k', 'top_p', 'min_p', 'repeat_penalty', 'max_tokens'];
+
+export function useServerDefaults(sampling) {
+  if (!sampling) return;
+  const untouched = SERVER_FIELDS.every((k) => params.value[k] === defaults[k]);
+  const next = { ...defaults };
+  for (const k of SERVER_FIELDS) if (sampling[k] !== null && sampling[k] !== undefined) next[k] = sampling[k];
+  defaults = next;
+  if (untouched) params.value = { ...params.value, ...Object.fromEntries(SERVER_FIELDS.map((k) => [k, next[k]])) };
+}
 
 export const systemPrompt = persisted('systemPrompt', '');
 export const ragContext = persisted('ragContext', '');
 export const ragFileName = persisted('ragFileName', '');
 
 export function resetParams() {
-  params.value = { ...DEFAULT_PARAMS };
+  params.value = { ...defaults };
 }

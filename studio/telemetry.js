@@ -2,6 +2,7 @@
 // second and a 60 s throughput history for the sparkline.
 import { reactive } from 'vue';
 import { getHealth, getJSON } from './api.js';
+import { useServerDefaults } from './settings.js';
 
 export const server = reactive({
   health: 'unknown', // ok | loading | down | unknown
@@ -69,6 +70,7 @@ async function pollHealth() {
     try {
       const models = await getJSON('/v1/models');
       server.model = models?.data?.[0]?.id ?? null;
+      useServerDefaults(models?.data?.[0]?.meta?.sampling_defaults);
     } catch { /* shown as "–" */ }
   }
   setTimeout(pollHealth, server.health === 'ok' ? 2000 : 1000);

@@ -294,3 +294,18 @@ def test_telemetry_degrades_without_server(studio_page):
         "() => document.querySelector('[data-testid=stat-running]').textContent.trim() === '–'",
         timeout=15_000)
     assert page.locator("[data-testid=stat-batch]").inner_text().strip() == "–"
+
+
+def test_missing_packages_page_says_what_to_run(chromium_browser, start_server, tmp_path):
+    import shutil
+    bare = tmp_path / "studio"
+    shutil.copytree(ROOT / "studio", bare, ignore=shutil.ignore_patterns("node_modules"))
+    service = start_server("--parallel", "2", "--ctx-size", "2048", "--studio-dir", str(bare))
+    page = chromium_browser.new_page()
+    try:
+        page.goto(service.base_url + "/studio/")
+        text = page.inner_text("body")
+    finally:
+        page.close()
+    assert "packages are missing" in text and f"npm ci --prefix {bare}" in text and "vue" in text
+    assert service.log().count("the studio's npm packages are missing") == 1
