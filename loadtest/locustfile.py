@@ -1,10 +1,17 @@
 """Locust load test: users streaming chat completions from an OpenAI-compatible
-server, recording time to first token and tokens/s, and checking from the
-server's /metrics that continuous batching really batched.
+server (ChatUser) or GenerateStream calls from the service's gRPC door
+(GrpcChatUser), recording time to first token and tokens/s, and checking from
+the server's /metrics that continuous batching really batched.
 
 Headless run (ends by itself after -t and prints a summary):
 
   locust -f loadtest/locustfile.py --headless -u 8 -r 8 -t 60s --stop-timeout 30 --only-summary --host http://127.0.0.1:16070
+
+A run without class names has ChatUser only; name GrpcChatUser (or both) for gRPC
+traffic, --host still being the HTTP door that serves /metrics:
+
+  locust -f loadtest/locustfile.py GrpcChatUser --grpc-target 127.0.0.1:16071 --headless -u 8 -r 8 -t 60s \
+      --stop-timeout 30 --only-summary --host http://127.0.0.1:16070
 
 Custom options (also as environment variables; see loadtest/README.md):
   --mix "short:5,rag:2,shared:3"   request kinds and weights     (LOADTEST_MIX)
@@ -16,6 +23,7 @@ Custom options (also as environment variables; see loadtest/README.md):
   --batch-metric NAME               default sentiric_batch_size   (LOADTEST_BATCH_METRIC)
   --metrics-interval 2              seconds between /metrics polls (LOADTEST_METRICS_INTERVAL)
   --batch-check fail|warn|off       what "no step had >1 sequence" does (LOADTEST_BATCH_CHECK)
+  --grpc-target HOST:PORT           GrpcChatUser's gRPC door, default 127.0.0.1:16071 (LOADTEST_GRPC_TARGET)
 
 Kinds: short = a short distinct question; rag = a long RAG context of its own
 (~1,200 tokens) and a question; shared = the shared system prompt + shared RAG
@@ -28,6 +36,9 @@ them in its "ms" columns, read the values in their own unit):
   tokens/s             completion tokens / seconds from first to last chunk, per request
   output tokens        completion tokens per request (from the usage chunk)
 The request itself ("chat [kind]") is timed to the end of the stream.
+GrpcChatUser records the call as request type "GRPC" and its metrics as
+"gRPC TTFT", "gRPC TTFT [kind]", "gRPC tokens/s" and "gRPC output tokens"
+(token counts from finish_details).
 """
 
 from __future__ import annotations
@@ -42,17 +53,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from locust import HttpUser, events, task  # noqa: E402
+import grpc.experimental.gevent  # noqa: E402
+from locust import HttpUser, User, events, task  # noqa: E402
 from locust.runners import WorkerRunner  # noqa: E402
 
-from loadtest import prompts  # noqa: E402
+from loadtest import grpc_stream, prompts  # noqa: E402
 from loadtest.openai_stream import StreamAccumulator, dumps  # noqa: E402
 from loadtest.stats import (BATCH_SIZE_METRIC, batch_report, format_batch_report,  # noqa: E402
                             histogram, histogram_delta, parse_prometheus, scalar)
+from server.proto import llama_pb2_grpc  # noqa: E402
 
 KINDS = ("short", "rag", "shared")
 RUN_TAG = prompts.new_tag()          # fresh per locust process: no cache hits from earlier runs
+GRPC_DEADLINE_S = 300                # a stuck call fails instead of holding its user forever
 _counter = itertools.count()
+
+# grpc's blocking calls would stall every greenlet; this makes them yield to gevent
+# (after locust's monkey patching, before any channel exists)
+grpc.experimental.gevent.init_gevent()
 
 
 @events.init_command_line_parser.add_listener
@@ -78,6 +96,8 @@ def _add_args(parser):
     parser.add_argument("--batch-check", type=str, env_var="LOADTEST_BATCH_CHECK", default="fail",
                         choices=["fail", "warn", "off"],
                         help="exit non-zero (fail) or only warn when no step carried more than one sequence")
+    parser.add_argument("--grpc-target", type=str, env_var="LOADTEST_GRPC_TARGET", default="127.0.0.1:16071",
+                        help="host:port of the service's gRPC door (GrpcChatUser)")
 
 
 def parse_mix(text: str) -> tuple[list[str], list[float]]:
@@ -106,29 +126,44 @@ def build_messages(kind: str, index: int, opts) -> list[dict]:
     return prompts.shared_prefix_messages(RUN_TAG, q, context_tokens=opts.shared_context_tokens)
 
 
-def _metric(environment, name: str, value: float, length: int = 0) -> None:
-    environment.events.request.fire(request_type="METRIC", name=name, response_time=value,
-                                    response_length=length, exception=None, context={})
+def think_time(user) -> float:
+    lo, _, hi = user.environment.parsed_options.think_time.partition(",")
+    return random.uniform(float(lo), float(hi or lo))
+
+
+def next_request(user) -> tuple[str, list[dict]]:
+    """A kind drawn from the user's --mix, and its messages."""
+    kind = random.choices(user.kinds, user.weights)[0]
+    return kind, build_messages(kind, next(_counter), user.environment.parsed_options)
+
+
+def report_stream(environment, kind: str, ttft_s: float, rate: float | None, tokens: int, door: str = "") -> None:
+    """A successful stream's TTFT, decode rate and length as locust request events (read each
+    value in its own unit, whatever locust's column says); `door` prefixes the names."""
+    def metric(name: str, value: float, length: int = 0) -> None:
+        environment.events.request.fire(request_type="METRIC", name=door + name, response_time=value,
+                                        response_length=length, exception=None, context={})
+    metric("TTFT", ttft_s * 1000.0)
+    metric(f"TTFT [{kind}]", ttft_s * 1000.0)
+    if rate is not None:
+        metric("tokens/s", rate, tokens)
+    metric("output tokens", tokens, tokens)
 
 
 class ChatUser(HttpUser):
     """One user: streaming chat completions, kinds drawn from --mix."""
 
-    def wait_time(self):
-        lo, _, hi = self.environment.parsed_options.think_time.partition(",")
-        return random.uniform(float(lo), float(hi or lo))
+    wait_time = think_time
 
     def on_start(self):
-        opts = self.environment.parsed_options
-        self.kinds, self.weights = parse_mix(opts.mix)
+        self.kinds, self.weights = parse_mix(self.environment.parsed_options.mix)
         self.model_id = _model_id(self.host)
 
     @task
     def chat(self):
         opts = self.environment.parsed_options
-        kind = random.choices(self.kinds, self.weights)[0]
-        index = next(_counter)
-        body = {"model": self.model_id, "messages": build_messages(kind, index, opts),
+        kind, messages = next_request(self)
+        body = {"model": self.model_id, "messages": messages,
                 "max_tokens": opts.max_tokens, "stream": True,
                 "stream_options": {"include_usage": True}}
         if opts.ignore_eos == "true":
@@ -161,13 +196,51 @@ class ChatUser(HttpUser):
                 resp.failure("no content in the stream")
                 return
             resp.success()
-        ttft_ms = acc.ttft * 1000.0
-        _metric(self.environment, "TTFT", ttft_ms)
-        _metric(self.environment, f"TTFT [{kind}]", ttft_ms)
-        rate = acc.decode_rate()
-        if rate is not None:
-            _metric(self.environment, "tokens/s", rate, acc.completion_tokens)
-        _metric(self.environment, "output tokens", acc.completion_tokens, acc.completion_tokens)
+        report_stream(self.environment, kind, acc.ttft, acc.decode_rate(), acc.completion_tokens)
+
+
+class GrpcCallFailed(Exception):
+    """A GenerateStream call that ended with a status other than OK (or without an answer)."""
+
+
+class GrpcChatUser(User):
+    """One user of the service's gRPC door: the same traffic as ChatUser, each request sent as a
+    GenerateStream call the way the platform's gateway sends it, on the user's own channel."""
+
+    wait_time = think_time
+
+    def on_start(self):
+        opts = self.environment.parsed_options
+        self.kinds, self.weights = parse_mix(opts.mix)
+        self.channel = grpc.insecure_channel(opts.grpc_target)
+        self.stub = llama_pb2_grpc.LlamaServiceStub(self.channel)
+
+    def on_stop(self):
+        self.channel.close()
+
+    @task
+    def chat(self):
+        opts = self.environment.parsed_options
+        kind, messages = next_request(self)
+        request = grpc_stream.generate_request(messages, max_tokens=opts.max_tokens,
+                                               ignore_eos=opts.ignore_eos == "true")
+        call = grpc_stream.stream_sync(self.stub, request, timeout=GRPC_DEADLINE_S)
+        self.environment.events.request.fire(
+            request_type="GRPC", name=f"chat [{kind}]", response_time=(call.t_end - call.t_start) * 1000.0,
+            response_length=call.completion_tokens,
+            exception=GrpcCallFailed(call.failure) if call.failure else None, context={})
+        if not call.failure:
+            report_stream(self.environment, kind, call.ttft, call.decode_rate(), call.completion_tokens,
+                          door="gRPC ")
+
+
+@events.init.add_listener
+def _http_users_unless_named(environment, **_kw):
+    """A run that names no user class stays the HTTP load test it always was; naming GrpcChatUser
+    (or both classes) on the command line sends gRPC traffic."""
+    options = environment.parsed_options
+    if options is not None and not options.user_classes:
+        environment.user_classes[:] = [ChatUser]
 
 
 def _model_id(host: str) -> str:

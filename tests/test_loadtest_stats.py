@@ -1,6 +1,7 @@
 """Pure parts of loadtest/ (statistics, the batch-size histogram from /metrics,
-the SSE reader, the workload prompts): wrong figures here would make every
-benchmark and load-test report wrong. No server, well under a second."""
+the SSE reader, the gRPC request mapping and call record, the workload prompts,
+the benchmark's ratios): wrong figures here would make every benchmark and
+load-test report wrong. No server, well under a second."""
 
 import math
 import re
@@ -11,11 +12,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtest import prompts  # noqa: E402
+from loadtest import prompts, report, servers, workloads  # noqa: E402
+from loadtest.clients import RequestResult, grpc_result  # noqa: E402
+from loadtest.grpc_stream import StreamResult, generate_request  # noqa: E402
 from loadtest.openai_stream import StreamAccumulator  # noqa: E402
-from loadtest.stats import (BATCH_SIZE_METRIC, Histogram, batch_report, format_batch_report,  # noqa: E402
-                            histogram, histogram_delta, inter_token_gaps, parse_prometheus, percentile,
-                            ratio, scalar, spread, summarize)
+from loadtest.stats import (BATCH_SIZE_METRIC, Histogram, batch_report, decode_rate,  # noqa: E402
+                            format_batch_report, histogram, histogram_delta, inter_token_gaps,
+                            parse_prometheus, percentile, ratio, scalar, spread, summarize)
+from server.proto import llama_pb2  # noqa: E402
 
 # ---------------------------------------------------------------- statistics
 
@@ -60,6 +64,13 @@ def test_spread_and_ratio():
 def test_inter_token_gaps():
     assert inter_token_gaps([1.0, 1.5, 1.75]) == [0.5, 0.25]
     assert inter_token_gaps([1.0]) == []
+
+
+def test_decode_rate_counts_the_servers_tokens_after_the_first():
+    assert decode_rate([1.0, 1.5, 2.0], 11) == pytest.approx(10.0)   # an arrival may carry several tokens
+    assert decode_rate([1.0], 5) is None
+    assert decode_rate([1.0, 1.0], 5) is None                         # no time passed
+    assert decode_rate([1.0, 2.0], 1) is None
 
 
 # ---------------------------------------------------------------- Prometheus
@@ -187,6 +198,125 @@ def test_stream_accumulator_without_usage_counts_chunks_and_errors():
     err = StreamAccumulator(0.0)
     err.feed(b'data: {"error":{"message":"context full","code":500}}\n\n', 0.1)
     assert err.error == "context full" and err.ttft is None
+
+
+# ---------------------------------------------------------------- gRPC
+
+def test_generate_request_maps_a_conversation_like_the_gateway():
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi, I am Ada."},
+                {"role": "assistant", "content": "Hello Ada!"},
+                {"role": "user", "content": "What is my name?"}]
+    req = generate_request(messages, max_tokens=128, temperature=0.5)
+    assert req.system_prompt == "Be brief." and req.user_prompt == "What is my name?"
+    assert [(t.role, t.content) for t in req.history] == [("user", "Hi, I am Ada."), ("assistant", "Hello Ada!")]
+    assert req.params.max_new_tokens == 128 and req.params.temperature == 0.5
+    assert dict(req.params.engine_specific_params) == {"ignore_eos": True}
+    assert not req.HasField("rag_context") and messages[0]["role"] == "system"   # the caller's list untouched
+
+
+def test_generate_request_without_system_or_length_settings():
+    req = generate_request(prompts.chat_messages("tag", 1), max_tokens=16, ignore_eos=False)
+    assert req.system_prompt == "" and not req.history and req.user_prompt.startswith("[tag-1]")
+    assert not req.params.HasField("engine_specific_params") and not req.params.HasField("temperature")
+    shared = generate_request(prompts.shared_prefix_messages("tag", "Q?"), max_tokens=16)
+    assert shared.system_prompt.startswith("[session tag]") and shared.user_prompt.endswith("Q?")
+    with pytest.raises(ValueError):
+        generate_request([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                         max_tokens=8)
+    with pytest.raises(ValueError):
+        generate_request([{"role": "system", "content": "Be brief."}], max_tokens=8)
+
+
+def _token(text: str) -> llama_pb2.GenerateStreamResponse:
+    return llama_pb2.GenerateStreamResponse(token=text.encode())
+
+
+def test_stream_result_times_token_messages_and_counts_from_finish_details():
+    call = StreamResult(t_start=10.0)
+    for now, text in ((10.2, "Hel"), (10.3, "lo"), (10.4, " world")):
+        call.record(_token(text), now)
+    call.record(llama_pb2.GenerateStreamResponse(finish_details=llama_pb2.FinishDetails(
+        finish_reason="length", prompt_tokens=12, completion_tokens=5)), 10.45)   # a token was held back
+    call.ended(10.5)
+    assert call.failure is None and call.ttft == pytest.approx(0.2)
+    assert call.completion_tokens == 5 and call.prompt_tokens == 12
+    assert call.decode_rate() == pytest.approx(4 / 0.2)
+    result = grpc_result(call, "chat")
+    assert result.ok and result.usage_seen and result.e2e == pytest.approx(0.5)
+    assert result.gaps == pytest.approx([0.1, 0.1]) and result.completion_tokens == 5
+
+
+class _Status(Exception):
+    def code(self):
+        import grpc
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def details(self):
+        return "The server is at capacity"
+
+
+def test_stream_result_failures():
+    refused = StreamResult(0.0)
+    refused.failed(_Status())
+    refused.ended(0.1)
+    assert refused.failure == "RESOURCE_EXHAUSTED: The server is at capacity"
+    assert grpc_result(refused, "chat").error == "gRPC RESOURCE_EXHAUSTED: The server is at capacity"
+    cut = StreamResult(0.0)
+    cut.record(_token("a"), 0.1)
+    cut.ended(0.2)
+    assert cut.failure == "the stream ended without finish_details" and cut.completion_tokens == 0
+    empty = StreamResult(0.0)
+    empty.record(llama_pb2.GenerateStreamResponse(finish_details=llama_pb2.FinishDetails(finish_reason="stop")), 0.1)
+    empty.ended(0.1)
+    assert empty.failure == "no content in the stream" and not grpc_result(empty, "chat").ok
+
+
+# ---------------------------------------------------------------- benchmark report
+
+def _run(target: str, role: str, door: str, tok_s: float, ttft: float) -> dict:
+    """One level run: two requests of 10 tokens, in the wall time that makes `tok_s`."""
+    results = [RequestResult("chat", True, ttft=ttft, e2e=1.0, gaps=[0.01], completion_tokens=10,
+                             usage_seen=True) for _ in range(2)]
+    return {"target": target, "role": role, "door": door, "workload": "chat", "concurrency": 1, "tag": "t",
+            "wall_s": 20 / tok_s, "results": results, "server": {}}
+
+
+def test_ratios_read_ours_over_theirs_against_another_server():
+    aggs = [report.aggregate([_run("sentiric", "ours", "http", 200, 0.05)]),
+            report.aggregate([_run("llama-server", "theirs", "http", 100, 0.10)])]
+    comp, = report.comparisons(aggs)
+    assert comp["ratio"]["tok_s"] == pytest.approx(2.0) and comp["ratio"]["ttft_p50"] == pytest.approx(0.5)
+    text = report.text_table(aggs, [comp])
+    assert "ratio vs llama-server" in text and "ratio = ours/theirs" in text
+
+
+def test_ratios_read_grpc_over_http_against_the_grpc_door():
+    aggs = [report.aggregate([_run("sentiric", "ours", "http", 200, 0.05)]),
+            report.aggregate([_run("sentiric-grpc", "theirs", "grpc", 100, 0.10)])]
+    comp, = report.comparisons(aggs)
+    assert comp["grpc_over_http"]
+    assert comp["ratio"]["tok_s"] == pytest.approx(0.5) and comp["ratio"]["ttft_p50"] == pytest.approx(2.0)
+    text = report.text_table(aggs, [comp])
+    assert "ratio gRPC/HTTP" in text and "ratio = gRPC/HTTP (sentiric-grpc / sentiric" in text
+    meta = {"machine": {"cpu": "cpu", "cores": 2}, "model": "/m/model.gguf", "date": "today", "command": "bench",
+            "settings": {"max_tokens": 10, "requests": 2, "threads": 2, "parallel": 16, "ctx_size": 16384,
+                         "repeat": 1}}
+    table = report.markdown_table(aggs, [comp], meta)
+    assert "| tok/s sentiric | tok/s sentiric-grpc | ratio gRPC/HTTP |" in table
+    assert "| chat | 1 | 200 | 100 | 0.50 |" in table and "ratio = gRPC/HTTP" in table
+
+
+def test_workloads_and_service_command():
+    class Args:
+        shared_context_tokens, long_tokens, long_every = 850, 1500, 4
+    kinds = [k for k, _ in workloads.build_requests("long-prompt", 8, "tag", Args)]
+    assert kinds == ["long", "short", "short", "short"] * 2
+    assert [k for k, _ in workloads.build_requests("shared-prefix", 3, "tag", Args)] == ["shared"] * 3
+    argv = servers.service_command(servers.DEFAULT_SERVICE_CMD, port=1234, grpc_port=5678, model="m.gguf",
+                                   threads=2, parallel=16, ctx_size=16384)
+    assert argv[1:3] == ["-m", "server"] and argv[argv.index("--grpc-port") + 1] == "5678"
+    assert argv[argv.index("--port") + 1] == "1234" and argv[argv.index("--host") + 1] == "127.0.0.1"
 
 
 # ---------------------------------------------------------------- prompts
