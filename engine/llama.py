@@ -110,6 +110,24 @@ class Model(_Owner):
             lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace")
 
+    # the sampling a model's authors recommend, as recent converters write it into the GGUF
+    _RECOMMENDED = {"temperature": ("general.sampling.temp", float), "top_k": ("general.sampling.top_k", int),
+                    "top_p": ("general.sampling.top_p", float), "min_p": ("general.sampling.min_p", float),
+                    "repeat_penalty": ("general.sampling.penalty_repeat", float),
+                    "repeat_last_n": ("general.sampling.penalty_last_n", int)}
+
+    def recommended_sampling(self) -> dict:
+        """{temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n} the GGUF recommends (those it has)."""
+        out = {}
+        for name, (key, kind) in self._RECOMMENDED.items():
+            value = self.meta(key)
+            if value is not None:
+                try:
+                    out[name] = kind(float(value))
+                except ValueError:
+                    pass
+        return out
+
     @property
     def n_ctx_train(self) -> int:
         return lib.llama_model_n_ctx_train(self.ptr)
@@ -391,17 +409,19 @@ class SamplerChain(_Owner):
             items = list(p.logit_bias.items())
             arr = (llama_logit_bias * len(items))(*[llama_logit_bias(t, b) for t, b in items])
             self._add(lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr), "bad logit_bias")
-        if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            self._add(lib.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty,
-                                                       p.frequency_penalty, p.presence_penalty), "bad penalties")
         if p.grammar:
             self._add(lib.llama_sampler_init_grammar(vocab.ptr, p.grammar.encode(), b"root"),
                       "invalid GBNF grammar (llama.cpp could not parse it, or it has no 'root' rule)")
+        # top-k before the penalties: llama.cpp's penalty sampler looks every candidate up in a hash map,
+        # 95 us per token over the whole 49k vocabulary against ~1 us over 40 candidates
+        if p.top_k > 0:
+            self._add(lib.llama_sampler_init_top_k(p.top_k), "top_k")
+        if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            self._add(lib.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty,
+                                                       p.frequency_penalty, p.presence_penalty), "bad penalties")
         if p.temperature <= 0:
             self._add(lib.llama_sampler_init_greedy(), "greedy sampler")
             return
-        if p.top_k > 0:
-            self._add(lib.llama_sampler_init_top_k(p.top_k), "top_k")
         if p.typical_p < 1.0:
             self._add(lib.llama_sampler_init_typical(p.typical_p, 1), "typical_p")
         if p.top_p < 1.0:

@@ -49,3 +49,15 @@ def is_right(answer: str, accepted: tuple[str, ...]) -> bool:
 def score(answers: list[tuple[int, str]]) -> int:
     """How many (question index, answer) pairs are right."""
     return sum(is_right(text, QUESTIONS[i][1]) for i, text in answers)
+
+
+def looped(answer: str, n: int = 4, times: int = 3) -> bool:
+    """The answer repeats some run of n words at least `times` times (a small model stuck in a loop)."""
+    words = answer.lower().split()
+    runs: dict[tuple, int] = {}
+    for i in range(len(words) - n + 1):
+        run = tuple(words[i:i + n])
+        runs[run] = runs.get(run, 0) + 1
+        if runs[run] >= times:
+            return True
+    return False

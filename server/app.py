@@ -52,7 +52,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, metrics: Metrics) 
     app.middlewares.extend([_cors(app, settings.cors_origins), _errors(metrics, settings.max_body_bytes),
                             _request_context(settings.require_tenant), _auth(settings.api_key), _loading(engine)])
     OpenAIRoutes(engine, settings.shaper(engine), metrics, settings.model_alias).add_to(app)
-    ServiceRoutes(engine, metrics, settings.model_alias).add_to(app, with_metrics=settings.metrics_on_http_port)
+    ServiceRoutes(engine, metrics, settings.model_alias, settings.defaults).add_to(
+        app, with_metrics=settings.metrics_on_http_port)
     add_studio(app, settings.studio_dir)
     return app
 
@@ -71,8 +72,8 @@ def _prometheus(metrics: Metrics) -> web.Response:
 class ServiceRoutes:
     """Health, numbers and tokenizer routes."""
 
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, model_alias: str):
-        self.engine, self.metrics, self.model = engine, metrics, model_alias
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, model_alias: str, defaults: SamplingDefaults):
+        self.engine, self.metrics, self.model, self.defaults = engine, metrics, model_alias, defaults
 
     def add_to(self, app: web.Application, *, with_metrics: bool = True) -> None:
         app.router.add_get("/health", self.health)
@@ -131,7 +132,7 @@ class ServiceRoutes:
             raise ApiError(400, str(exc), param="tokens") from None
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return json_response(openapi_spec())
+        return json_response(openapi_spec(self.defaults))
 
 
 def _request_context(require_tenant: bool):

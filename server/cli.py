@@ -15,13 +15,14 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.llama import SamplingParams, supports_gpu_offload
+from engine.llama import Model, SamplingParams, supports_gpu_offload
 from engine.logs import event, setup_logging
 from engine.model_files import DEFAULT_ALIAS, resolve_model
 from engine.request import Request
@@ -44,8 +45,9 @@ def _option(parser, flag: str, env: str, default, help: str, type=str, *, prefix
                             default=value.lower() in ("1", "true", "yes", "on") if value else default,
                             help=f"{help} [env {name}]")
         return
+    shown = "" if default is None else " (default: %(default)s)"
     parser.add_argument(flag, type=type, default=type(value) if value else default,
-                        help=f"{help} (default: %(default)s) [env {name}]", **kw)
+                        help=f"{help}{shown} [env {name}]", **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,17 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     _option(eng, "--max-waiting", "MAX_WAITING", 256, "queued requests beyond this get 429 / RESOURCE_EXHAUSTED",
             type=int)
     d = SamplingDefaults()
-    smp = p.add_argument_group("sampling defaults (for every field a request leaves out, HTTP and gRPC alike)")
-    _option(smp, "--temp", "DEFAULT_TEMPERATURE", d.temperature, "temperature (0 = greedy)", type=float)
-    _option(smp, "--top-k", "DEFAULT_TOP_K", d.top_k, "top-k (0 = the whole vocabulary)", type=int)
-    _option(smp, "--top-p", "DEFAULT_TOP_P", d.top_p, "top-p (1 = off)", type=float)
-    _option(smp, "--min-p", "DEFAULT_MIN_P", d.min_p, "min-p (0 = off)", type=float)
-    _option(smp, "--repeat-penalty", "DEFAULT_REPEAT_PENALTY", d.repeat_penalty, "repeat penalty (1 = off)",
+    smp = p.add_argument_group("sampling defaults", "for every field a request leaves out, HTTP and gRPC alike: "
+                               "a flag wins, else what the model's GGUF recommends (general.sampling.*), else the "
+                               "built-in value (chosen by loadtest/score_defaults.py; see the README)")
+    _option(smp, "--temp", "DEFAULT_TEMPERATURE", None, f"temperature, 0 = greedy (built-in {d.temperature})",
             type=float)
-    _option(smp, "--repeat-last-n", "DEFAULT_REPEAT_LAST_N", d.repeat_last_n, "tokens the penalties look back at",
-            type=int)
-    _option(smp, "--max-tokens", "DEFAULT_MAX_TOKENS", d.max_tokens, "tokens per answer when a request sets no "
-                                                                     "max_tokens (none = until the context is full)",
+    _option(smp, "--top-k", "DEFAULT_TOP_K", None, f"top-k, 0 = the whole vocabulary (built-in {d.top_k})", type=int)
+    _option(smp, "--top-p", "DEFAULT_TOP_P", None, f"top-p, 1 = off (built-in {d.top_p})", type=float)
+    _option(smp, "--min-p", "DEFAULT_MIN_P", None, f"min-p, 0 = off (built-in {d.min_p})", type=float)
+    _option(smp, "--repeat-penalty", "DEFAULT_REPEAT_PENALTY", None,
+            f"repeat penalty, 1 = off (built-in {d.repeat_penalty})", type=float)
+    _option(smp, "--repeat-last-n", "DEFAULT_REPEAT_LAST_N", None,
+            f"tokens the penalties look back at (built-in {d.repeat_last_n})", type=int)
+    _option(smp, "--max-tokens", "DEFAULT_MAX_TOKENS", None, f"tokens per answer when a request sets no max_tokens; "
+                                                             f"0 = until the context is full (built-in {d.max_tokens})",
             type=int)
     req = p.add_argument_group("requests")
     _option(req, "--max-n", "MAX_N", 16, "largest 'n' (choices per request)", type=int)
@@ -145,9 +150,7 @@ def serve(argv: list[str] | None = None) -> int:
             flash_attn=args.flash_attn, kv_unified=args.kv_unified, cache_slots=args.cache_slots,
             cache_cells=args.cache_cells,
             max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, log_batches=args.log_batches)
-        defaults = SamplingDefaults(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                    repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
-                                    max_tokens=args.max_tokens)
+        defaults, sources = _sampling_defaults(args, model_path)
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc, extra=event("STARTUP_FAILED"))
         return 2
@@ -163,8 +166,25 @@ def serve(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
+    from_model = [name for name, source in sources.items() if source == "model"]
+    if from_model:
+        log.info("sampling defaults from the model's GGUF: %s", ", ".join(from_model),
+                 extra=event("SAMPLING_DEFAULTS_FROM_MODEL", fields=from_model))
     return asyncio.run(_serve(args.host, args.port, metrics_port, grpc_settings if args.grpc_port else None,
                               AsyncEngine(engine_config), settings))
+
+
+def _sampling_defaults(args, model_path: Path) -> tuple[SamplingDefaults, dict[str, str]]:
+    """The flags given, else the GGUF's recommendations, else the built-in values."""
+    flags = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+             "repeat_penalty": args.repeat_penalty, "repeat_last_n": args.repeat_last_n,
+             "max_tokens": args.max_tokens}
+    with Model(model_path, vocab_only=True) as model:
+        recommended = model.recommended_sampling()
+    defaults, sources = SamplingDefaults.choose(flags, recommended)
+    if defaults.max_tokens == 0:
+        defaults = replace(defaults, max_tokens=None)
+    return defaults, sources
 
 
 async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSettings | None, engine: AsyncEngine,

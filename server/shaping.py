@@ -36,18 +36,36 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """What a request gets for each field it leaves out (the server's flags)."""
+    """What a request gets for each field it leaves out. The built-in values were chosen by
+    loadtest/score_defaults.py (26 factual questions x 5 seeds on the default model): these
+    scored 85% right against 74% for llama-server's own defaults (temperature 0.8, top_p 0.95,
+    min_p 0.05, no repeat penalty) and 55% for plain temperature 1; without the repeat penalty
+    13 of 130 answers looped, with it 1."""
 
-    temperature: float = 1.0
+    temperature: float = 0.2
     top_k: int = 40          # llama.cpp's and Ollama's: the whole 49k vocabulary costs ~10x more per token on CPU
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
     repeat_last_n: int = 64
-    max_tokens: int | None = None
+    max_tokens: int | None = 1024  # a looping model must not run to the end of a 16k context
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def choose(cls, flags: dict, recommended: dict) -> tuple[SamplingDefaults, dict[str, str]]:
+        """Per field: the server's flag when given, else the model's recommendation (its GGUF),
+        else the built-in value; and where each one came from."""
+        values, sources = {}, {}
+        for f in fields(cls):
+            for source, given in (("flag", flags), ("model", recommended)):
+                if given.get(f.name) is not None:
+                    values[f.name], sources[f.name] = given[f.name], source
+                    break
+            else:
+                sources[f.name] = "built-in"
+        return cls(**values), sources
 
 
 class Fields:
@@ -287,19 +305,22 @@ class Shaper:
         """Sampling settings: the request's values, the server's defaults for the rest."""
         d = self.defaults
         last_n = f.number("repeat_last_n", d.repeat_last_n, lo=-1, hi=INT32_MAX, integer=True)
+        grammar = f.grammar()
+        # structured output repeats quotes, colons and commas by design: no default penalty for them
+        repeat_penalty = 1.0 if grammar else d.repeat_penalty
         params = SamplingParams(
             temperature=f.number("temperature", d.temperature, lo=0, hi=100),
             top_p=f.number("top_p", d.top_p, lo=0, hi=1, lo_open=True),
             top_k=f.number("top_k", d.top_k, lo=0, hi=INT32_MAX, integer=True),
             min_p=f.number("min_p", d.min_p, lo=0, hi=1),
             typical_p=f.number("typical_p", 1.0, lo=0, hi=1, lo_open=True),
-            repeat_penalty=f.number("repeat_penalty", d.repeat_penalty, lo=0, lo_open=True),
+            repeat_penalty=f.number("repeat_penalty", repeat_penalty, lo=0, lo_open=True),
             presence_penalty=f.number("presence_penalty", 0.0, lo=-2, hi=2),
             frequency_penalty=f.number("frequency_penalty", 0.0, lo=-2, hi=2),
             penalty_last_n=self.engine.n_ctx if last_n == -1 else last_n,
             seed=f.number("seed", None, integer=True),  # llama.cpp takes 32 bits: see _generation
             logit_bias=f.logit_bias(),
-            grammar=f.grammar(),
+            grammar=grammar,
         )
         try:
             self.engine.validate_sampling(params)

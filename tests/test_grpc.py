@@ -57,6 +57,19 @@ class Answer:
 
 
 @pytest.fixture(scope="module")
+def exact(start_server):
+    """A service without a prefix cache, where every call computes the same way, so answers can be compared
+    exactly (see "Reproducibility" in the README)."""
+    return start_server("--cache-slots", "0", "--parallel", "2", "--ctx-size", "2048")
+
+
+@pytest.fixture(scope="module")
+def exact_stub(exact):
+    with grpc.insecure_channel(exact.grpc_target) as channel:
+        yield llama_pb2_grpc.LlamaServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
 def stub(server):
     with grpc.insecure_channel(server.grpc_target) as channel:
         yield llama_pb2_grpc.LlamaServiceStub(channel)
@@ -81,12 +94,12 @@ def test_answers_with_tokens_then_one_finish_details(stub):
     assert len(answer.tokens) >= 2
 
 
-def test_both_doors_shape_the_same_conversation_identically(stub, server):
+def test_both_doors_shape_the_same_conversation_identically(exact_stub, exact):
     history = [("user", "Hi, I am Ada."), ("assistant", "Hello Ada! How can I help?")]
-    grpc_answer = ask(stub, request("What is the access code for the vault?", system="Answer from the documents.",
+    grpc_answer = ask(exact_stub, request("What is the access code for the vault?", system="Answer from the documents.",
                                     history=history, rag="The access code for the vault is 7391.",
                                     temperature=0, max_new_tokens=40))
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=exact.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
     http = client.chat.completions.create(
         model="any", temperature=0, max_tokens=40,
         messages=[{"role": r, "content": c} for r, c in history]
@@ -147,21 +160,24 @@ def test_stop_sequence_ends_with_stop_and_is_never_sent(stub):
     assert "Berlin" not in cut.text and full.text.startswith(cut.text) and len(cut.text) < len(full.text)
 
 
-def test_same_seed_repeats_at_temperature_0_9(stub):
+def test_same_seed_repeats_at_temperature_0_9(exact_stub):
     story = "Write a short poem about the sea."
-    first = ask(stub, request(story, temperature=0.9, seed=1234, max_new_tokens=40))
-    again = ask(stub, request(story, temperature=0.9, seed=1234, max_new_tokens=40))
-    others = {ask(stub, request(story, temperature=0.9, seed=s, max_new_tokens=40)).text for s in (1, 2, 3)}
+    first = ask(exact_stub, request(story, temperature=0.9, seed=1234, max_new_tokens=40))
+    again = ask(exact_stub, request(story, temperature=0.9, seed=1234, max_new_tokens=40))
+    others = {ask(exact_stub, request(story, temperature=0.9, seed=s, max_new_tokens=40)).text for s in (1, 2, 3)}
     assert first.text == again.text
     assert others - {first.text}, "other seeds should give other poems"
 
 
-def test_top_k_top_p_and_repetition_penalty_take_effect(stub):
-    story = "List ten animals."
-    greedy = ask(stub, request(story, temperature=0, max_new_tokens=48)).text
-    assert ask(stub, request(story, temperature=1.5, top_k=1, seed=7, max_new_tokens=48)).text == greedy
-    assert ask(stub, request(story, temperature=1.5, top_p=1e-6, seed=7, max_new_tokens=48)).text == greedy
-    assert ask(stub, request(story, temperature=0, repetition_penalty=1.8, max_new_tokens=48)).text != greedy
+def test_top_k_top_p_and_repetition_penalty_take_effect(exact_stub):
+    story = "List ten animals."  # no penalty unless asked: each parameter's effect alone
+
+    def answer(**params):
+        return ask(exact_stub, request(story, max_new_tokens=48, **{"repetition_penalty": 1.0, **params})).text
+    greedy = answer(temperature=0)
+    assert answer(temperature=1.5, top_k=1, seed=7) == greedy
+    assert answer(temperature=1.5, top_p=1e-6, seed=7) == greedy
+    assert answer(temperature=0, repetition_penalty=1.8) != greedy
 
 
 def test_engine_specific_params(stub, server):

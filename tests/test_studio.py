@@ -141,6 +141,18 @@ def test_page_loads_without_console_errors(studio_page, studio_server):
     assert page.console.errors == []
 
 
+def test_params_start_from_the_servers_defaults(studio_page, studio_server):
+    page = studio_page
+    with urllib.request.urlopen(studio_server + "/v1/models", timeout=5) as r:
+        defaults = json.load(r)["data"][0]["meta"]["sampling_defaults"]
+    for key in ("temperature", "top_p", "min_p", "repeat_penalty", "top_k", "max_tokens"):
+        page.wait_for_function(f"() => Number(document.querySelector('[data-testid=param-{key}]').value) === "
+                               f"{defaults[key]}")
+    page.fill("[data-testid=param-temperature]", "1.3")
+    page.click("[data-testid=params-reset]")
+    assert float(page.input_value("[data-testid=param-temperature]")) == defaults["temperature"]
+
+
 def test_chat_streams_markdown_answer(studio_page):
     page = studio_page
     # Record every state the answer goes through (waiting -> streaming -> done).
