@@ -21,7 +21,13 @@ def server_counters(before: list | None, after: list | None) -> dict:
     end = histogram(after, "sentiric_batch_size")
     if end is not None:
         rep = batch_report(histogram_delta(histogram(before, "sentiric_batch_size"), end))
-        return {"steps": rep["steps"], "mean_batch": rep["mean"], "batch_distribution": rep["distribution"]}
+        out = {"steps": rep["steps"], "mean_batch": rep["mean"], "batch_distribution": rep["distribution"]}
+        # the service's own TTFT (admission to first token), free of the client's share
+        ttft = [scalar(after, f"sentiric_time_to_first_token_seconds_{k}")
+                - scalar(before, f"sentiric_time_to_first_token_seconds_{k}") for k in ("sum", "count")]
+        if ttft[1]:
+            out["server_ttft_ms_mean"] = 1000 * ttft[0] / ttft[1]
+        return out
     d = {}
     for name in ("llamacpp:tokens_predicted_total", "llamacpp:n_decode_total"):
         a, b = scalar(before, name), scalar(after, name)
@@ -320,7 +326,8 @@ def busy_warning(load: list[float] | None, cores: int | None) -> str | None:
 def _batch_note(server: dict) -> str:
     """What the server's counters say about a level, for its progress line."""
     if server.get("mean_batch") is not None:
-        return f", {server['steps']:g} steps, {server['mean_batch']:.1f} sequences/step"
+        ttft = f", server TTFT mean {server['server_ttft_ms_mean']:.0f} ms" if "server_ttft_ms_mean" in server else ""
+        return f", {server['steps']:g} steps, {server['mean_batch']:.1f} sequences/step{ttft}"
     if server.get("tokens_per_decode") is not None:
         return f", {server['tokens_per_decode']:.1f} generated tokens/llama_decode"
     return ""
