@@ -5,6 +5,12 @@ template and the scheduler. One engine thread runs the step loop: plan a step
 per worker, write it to the worker's shared memory, ring, wait for the
 answers (or a worker's death), turn tokens into text, and hand the pieces to
 the event loop in one call per step. The event loop never blocks on a step.
+
+Overlap scheduling: each worker has two step buffers, and the loop keeps two
+steps in flight, so step N+1 is planned, written and rung while the worker
+decodes step N, and the worker starts N+1 the moment N is done instead of
+waiting for the parent to finish N and plan N+1 (see engine/scheduler.py for
+how rows refer to tokens still being sampled).
 """
 
 from __future__ import annotations
@@ -37,14 +43,17 @@ _STARTUP_TIMEOUT_S = 300
 
 
 class _Worker:
-    """The parent's handle on one worker process and its step buffer."""
+    """The parent's handle on one worker process and its two step buffers (steps alternate
+    between them, so one can be written while the worker runs the other)."""
 
     def __init__(self, index: int, config: EngineConfig):
         self.index, self.config = index, config
-        self.buffer = StepBuffer.create(config.batch_size)
+        self.buffers = (StepBuffer.create(config.batch_size), StepBuffer.create(config.batch_size))
         self.process = None
         self.restarts = 0
         self.step_id = 0
+        self.rung = 0      # steps rung since this process was spawned: picks the next buffer
+        self.epoch = 0     # incremented at every spawn: steps sent to a dead process are dropped
 
     def spawn(self) -> None:
         ctx = mp.get_context("spawn")
@@ -52,12 +61,19 @@ class _Worker:
         self.from_worker, self.from_worker_w = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=worker_module.run, name=f"sentiric-worker-{self.index}", daemon=True,
-            args=(self.index, self.config.worker_config(), self.buffer.spec(),
+            args=(self.index, self.config.worker_config(), tuple(b.spec() for b in self.buffers),
                   self.to_worker_r, self.from_worker_w, logs.current_settings()))
         self.process.start()
         self.to_worker_r.close()
         self.from_worker_w.close()  # so the worker's death reads as EOF
         self.started_at = time.monotonic()
+        self.rung = 0
+        self.epoch += 1
+
+    @property
+    def next_buffer(self) -> StepBuffer:
+        """The buffer the worker reads its next step from."""
+        return self.buffers[self.rung & 1]
 
     def poll_ready(self) -> dict | None:
         """The worker's hello once it has loaded the model; raises if it failed or died."""
@@ -76,6 +92,7 @@ class _Worker:
         return None
 
     def ring(self) -> None:
+        self.rung += 1
         try:
             os.write(self.to_worker.fileno(), b"s")
         except OSError:  # the worker is dead: wait_done() reads the end of its pipe
@@ -93,7 +110,7 @@ class _Worker:
         if self.process is None:
             return
         if self.process.is_alive():
-            self.buffer.header[0] = -1
+            self.next_buffer.header[0] = -1
             self.ring()
             self.process.join(5)
             if self.process.is_alive():
@@ -141,6 +158,7 @@ class AsyncEngine:
         self._recent = collections.deque(maxlen=512)  # (time, tokens) per step, for tokens/s
         self._last_batch = 0
         self._parent_us = collections.deque(maxlen=256)
+        self._parent_s = 0.0  # the engine thread's time on the current step (planning, writing, completing)
 
     # --- lifecycle ---
     async def start(self) -> None:
@@ -198,7 +216,8 @@ class AsyncEngine:
     def _stop_workers(self) -> None:
         for w in self._workers:
             w.stop()
-            w.buffer.unlink()
+            for buf in w.buffers:
+                buf.unlink()
 
     # --- text helpers (parent side) ---
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -272,29 +291,24 @@ class AsyncEngine:
 
     # --- the step loop (engine thread) ---
     def _run(self) -> None:
+        depth = 2 if self.config.overlap else 1
+        in_flight: collections.deque[list[tuple[StepPlan, StepBuffer, int]]] = collections.deque()
         try:
             while True:
                 with self._wake:
-                    plans = self._plan_or_sleep()
+                    plans = self._plan_or_sleep(idle=not in_flight)
                     if plans is None:
                         return
                     t0 = time.perf_counter()
-                    for plan in plans:
-                        self._write_step(plan)
-                    t_write = time.perf_counter() - t0
-                for plan in plans:
+                    sent = [(plan, self._write_step(plan), self._workers[plan.worker.index].epoch)
+                            for plan in plans]
+                    self._parent_s += time.perf_counter() - t0
+                for plan, _, _ in sent:
                     self._workers[plan.worker.index].ring()
-                done = [self._workers[p.worker.index].wait_done() for p in plans]
-                with self._wake:
-                    t1 = time.perf_counter()
-                    deliveries = []
-                    for plan, ok in zip(plans, done):
-                        if ok:
-                            self._complete_step(plan, deliveries)
-                        else:
-                            self._worker_died(plan.worker, deliveries)
-                    self._deliver(deliveries)
-                    self._parent_us.append((t_write + time.perf_counter() - t1) * 1e6)
+                if sent:
+                    in_flight.append(sent)
+                if in_flight and (len(in_flight) >= depth or not sent):
+                    self._finish_step(in_flight.popleft())
         except Exception:
             log.exception("the engine loop failed; failing all requests", extra=logs.event("ENGINE_FAILED"))
             with self._wake:
@@ -302,7 +316,27 @@ class AsyncEngine:
                 self._deliver([(s, Output(finish_reason="error", error="internal engine error"))
                                for s in self._streams.values()])
 
-    def _plan_or_sleep(self):
+    def _finish_step(self, sent: list[tuple[StepPlan, StepBuffer, int]]) -> None:
+        """Wait for the oldest step in flight on every worker it went to, then take its results."""
+        current = [self._workers[plan.worker.index].epoch == epoch for plan, _, epoch in sent]
+        done = [self._workers[plan.worker.index].wait_done() if ok else False
+                for (plan, _, _), ok in zip(sent, current)]
+        with self._wake:
+            t1 = time.perf_counter()
+            deliveries = []
+            for (plan, buf, _), ok, live in zip(sent, done, current):
+                if ok:
+                    self._complete_step(plan, buf, deliveries)
+                elif live:  # its process died during the step (a step sent before a respawn is dropped)
+                    self._worker_died(plan.worker, deliveries)
+            self._deliver(deliveries)
+            self._parent_s += time.perf_counter() - t1
+            self._parent_us.append(self._parent_s * 1e6)
+            self._parent_s = 0.0
+
+    def _plan_or_sleep(self, idle: bool):
+        """The next steps, [] when there is nothing to plan while steps are in flight, or None to stop.
+        With nothing in flight it sleeps until there is work."""
         while not self._stopping:
             self._poll_respawns()
             plans = self._scheduler.plan()
@@ -310,15 +344,15 @@ class AsyncEngine:
                 deliveries = [(self._streams.get(s), self._final(s)) for s in self._scheduler.ended]
                 self._scheduler.ended.clear()
                 self._deliver(deliveries)
-            if plans:
+            if plans or not idle:
                 return plans
             respawning = any(not w.alive for w in self._scheduler.workers)
             self._wake.wait(0.05 if respawning else None)
         return None
 
-    def _write_step(self, plan: StepPlan) -> None:
+    def _write_step(self, plan: StepPlan) -> StepBuffer:
         w = self._workers[plan.worker.index]
-        buf = w.buffer
+        buf = w.next_buffer
         blob_used = 0
         for i, (kind, seq_id, a, b, seq) in enumerate(plan.ops):
             if kind == OP_START:
@@ -333,7 +367,7 @@ class AsyncEngine:
         for row in plan.rows:
             seq, n = row.seq, row.count
             if n == 1:
-                buf.token[k] = seq.tokens[row.start]
+                buf.token[k] = seq.token_at(row.start)
                 buf.pos[k] = row.start
                 buf.seq[k] = seq.seq_id
                 buf.logits[k] = row.output
@@ -354,9 +388,10 @@ class AsyncEngine:
                 batch_log.info("Processing batch of size: %d", size, extra=logs.event("DECODE_STEP", batch_size=size))
             elif batch_log.isEnabledFor(logging.DEBUG):
                 batch_log.debug("Processing batch of size: %d", size, extra=logs.event("DECODE_STEP", batch_size=size))
+        return buf
 
-    def _complete_step(self, plan: StepPlan, deliveries: list) -> None:
-        sched, buf = self._scheduler, self._workers[plan.worker.index].buffer
+    def _complete_step(self, plan: StepPlan, buf: StepBuffer, deliveries: list) -> None:
+        sched = self._scheduler
         status, n_out = int(buf.out_header[0]), int(buf.out_header[1])
         failed_starts = {plan.ops[i][1] for i in np.flatnonzero(buf.op_status[:len(plan.ops)])
                          if plan.ops[i][0] == OP_START}

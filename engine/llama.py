@@ -230,6 +230,7 @@ class ContextParams:
     n_threads: int = 2
     kv_unified: bool = True
     flash_attn: str = "auto"  # auto | on | off
+    offload_kqv: bool = True  # the KV cache and attention of GPU layers on the GPU
 
 
 class Context(_Owner):
@@ -243,6 +244,7 @@ class Context(_Owner):
         p.n_seq_max = params.n_seq_max
         p.n_threads = p.n_threads_batch = params.n_threads
         p.kv_unified = params.kv_unified
+        p.offload_kqv = params.offload_kqv
         p.flash_attn_type = {"auto": FLASH_ATTN_AUTO, "on": FLASH_ATTN_ENABLED, "off": FLASH_ATTN_DISABLED}[params.flash_attn]
         p.no_perf = False
         super().__init__(lib.llama_init_from_model(model.ptr, p),

@@ -7,6 +7,13 @@ token budget, mixed with the decodes. `complete()` takes the sampled tokens
 back. KV cells of common prompt prefixes are shared inside a worker (running
 sequences and finished ones kept as a prefix cache, evicted least recently
 used). Nothing here touches a model, a process or the event loop.
+
+Planning runs one step ahead of completion (overlap scheduling): step N+1 is
+planned while the worker decodes step N, so positions and KV cells are
+committed when a row is planned (`n_scheduled`), and a decode row whose input
+token is the one step N is still sampling carries PENDING_TOKEN: the worker
+feeds in its own last sample for that sequence. A sequence that ends in step
+N has one row too many in step N+1; its output is ignored.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ MIN_SHARED_PREFIX = 16   # fewer common tokens than this are not worth a copy or
 MIN_CACHED_PREFIX = 32   # shorter finished sequences are not kept in the prefix cache
 
 OP_START, OP_FREE, OP_COPY = "start", "free", "copy"
+PENDING_TOKEN = -1       # a decode row's input: the token the worker sampled last for this sequence
 
 
 class Sequence:
@@ -36,7 +44,9 @@ class Sequence:
         self.worker: WorkerState | None = None
         self.seq_id = -1
         self.span: Span | None = None
-        self.n_computed = 0       # positions already in the KV cache
+        self.n_computed = 0       # positions in the KV cache (steps completed)
+        self.n_scheduled = 0      # positions planned, including steps in flight
+        self.outputs_planned = 0  # rows planned that sample a token
         self.reserve = 0          # KV positions this sequence may hold without asking again
         self.cached_tokens = 0    # prompt tokens reused from the prefix cache
         self.finish_reason: str | None = None
@@ -47,7 +57,16 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.n_computed < self.n_prompt
+        """Prompt positions are still to be planned."""
+        return self.n_scheduled < self.n_prompt
+
+    @property
+    def in_flight(self) -> bool:
+        return self.n_scheduled > self.n_computed
+
+    def token_at(self, pos: int) -> int:
+        """The input token of position `pos`, or PENDING_TOKEN if a step in flight is sampling it."""
+        return self.tokens[pos] if pos < len(self.tokens) else PENDING_TOKEN
 
 
 @dataclass
@@ -211,28 +230,41 @@ class Scheduler:
     def _continue_decoding(self, plan: StepPlan, budget: dict) -> None:
         w = plan.worker
         for seq in list(w.running):
-            if not seq.prefilling:
-                if seq.span.length + 1 > seq.reserve and not self._grow_reserve(seq):
+            if seq.prefilling:
+                continue
+            max_tokens = seq.request.max_tokens
+            if max_tokens is not None and seq.outputs_planned >= max_tokens:
+                continue  # its last token is being sampled; it ends when that step completes
+            if seq.n_scheduled + 1 > seq.reserve and not self._grow_reserve(seq):
+                if not seq.in_flight:  # no token on its way: the context is full
                     self.finish(seq, "length")
                     self.ended.append(seq)
-                    continue
-                plan.rows.append(Row(seq, seq.n_computed, 1, True))
-                budget[w.index] -= 1
+                continue
+            self._add_row(plan, seq, 1, True)
+            budget[w.index] -= 1
 
     def _prefill(self, plan: StepPlan, budget: dict) -> None:
         """Prompt chunks into what is left of the step, shortest remaining prompt first: a short
         question arriving during a long prompt's prefill starts at once instead of behind it."""
         w = plan.worker
-        for seq in sorted((s for s in w.running if s.prefilling), key=lambda s: s.n_prompt - s.n_computed):
-            n = min(seq.n_prompt - seq.n_computed, budget[w.index])
+        for seq in sorted((s for s in w.running if s.prefilling), key=lambda s: s.n_prompt - s.n_scheduled):
+            n = min(seq.n_prompt - seq.n_scheduled, budget[w.index])
             if n <= 0:
                 break
-            plan.rows.append(Row(seq, seq.n_computed, n, seq.n_computed + n == seq.n_prompt))
+            self._add_row(plan, seq, n, seq.n_scheduled + n == seq.n_prompt)
             budget[w.index] -= n
+
+    @staticmethod
+    def _add_row(plan: StepPlan, seq: Sequence, count: int, output: bool) -> None:
+        """Plan `count` positions of `seq`: their KV cells are committed now (see the module docstring)."""
+        plan.rows.append(Row(seq, seq.n_scheduled, count, output))
+        seq.n_scheduled += count
+        seq.outputs_planned += output
+        plan.worker.ledger.grow(seq.span, count)
 
     def _grow_reserve(self, seq: Sequence) -> bool:
         w = seq.worker
-        if len(seq.tokens) >= w.n_ctx_seq:
+        if seq.n_scheduled >= w.n_ctx_seq:
             return False
         step = min(self.reserve_cap, w.n_ctx_seq - seq.reserve)
         if not w.make_room(step):
@@ -262,7 +294,7 @@ class Scheduler:
             for r in w.running:
                 c = min(common_prefix(r.prompt, seq.prompt), limit)
                 if c >= MIN_SHARED_PREFIX and r.n_computed < c:
-                    return None  # its prefill is computing our prefix: wait for it
+                    return None  # its prefill is computing our prefix (or a step in flight is): wait for it
             cands = [(min(common_prefix(r.prompt, seq.prompt), limit, r.n_computed), r.seq_id, r.span)
                      for r in w.running]
             cands += [(min(common_prefix(e.tokens, seq.prompt), limit), e.seq_id, e.span)
@@ -295,7 +327,7 @@ class Scheduler:
             src_id, src_span = source
             plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
             seq.span = w.ledger.share(src_span, shared)
-            seq.n_computed = seq.cached_tokens = shared
+            seq.n_computed = seq.n_scheduled = seq.cached_tokens = shared
             self.prefix_hit_tokens += shared
         else:
             seq.span = w.ledger.new_span()
@@ -304,13 +336,13 @@ class Scheduler:
 
     # --- results ---
     def complete(self, plan: StepPlan, tokens) -> list[tuple[Sequence, int, int]]:
-        """Record a finished step; returns (sequence, output row, token) for every sampled token."""
+        """Record a finished step; returns (sequence, output row, token) for every sampled token of a
+        sequence still running (one that ended meanwhile had its cells released already)."""
         sampled, j = [], 0
         for row in plan.rows:
             seq = row.seq
-            if seq.finish_reason is None:  # a sequence cancelled mid-step has already released its cells
+            if seq.finish_reason is None:
                 seq.n_computed += row.count
-                plan.worker.ledger.grow(seq.span, row.count)
             if row.output:
                 token = int(tokens[j])
                 if seq.finish_reason is None:

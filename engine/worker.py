@@ -1,9 +1,11 @@
 """A worker process: owns one model and one llama_context and runs the steps
 the scheduler writes into its shared StepBuffer.
 
-A step is: apply control ops (start/free/copy sequences), llama_decode the
-token rows (many sequences in one batch), sample every row that asked for
-output with that sequence's own sampler chain, write the tokens back, ring.
+A step is: apply control ops (start/free/copy sequences), fill in the rows
+whose input is the token this worker sampled last for their sequence (the
+parent planned them before that token existed), llama_decode the token rows
+(many sequences in one batch), sample every row that asked for output with
+that sequence's own sampler chain, write the tokens back, ring.
 llama_decode always runs on this process's main thread (ggml's threads spin;
 decoding from changing threads was measured at half speed).
 """
@@ -34,7 +36,7 @@ class _SeqSampling:
         self.chain, self.top_logprobs = chain, top_logprobs
 
 
-def worker_main(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out, log_settings: dict) -> None:
+def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_out, log_settings: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     setup_logging(**log_settings, process=f"worker{index} ")
     from engine.llama import Batch, Context, ContextParams, LlamaError, Model, SamplerChain, SamplingParams, log_softmax
@@ -42,11 +44,14 @@ def worker_main(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out
     try:
         model = Model(config["model_path"], n_gpu_layers=config["n_gpu_layers"])
         ctx = Context(model, ContextParams(**config["context"]))
-        buf = StepBuffer.attach(spec)
+        buffers = [StepBuffer.attach(spec) for spec in specs]
     except Exception as exc:  # tell the parent why, then exit
         doorbell_out.send({"error": f"{type(exc).__name__}: {exc}"})
         return
-    batch = Batch(buf.n_batch, token=buf.token, pos=buf.pos, seq=buf.seq, logits=buf.logits)
+    # steps alternate between the two buffers; a batch and a scratch mask per buffer, made once
+    batches = [Batch(b.n_batch, token=b.token, pos=b.pos, seq=b.seq, logits=b.logits) for b in buffers]
+    pending = np.zeros(buffers[0].n_batch, bool)
+    last_sampled = np.zeros(ctx.n_seq_max, np.int32)  # per sequence: the input of a PENDING_TOKEN row
     vocab = model.vocab
     sampling: dict[int, _SeqSampling] = {}
     doorbell_out.send({"ready": True, "pid": os.getpid(), "n_ctx": ctx.n_ctx, "n_ctx_seq": ctx.n_ctx_seq,
@@ -58,12 +63,15 @@ def worker_main(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out
             s.chain.close()
 
     ring_in, ring_out = doorbell_in.fileno(), doorbell_out.fileno()  # one raw byte per step each way
+    steps = 0
     while True:
         try:
             if not os.read(ring_in, 1):  # the parent is gone
                 break
         except OSError:
             break
+        buf, batch = buffers[steps & 1], batches[steps & 1]
+        steps += 1
         n_tokens, n_ops, _, step_id = (int(x) for x in buf.header)
         if n_tokens < 0:  # shutdown
             break
@@ -91,6 +99,9 @@ def worker_main(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out
                 message = f"{type(exc).__name__}: {exc}"
         n_out = 0
         if n_tokens:
+            mask = np.less(buf.token[:n_tokens], 0, out=pending[:n_tokens])  # PENDING_TOKEN rows
+            if mask.any():
+                buf.token[:n_tokens][mask] = last_sampled[buf.seq[:n_tokens][mask]]
             batch.n_tokens = n_tokens
             try:
                 ctx.decode(batch)
@@ -109,7 +120,7 @@ def worker_main(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out
                         token = int(np.argmax(logits[j]))
                     else:
                         token = s.chain.sample(ctx, int(row))
-                    buf.out_token[j] = token
+                    buf.out_token[j] = last_sampled[buf.seq[row]] = token
                     if s.top_logprobs >= 0:
                         lp = log_softmax(logits[j])
                         buf.out_logprob[j] = lp[token]
@@ -131,10 +142,10 @@ def worker_main(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out
     model.close()
 
 
-def run(index: int, config: dict, spec: tuple, doorbell_in, doorbell_out, log_settings: dict) -> None:
+def run(index: int, config: dict, specs: tuple, doorbell_in, doorbell_out, log_settings: dict) -> None:
     """Process entry point: any unexpected exception is reported, not swallowed."""
     try:
-        worker_main(index, config, spec, doorbell_in, doorbell_out, log_settings)
+        worker_main(index, config, specs, doorbell_in, doorbell_out, log_settings)
     except Exception:
         traceback.print_exc()
         raise

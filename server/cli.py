@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
             type=int)
     _option(eng, "--max-waiting", "MAX_WAITING", 256, "queued requests beyond this get 429 / RESOURCE_EXHAUSTED",
             type=int)
+    _option(eng, "--overlap", "OVERLAP", True, "plan each decode step while the worker runs the one before "
+                                               "(two steps in flight)", type=bool)
     d = SamplingDefaults()
     smp = p.add_argument_group("sampling defaults", "for every field a request leaves out, HTTP and gRPC alike: "
                                "a flag wins, else what the model's GGUF recommends (general.sampling.*), else the "
@@ -149,7 +151,8 @@ def serve(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, ubatch_size=args.ubatch_size, threads=args.threads,
             flash_attn=args.flash_attn, kv_unified=args.kv_unified, cache_slots=args.cache_slots,
             cache_cells=args.cache_cells,
-            max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, log_batches=args.log_batches)
+            max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, log_batches=args.log_batches,
+            overlap=args.overlap)
         defaults, sources = _sampling_defaults(args, model_path)
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc, extra=event("STARTUP_FAILED"))

@@ -4,7 +4,7 @@ import pytest
 
 from engine.kv_ledger import KvLedger
 from engine.request import Overloaded, Request
-from engine.scheduler import OP_COPY, OP_FREE, OP_START, MIN_CACHED_PREFIX, Scheduler, WorkerState
+from engine.scheduler import OP_COPY, OP_FREE, OP_START, MIN_CACHED_PREFIX, PENDING_TOKEN, Scheduler, WorkerState
 
 EOG = 0
 
@@ -219,3 +219,51 @@ def test_newest_prefix_cache_entry_survives_beyond_the_cell_budget():
         run_step(sched)
         sched.finish(seq, "length")
         assert [int(e.tokens[0]) for e in state.cache.values()] == [1000 * (i + 1)]
+
+
+def test_overlap_plans_the_next_step_before_the_last_completes():
+    """Step N+1 is planned while step N is in flight: a decode row whose input is being sampled carries
+    PENDING_TOKEN, positions and cells are committed at planning, and results arrive in order."""
+    sched = make(step_tokens=64)
+    s = sched.add(Request(prompt=list(range(1, 11)), max_tokens=50))
+    first = sched.plan()[0]                    # the whole prompt; its last row samples token 1
+    second = sched.plan()[0]                   # planned before `first` completed
+    assert [(r.start, r.count, r.output) for r in second.rows] == [(10, 1, True)]
+    assert s.token_at(10) == PENDING_TOKEN and s.n_scheduled == 11 and s.n_computed == 0
+    assert sched.workers[0].ledger.used == 11  # cells committed when planned
+    assert sched.complete(first, [7]) == [(s, 0, 7)]
+    assert s.tokens[10] == 7 and s.n_computed == 10
+    third = sched.plan()[0]                    # `second` is in flight: its token is still pending
+    assert third.rows[0].start == 11 and s.token_at(11) == PENDING_TOKEN
+    sched.complete(second, [8])
+    sched.complete(third, [9])
+    assert s.tokens[10:] == [7, 8, 9] and s.n_computed == 12 and s.n_generated == 3
+
+
+def test_overlap_never_plans_past_max_tokens_and_drops_a_finished_sequences_extra_row():
+    sched = make(step_tokens=64)
+    s = sched.add(Request(prompt=[1, 2, 3], max_tokens=2))
+    a, b = sched.plan()[0], sched.plan()[0]
+    assert sched.plan() == []                  # two outputs planned: max_tokens reached
+    sched.complete(a, [5])
+    sched.complete(b, [6])
+    assert s.n_generated == 2 and sched.finish_reason_for(s, 6) == "length"
+    t = sched.add(Request(prompt=[1, 2, 3], max_tokens=10))
+    a, b = sched.plan()[0], sched.plan()[0]
+    assert sched.complete(a, [EOG]) == [(t, 0, EOG)]
+    sched.finish(t, sched.finish_reason_for(t, EOG))  # it ended in `a` ...
+    assert sched.complete(b, [5]) == []        # ... so the row planned after it counts for nothing
+    assert t.n_generated == 1
+
+
+def test_cancelling_with_a_step_in_flight_frees_before_the_id_is_reused():
+    sched = make(cache_slots=0, parallel=1)
+    s = sched.add(Request(prompt=list(range(1, 20)), max_tokens=100))
+    in_flight = sched.plan()[0]
+    sched.finish(s, "cancelled", keep_prefix=False)
+    assert sched.workers[0].ledger.used == 0
+    t = sched.add(Request(prompt=list(range(50, 60)), max_tokens=5))
+    nxt = sched.plan()[0]
+    assert sched.complete(in_flight, [5]) == []
+    kinds = [(op[0], op[1]) for op in nxt.ops]
+    assert kinds == [(OP_FREE, s.seq_id), (OP_START, t.seq_id)] and t.seq_id == s.seq_id  # free, then reuse
