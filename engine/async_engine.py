@@ -32,13 +32,13 @@ from engine.config import EngineConfig
 from engine.detokenizer import TextStream
 from engine.llama import Model, SamplerChain, SamplingParams
 from engine.request import EngineError, Output, Request, TokenLogprob
-from engine.scheduler import OP_COPY, OP_FREE, OP_START, Scheduler, Sequence, StepPlan, WorkerState
-from engine.transport import OP_COPY as T_COPY, OP_FREE as T_FREE, OP_START as T_START
+from engine.scheduler import OP_COPY, OP_FREE, OP_START, OP_TRIM, Scheduler, Sequence, StepPlan, WorkerState
+from engine.transport import OP_COPY as T_COPY, OP_FREE as T_FREE, OP_START as T_START, OP_TRIM as T_TRIM
 from engine.transport import STATUS_OK, StepBuffer
 
 log = logging.getLogger("sentiric.engine")
 batch_log = logging.getLogger("sentiric.batch")
-_OPS = {OP_START: T_START, OP_FREE: T_FREE, OP_COPY: T_COPY}
+_OPS = {OP_START: T_START, OP_FREE: T_FREE, OP_COPY: T_COPY, OP_TRIM: T_TRIM}
 _STARTUP_TIMEOUT_S = 300
 
 
@@ -186,7 +186,7 @@ class AsyncEngine:
                 while (hello := w.poll_ready()) is None:
                     time.sleep(0.02)
                 state = WorkerState(w.index, hello["n_ctx"], cfg.parallel, cfg.cache_slots, hello["n_ctx_seq"],
-                                    cfg.cache_cells)
+                                    cfg.cache_cells, hello["n_seq_max"])
                 state.alive = True
                 states.append(state)
                 log.info("worker %d ready (pid %d, %d KV cells, %d sequences)", w.index, hello["pid"],
@@ -196,7 +196,7 @@ class AsyncEngine:
             raise
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
                                     reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=vocab.is_eog,
-                                    share_prefixes=cfg.kv_unified)
+                                    kv_unified=cfg.kv_unified)
 
     async def shutdown(self) -> None:
         with self._wake:

@@ -16,9 +16,9 @@ class EngineConfig:
     ubatch_size: int = 512            # llama.cpp's physical batch
     threads: int = 0                  # per worker; 0 = all cores divided among the workers
     flash_attn: str = "auto"          # auto | on | off
-    kv_unified: bool = True           # one KV buffer for all sequences (needed for prefix sharing)
+    kv_unified: bool = True           # one KV buffer for all sequences, else one stream per sequence
     cache_slots: int = -1             # finished sequences kept as prefix cache; -1 = parallel
-    cache_cells: int = -1             # KV cells the prefix cache may hold alone; -1 = ctx_size // 32
+    cache_cells: int = -1             # KV cells the prefix cache may hold alone; -1 = ctx_size // 32 (unified)
     max_waiting: int = 256            # queued requests beyond this get Overloaded (HTTP 429)
     n_gpu_layers: int = -1            # layers offloaded to a GPU build; -1 = all
     kv_offload: bool = True           # with offloaded layers, their KV cache and attention on the GPU too
@@ -34,10 +34,10 @@ class EngineConfig:
             self.gpu = self.n_gpu_layers != 0 and supports_gpu_offload()
         if self.batch_size <= 0:
             self.batch_size = self.auto_batch_size()
-        if self.cache_cells < 0:
-            self.cache_cells = self.ctx_size // 32
+        if self.cache_cells < 0:  # in a unified cache every cached cell slows attention; streams do not
+            self.cache_cells = self.ctx_size // 32 if self.kv_unified else self.ctx_size
         if self.cache_slots < 0:
-            self.cache_slots = self.parallel if self.kv_unified else 0
+            self.cache_slots = self.parallel
         for name in ("workers", "parallel", "ctx_size", "batch_size", "ubatch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -58,10 +58,17 @@ class EngineConfig:
             "n_gpu_layers": self.n_gpu_layers if self.gpu else 0,
             "context": {
                 "n_ctx": self.ctx_size, "n_batch": self.batch_size, "n_ubatch": min(self.ubatch_size, self.batch_size),
-                "n_seq_max": self.parallel + self.cache_slots, "n_threads": self.threads,
+                "n_seq_max": self.n_seq_max, "n_threads": self.threads,
                 "kv_unified": self.kv_unified, "flash_attn": self.flash_attn, "offload_kqv": self.kv_offload,
             },
         }
+
+    @property
+    def n_seq_max(self) -> int:
+        """Sequence ids per worker. A unified cache gives the prefix cache ids of its own; split into
+        streams (each ctx_size / n_seq_max cells), the cache lives in the streams running sequences
+        leave idle, as llama-server's slots keep their last prompt."""
+        return self.parallel + self.cache_slots if self.kv_unified else self.parallel
 
     def as_dict(self) -> dict:
         return asdict(self)

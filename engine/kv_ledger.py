@@ -68,6 +68,18 @@ class KvLedger:
         dst.length = n
         return dst
 
+    def truncate(self, span: Span, n: int) -> None:
+        """Keep the first n positions of a span that only its owner references (a split cache's stream)."""
+        kept, left = [], n
+        for seg in span.segments:
+            take = min(seg.cells, left)
+            self.used -= seg.cells - take
+            if take:
+                seg.cells = take
+                kept.append(seg)
+            left -= take
+        span.segments, span.length = kept, min(span.length, n)
+
     def release(self, span: Span) -> None:
         for seg in span.segments:
             seg.refs -= 1

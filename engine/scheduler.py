@@ -29,7 +29,7 @@ from engine.request import Overloaded, Request
 MIN_SHARED_PREFIX = 16   # fewer common tokens than this are not worth a copy or a wait
 MIN_CACHED_PREFIX = 32   # shorter finished sequences are not kept in the prefix cache
 
-OP_START, OP_FREE, OP_COPY = "start", "free", "copy"
+OP_START, OP_FREE, OP_COPY, OP_TRIM = "start", "free", "copy", "trim"
 PENDING_TOKEN = -1       # a decode row's input: the token the worker sampled last for this sequence
 
 
@@ -110,18 +110,19 @@ class WorkerState:
     """
 
     def __init__(self, index: int, n_ctx: int, parallel: int, cache_slots: int, n_ctx_seq: int | None = None,
-                 cache_cells: int | None = None):
+                 cache_cells: int | None = None, n_ids: int | None = None):
         self.index, self.parallel, self.cache_slots = index, parallel, cache_slots
         self.cache_cells = n_ctx if cache_cells is None else cache_cells
         self.n_ctx = n_ctx
         self.n_ctx_seq = n_ctx_seq or n_ctx
+        self.n_ids = n_ids or parallel + cache_slots  # sequence ids: running sequences and cache entries
         self.alive = False
         self.reset()
 
     def reset(self) -> None:
         """Forget everything (the worker process is new)."""
         self.ledger = KvLedger(self.n_ctx)
-        self.free_ids = list(range(self.parallel + self.cache_slots - 1, -1, -1))
+        self.free_ids = list(range(self.n_ids - 1, -1, -1))
         self.running: list[Sequence] = []
         self.cache: collections.OrderedDict[int, CacheEntry] = collections.OrderedDict()
         self.pending_ops: list[tuple] = []
@@ -141,18 +142,20 @@ class WorkerState:
         cells, so what the cache holds makes every prefill chunk and decode step dearer."""
         return self.ledger.used - KvLedger.cells_of(s.span for s in self.running)
 
-    def evict_one(self) -> bool:
-        if not self.cache:
+    def evict_one(self, keep: int | None = None) -> bool:
+        """Drop the least recently used cache entry (never `keep`, the source a new sequence copies)."""
+        victim = next((sid for sid in self.cache if sid != keep), None)
+        if victim is None:
             return False
-        _, entry = self.cache.popitem(last=False)
+        entry = self.cache.pop(victim)
         self.ledger.release(entry.span)
         self.pending_ops.append((OP_FREE, entry.seq_id, 0, 0, None))
         self.free_ids.append(entry.seq_id)
         return True
 
-    def make_room(self, cells: int) -> bool:
+    def make_room(self, cells: int, keep: int | None = None) -> bool:
         while self.free_cells < cells:
-            if not self.evict_one():
+            if not self.evict_one(keep):
                 return False
         return True
 
@@ -165,14 +168,16 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 class Scheduler:
     def __init__(self, workers: list[WorkerState], *, max_waiting: int, step_tokens: int,
-                 reserve_cap: int, is_eog=lambda token: False, share_prefixes: bool = True):
+                 reserve_cap: int, is_eog=lambda token: False, kv_unified: bool = True):
         self.workers = workers
         self.max_waiting = max_waiting
         self.step_tokens = step_tokens
         self.reserve_cap = reserve_cap
         self.is_eog = is_eog
-        # a KV cache split per sequence cannot share cells (llama.cpp aborts on a partial seq_cp across streams)
-        self.share_prefixes = share_prefixes
+        # how a prefix is shared: a unified cache shares cells; a cache split into one stream per sequence
+        # hands a finished sequence's stream to the newcomer (trimmed to the common prefix), or copies a
+        # running one's stream whole (llama.cpp copies streams only whole) and trims the copy
+        self.kv_unified = kv_unified
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.ended: list[Sequence] = []  # finished inside plan() (context full); the caller reports them
         self.prefix_hit_tokens = 0
@@ -286,7 +291,7 @@ class Scheduler:
     def _place(self, seq: Sequence, plans: dict):
         """(worker, prefix source, shared length) for a waiting sequence, or None to keep it waiting."""
         # prompt tokens a prefix may give: all but the last, which is always computed for its logits
-        limit = seq.n_prompt - 1 if self.share_prefixes else 0
+        limit = seq.n_prompt - 1
         best = None  # (shared, -load, worker, source)
         for w in self.workers:
             if w.index not in plans or len(w.running) >= w.parallel:
@@ -295,10 +300,10 @@ class Scheduler:
                 c = min(common_prefix(r.prompt, seq.prompt), limit)
                 if c >= MIN_SHARED_PREFIX and r.n_computed < c:
                     return None  # its prefill is computing our prefix (or a step in flight is): wait for it
-            cands = [(min(common_prefix(r.prompt, seq.prompt), limit, r.n_computed), r.seq_id, r.span)
-                     for r in w.running]
-            cands += [(min(common_prefix(e.tokens, seq.prompt), limit), e.seq_id, e.span)
-                      for e in w.cache.values()]
+            # cache entries first: on a tie, a split cache adopts an idle stream instead of copying a busy one
+            cands = [(min(common_prefix(e.tokens, seq.prompt), limit), e.seq_id, e.span) for e in w.cache.values()]
+            cands += [(min(common_prefix(r.prompt, seq.prompt), limit, r.n_computed), r.seq_id, r.span)
+                      for r in w.running]
             shared, src = 0, None
             for c, sid, span in cands:
                 if c >= MIN_SHARED_PREFIX and c > shared:
@@ -311,26 +316,39 @@ class Scheduler:
         (shared, _, _), w, src = best
         want = seq.n_prompt + min(seq.request.max_tokens or w.n_ctx_seq, self.reserve_cap)
         seq_reserve = min(want, w.n_ctx_seq)
-        if seq.n_prompt >= w.n_ctx_seq or not w.make_room(seq_reserve - shared):
+        keep = src[0] if src is not None else None
+        if keep in w.cache:
+            w.cache.move_to_end(keep)  # the source is used now: evicted last, and never for this sequence
+        # cells the sequence needs beyond those it gets from its source (a copy of a stream counts again)
+        gets = shared if self.kv_unified or keep in w.cache else 0
+        if seq.n_prompt >= w.n_ctx_seq or not w.make_room(seq_reserve - gets, keep):
             return None
-        if src is not None and src[0] in w.cache:
-            w.cache.move_to_end(src[0])
-        if not w.free_ids:
-            w.evict_one()
+        adopts = not self.kv_unified and keep in w.cache
+        if not w.free_ids and not adopts and not w.evict_one(keep):
+            return None
         seq.reserve = seq_reserve
         return w, src, shared
 
     def _start(self, plan: StepPlan, seq: Sequence, source, shared: int) -> None:
         w = plan.worker
-        seq.worker, seq.seq_id = w, w.free_ids.pop()
-        if source is not None:
+        seq.worker = w
+        if source is None:
+            seq.seq_id, seq.span = w.free_ids.pop(), w.ledger.new_span()
+        else:
             src_id, src_span = source
-            plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
-            seq.span = w.ledger.share(src_span, shared)
+            if self.kv_unified:  # the copy references the source's cells
+                seq.seq_id, seq.span = w.free_ids.pop(), w.ledger.share(src_span, shared)
+                plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
+            elif src_id in w.cache:  # split: the finished sequence's stream becomes this one's
+                seq.seq_id, seq.span = src_id, w.cache.pop(src_id).span
+                w.ledger.truncate(seq.span, shared)
+                plan.ops.append((OP_TRIM, seq.seq_id, shared, 0, None))
+            else:  # split: a running sequence's stream, copied whole, then trimmed
+                seq.seq_id, seq.span = w.free_ids.pop(), w.ledger.new_span()
+                w.ledger.grow(seq.span, shared)
+                plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
             seq.n_computed = seq.n_scheduled = seq.cached_tokens = shared
             self.prefix_hit_tokens += shared
-        else:
-            seq.span = w.ledger.new_span()
         plan.ops.append((OP_START, seq.seq_id, 0, 0, seq))
         w.running.append(seq)
 

@@ -20,7 +20,8 @@ MAX_TOP_LOGPROBS = 20
 # control ops, applied by the worker in order before it decodes the step
 OP_START = 1  # (seq, blob offset, blob length): new sampler chain from JSON params
 OP_FREE = 2   # (seq, -, -): drop the sequence's KV cells and sampler
-OP_COPY = 3   # (dst, src, n): dst's KV = the first n positions of src (shared cells)
+OP_COPY = 3   # (dst, src, n): dst's KV = the first n positions of src
+OP_TRIM = 4   # (seq, n, -): drop the sequence's positions from n on
 
 # step status written by the worker
 STATUS_OK = 0

@@ -21,8 +21,8 @@ import numpy as np
 import orjson
 
 from engine.logs import setup_logging
-from engine.transport import (MAX_TOP_LOGPROBS, OP_COPY, OP_FREE, OP_START, STATUS_DECODE_FAILED, STATUS_OK,
-                              StepBuffer)
+from engine.transport import (MAX_TOP_LOGPROBS, OP_COPY, OP_FREE, OP_START, OP_TRIM, STATUS_DECODE_FAILED,
+                              STATUS_OK, StepBuffer)
 
 log = logging.getLogger("sentiric.worker")
 
@@ -53,6 +53,7 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
     pending = np.zeros(buffers[0].n_batch, bool)
     last_sampled = np.zeros(ctx.n_seq_max, np.int32)  # per sequence: the input of a PENDING_TOKEN row
     vocab = model.vocab
+    kv_unified = config["context"]["kv_unified"]
     sampling: dict[int, _SeqSampling] = {}
     doorbell_out.send({"ready": True, "pid": os.getpid(), "n_ctx": ctx.n_ctx, "n_ctx_seq": ctx.n_ctx_seq,
                        "n_seq_max": ctx.n_seq_max})
@@ -93,7 +94,13 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
                     ctx.seq_rm(seq)
                 elif kind == OP_COPY:
                     ctx.seq_rm(seq)
-                    ctx.seq_cp(a, seq, 0, b)
+                    if kv_unified:  # the cells gain a sequence: nothing is copied
+                        ctx.seq_cp(a, seq, 0, b)
+                    else:  # streams are copied whole (at the next decode); keep the first b positions
+                        ctx.seq_cp(a, seq)
+                        ctx.seq_rm(seq, b, -1)
+                elif kind == OP_TRIM:
+                    ctx.seq_rm(seq, a, -1)
             except Exception as exc:  # one bad op fails its sequence, not the worker
                 buf.op_status[i] = 1
                 message = f"{type(exc).__name__}: {exc}"

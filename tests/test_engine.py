@@ -202,10 +202,11 @@ def test_shared_prefix_is_computed_once(eng):
     assert sum(out.cached_tokens for _, out in results) == hits
 
 
-def test_split_kv_limits_each_sequence_to_its_share():
+def test_split_kv_limits_each_sequence_to_its_share_and_shares_prefixes_by_stream():
     """With kv_unified=False llama.cpp gives each sequence n_ctx / n_seq_max cells: the engine
     says so, refuses longer prompts and ends a generation that fills its share with "length".
-    Prefixes are not shared (llama.cpp would abort the worker on the partial copy)."""
+    Prefixes are shared by copying a running sequence's stream whole and trimming it, or by handing a
+    finished sequence's idle stream to the newcomer; the answers stay right."""
     h = EngineHarness(parallel=4, ctx_size=1024, threads=2, kv_unified=False)
     try:
         assert h.engine.n_ctx == 256
@@ -216,14 +217,29 @@ def test_split_kv_limits_each_sequence_to_its_share():
         with pytest.raises(ValueError, match="context"):
             h.run(h.collect(Request(prompt=[1] * 300, max_tokens=1)))
         system = "You are the support assistant of the Acme vault company. " * 10
-        results = h.generate(*(Request(prompt=h.engine.tokenize(h.engine.render_chat(
-            [{"role": "system", "content": system}, {"role": "user", "content": q}]), add_special=False),
-            sampling=SamplingParams(temperature=0), max_tokens=4) for q in QUESTIONS[:3]))
-        assert all(out.finish_reason == "length" for _, out in results)
+
+        def ask(question):
+            return Request(prompt=h.engine.tokenize(h.engine.render_chat(
+                [{"role": "system", "content": system}, {"role": "user", "content": question}]), add_special=False),
+                sampling=SamplingParams(temperature=0), max_tokens=24)
+        async def first_tokens(request, n=3):
+            return [t async for out in h.engine.generate(request) for t in out.token_ids][:n]
+
+        async def together():  # the 2nd and 3rd copy the 1st one's stream while it runs
+            return await asyncio.gather(*(first_tokens(ask(q)) for q in QUESTIONS[:3]))
+        shared = h.run(together()) + [h.run(first_tokens(ask(QUESTIONS[0])))]  # the last adopts an idle stream
         stats = h.engine.stats()
-        assert stats["worker_restarts"] == 0 and stats["prefix_hit_tokens"] == 0
+        assert stats["worker_restarts"] == 0 and stats["prefix_hit_tokens"] >= 300
     finally:
         h.close()
+    alone = EngineHarness(parallel=4, ctx_size=1024, threads=2, kv_unified=False, cache_slots=0)  # shares nothing
+    try:
+        h = alone
+        expected = [h.run(first_tokens(ask(q))) for q in QUESTIONS[:3] + QUESTIONS[:1]]
+        assert alone.engine.stats()["prefix_hit_tokens"] == 0
+    finally:
+        alone.close()
+    assert shared == expected  # the copied and the adopted prefixes are the computed ones
 
 
 def _wait_until_dead(pid: int) -> None:

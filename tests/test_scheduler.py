@@ -4,7 +4,8 @@ import pytest
 
 from engine.kv_ledger import KvLedger
 from engine.request import Overloaded, Request
-from engine.scheduler import OP_COPY, OP_FREE, OP_START, MIN_CACHED_PREFIX, PENDING_TOKEN, Scheduler, WorkerState
+from engine.scheduler import (OP_COPY, OP_FREE, OP_START, OP_TRIM, MIN_CACHED_PREFIX, PENDING_TOKEN, Scheduler,
+                              WorkerState)
 
 EOG = 0
 
@@ -154,15 +155,29 @@ def test_split_kv_caps_each_sequence_at_its_share():
     assert s.finish_reason == "length" and len(s.tokens) == 256
 
 
-def test_split_kv_never_shares_prefixes():
-    sched = make(step_tokens=512)
-    sched.share_prefixes = False
+def test_split_kv_shares_prefixes_by_stream():
+    """One stream per sequence: a finished sequence's stream is handed to a newcomer with the same prefix
+    (trimmed, no copy); a running sequence's stream is copied whole (llama.cpp copies streams only whole)
+    and the copy counts as cells of its own."""
+    state = WorkerState(0, 4096, 2, 2, n_ctx_seq=2048, n_ids=2)
+    state.alive = True
+    sched = Scheduler([state], max_waiting=8, step_tokens=512, reserve_cap=64, kv_unified=False)
     system = list(range(1000, 1200))
     a = sched.add(Request(prompt=system + [1, 2], max_tokens=4))
     b = sched.add(Request(prompt=system + [3, 4], max_tokens=4))
     plans, _ = run_step(sched)
-    assert [r.seq for r in plans[0].rows] == [a, b]  # b does not wait for a's prefix
-    assert not any(op[0] == OP_COPY for op in plans[0].ops) and sched.prefix_hit_tokens == 0
+    assert [r.seq for r in plans[0].rows] == [a]  # b waits: a is computing the common prefix
+    plans, _ = run_step(sched)
+    copy = [op for op in plans[0].ops if op[0] == OP_COPY]
+    assert copy and copy[0][1:4] == (b.seq_id, a.seq_id, 200) and b.seq_id != a.seq_id
+    assert state.ledger.used == a.n_computed + b.n_computed  # the copy is counted again
+    sched.finish(a, "length")                    # a's stream stays as a cache entry
+    c = sched.add(Request(prompt=system + [5, 6, 7], max_tokens=4))
+    plans, _ = run_step(sched)
+    trim = [op for op in plans[0].ops if op[0] == OP_TRIM]
+    assert trim and trim[0][1:3] == (a.seq_id, 200) and c.seq_id == a.seq_id and c.cached_tokens == 200
+    assert not any(op[0] in (OP_COPY, OP_FREE) and op[1] == c.seq_id for op in plans[0].ops)
+    assert a.seq_id not in state.cache and state.ledger.used == c.n_computed + b.n_computed
 
 
 def test_least_loaded_worker_gets_new_requests():
