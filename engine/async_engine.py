@@ -172,6 +172,9 @@ class AsyncEngine:
         cfg = self.config
         self.vocab_model = Model(cfg.model_path, vocab_only=True)
         vocab = self.vocab_model.vocab
+        # the per-token lookups of the step loop, as plain Python data (a ctypes call each costs more)
+        self._pieces = [vocab.token_to_piece(t) for t in range(vocab.n_tokens)]
+        self._eog = frozenset(t for t in range(vocab.n_tokens) if vocab.is_eog(t))
         self.template = ChatTemplate(self.vocab_model.chat_template(),
                                      bos_token=vocab.token_to_piece(vocab.bos, special=True).decode("utf-8", "replace") if vocab.bos >= 0 else "",
                                      eos_token=vocab.token_to_piece(vocab.eos, special=True).decode("utf-8", "replace") if vocab.eos >= 0 else "")
@@ -195,7 +198,7 @@ class AsyncEngine:
             self._stop_workers()
             raise
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
-                                    reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=vocab.is_eog,
+                                    reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=self._eog.__contains__,
                                     kv_unified=cfg.kv_unified)
 
     async def shutdown(self) -> None:
@@ -394,7 +397,7 @@ class AsyncEngine:
         sched = self._scheduler
         status, n_out = int(buf.out_header[0]), int(buf.out_header[1])
         failed_starts = {plan.ops[i][1] for i in np.flatnonzero(buf.op_status[:len(plan.ops)])
-                         if plan.ops[i][0] == OP_START}
+                         if plan.ops[i][0] == OP_START} if plan.ops else ()
         if status != STATUS_OK:
             message = buf.message_text()
             log.error("worker %d step failed: %s", plan.worker.index, message,
@@ -410,7 +413,7 @@ class AsyncEngine:
         self._stats["prompt_tokens_computed"] += plan.n_tokens - n_out
         self._stats["generated_tokens"] += len(sampled)
         self._recent.append((time.monotonic(), len(sampled)))
-        vocab = self.vocab_model.vocab
+        pieces, eog = self._pieces, self._eog
         for seq, j, token in sampled:
             stream = self._streams.get(seq)
             if seq.seq_id in failed_starts:
@@ -420,8 +423,8 @@ class AsyncEngine:
             reason = sched.finish_reason_for(seq, token)
             out = Output(token_ids=[token])
             if stream is not None:
-                if reason != "stop" or not vocab.is_eog(token):
-                    out.text = stream.text.push(vocab.token_to_piece(token))
+                if reason != "stop" or token not in eog:
+                    out.text = stream.text.push(pieces[token])
                 if stream.request.top_logprobs >= 0:
                     out.logprobs.append(self._logprob(buf, j, token, stream.request.top_logprobs))
                 if stream.text.stopped:

@@ -115,7 +115,7 @@ def parse_args(argv=None):
     g.add_argument("--name", default="sentiric", help="label of the service under test")
     g.add_argument("--service-health", default="/health", help="readiness path of the started service")
     c = p.add_argument_group("comparison")
-    c.add_argument("--compare", choices=["llama-server", "llama-cpp-python", "grpc"],
+    c.add_argument("--compare", choices=["llama-server", "llama-server-both", "llama-cpp-python", "grpc"],
                    help="start this reference server with equivalent settings and benchmark both; grpc: the "
                         "service's own gRPC door (GenerateStream) against its HTTP door")
     c.add_argument("--grpc-target", metavar="HOST:PORT",
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, _on_term)
     log_dir = Path(args.log_dir)
-    need_model = args.start_service or args.compare in ("llama-server", "llama-cpp-python")
+    need_model = args.start_service or args.compare in ("llama-server", "llama-server-both", "llama-cpp-python")
     model = servers.resolve_model(args.model) if need_model else (args.model or "")
 
     def start(name: str, argv_: list[str], port: int, **kw) -> ManagedServer:
@@ -202,9 +202,7 @@ def main(argv=None) -> int:
 
     try:
         targets = [_service_target(args, model, start)]
-        reference = _reference_target(args, model, start, targets[0])
-        if reference:
-            targets.append(reference)
+        targets += _reference_targets(args, model, start, targets[0])
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             sys.exit("bench_serving: the two targets need different names (--name / --compare-name)")
@@ -235,21 +233,33 @@ def _service_target(args, model: str, start) -> Target:
                   info={"command": shlex.join(argv_)})
 
 
+def _llama_server(args, model: str, start, name: str, unified_kv: bool) -> Target:
+    binary = Path(args.llama_server_bin)
+    if not binary.exists():
+        sys.exit(f"bench_serving: {binary} not found: build it with ./build_llama.sh --server")
+    port, = servers.free_ports(1)
+    argv_ = servers.llama_server_command(binary, port=port, model=model, threads=args.threads,
+                                         parallel=args.parallel, ctx_size=args.ctx_size,
+                                         unified_kv=unified_kv, extra=args.llama_server_args)
+    srv = start(name, argv_, port)
+    return Target(srv.name, srv.base_url, "theirs", server=srv, info={"command": shlex.join(argv_)})
+
+
+def _reference_targets(args, model: str, start, service: Target) -> list[Target]:
+    """What the service is compared with: nothing, one reference, or llama-server in both KV layouts."""
+    if args.compare == "llama-server-both":  # one KV pool shared by the slots (-kvu), and a stream per slot
+        return [_llama_server(args, model, start, "llama-server-kvu", True),
+                _llama_server(args, model, start, "llama-server", False)]
+    reference = _reference_target(args, model, start, service)
+    return [reference] if reference else []
+
+
 def _reference_target(args, model: str, start, service: Target) -> Target | None:
-    """What the service is compared with, if anything."""
     if args.compare == "grpc":  # the same process as `service`: its memory is reported once, there
         return Target(args.compare_name or f"{service.name}-grpc", service.base_url, "theirs", door="grpc",
                       grpc_target=service.grpc_target, info={"grpc_target": service.grpc_target})
     if args.compare == "llama-server":
-        binary = Path(args.llama_server_bin)
-        if not binary.exists():
-            sys.exit(f"bench_serving: {binary} not found: build it with ./build_llama.sh --server")
-        port, = servers.free_ports(1)
-        argv_ = servers.llama_server_command(binary, port=port, model=model, threads=args.threads,
-                                             parallel=args.parallel, ctx_size=args.ctx_size,
-                                             unified_kv=not args.no_unified_kv, extra=args.llama_server_args)
-        srv = start(args.compare_name or "llama-server", argv_, port)
-        return Target(srv.name, srv.base_url, "theirs", server=srv, info={"command": shlex.join(argv_)})
+        return _llama_server(args, model, start, args.compare_name or "llama-server", not args.no_unified_kv)
     if args.compare == "llama-cpp-python":
         py = servers.ensure_lcp_venv(args.lcp_version)
         port, = servers.free_ports(1)

@@ -238,10 +238,9 @@ def text_table(aggs: list[dict], comps: list[dict]) -> str:
 
 
 def markdown_table(aggs: list[dict], comps: list[dict], meta: dict) -> str:
-    """A README "Performance" table."""
+    """A README "Performance" table: ours, then every compared target with its ratio."""
     targets = list(dict.fromkeys(a["target"] for a in sorted(aggs, key=lambda a: a["role"] != "ours")))
-    ours = targets[0]
-    theirs = targets[1] if len(targets) > 1 else None
+    ours, theirs = targets[0], targets[1:]
     grpc_mode = any(c["grpc_over_http"] for c in comps)
     ratio_label = "ratio gRPC/HTTP" if grpc_mode else "ratio"
     key_figs = [("tok_s", "tok/s", "output_tok_s.median", "{:.0f}"),
@@ -250,26 +249,25 @@ def markdown_table(aggs: list[dict], comps: list[dict], meta: dict) -> str:
                 ("itl_p50", "ITL p50 ms", "itl_ms.p50", "{:.1f}")]
     header = ["Workload", "Concurrency"]
     for _k, label, _p, _f in key_figs:
-        if theirs:
-            header += [f"{label} {ours}", f"{label} {theirs}", ratio_label]
-        else:
-            header += [label]
-    header.append(f"errors {ours}/{theirs}" if theirs else "errors")
+        header.append(f"{label} {ours}")
+        for other in theirs:
+            header += [f"{label} {other}", ratio_label if len(theirs) == 1 else f"{ratio_label} vs {other}"]
+    header.append("errors " + "/".join(targets))
     rows = []
     by = {(a["target"], a["workload"], a["concurrency"]): a for a in aggs}
     for workload in dict.fromkeys(a["workload"] for a in aggs):
         for conc in sorted({a["concurrency"] for a in aggs if a["workload"] == workload}):
             mine = by.get((ours, workload, conc))
-            other = by.get((theirs, workload, conc)) if theirs else None
+            others = [by.get((other, workload, conc)) for other in theirs]
             row = [workload, str(conc)]
             for _k, _label, path, fmt in key_figs:
                 if workload == "long-prompt" and path.startswith("ttft_ms"):
                     path = path.replace("ttft_ms", "ttft_short_ms")
                 row.append(format_value(fmt, _get(mine, path) if mine else None))
-                if theirs:
+                for other in others:
                     row.append(format_value(fmt, _get(other, path) if other else None))
                     row.append(format_value("{:.2f}", compared_ratio(mine, other, path)))
-            errs = [str(x["errors"]) if x else "-" for x in ([mine, other] if theirs else [mine])]
+            errs = [str(x["errors"]) if x else "-" for x in [mine, *others]]
             rows.append(row + ["/".join(errs)])
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
