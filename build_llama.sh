@@ -23,11 +23,16 @@ LLAMA_CPP_SRC=/path/to/llama.cpp builds a local checkout instead.
 
 Options:
   --portable          generic CPU build (GGML_NATIVE=OFF) instead of tuned for this CPU
-  --cuda              NVIDIA GPUs (GGML_CUDA=ON); needs nvcc
-  --cuda-arch LIST    CUDA architectures, e.g. 90 or "80;86;90" (default: CMake's choice)
+  --cuda              NVIDIA GPUs (GGML_CUDA=ON); needs the CUDA toolkit (nvcc, cuBLAS)
+  --cuda-from-pip     --cuda with NVIDIA's CUDA 13 toolkit from PyPI wheels instead, installed
+                      once into $CACHE_DIR/cuda-13.0 (~570 MB download); no system CUDA needed
+  --cuda-root DIR     --cuda with the toolkit at DIR, laid out as the wheels are (bin/nvcc, lib/)
+  --cuda-arch LIST    CUDA architectures, e.g. 90 or "80;86;90" (default: the GPUs of this
+                      machine; needed where there is none)
   --server            also build llama-server and llama-batched-bench (the benchmark reference);
                       added to an existing build without touching libllama, and kept by later builds
   --jobs N            parallel compile jobs (default: number of cores)
+  --configure-only    stop after CMake's configure step (compiles nothing)
   --clean             throw the build directory away first
   -h, --help          this text
   -- FLAGS...         passed to CMake unchanged, for other hardware, e.g.
@@ -45,17 +50,22 @@ say() { printf '[build_llama %3ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 die() { printf 'build_llama: error: %s\n' "$*" >&2; exit 1; }
 
 FLAGS=(-DGGML_NATIVE=ON)
+CUDA=""                            # system | pip | a toolkit directory
 SERVER=OFF
 JOBS=$(nproc 2>/dev/null || echo 2)
 CLEAN=0
+CONFIGURE_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --portable) FLAGS+=(-DGGML_NATIVE=OFF) ;;
-    --cuda) FLAGS+=(-DGGML_CUDA=ON) ;;
+    --cuda) CUDA=system ;;
+    --cuda-from-pip) CUDA=pip ;;
+    --cuda-root) [ $# -ge 2 ] || die "--cuda-root needs a directory"; CUDA=$(cd "$2" && pwd) || die "no directory $2"; shift ;;
     --cuda-arch) [ $# -ge 2 ] || die "--cuda-arch needs a value"; FLAGS+=("-DCMAKE_CUDA_ARCHITECTURES=$2"); shift ;;
     --server) SERVER=ON ;;
     --jobs) [ $# -ge 2 ] || die "--jobs needs a value"; JOBS=$2; shift ;;
     --clean) CLEAN=1 ;;
+    --configure-only) CONFIGURE_ONLY=1 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; FLAGS+=("$@"); break ;;
     *) die "unknown option '$1' (see --help)" ;;
@@ -65,16 +75,32 @@ done
 
 command -v cmake >/dev/null || die "cmake not found: install it (apt-get install cmake, or pip install cmake)"
 command -v c++ >/dev/null || command -v g++ >/dev/null || die "no C++ compiler found: install g++ (apt-get install build-essential)"
-if [[ " ${FLAGS[*]} " == *" -DGGML_CUDA=ON "* ]]; then
-  command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || die "--cuda needs nvcc (the CUDA toolkit); none found"
-  export PATH="$PATH:/usr/local/cuda/bin"
-fi
+case "$CUDA" in
+  "") ;;
+  system)
+    command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] \
+      || die "--cuda needs nvcc (the CUDA toolkit); none found (--cuda-from-pip installs one from PyPI)"
+    export PATH="$PATH:/usr/local/cuda/bin"
+    FLAGS+=(-DGGML_CUDA=ON) ;;
+  *)
+    if [ "$CUDA" = pip ]; then
+      say "CUDA toolkit from PyPI wheels"
+      TOOLKIT=$("$ROOT/native/cuda_wheels.sh" install "$CACHE_DIR/cuda-13.0")
+    else
+      "$ROOT/native/cuda_wheels.sh" bridge "$CUDA"
+      TOOLKIT=$CUDA
+    fi
+    # both, or CMake takes a system toolkit found elsewhere for one of them
+    FLAGS+=(-DGGML_CUDA=ON "-DCUDAToolkit_ROOT=$TOOLKIT" "-DCMAKE_CUDA_COMPILER=$TOOLKIT/bin/nvcc")
+    # no wheel ships the driver stub libcuda.so that ggml's VMM memory pool links against
+    [ -e "$TOOLKIT/lib/stubs/libcuda.so" ] || FLAGS+=(-DGGML_CUDA_NO_VMM=ON) ;;
+esac
 
 # --- source -----------------------------------------------------------------
 if [ -n "${LLAMA_CPP_SRC:-}" ]; then
   SRC=$(cd "$LLAMA_CPP_SRC" && pwd) || die "LLAMA_CPP_SRC=$LLAMA_CPP_SRC does not exist"
   [ -f "$SRC/include/llama.h" ] || die "LLAMA_CPP_SRC=$SRC has no include/llama.h"
-  SRC_ID="local:$SRC:$(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo nogit):$(git -C "$SRC" status --porcelain 2>/dev/null | sha256sum | cut -c1-12)"
+  SRC_ID="local:$SRC:$(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo nogit):$( (git -C "$SRC" status --porcelain 2>/dev/null || true) | sha256sum | cut -c1-12)"
 else
   SRC="$CACHE_DIR/llama.cpp-$PIN_VERSION"
   SRC_ID="pinned:$PIN_SHA256"
@@ -84,7 +110,7 @@ else
     if [ ! -f "$SDIST" ]; then
       say "downloading the llama-cpp-python $PIN_VERSION sdist (llama.cpp source) with pip"
       TMP=$(mktemp -d)
-      python3 -m pip download --quiet --no-deps --no-binary :all: \
+      python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==$PIN_VERSION" -d "$TMP" >/dev/null 2>"$TMP/pip.log" \
         || { cat "$TMP/pip.log" >&2; die "pip could not download llama-cpp-python==$PIN_VERSION (no network to PyPI?)"; }
       mv "$TMP/llama_cpp_python-$PIN_VERSION.tar.gz" "$SDIST"
@@ -103,7 +129,8 @@ else
 fi
 
 # --- build ------------------------------------------------------------------
-# The stamp holds the source on its first line and the CMake flags on its second.
+# The stamp holds the source on its first line, the CMake flags configured on its
+# second and, once they compiled, "compiled" on its third.
 # The reference tools are always configured (configuring compiles nothing) and
 # only compiled on request, so adding them never touches libllama; once built,
 # later builds keep them and keep them up to date.
@@ -117,12 +144,13 @@ fi
 if [ "$SERVER" = ON ] || [ -e "$BIN/llama-server" ]; then  # tools once built are kept up to date
   TARGETS+=(llama-server llama-batched-bench)
 fi
-OLD_SRC=""; OLD_FLAGS=""
+OLD_SRC=""; OLD_FLAGS=""; COMPILED=""
 if [ -f "$STAMP" ]; then
-  OLD_SRC=$(sed -n 1p "$STAMP"); OLD_FLAGS=$(sed -n 2p "$STAMP")
+  OLD_SRC=$(sed -n 1p "$STAMP"); OLD_FLAGS=$(sed -n 2p "$STAMP"); COMPILED=$(sed -n 3p "$STAMP")
 fi
 missing() { for f in "${OUTPUTS[@]}"; do [ -e "$f" ] || return 0; done; return 1; }
-if [ "$CLEAN" = 0 ] && [ "$OLD_SRC" = "$SRC_ID" ] && [ "$OLD_FLAGS" = "${FLAGS[*]}" ] && ! missing; then
+if [ "$CLEAN" = 0 ] && [ "$OLD_SRC" = "$SRC_ID" ] && [ "$OLD_FLAGS" = "${FLAGS[*]}" ] \
+    && { [ "$CONFIGURE_ONLY" = 1 ] || { [ "$COMPILED" = compiled ] && ! missing; }; }; then
   say "up to date: $BIN ($SRC_ID ${FLAGS[*]})"
   exit 0
 fi
@@ -143,10 +171,15 @@ if [ ! -f "$BUILD_DIR/CMakeCache.txt" ] || [ "$OLD_FLAGS" != "${FLAGS[*]}" ]; th
   cmake -S "$ROOT/native" -B "$BUILD_DIR" -DLLAMA_CPP_SRC="$SRC" "${UNSET[@]}" "${FLAGS[@]}" \
       >"$BUILD_DIR/configure.log" 2>&1 \
     || { tail -40 "$BUILD_DIR/configure.log" >&2; die "CMake configure failed (full log: $BUILD_DIR/configure.log)"; }
-  rm -f "$STAMP"  # until the compile below succeeds
+  mkdir -p "$BIN"
+  printf '%s\n%s\n' "$SRC_ID" "${FLAGS[*]}" >"$STAMP"
+fi
+if [ "$CONFIGURE_ONLY" = 1 ]; then
+  say "configured: $BUILD_DIR (--configure-only: nothing compiled)"
+  exit 0
 fi
 say "compiling ${TARGETS[*]} with $JOBS jobs"
 cmake --build "$BUILD_DIR" --parallel "$JOBS" --target "${TARGETS[@]}" >"$BUILD_DIR/build.log" 2>&1 \
   || { tail -40 "$BUILD_DIR/build.log" >&2; die "compile failed (full log: $BUILD_DIR/build.log)"; }
-printf '%s\n%s\n' "$SRC_ID" "${FLAGS[*]}" >"$STAMP"
+printf '%s\n%s\ncompiled\n' "$SRC_ID" "${FLAGS[*]}" >"$STAMP"
 say "done: $(cd "$BIN" && ls -1 *.so* llama-* 2>/dev/null | tr '\n' ' ')"

@@ -23,9 +23,14 @@ if [ -f studio/package-lock.json ]; then
   npm ci --prefix studio --no-audit --no-fund --loglevel=error >/dev/null
 fi
 
-if [ "$TEST" = 1 ] && [ ! -x /usr/bin/chromium ]; then
-  say "chromium (for the studio's browser test)"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq chromium >/dev/null
+if [ "$TEST" = 1 ]; then
+  debs=()
+  [ -x /usr/bin/chromium ] || debs+=(chromium)       # the studio's browser test
+  command -v haproxy >/dev/null || debs+=(haproxy)  # `haproxy -c` of deploy/haproxy/haproxy.cfg (4 MB)
+  if [ ${#debs[@]} -gt 0 ]; then
+    say "Debian packages: ${debs[*]}"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq "${debs[@]}" >/dev/null
+  fi
 fi
 say "ready"

@@ -75,7 +75,8 @@ async def open_client(target: Target, args) -> AsyncIterator[Send]:
 
 
 async def stream_http(session: aiohttp.ClientSession, target: Target, messages: list[dict], kind: str,
-                      args) -> RequestResult:
+                      args, headers: dict | None = None) -> RequestResult:
+    """One streamed chat completion; `headers` are sent with it (fleet_bench's routing key)."""
     body: dict = {"model": target.model_id, "messages": messages, "max_tokens": args.max_tokens,
                   "stream": True, "stream_options": {"include_usage": True}}
     if not args.no_ignore_eos:
@@ -87,7 +88,7 @@ async def stream_http(session: aiohttp.ClientSession, target: Target, messages: 
     try:
         async with session.post(target.base_url + "/v1/chat/completions", data=dumps(body),
                                 headers={"Content-Type": "application/json",
-                                         "Accept": "text/event-stream"}) as resp:
+                                         "Accept": "text/event-stream", **(headers or {})}) as resp:
             if resp.status != 200:
                 text = (await resp.text())[:300]
                 return RequestResult(kind, False, error=f"HTTP {resp.status}: {text}")

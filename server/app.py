@@ -14,9 +14,10 @@ from aiohttp import web
 
 from engine import logs
 from engine.async_engine import AsyncEngine
+from server.drain import REFUSAL, Drain
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.openai_routes import OpenAIRoutes, json_response, read_json
+from server.openai_routes import GENERATION_ROUTES, OpenAIRoutes, json_response, read_json
 from server.openapi import openapi_spec
 from server.shaping import InvalidRequest, SamplingDefaults, Shaper
 from server.studio import DEFAULT_DIR as STUDIO_DIR, add_studio
@@ -47,12 +48,13 @@ class ServerSettings:
                       rag_template=self.rag_template)
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings, metrics: Metrics) -> web.Application:
+def create_app(engine: AsyncEngine, settings: ServerSettings, metrics: Metrics, drain: Drain) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app.middlewares.extend([_cors(app, settings.cors_origins), _errors(metrics, settings.max_body_bytes),
-                            _request_context(settings.require_tenant), _auth(settings.api_key), _loading(engine)])
+                            _request_context(settings.require_tenant), _auth(settings.api_key), _draining(drain),
+                            _loading(engine)])
     OpenAIRoutes(engine, settings.shaper(engine), metrics, settings.model_alias).add_to(app)
-    ServiceRoutes(engine, metrics, settings.model_alias, settings.defaults).add_to(
+    ServiceRoutes(engine, metrics, settings.model_alias, settings.defaults, drain).add_to(
         app, with_metrics=settings.metrics_on_http_port)
     add_studio(app, settings.studio_dir)
     return app
@@ -72,8 +74,9 @@ def _prometheus(metrics: Metrics) -> web.Response:
 class ServiceRoutes:
     """Health, numbers and tokenizer routes."""
 
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, model_alias: str, defaults: SamplingDefaults):
-        self.engine, self.metrics, self.model, self.defaults = engine, metrics, model_alias, defaults
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, model_alias: str, defaults: SamplingDefaults,
+                 drain: Drain):
+        self.engine, self.metrics, self.model, self.defaults, self.drain = engine, metrics, model_alias, defaults, drain
 
     def add_to(self, app: web.Application, *, with_metrics: bool = True) -> None:
         app.router.add_get("/health", self.health)
@@ -85,7 +88,7 @@ class ServiceRoutes:
         app.router.add_get("/openapi.json", self.openapi)
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 when requests can be served; 503 while loading or with no live worker. Carries the
+        """200 when requests can be served; 503 while loading, draining or with no live worker. Carries the
         platform's fields (status, model_ready, capacity, current_profile, timestamp) and the engine's."""
         body = {"service": "sentiric-llm-llama-service", "current_profile": self.model, "model": self.model,
                 "timestamp": int(time.time())}
@@ -96,10 +99,11 @@ class ServiceRoutes:
         total = s["workers_alive"] * self.engine.config.parallel
         capacity = {"active": s["running"], "total": total, "available": s["free_slots"],
                     "has_capacity": s["free_slots"] > 0}
-        body = {"status": "healthy" if ready else "unavailable", "model_ready": ready, "capacity": capacity, **body,
+        status = "draining" if self.drain.draining else "healthy" if ready else "unavailable"
+        body = {"status": status, "model_ready": ready, "capacity": capacity, **body,
                 **{k: s[k] for k in ("running", "waiting", "free_slots", "kv_used", "kv_total", "workers",
                                      "workers_alive")}}
-        return json_response(body, status=200 if ready else 503)
+        return json_response(body, status=200 if status == "healthy" else 503)
 
     async def stats(self, request: web.Request) -> web.Response:
         return json_response({"model": self.model, "ready": self.engine.ready, "worker_pids": self.engine.worker_pids(),
@@ -218,6 +222,19 @@ def _errors(metrics: Metrics, max_body_bytes: int):
                                          status=response.status, duration_ms=round(ms, 1)))
         return response
     return errors
+
+
+def _draining(drain: Drain):
+    @web.middleware
+    async def draining(request: web.Request, handler):
+        """Generation requests are counted while they run; once the service drains, new ones get a 503."""
+        if request.path not in GENERATION_ROUTES:
+            return await handler(request)
+        if drain.draining:
+            raise ApiError(503, REFUSAL, code="draining", headers={"Retry-After": "1"})
+        with drain.track():
+            return await handler(request)
+    return draining
 
 
 def _loading(engine: AsyncEngine):

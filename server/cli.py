@@ -22,11 +22,12 @@ from aiohttp import web
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.llama import Model, SamplingParams, supports_gpu_offload
+from engine.llama import Model, SamplingParams
 from engine.logs import event, setup_logging
 from engine.model_files import DEFAULT_ALIAS, resolve_model
 from engine.request import Request
 from server.app import ServerSettings, create_app, create_metrics_app
+from server.drain import Drain
 from server.grpc_service import GrpcDoor, GrpcSettings, LlamaService
 from server.metrics import Metrics
 from server.shaping import SamplingDefaults
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "separated ('*' = any; default none)")
     _option(net, "--require-tenant", "REQUIRE_TENANT", False, "refuse generation requests without an "
                                                               "x-tenant-id header / metadata", type=bool)
+    _option(net, "--drain-timeout", "DRAIN_TIMEOUT", 120.0, "on SIGTERM, seconds the running requests get to "
+                                                           "finish while new ones are refused (503 / UNAVAILABLE); "
+                                                           "what still runs then ends with an error", type=float)
     tls = p.add_argument_group("gRPC TLS (with a CA, clients must present a certificate it signed: mutual TLS; "
                                "with ENV=production the gRPC door refuses to start without TLS)")
     _option(tls, "--grpc-tls-cert", "CERT_PATH", None, "server certificate (PEM)")
@@ -78,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(default: the file name without .gguf)")
     _option(model, "--n-gpu-layers", "GPU_LAYERS", -1, "layers offloaded to the GPU in a CUDA build (-1 = all)",
             type=int)
+    _option(model, "--kv-offload", "KV_OFFLOAD", True, "the offloaded layers' KV cache and attention on the GPU "
+                                                       "too (--no-kv-offload keeps them in RAM)", type=bool)
     eng = p.add_argument_group("engine")
     _option(eng, "--ctx-size", "CONTEXT_SIZE", 16384, "KV cells per worker, shared by its sequences", type=int)
     _option(eng, "--threads", "THREADS", 0, "CPU threads per worker (0 = cores / workers)", type=int)
@@ -151,7 +157,8 @@ def serve(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, ubatch_size=args.ubatch_size, threads=args.threads,
             flash_attn=args.flash_attn, kv_unified=args.kv_unified, cache_slots=args.cache_slots,
             cache_cells=args.cache_cells,
-            max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, log_batches=args.log_batches,
+            max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, kv_offload=args.kv_offload,
+            log_batches=args.log_batches,
             overlap=args.overlap)
         defaults, sources = _sampling_defaults(args, model_path)
     except (OSError, RuntimeError, ValueError) as exc:
@@ -174,7 +181,7 @@ def serve(argv: list[str] | None = None) -> int:
         log.info("sampling defaults from the model's GGUF: %s", ", ".join(from_model),
                  extra=event("SAMPLING_DEFAULTS_FROM_MODEL", fields=from_model))
     return asyncio.run(_serve(args.host, args.port, metrics_port, grpc_settings if args.grpc_port else None,
-                              AsyncEngine(engine_config), settings))
+                              AsyncEngine(engine_config), settings, Drain(args.drain_timeout)))
 
 
 def _sampling_defaults(args, model_path: Path) -> tuple[SamplingDefaults, dict[str, str]]:
@@ -191,20 +198,21 @@ def _sampling_defaults(args, model_path: Path) -> tuple[SamplingDefaults, dict[s
 
 
 async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSettings | None, engine: AsyncEngine,
-                 settings: ServerSettings) -> int:
-    """Listen at once (health says loading while the model loads), then serve until SIGINT/SIGTERM."""
+                 settings: ServerSettings, drain: Drain) -> int:
+    """Listen at once (health says loading while the model loads), then serve until a signal: SIGTERM
+    drains (see server/drain.py), SIGINT stops at once; either way what still runs ends with an error."""
     metrics = Metrics(engine)
-    runners = [web.AppRunner(create_app(engine, settings, metrics), access_log=None, handle_signals=False,
+    runners = [web.AppRunner(create_app(engine, settings, metrics, drain), access_log=None, handle_signals=False,
                              handler_cancellation=True)]
     sites = [(runners[0], port)]
     if metrics_port:
         runners.append(web.AppRunner(create_metrics_app(metrics), access_log=None, handle_signals=False))
         sites.append((runners[1], metrics_port))
     grpc_door = None
-    stop = asyncio.Event()
+    stop, at_once = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: (at_once.set(), stop.set()))
     try:
         for runner, at in sites:
             await runner.setup()
@@ -213,7 +221,7 @@ async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSet
             except OSError as exc:
                 raise OSError(f"cannot listen on {host}:{at}: {exc.strerror or exc}") from None
         if grpc_settings is not None:
-            grpc_door = GrpcDoor(LlamaService(engine, settings.shaper(engine), metrics,
+            grpc_door = GrpcDoor(LlamaService(engine, settings.shaper(engine), metrics, drain,
                                               require_tenant=settings.require_tenant), grpc_settings)
             await grpc_door.start()
     except (OSError, ValueError) as exc:
@@ -236,16 +244,36 @@ async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSet
             await grpc_door.set_serving(True)
         _announce(engine, settings, host, port, metrics_port, grpc_settings if grpc_door else None)
         await stopping
+        if not at_once.is_set():
+            await _drain(drain, grpc_door, at_once)
     log.info("shutting down", extra=event("SERVICE_STOPPING"))
+    drain.draining = True
     stopping.cancel()
+    if not starting.done():  # the load runs in a thread: let it finish, then stop the workers cleanly
+        await asyncio.wait([starting])
+    await engine.shutdown()  # what still runs gets its error now, and the doors send it before they close
+    await drain.wait(5)
     if grpc_door:
         await grpc_door.stop(grace=1)
     for runner in runners:
         await runner.cleanup()
-    if not starting.done():  # the load runs in a thread: let it finish, then stop the workers cleanly
-        await asyncio.wait([starting])
-    await engine.shutdown()
     return code
+
+
+async def _drain(drain: Drain, grpc_door: GrpcDoor | None, cut_short: asyncio.Event) -> None:
+    """Refuse new generation requests and report unready on both doors; let the running ones finish."""
+    drain.draining = True
+    if grpc_door:
+        await grpc_door.set_serving(False)
+    log.info("SIGTERM: draining; %d requests running, new ones refused; waiting up to %g s", drain.active,
+             drain.timeout, extra=event("SERVICE_DRAINING", running=drain.active, timeout_s=drain.timeout))
+    left = await drain.wait(drain.timeout, cut_short)
+    if left:
+        why = "SIGINT cut the drain short" if cut_short.is_set() else f"the drain timeout of {drain.timeout:g} s passed"
+        log.warning("%s with %d requests still running; they end with an error", why, left,
+                    extra=event("DRAIN_TIMEOUT", running=left, timeout_s=drain.timeout))
+    else:
+        log.info("drained: no request is running", extra=event("SERVICE_DRAINED"))
 
 
 def _announce(engine: AsyncEngine, settings: ServerSettings, host: str, port: int, metrics_port: int,
@@ -254,7 +282,7 @@ def _announce(engine: AsyncEngine, settings: ServerSettings, host: str, port: in
     cfg, model = engine.config, engine.vocab_model
     base = f"http://{host}:{port}"
     size_mb = Path(cfg.model_path).stat().st_size / 2**20
-    backend = "CUDA" if cfg.n_gpu_layers != 0 and supports_gpu_offload() else "CPU"
+    backend = "CUDA" if cfg.gpu else "CPU"
     d = settings.defaults
     grpc_line = "off"
     if grpc_settings:

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from engine import logs
 from engine.request import EngineError, Overloaded
+from server.drain import REFUSAL, Drain
 from server.metrics import Metrics, RequestTracker
 from server.proto import llama_pb2, llama_pb2_grpc
 from server.shaping import InvalidRequest, Shaper
@@ -96,11 +97,15 @@ def _params(p: llama_pb2.GenerationParams) -> dict:
 
 
 class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
-    def __init__(self, engine, shaper: Shaper, metrics: Metrics, *, require_tenant: bool = False):
-        self.engine, self.shaper, self.metrics = engine, shaper, metrics
+    def __init__(self, engine, shaper: Shaper, metrics: Metrics, drain: Drain, *, require_tenant: bool = False):
+        self.engine, self.shaper, self.metrics, self.drain = engine, shaper, metrics, drain
         self.require_tenant = require_tenant
 
     async def GenerateStream(self, request, context):
+        with self.drain.track():
+            await self._generate(request, context)
+
+    async def _generate(self, request, context):
         start = time.perf_counter()
         metadata = dict(context.invocation_metadata() or ())
         logs.bind_request(metadata.get("x-tenant-id"), metadata.get("x-trace-id"), metadata.get("x-span-id"))
@@ -151,6 +156,8 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
             raise Refused(grpc.StatusCode.NOT_FOUND, f"LoRA adapter {request.lora_adapter_id!r} is not available: "
                                                      "this server has no adapters (leave lora_adapter_id unset "
                                                      "for the base model)")
+        if self.drain.draining:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, REFUSAL)
         if not self.engine.ready:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "The model is still loading; retry in a few seconds.")
         try:

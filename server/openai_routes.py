@@ -20,6 +20,7 @@ from server.errors import ApiError
 from server.metrics import RequestTracker
 from server.shaping import Generation
 
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -71,8 +72,9 @@ class OpenAIRoutes:
         self.created = int(time.time())
 
     def add_to(self, app: web.Application) -> None:
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_post("/v1/completions", self.completions)
+        chat, completions = GENERATION_ROUTES
+        app.router.add_post(chat, self.chat)
+        app.router.add_post(completions, self.completions)
         app.router.add_get("/v1/models", self.models)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,61 @@
+"""Engine settings resolved as plain data: the GPU choices (offloaded layers, batch size, flash
+attention, KV cache on the GPU) checked on a machine without a GPU."""
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.llama import Batch, Context, ContextParams, Model, supports_gpu_offload
+from engine.model_files import ensure_default_model
+from server.cli import build_parser
+
+
+def config(**kw) -> EngineConfig:
+    return EngineConfig(model_path="model.gguf", **kw)
+
+
+def test_gpu_offload_resolves_from_the_loaded_library_and_the_layer_count():
+    assert config().gpu == supports_gpu_offload()
+    assert config(n_gpu_layers=0).gpu is False  # no layer on the GPU: a CPU engine even in a CUDA build
+
+
+def test_gpu_choices():
+    gpu = config(gpu=True)
+    assert gpu.batch_size == 1024  # a GPU prefills bigger chunks at little extra cost
+    worker = gpu.worker_config()
+    assert worker["n_gpu_layers"] == -1  # every layer
+    assert worker["context"]["offload_kqv"] is True
+    assert worker["context"]["flash_attn"] == "auto"  # llama.cpp turns it on where the device supports it
+    assert worker["context"]["n_ubatch"] == 512
+    assert config(gpu=True, n_gpu_layers=12).worker_config()["n_gpu_layers"] == 12
+    assert config(gpu=True, kv_offload=False).worker_config()["context"]["offload_kqv"] is False
+    assert config(gpu=True, flash_attn="on").worker_config()["context"]["flash_attn"] == "on"
+    assert config(gpu=True, batch_size=384).batch_size == 384  # an explicit size wins
+
+
+def test_cpu_choices():
+    cpu = config(gpu=False)
+    assert cpu.batch_size == 256  # shorter prefill chunks stall the decoding streams less
+    assert cpu.worker_config()["n_gpu_layers"] == 0
+
+
+def test_serve_flags_reach_the_config(monkeypatch):
+    args = build_parser().parse_args(["--n-gpu-layers", "20", "--no-kv-offload", "--flash-attn", "on"])
+    assert (args.n_gpu_layers, args.kv_offload, args.flash_attn) == (20, False, "on")
+    assert build_parser().parse_args([]).kv_offload is True
+    monkeypatch.setenv("LLM_LLAMA_SERVICE_KV_OFFLOAD", "false")
+    assert build_parser().parse_args([]).kv_offload is False
+
+
+@pytest.mark.parametrize("kv_offload", [True, False])
+def test_worker_context_from_the_config_decodes(kv_offload):
+    """What a worker does with the plain data: a real model and context that decode (the KV cache
+    placement changes nothing on a CPU)."""
+    cfg = EngineConfig(model_path=str(ensure_default_model()), parallel=2, ctx_size=512, kv_offload=kv_offload)
+    worker = cfg.worker_config()
+    with Model(worker["model_path"], n_gpu_layers=worker["n_gpu_layers"]) as model, \
+            Context(model, ContextParams(**worker["context"])) as ctx:
+        tokens = model.vocab.tokenize("The capital of Germany is", add_special=False)
+        batch = Batch(len(tokens))
+        batch.set(tokens, seq=0, start_pos=0)
+        ctx.decode(batch)
+        assert model.vocab.detokenize([int(ctx.logits_row(len(tokens) - 1).argmax())]).strip() == "Berlin"
