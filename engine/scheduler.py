@@ -122,7 +122,7 @@ class WorkerState:
     def reset(self) -> None:
         """Forget everything (the worker process is new)."""
         self.ledger = KvLedger(self.n_ctx)
-        self.free_ids = list(range(self.n_ids - 1, -1, -1))
+        self.free_ids = list(range(self.n_ids))
         self.running: list[Sequence] = []
         self.cache: collections.OrderedDict[int, CacheEntry] = collections.OrderedDict()
         self.pending_ops: list[tuple] = []
@@ -141,6 +141,13 @@ class WorkerState:
         """Cells held only by the prefix cache. With a unified KV every token attends over all used
         cells, so what the cache holds makes every prefill chunk and decode step dearer."""
         return self.ledger.used - KvLedger.cells_of(s.span for s in self.running)
+
+    def take_id(self) -> int:
+        """The lowest free sequence id: with a split cache llama.cpp decodes, in one pass, only sequences
+        whose ids follow each other (0, 1, 2, ... in batch order), so running ids are kept dense."""
+        seq_id = min(self.free_ids)
+        self.free_ids.remove(seq_id)
+        return seq_id
 
     def evict_one(self, keep: int | None = None) -> bool:
         """Drop the least recently used cache entry (never `keep`, the source a new sequence copies)."""
@@ -230,6 +237,8 @@ class Scheduler:
             self._prefill(p, budget)
             p.ops[:0] = p.worker.pending_ops
             p.worker.pending_ops = []
+            if not self.kv_unified:  # in id order, or llama.cpp splits the step into several passes (take_id)
+                p.rows.sort(key=lambda r: r.seq.seq_id)
         return [p for p in plans.values() if p.rows or p.ops]
 
     def _continue_decoding(self, plan: StepPlan, budget: dict) -> None:
@@ -300,14 +309,16 @@ class Scheduler:
                 c = min(common_prefix(r.prompt, seq.prompt), limit)
                 if c >= MIN_SHARED_PREFIX and r.n_computed < c:
                     return None  # its prefill is computing our prefix (or a step in flight is): wait for it
-            # cache entries first: on a tie, a split cache adopts an idle stream instead of copying a busy one
-            cands = [(min(common_prefix(e.tokens, seq.prompt), limit), e.seq_id, e.span) for e in w.cache.values()]
-            cands += [(min(common_prefix(r.prompt, seq.prompt), limit, r.n_computed), r.seq_id, r.span)
+            # the longest shared prefix; on a tie a cache entry (a split cache adopts an idle stream instead
+            # of copying a busy one), then the lowest id (split: running ids stay dense, see take_id)
+            cands = [(min(common_prefix(e.tokens, seq.prompt), limit), True, -e.seq_id, e.span)
+                     for e in w.cache.values()]
+            cands += [(min(common_prefix(r.prompt, seq.prompt), limit, r.n_computed), False, -r.seq_id, r.span)
                       for r in w.running]
             shared, src = 0, None
-            for c, sid, span in cands:
-                if c >= MIN_SHARED_PREFIX and c > shared:
-                    shared, src = c, (sid, span)
+            top = max(cands, key=lambda c: c[:3], default=None)
+            if top is not None and top[0] >= MIN_SHARED_PREFIX:
+                shared, src = top[0], (-top[2], top[3])
             key = (shared, -len(w.running), w.free_cells)
             if best is None or key > best[0]:
                 best = (key, w, src)
@@ -333,18 +344,18 @@ class Scheduler:
         w = plan.worker
         seq.worker = w
         if source is None:
-            seq.seq_id, seq.span = w.free_ids.pop(), w.ledger.new_span()
+            seq.seq_id, seq.span = w.take_id(), w.ledger.new_span()
         else:
             src_id, src_span = source
             if self.kv_unified:  # the copy references the source's cells
-                seq.seq_id, seq.span = w.free_ids.pop(), w.ledger.share(src_span, shared)
+                seq.seq_id, seq.span = w.take_id(), w.ledger.share(src_span, shared)
                 plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
             elif src_id in w.cache:  # split: the finished sequence's stream becomes this one's
                 seq.seq_id, seq.span = src_id, w.cache.pop(src_id).span
                 w.ledger.truncate(seq.span, shared)
                 plan.ops.append((OP_TRIM, seq.seq_id, shared, 0, None))
             else:  # split: a running sequence's stream, copied whole, then trimmed
-                seq.seq_id, seq.span = w.free_ids.pop(), w.ledger.new_span()
+                seq.seq_id, seq.span = w.take_id(), w.ledger.new_span()
                 w.ledger.grow(seq.span, shared)
                 plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
             seq.n_computed = seq.n_scheduled = seq.cached_tokens = shared
