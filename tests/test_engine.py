@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -74,25 +75,38 @@ def greedy_request(h, question, n=32):
 
 
 def test_concurrent_greedy_matches_alone(eng):
-    """16 concurrent greedy generations agree with the same prompts run alone.
+    """16 concurrent greedy generations agree with the same prompts run alone, within batch noise.
 
     llama.cpp's CPU build is not batch-invariant: decoding these 16 prompts in one
-    llama_batch directly (no engine) gives identical 32-token outputs for only 6 of 16,
-    first differing at token 11-27 (near-tie argmax after the matmul path changes with
-    batch size). The engine adds prefix-cache reuse (KV computed in yet another batch
-    shape) and was measured at 6 of 16 identical, first difference at token 3 to 30.
-    So it is held to that: the same first token everywhere, several whole outputs identical.
+    llama_batch directly (no engine) moves the prompt's top-5 log-probabilities by up to
+    0.35 nats against decoding each alone (flash attention auto; 0.10 with it off), and
+    question 10's two best first tokens are only 0.04 apart, so its first token flips with
+    the batch layout. The engine adds prefix-cache reuse (KV computed in yet another batch
+    shape). So it is held to what batching allows: each first token's log-probability
+    within 0.5 nats of the alone run's (a sequence reading another's cells moves it far
+    more), the same first token wherever the alone run's best beats its second by more
+    than that, and several whole outputs identical.
     """
-    def tokens(results):
-        return [[t for o in outs for t in o.token_ids] for outs in results]
+    def first_logprob(outs):
+        return next(lp for o in outs for lp in o.logprobs)
+    def tokens(outs):
+        return [t for o in outs for t in o.token_ids]
     async def stream_all(reqs):
         async def one(r):
             return [o async for o in eng.engine.generate(r)]
         return await asyncio.gather(*(one(r) for r in reqs))
-    alone = [tokens(eng.run(stream_all([greedy_request(eng, q)])))[0] for q in QUESTIONS]
-    together = tokens(eng.run(stream_all([greedy_request(eng, q) for q in QUESTIONS])))
-    assert all(a[0] == b[0] for a, b in zip(alone, together))  # the prompt's own logits agree
-    assert sum(a == b for a, b in zip(alone, together)) >= 3
+    def requests():
+        return [replace(greedy_request(eng, q), top_logprobs=2) for q in QUESTIONS]
+    alone = [eng.run(stream_all([r]))[0] for r in requests()]
+    together = eng.run(stream_all(requests()))
+    noise = 0.5
+    for a, b in zip(alone, together):
+        first_a, first_b = first_logprob(a), first_logprob(b)
+        alone_scores = dict((t, lp) for t, _, lp in first_a.top)
+        assert abs(first_b.logprob - alone_scores.get(first_b.token, -99.0)) < noise
+        if first_a.top[0][2] - first_a.top[1][2] > noise:
+            assert first_b.token == first_a.token
+    assert sum(tokens(a) == tokens(b) for a, b in zip(alone, together)) >= 3
 
 
 def test_batching_is_real(eng, caplog):
