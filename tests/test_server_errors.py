@@ -53,6 +53,8 @@ def assert_error(result, status, kind, *words, param=None):
     ({"messages": []}, "messages", ["non-empty"]),
     ({}, "messages", ["required"]),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", ["'wizard'", "user"]),
+    ({"messages": [{"role": {"a": 1}, "content": "hi"}]}, "messages[0].role", ["{'a': 1}", "user"]),  # a fuzzer's 500
+    ({"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role", ["['user']", "user"]),
     ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content", ["string"]),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content", ["text parts only"]),
