@@ -142,23 +142,32 @@ class WorkerState:
         cells, so what the cache holds makes every prefill chunk and decode step dearer."""
         return self.ledger.used - KvLedger.cells_of(s.span for s in self.running)
 
-    def take_id(self) -> int:
-        """The lowest free sequence id: with a split cache llama.cpp decodes, in one pass, only sequences
-        whose ids follow each other (0, 1, 2, ... in batch order), so running ids are kept dense."""
-        seq_id = min(self.free_ids)
+    def take_id(self, seq_id: int | None = None) -> int:
+        """A free sequence id: `seq_id`, else the lowest."""
+        seq_id = min(self.free_ids) if seq_id is None else seq_id
         self.free_ids.remove(seq_id)
         return seq_id
+
+    def lowest_idle_id(self) -> int:
+        """The lowest id no running sequence holds (free, or a cache entry's). A split cache gives every
+        newcomer this id: llama.cpp decodes split streams in one pass only while the ids in the batch
+        follow each other (0, 1, 2, ...), so running ids are kept dense and a gap never splits a step."""
+        busy = {s.seq_id for s in self.running}
+        return next(i for i in range(self.n_ids) if i not in busy)
 
     def evict_one(self, keep: int | None = None) -> bool:
         """Drop the least recently used cache entry (never `keep`, the source a new sequence copies)."""
         victim = next((sid for sid in self.cache if sid != keep), None)
         if victim is None:
             return False
-        entry = self.cache.pop(victim)
+        self.evict(victim)
+        return True
+
+    def evict(self, seq_id: int) -> None:
+        entry = self.cache.pop(seq_id)
         self.ledger.release(entry.span)
         self.pending_ops.append((OP_FREE, entry.seq_id, 0, 0, None))
         self.free_ids.append(entry.seq_id)
-        return True
 
     def make_room(self, cells: int, keep: int | None = None) -> bool:
         while self.free_cells < cells:
@@ -237,7 +246,7 @@ class Scheduler:
             self._prefill(p, budget)
             p.ops[:0] = p.worker.pending_ops
             p.worker.pending_ops = []
-            if not self.kv_unified:  # in id order, or llama.cpp splits the step into several passes (take_id)
+            if not self.kv_unified:  # in id order, or llama.cpp splits the step into several passes (lowest_idle_id)
                 p.rows.sort(key=lambda r: r.seq.seq_id)
         return [p for p in plans.values() if p.rows or p.ops]
 
@@ -293,12 +302,13 @@ class Scheduler:
             choice = self._place(seq, plans)
             if choice is None:
                 continue
-            w, source, shared = choice
+            w, source, shared, seq_id = choice
             self.waiting.remove(seq)
-            self._start(plans[w.index], seq, source, shared)
+            self._start(plans[w.index], seq, source, shared, seq_id)
 
     def _place(self, seq: Sequence, plans: dict):
-        """(worker, prefix source, shared length) for a waiting sequence, or None to keep it waiting."""
+        """(worker, prefix source, shared length, sequence id or None for any) for a waiting sequence,
+        or None to keep it waiting."""
         # prompt tokens a prefix may give: all but the last, which is always computed for its logits
         limit = seq.n_prompt - 1
         best = None  # (shared, -load, worker, source)
@@ -309,8 +319,8 @@ class Scheduler:
                 c = min(common_prefix(r.prompt, seq.prompt), limit)
                 if c >= MIN_SHARED_PREFIX and r.n_computed < c:
                     return None  # its prefill is computing our prefix (or a step in flight is): wait for it
-            # the longest shared prefix; on a tie a cache entry (a split cache adopts an idle stream instead
-            # of copying a busy one), then the lowest id (split: running ids stay dense, see take_id)
+            # the longest shared prefix; on a tie a cache entry (a split cache may adopt an idle stream
+            # instead of copying a busy one), then the lowest id (split: see lowest_idle_id)
             cands = [(min(common_prefix(e.tokens, seq.prompt), limit), True, -e.seq_id, e.span)
                      for e in w.cache.values()]
             cands += [(min(common_prefix(r.prompt, seq.prompt), limit, r.n_computed), False, -r.seq_id, r.span)
@@ -325,37 +335,44 @@ class Scheduler:
         if best is None:
             return None
         (shared, _, _), w, src = best
+        if seq.n_prompt >= w.n_ctx_seq:
+            return None
         want = seq.n_prompt + min(seq.request.max_tokens or w.n_ctx_seq, self.reserve_cap)
         seq_reserve = min(want, w.n_ctx_seq)
         keep = src[0] if src is not None else None
         if keep in w.cache:
             w.cache.move_to_end(keep)  # the source is used now: evicted last, and never for this sequence
+        # split: the newcomer's stream is the lowest idle one; a cache entry there is adopted when it is
+        # the source, else evicted (another source's stream is copied into it)
+        seq_id = None if self.kv_unified else w.lowest_idle_id()
+        adopts = seq_id is not None and seq_id == keep
+        if seq_id in w.cache and not adopts:
+            w.evict(seq_id)
         # cells the sequence needs beyond those it gets from its source (a copy of a stream counts again)
-        gets = shared if self.kv_unified or keep in w.cache else 0
-        if seq.n_prompt >= w.n_ctx_seq or not w.make_room(seq_reserve - gets, keep):
+        gets = shared if self.kv_unified or adopts else 0
+        if not w.make_room(seq_reserve - gets, keep):
             return None
-        adopts = not self.kv_unified and keep in w.cache
-        if not w.free_ids and not adopts and not w.evict_one(keep):
+        if self.kv_unified and not w.free_ids and not w.evict_one(keep):
             return None
         seq.reserve = seq_reserve
-        return w, src, shared
+        return w, src, shared, seq_id
 
-    def _start(self, plan: StepPlan, seq: Sequence, source, shared: int) -> None:
+    def _start(self, plan: StepPlan, seq: Sequence, source, shared: int, seq_id: int | None) -> None:
         w = plan.worker
         seq.worker = w
         if source is None:
-            seq.seq_id, seq.span = w.take_id(), w.ledger.new_span()
+            seq.seq_id, seq.span = w.take_id(seq_id), w.ledger.new_span()
         else:
             src_id, src_span = source
             if self.kv_unified:  # the copy references the source's cells
                 seq.seq_id, seq.span = w.take_id(), w.ledger.share(src_span, shared)
                 plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
-            elif src_id in w.cache:  # split: the finished sequence's stream becomes this one's
+            elif src_id == seq_id:  # split: the finished sequence's stream becomes this one's
                 seq.seq_id, seq.span = src_id, w.cache.pop(src_id).span
                 w.ledger.truncate(seq.span, shared)
                 plan.ops.append((OP_TRIM, seq.seq_id, shared, 0, None))
-            else:  # split: a running sequence's stream, copied whole, then trimmed
-                seq.seq_id, seq.span = w.take_id(), w.ledger.new_span()
+            else:  # split: another stream (running or idle), copied whole, then trimmed
+                seq.seq_id, seq.span = w.take_id(seq_id), w.ledger.new_span()
                 w.ledger.grow(seq.span, shared)
                 plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
             seq.n_computed = seq.n_scheduled = seq.cached_tokens = shared

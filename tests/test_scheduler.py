@@ -180,6 +180,25 @@ def test_split_kv_shares_prefixes_by_stream():
     assert a.seq_id not in state.cache and state.ledger.used == c.n_computed + b.n_computed
 
 
+def test_split_kv_keeps_running_ids_dense():
+    """llama.cpp decodes split streams in one pass only while their ids follow each other: a newcomer
+    takes the lowest id no running sequence holds, evicting the idle stream (cache entry) there."""
+    state = WorkerState(0, 4096, 4, 4, n_ctx_seq=1024, n_ids=4)
+    state.alive = True
+    sched = Scheduler([state], max_waiting=8, step_tokens=512, reserve_cap=64, kv_unified=False)
+    a, b, c = (sched.add(Request(prompt=[k] * 80, max_tokens=8)) for k in (1, 2, 3))
+    run_step(sched)
+    assert [s.seq_id for s in (a, b, c)] == [0, 1, 2]
+    sched.finish(a, "stop")
+    sched.finish(b, "stop")
+    assert set(state.cache) == {0, 1} and state.free_ids == [3]
+    d = sched.add(Request(prompt=[4] * 80, max_tokens=8))
+    plans, _ = run_step(sched)
+    assert d.seq_id == 0 and 0 not in state.cache  # not the free id 3: that would leave a gap at 0
+    assert (OP_FREE, 0) in [op[:2] for op in plans[0].ops]
+    assert [r.seq.seq_id for r in plans[0].rows] == [0, 2]
+
+
 def test_least_loaded_worker_gets_new_requests():
     sched = make(workers=2)
     a = sched.add(Request(prompt=[1, 2, 3], max_tokens=4))
