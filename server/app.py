@@ -117,10 +117,10 @@ class ServiceRoutes:
         text = body.get("content", body.get("text"))
         if not isinstance(text, str):
             raise ApiError(400, "'content' must be the text to tokenize", param="content", code="invalid_type")
-        add_special = body.get("add_special", False)
-        if not isinstance(add_special, bool):
-            raise ApiError(400, "'add_special' must be true or false", param="add_special", code="invalid_type")
-        tokens = self.engine.tokenize(text, add_special=add_special)
+        for flag in ("add_special", "with_pieces"):
+            if not isinstance(body.get(flag, False), bool):
+                raise ApiError(400, f"'{flag}' must be true or false", param=flag, code="invalid_type")
+        tokens = self.engine.tokenize(text, add_special=body.get("add_special", False))
         if body.get("with_pieces"):
             pieces = [{"id": t, "piece": self.engine.detokenize([t])} for t in tokens]
             return json_response({"tokens": pieces})

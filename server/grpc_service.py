@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -83,7 +84,11 @@ def _params(p: llama_pb2.GenerationParams) -> dict:
     if p.stop_sequences:
         out["stop"] = list(p.stop_sequences)
     if p.HasField("engine_specific_params"):
-        extra = json_format.MessageToDict(p.engine_specific_params)
+        try:
+            extra = json_format.MessageToDict(p.engine_specific_params)
+        except ValueError as exc:  # a Struct number that JSON cannot carry
+            raise InvalidRequest(f"'params.engine_specific_params' holds NaN or infinity, which no parameter "
+                                 f"accepts ({exc})", "params.engine_specific_params") from None
         unknown = sorted(k for k in extra if k not in ENGINE_SPECIFIC)
         if unknown:
             log.warning("ignoring unknown engine_specific_params: %s (known: %s)", ", ".join(unknown),
@@ -94,6 +99,16 @@ def _params(p: llama_pb2.GenerationParams) -> dict:
         if "json_schema" in out:
             out["response_format"] = {"type": "json_schema", "json_schema": {"schema": out.pop("json_schema")}}
     return out
+
+
+def parse_request(data: bytes) -> llama_pb2.GenerateStreamRequest | DecodeError:
+    """The request, or why it cannot be parsed (a string field that is not UTF-8, a Struct nested past
+    protobuf's limit, broken wire data): GenerateStream refuses that with INVALID_ARGUMENT, where
+    grpcio's own deserializer would end the call with an opaque INTERNAL."""
+    try:
+        return llama_pb2.GenerateStreamRequest.FromString(data)
+    except DecodeError as exc:
+        return exc
 
 
 class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
@@ -150,6 +165,9 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
 
     def _admit(self, request, metadata: dict):
         """(prompt tokens, engine handle) for a call, or Refused."""
+        if isinstance(request, DecodeError):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "The request is not a valid GenerateStreamRequest "
+                          f"(string fields must be UTF-8, Structs nest at most 100 deep): {request}")
         if self.require_tenant and not metadata.get("x-tenant-id"):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "This service requires the 'x-tenant-id' metadata.")
         if request.HasField("lora_adapter_id") and request.lora_adapter_id:
@@ -230,7 +248,11 @@ class GrpcDoor:
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
             ("grpc.max_receive_message_length", settings.max_message_bytes),
         ])
-        llama_pb2_grpc.add_LlamaServiceServicer_to_server(service, self.server)
+        handlers = {"GenerateStream": grpc.unary_stream_rpc_method_handler(
+            service.GenerateStream, request_deserializer=parse_request,
+            response_serializer=llama_pb2.GenerateStreamResponse.SerializeToString)}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.server.add_registered_method_handlers(SERVICE, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -109,6 +109,9 @@ _USAGE = {"type": "object", "properties": {
     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
     "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}}}}
 
+_HEALTH = {"type": "object", "required": ["status", "model_ready"], "properties": {
+    "status": {"enum": ["healthy", "loading", "draining", "unavailable"]}, "model_ready": {"type": "boolean"}}}
+
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
@@ -139,9 +142,25 @@ def _json(schema: dict, description: str = "OK") -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+# OpenAPI 3.1 has an event stream's schema describe each event (3.2 calls it itemSchema)
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "A chunk as JSON; an error object if generation fails; [DONE] last."}}}
+
+
 def _generation_ok(schema: str) -> dict:
     return {"description": "The completion, or with stream=true Server-Sent Events of chunks ending in [DONE]",
-            "content": {"application/json": {"schema": _ref(schema)}, "text/event-stream": {"schema": {"type": "string"}}}}
+            "content": {"application/json": {"schema": _ref(schema)}, "text/event-stream": {"schema": _SSE_EVENT}}}
+
+
+def _redirect(summary: str) -> dict:
+    return {"get": {"summary": summary, "security": [], "responses": {"302": {
+        "description": "Found", "headers": {"Location": {"schema": {"const": "/studio/"}}}}}}}
+
+
+def _with_preflight(paths: dict) -> dict:
+    """Every route answers CORS preflights (OPTIONS) with 204, whatever --cors-origins allows."""
+    preflight = {"summary": "CORS preflight", "security": [], "responses": {"204": {"description": "No content"}}}
+    return {path: {**item, "options": preflight} for path, item in paths.items()}
 
 
 @cache
@@ -157,33 +176,44 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
             "schemas": {
                 "ChatMessage": _MESSAGE, "ChatCompletionRequest": _chat_request(sampling),
                 "CompletionRequest": _completion_request(sampling), "Usage": _USAGE, "Error": _ERROR,
+                "Health": _HEALTH,
                 "ChatCompletion": _completion_response({"message": {"type": "object", "properties": {
                     "role": {"const": "assistant"}, "content": text}}, "logprobs": {"type": ["object", "null"]}}),
                 "Completion": _completion_response({"text": text, "logprobs": {"type": ["object", "null"]}}),
-                "TokenizeRequest": {"type": "object", "required": ["content"], "properties": {
-                    "content": text, "add_special": {"type": "boolean", "default": False},
-                    "with_pieces": {"type": "boolean", "default": False}}},
+                "TokenizeRequest": {
+                    "type": "object", "anyOf": [{"required": ["content"]}, {"required": ["text"]}], "properties": {
+                        "content": text, "text": {"type": "string", "description": "Read when 'content' is absent."},
+                        "add_special": {"type": "boolean", "default": False},
+                        "with_pieces": {"type": "boolean", "default": False}}},
                 "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
                     "tokens": {"type": "array", "items": {"type": "integer"}}}},
             },
         },
         "security": [{"bearer": []}],
-        "paths": {
+        "paths": _with_preflight({
             "/v1/chat/completions": _post("Chat completion (OpenAI), plus system_prompt and rag_context",
                                           "ChatCompletionRequest", _generation_ok("ChatCompletion"),
                                           400, 401, 413, 429, 503),
             "/v1/completions": _post("Text completion (OpenAI legacy)", "CompletionRequest",
                                      _generation_ok("Completion"), 400, 401, 413, 429, 503),
             "/tokenize": _post("Text to token ids", "TokenizeRequest", _json({"type": "object", "properties": {
-                "tokens": {"type": "array"}}}), 400, 401, 503),
+                "tokens": {"type": "array"}}}), 400, 401, 413, 503),
             "/detokenize": _post("Token ids to text", "DetokenizeRequest", _json({"type": "object", "properties": {
-                "content": text}}), 400, 401, 503),
-            "/v1/models": {"get": {"summary": "The served model", "responses": {"200": _json({"type": "object"})}}},
+                "content": text}}), 400, 401, 413, 503),
+            "/v1/models": {"get": {"summary": "The served model", "responses": {
+                "200": _json({"type": "object"}), **_errors(400, 401, 503)}}},
             "/health": {"get": {"summary": "Readiness and capacity", "security": [], "responses": {
-                "200": _json({"type": "object"}, "Ready"), **_errors(503)}}},
+                "200": _json(_ref("Health"), "Ready"),
+                "503": _json(_ref("Health"), "Loading, draining or without a live worker")}}},
             "/stats": {"get": {"summary": "Engine numbers for the studio", "security": [],
                                "responses": {"200": _json({"type": "object"})}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {
                 "description": "Prometheus text format", "content": {"text/plain": {"schema": text}}}}}},
-        },
+            "/openapi.json": {"get": {"summary": "This document", "security": [],
+                                      "responses": {"200": _json({"type": "object"})}}},
+            "/": _redirect("To the studio"),
+            "/studio": _redirect("To the studio"),
+            "/studio/": {"get": {"summary": "The developer studio", "security": [], "responses": {"200": {
+                "description": "Its page", "content": {"text/html": {"schema": text}}}}}},
+        }),
     }

@@ -12,6 +12,7 @@ INVALID_ARGUMENT).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Callable
 
@@ -22,6 +23,11 @@ from server.json_grammar import SchemaError, json_object_grammar, json_schema_gr
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOP = 16
+# llama.cpp parses GBNF recursively on the caller's stack: ~20k nested parentheses or a ~60k-rule chain
+# overflow it and kill the process (the service itself, which checks grammars before admitting them)
+MAX_GRAMMAR_CHARS = 128 * 1024
+MAX_GRAMMAR_DEPTH = 256
+_GBNF_PARTS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[()]')  # literals, classes, comments, parens
 INT32_MAX = 2**31 - 1
 _MISSING = object()
 
@@ -151,6 +157,9 @@ class Fields:
                 raise self.error("grammar", "must be a non-empty GBNF string", "invalid_type")
             if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
                 raise self.error("grammar", "cannot be combined with a JSON 'response_format'; send one of them")
+            if len(grammar) > MAX_GRAMMAR_CHARS or _gbnf_depth(grammar) > MAX_GRAMMAR_DEPTH:
+                raise self.error("grammar", f"is too big: at most {MAX_GRAMMAR_CHARS} characters and "
+                                            f"{MAX_GRAMMAR_DEPTH} levels of nested parentheses are accepted")
             return grammar
         if fmt is None:
             return None
@@ -167,7 +176,9 @@ class Fields:
                 raise self.error("response_format.json_schema", "must be an object with a 'schema'")
             try:
                 return json_schema_grammar(spec["schema"])
-            except (SchemaError, TypeError, ValueError) as exc:
+            except RecursionError:
+                raise self.error("response_format.json_schema", "is nested too deeply to be enforced") from None
+            except (SchemaError, TypeError, ValueError, AttributeError) as exc:  # a malformed schema
                 raise self.error("response_format.json_schema", f"cannot be enforced: {exc}") from None
         raise self.error("response_format.type", f"is {kind!r}, not one of text, json_object, json_schema")
 
@@ -317,7 +328,8 @@ class Shaper:
             repeat_penalty=f.number("repeat_penalty", repeat_penalty, lo=0, lo_open=True),
             presence_penalty=f.number("presence_penalty", 0.0, lo=-2, hi=2),
             frequency_penalty=f.number("frequency_penalty", 0.0, lo=-2, hi=2),
-            penalty_last_n=self.engine.n_ctx if last_n == -1 else last_n,
+            # no further back than the context: llama.cpp allocates a ring of penalty_last_n tokens per sequence
+            penalty_last_n=self.engine.n_ctx if last_n == -1 else min(last_n, self.engine.n_ctx),
             seed=f.number("seed", None, integer=True),  # llama.cpp takes 32 bits: see _generation
             logit_bias=f.logit_bias(),
             grammar=grammar,
@@ -366,6 +378,15 @@ class Shaper:
     def _starts_with_bos(self, text: str) -> bool:
         bos = self.engine.template.bos_token
         return bool(bos) and text.startswith(bos)
+
+
+def _gbnf_depth(grammar: str) -> int:
+    """How deeply a GBNF grammar nests parentheses (those inside literals, classes and comments aside)."""
+    depth = deepest = 0
+    for part in _GBNF_PARTS.findall(grammar):
+        depth += (part == "(") - (part == ")")
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def strict_shapes(messages: list[dict]):

@@ -217,12 +217,28 @@ def tokenize(server, text):
     (request("hi", engine={"json_schema": {"type": "object", "properties": {"a": {"$ref": "#/x"}}}}),
      ["params.engine_specific_params.json_schema"]),
     (request("word " * 9000), ["8192", "context"]),
+    (request("hi", engine={"min_p": float("nan")}), ["params.engine_specific_params", "NaN"]),
+    (request("hi", engine={"grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000}),
+     ["params.engine_specific_params.grammar", "nested parentheses"]),  # the service died (stack overflow)
 ])
 def test_bad_input_is_invalid_argument(stub, req, words):
     err = refused(stub, req)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     for word in words:
         assert word in err.details(), err.details()
+
+
+@pytest.mark.parametrize("data", [
+    b"\x12\x02\xff\xfe",  # user_prompt that is not UTF-8: grpcio's deserializer ended the call with INTERNAL
+    b"\x12\x02Hi\x2a\x04\x32\x02\xc3\x28",  # a stop sequence that is not UTF-8
+    b"\x12\x02Hi\x2a",  # truncated
+])
+def test_undecodable_request_is_invalid_argument(server, data):
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            list(channel.unary_stream("/sentiric.llm.v1.LlamaService/GenerateStream")(data, timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid GenerateStreamRequest" in info.value.details()
 
 
 def test_unknown_lora_adapter_is_not_found(stub):

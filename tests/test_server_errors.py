@@ -14,6 +14,7 @@ import openai
 import pytest
 
 HELLO = [{"role": "user", "content": "Hello!"}]
+DEEP_SCHEMA = json.loads('{"items": ' * 500 + "{}" + "}" * 500)
 
 
 def post(base_url, path, body, headers=None, raw=None):
@@ -63,12 +64,26 @@ def assert_error(result, status, kind, *words, param=None):
     ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}},
      "response_format.json_schema", ["$ref"]),
+    ({"messages": HELLO, "grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000}, "grammar",
+     ["nested parentheses"]),  # llama.cpp's parser overflowed its stack: the whole service died
+    ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"schema": DEEP_SCHEMA}}},
+     "response_format.json_schema", ["nested too deeply"]),  # a RecursionError: 500
+    ({"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"schema": {
+        "allOf": [{"$ref": "#/$defs/a"}], "$defs": []}}}}, "response_format.json_schema", ["cannot be enforced"]),
     ({"messages": HELLO, "rag_context": 5}, "rag_context", ["string or a list of strings"]),
     ({"messages": HELLO, "system_prompt": ["x"]}, "system_prompt", ["string"]),
 ])
 def test_invalid_chat_requests_get_400(server, body, param, words):
     assert_error(post(server.base_url, "/v1/chat/completions", body), 400, "invalid_request_error", *words,
                  param=param)
+
+
+def test_huge_repeat_last_n_is_served(server):
+    """repeat_last_n 2**31-1 made llama.cpp allocate an 8 GiB penalty ring per sequence; it is the context now."""
+    restarts = server.stats()["worker_restarts"]
+    body = {"messages": HELLO, "max_tokens": 2, "repeat_last_n": 2**31 - 1, "frequency_penalty": 1}
+    assert post(server.base_url, "/v1/chat/completions", body)[0] == 200
+    assert server.stats()["worker_restarts"] == restarts
 
 
 def test_invalid_json_and_non_objects(server):
@@ -80,6 +95,8 @@ def test_invalid_json_and_non_objects(server):
     assert_error(post(server.base_url, "/v1/completions", {"prompt": [1, 10 ** 9]}), 400, "invalid_request_error",
                  "outside the vocabulary")
     assert_error(post(server.base_url, "/detokenize", {"tokens": "abc"}), 400, "invalid_request_error", "token ids")
+    assert_error(post(server.base_url, "/tokenize", {"content": "a", "with_pieces": "yes"}), 400,
+                 "invalid_request_error", "true or false", param="with_pieces")
 
 
 def test_unknown_route_is_404_json(server):

@@ -1,0 +1,56 @@
+"""Schemathesis over the running service's /openapi.json: every documented operation gets generated
+requests, valid and invalid, and the service must answer each one in time, without a 5xx, as its
+document says (status codes, content types, response schemas), and without losing a worker."""
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                               status_code_conformance)
+
+MAX_TOKENS = 8  # fuzzed bodies may ask for 10**9 tokens with ignore_eos: each would run to the end of the context
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+
+@pytest.fixture(scope="module")
+def fuzzed(start_server):
+    """A service of its own (answers 8 tokens unless asked, at most 2 choices) so a fuzzed request stays cheap."""
+    return start_server("--parallel", "4", "--ctx-size", "4096", "--max-tokens", str(MAX_TOKENS), "--max-n", "2")
+
+
+@pytest.fixture(scope="module")
+def api(fuzzed):
+    spec = schemathesis.openapi.from_url(fuzzed.base_url + "/openapi.json")
+    spec.config.update(base_url=fuzzed.base_url)
+
+    @spec.hook
+    def map_body(context, body):
+        """Caps what a body asks to generate (see MAX_TOKENS); wrong types and ranges stay as generated."""
+        if isinstance(body, dict):
+            for name in ("max_tokens", "max_completion_tokens"):
+                value = body.get(name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_TOKENS:
+                    body[name] = MAX_TOKENS
+        return body
+    return spec
+
+
+@pytest.fixture(scope="module")
+def restarts(fuzzed):
+    return fuzzed.stats()["worker_restarts"]
+
+
+schema = schemathesis.pytest.from_fixture("api")
+
+
+@schema.parametrize()
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_every_operation_answers_as_documented(case, fuzzed, restarts):
+    case.call_and_validate(checks=CHECKS, timeout=30)
+    assert fuzzed.stats()["worker_restarts"] == restarts
+
+
+def test_no_worker_was_restarted(fuzzed, restarts):
+    assert fuzzed.stats()["worker_restarts"] == restarts == 0
+    assert "sentiric_worker_restarts_total 0.0" in fuzzed.metrics()
