@@ -20,6 +20,7 @@ import collections
 import logging
 import multiprocessing as mp
 import os
+import select
 import threading
 import time
 
@@ -54,6 +55,7 @@ class _Worker:
         self.step_id = 0
         self.rung = 0      # steps rung since this process was spawned: picks the next buffer
         self.epoch = 0     # incremented at every spawn: steps sent to a dead process are dropped
+        self.hung = False  # killed by the step watchdog (not crashed)
 
     def spawn(self) -> None:
         ctx = mp.get_context("spawn")
@@ -69,6 +71,9 @@ class _Worker:
         self.started_at = time.monotonic()
         self.rung = 0
         self.epoch += 1
+        self.hung = False
+        self.answers = select.poll()
+        self.answers.register(self.from_worker.fileno(), select.POLLIN)
 
     @property
     def next_buffer(self) -> StepBuffer:
@@ -100,7 +105,15 @@ class _Worker:
 
     def wait_done(self) -> bool:
         """Wait for the step's answer; False if the worker died instead (its end of the pipe closed:
-        only the worker holds it, so a dead worker reads as end of file)."""
+        only the worker holds it, so a dead worker reads as end of file) or gave no answer within the
+        step timeout (a decode that never returns, a stopped process): then it is killed here."""
+        timeout = self.config.step_timeout
+        if timeout and not self.answers.poll(timeout * 1000):
+            self.hung = True
+            log.error("worker %d answered no step in %g s; killing it", self.index, timeout,
+                      extra=logs.event("WORKER_HUNG", worker=self.index, step_timeout_s=timeout))
+            self.process.kill()
+            return False
         try:
             return os.read(self.from_worker.fileno(), 1) == b"d"
         except OSError:
@@ -452,9 +465,11 @@ class AsyncEngine:
 
     def _worker_died(self, state: WorkerState, deliveries: list) -> None:
         w = self._workers[state.index]
+        w.kill_for_respawn()
         log.error("worker %d died (exit code %s); respawning it", w.index, w.process.exitcode,
                   extra=logs.event("WORKER_DIED", worker=w.index, exit_code=w.process.exitcode))
-        w.kill_for_respawn()
+        what = (f"stopped answering (no decode step in {w.config.step_timeout:g} s) and was replaced" if w.hung
+                else f"crashed (exit code {w.process.exitcode}); the service recovered")
         for seq in self._scheduler.worker_lost(state):
             stream = self._streams.pop(seq, None)
             if stream is None:
@@ -464,8 +479,7 @@ class AsyncEngine:
                 self._streams[stream.seq] = stream
             else:
                 deliveries.append((stream, self._final(
-                    seq, error=f"the worker process running this request crashed (exit code {w.process.exitcode}); "
-                               "the service recovered, please retry")))
+                    seq, error=f"the worker process running this request {what}, please retry")))
         w.restarts += 1
         self._stats["worker_restarts"] += 1
         w.spawn()

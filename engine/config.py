@@ -25,6 +25,7 @@ class EngineConfig:
     gpu: bool | None = None           # layers run on a GPU; None = n_gpu_layers != 0 and libllama can offload
     log_batches: bool = False         # log "Processing batch of size: N" at INFO instead of DEBUG
     overlap: bool = True              # plan step N+1 while the worker decodes step N (two steps in flight)
+    step_timeout: float = 120.0       # a worker that answers no step for this long is killed and replaced; 0 = never
 
     def __post_init__(self):
         if self.threads <= 0:
@@ -38,6 +39,8 @@ class EngineConfig:
             self.cache_cells = self.ctx_size // 32 if self.kv_unified else self.ctx_size
         if self.cache_slots < 0:
             self.cache_slots = self.parallel
+        if self.step_timeout < 0:
+            raise ValueError("step_timeout must be 0 (off) or more")
         for name in ("workers", "parallel", "ctx_size", "batch_size", "ubatch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
             type=int)
     _option(eng, "--overlap", "OVERLAP", True, "plan each decode step while the worker runs the one before "
                                                "(two steps in flight)", type=bool)
+    _option(eng, "--step-timeout", "STEP_TIMEOUT", 120.0, "seconds a worker may take to answer one decode step "
+                                                         "before it is killed and replaced (0 = never)", type=float)
     d = SamplingDefaults()
     smp = p.add_argument_group("sampling defaults", "for every field a request leaves out, HTTP and gRPC alike: "
                                "a flag wins, else what the model's GGUF recommends (general.sampling.*), else the "
@@ -159,7 +161,7 @@ def serve(argv: list[str] | None = None) -> int:
             cache_cells=args.cache_cells,
             max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, kv_offload=args.kv_offload,
             log_batches=args.log_batches,
-            overlap=args.overlap)
+            overlap=args.overlap, step_timeout=args.step_timeout)
         defaults, sources = _sampling_defaults(args, model_path)
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc, extra=event("STARTUP_FAILED"))

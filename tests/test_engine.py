@@ -296,6 +296,35 @@ def test_worker_killed_mid_run_recovers():
         h.close()
 
 
+def test_a_stuck_worker_is_killed_and_replaced():
+    """The step watchdog: a worker that answers no step within step_timeout (here stopped with SIGSTOP,
+    as a decode that never returns would look) is killed and replaced; streams it had started end with
+    an error that says so, a request it had not answered yet runs again on the new worker."""
+    h = EngineHarness(parallel=4, ctx_size=4096, threads=2, step_timeout=3)
+    try:
+        async def stall_mid_stream():
+            task = asyncio.ensure_future(h.collect(Request(prompt=h.prompt("Write a long story."),
+                                                           sampling=SamplingParams(temperature=0), max_tokens=400)))
+            while h.engine.stats()["generated_tokens"] < 10:
+                await asyncio.sleep(0.01)
+            os.kill(h.engine.worker_pids()[0], signal.SIGSTOP)
+            return await asyncio.wait_for(task, 60)
+        started = time.monotonic()
+        _, out = h.run(stall_mid_stream())
+        assert out.finish_reason == "error" and "stopped answering" in out.error
+        assert 3 <= time.monotonic() - started < 30
+        assert h.engine.stats()["worker_restarts"] == 1
+        while not h.engine.stats()["workers_alive"]:  # the new worker has loaded the model
+            time.sleep(0.05)
+        os.kill(h.engine.worker_pids()[0], signal.SIGSTOP)  # stopped while idle: the next request's step hangs
+        text, out = h.generate(greedy_request(h, "What is the capital of Germany?"))[0]
+        assert "Berlin" in text and out.finish_reason in ("stop", "length")
+        stats = h.engine.stats()
+        assert stats["worker_restarts"] == 2 and stats["workers_alive"] == 1
+    finally:
+        h.close()
+
+
 def test_two_workers_share_the_load():
     h = EngineHarness(workers=2, parallel=4, ctx_size=2048, threads=1)
     try:
