@@ -4,7 +4,6 @@ process on a loopback port, with the real model, as clients see it."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,19 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.servers import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct loopback ports that were free a moment ago."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def free_port() -> int:

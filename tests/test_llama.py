@@ -2,13 +2,13 @@
 
 import subprocess
 import time
-import socket
 import urllib.request
 import json
 
 import numpy as np
 import pytest
 
+from conftest import free_port
 from engine import llama_cpp
 from engine.chat_template import ChatTemplate
 from engine.llama import Batch, Context, ContextParams, LlamaError, Model, SamplerChain, SamplingParams
@@ -81,18 +81,12 @@ def test_chat_template_golden(template, name):
     assert template.render(CONVERSATIONS[name]) == GOLDEN[name]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server(model):
     binary = llama_cpp.library_path().parent / "llama-server"
     if not binary.exists():
         pytest.fail(f"{binary} is missing: run ./build_llama.sh --server")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(binary), "-m", str(model.path), "--host", "127.0.0.1", "--port", str(port),
                              "-t", "1", "-c", "1024", "-np", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
