@@ -1,11 +1,13 @@
 """SIGTERM drains the real service: streams already running on either door finish, new requests are refused
-(HTTP 503 with Retry-After, gRPC UNAVAILABLE), health turns unready, and the process exits 0; past
---drain-timeout what still runs ends with an error."""
+(HTTP 503 with Retry-After, gRPC UNAVAILABLE), health turns unready, and the process exits 0 leaving no
+worker process or shared-memory segment behind; past --drain-timeout what still runs ends with an error."""
 
 import json
+import os
 import signal
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -92,6 +94,29 @@ def exit_code(service, timeout: float = 60) -> int:
         raise AssertionError(f"still running {timeout} s after SIGTERM:\n{service.log()}") from None
 
 
+def children(pid: int) -> list[int]:
+    """The processes pid started (its workers, multiprocessing's resource tracker)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+def assert_nothing_left(pid: int, workers: list[int]) -> None:
+    """After the exit: no process it started still there (a moment for the resource tracker, which
+    leaves when its pipe from the parent closes), no shared-memory step buffer left."""
+    deadline = time.monotonic() + 5
+    while [w for w in workers if os.path.exists(f"/proc/{w}")] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert workers and not [w for w in workers if os.path.exists(f"/proc/{w}")]
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"sentiric-{pid}-")]
+
+
 def wait_draining(service):
     for _ in range(100):
         status, body = health(service)
@@ -116,6 +141,7 @@ def service(tmp_path):
 def test_sigterm_finishes_running_streams_refuses_new_ones_and_exits_0(service):
     svc = service("--drain-timeout", "60")
     http_stream, grpc_stream = start_streams(svc, max_tokens=300)
+    workers = children(svc.pid)
     svc.process.send_signal(signal.SIGTERM)
 
     status, body = wait_draining(svc)
@@ -135,6 +161,7 @@ def test_sigterm_finishes_running_streams_refuses_new_ones_and_exits_0(service):
     assert not http_stream.done and grpc_stream.is_alive(), "the streams ended before the refusals were checked"
 
     assert exit_code(svc) == 0, svc.log()
+    assert_nothing_left(svc.pid, workers)
     http_stream.join(10)
     grpc_stream.join(10)
     assert http_stream.done and http_stream.events[-1]["usage"]["completion_tokens"] == 300
@@ -149,8 +176,10 @@ def test_sigterm_finishes_running_streams_refuses_new_ones_and_exits_0(service):
 def test_past_the_drain_timeout_running_streams_end_with_an_error(service):
     svc = service("--drain-timeout", "1")
     http_stream, grpc_stream = start_streams(svc, max_tokens=6000)
+    workers = children(svc.pid)
     svc.process.send_signal(signal.SIGTERM)
     assert exit_code(svc) == 0, svc.log()
+    assert_nothing_left(svc.pid, workers)
     http_stream.join(10)
     grpc_stream.join(10)
     assert http_stream.done and "shutting down" in http_stream.events[-1]["error"]["message"]
