@@ -34,6 +34,7 @@ class ServerSettings:
     model_alias: str
     api_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    body_timeout: float = 30.0  # seconds a client may take to send its request body
     max_n: int = 16
     truncate: bool = False
     rag_template: str = "{context}\n\n{question}"
@@ -51,8 +52,8 @@ class ServerSettings:
 def create_app(engine: AsyncEngine, settings: ServerSettings, metrics: Metrics, drain: Drain) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app.middlewares.extend([_cors(app, settings.cors_origins), _errors(metrics, settings.max_body_bytes),
-                            _request_context(settings.require_tenant), _auth(settings.api_key), _draining(drain),
-                            _loading(engine)])
+                            _request_context(settings.require_tenant), _auth(settings.api_key),
+                            _body_deadline(settings.body_timeout), _draining(drain), _loading(engine)])
     OpenAIRoutes(engine, settings.shaper(engine), metrics, settings.model_alias).add_to(app)
     ServiceRoutes(engine, metrics, settings.model_alias, settings.defaults, drain).add_to(
         app, with_metrics=settings.metrics_on_http_port)
@@ -246,6 +247,22 @@ def _loading(engine: AsyncEngine):
                            headers={"Retry-After": "2"})
         return await handler(request)
     return loading
+
+
+def _body_deadline(timeout: float):
+    @web.middleware
+    async def body_deadline(request: web.Request, handler):
+        """The body is read here, within `timeout`: a client that sends it slowly or never (slow loris) gets
+        a 408 instead of holding a connection and a handler for as long as it likes. Handlers then read the
+        body aiohttp keeps."""
+        if request.can_read_body:
+            try:
+                await asyncio.wait_for(request.read(), timeout)
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"The request body did not arrive within {timeout:g} s.",
+                               code="body_timeout") from None
+        return await handler(request)
+    return body_deadline
 
 
 def _auth(api_key: str | None):

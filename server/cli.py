@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(net, "--metrics-port", "METRICS_PORT", 0, "serve /metrics on this port only (0 = on the HTTP port)",
             type=int)
     _option(net, "--api-key", "API_KEY", None, "require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize")
+    _option(net, "--body-timeout", "BODY_TIMEOUT", 30.0, "seconds a client may take to send its request body "
+                                                        "(HTTP; slower ones get 408)", type=float)
     _option(net, "--max-body-mb", "MAX_BODY_MB", 8.0, "largest request body (HTTP) or message (gRPC), in MiB",
             type=float)
     _option(net, "--cors-origins", "CORS_ORIGINS", "", "browser origins allowed to call the HTTP API, comma "
@@ -169,7 +171,8 @@ def serve(argv: list[str] | None = None) -> int:
     alias = args.model_alias or (DEFAULT_ALIAS if not args.model else Path(model_path).name.removesuffix(".gguf"))
     metrics_port = args.metrics_port if args.metrics_port not in (0, args.port) else 0
     settings = ServerSettings(model_alias=alias, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
-                              max_n=args.max_n, truncate=args.truncate, rag_template=args.rag_template,
+                              body_timeout=args.body_timeout, max_n=args.max_n, truncate=args.truncate,
+                              rag_template=args.rag_template,
                               defaults=defaults, require_tenant=args.require_tenant,
                               cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
                               metrics_on_http_port=not metrics_port, studio_dir=Path(args.studio_dir))

@@ -128,14 +128,15 @@ def _completion_response(choice: dict) -> dict:
 
 def _errors(*codes: int) -> dict:
     return {str(c): {"description": desc, "content": {"application/json": {"schema": _ref("Error")}}}
-            for c, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"), (413, "Body too large"),
+            for c, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"),
+                            (408, "Body not sent within --body-timeout"), (413, "Body too large"),
                             (429, "Overloaded; see Retry-After"), (503, "Loading or unavailable")) if c in codes}
 
 
 def _post(summary: str, request: str, ok: dict, *errors: int) -> dict:
     return {"post": {"summary": summary,
                      "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
-                     "responses": {"200": ok, **_errors(*errors)}}}
+                     "responses": {"200": ok, **_errors(*errors, 408)}}}  # every body is read under a deadline
 
 
 def _json(schema: dict, description: str = "OK") -> dict:

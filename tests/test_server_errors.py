@@ -160,6 +160,32 @@ def test_overload_is_429_with_retry_after(start_server):
     assert [r[0] for r in results] == [200, 200]
 
 
+def test_slow_bodies_get_408_and_do_not_hold_up_others(start_server):
+    """Slow loris: clients that send headers and then trickle or stall their body get a 408 once
+    --body-timeout passes, while a normal request is answered at once."""
+    service = start_server("--parallel", "2", "--ctx-size", "2048", "--body-timeout", "3")
+    slow = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", service.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"messages\": ")
+        slow.append(sock)
+    started = time.monotonic()
+    code, body, _ = post(service.base_url, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 4})
+    assert code == 200 and time.monotonic() - started < 2
+    for sock in slow:
+        sock.settimeout(10)
+        answer = b""
+        while b"}}" not in answer:
+            chunk = sock.recv(4096)
+            assert chunk, answer
+            answer += chunk
+        sock.close()
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and json.loads(payload)["error"]["code"] == "body_timeout"
+    assert service.stats()["worker_restarts"] == 0
+
+
 def test_loading_is_503(start_server):
     service = start_server("--parallel", "2", "--ctx-size", "2048", wait=False)
     while True:
