@@ -23,6 +23,8 @@ OP_FREE = 2   # (seq, -, -): drop the sequence's KV cells and sampler
 OP_COPY = 3   # (dst, src, n): dst's KV = the first n positions of src
 OP_TRIM = 4   # (seq, n, -): drop the sequence's positions from n on
 
+SHM_DIR = "/dev/shm"
+
 # step status written by the worker
 STATUS_OK = 0
 STATUS_DECODE_FAILED = 1
@@ -67,8 +69,25 @@ class StepBuffer:
 
     @classmethod
     def create(cls, n_batch: int, max_ops: int = 256, blob_size: int = 1 << 20) -> "StepBuffer":
-        path = f"/dev/shm/sentiric-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path = f"{SHM_DIR}/sentiric-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         return cls(path, n_batch, max_ops, blob_size, create=True)
+
+    @staticmethod
+    def remove_orphans() -> list[str]:
+        """Unlink the buffers of services that are gone: one killed with SIGKILL never unlinks its own."""
+        removed = []
+        for name in os.listdir(SHM_DIR):
+            parts = name.split("-")
+            if len(parts) != 3 or parts[0] != "sentiric" or not parts[1].isdigit():
+                continue
+            try:
+                os.kill(int(parts[1]), 0)
+            except ProcessLookupError:
+                os.unlink(f"{SHM_DIR}/{name}")
+                removed.append(name)
+            except PermissionError:  # alive, another user's
+                pass
+        return removed
 
     def spec(self) -> tuple:
         """What a worker needs to map the same region."""

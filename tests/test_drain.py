@@ -107,14 +107,23 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def assert_nothing_left(pid: int, workers: list[int]) -> None:
-    """After the exit: no process it started still there (a moment for the resource tracker, which
-    leaves when its pipe from the parent closes), no shared-memory step buffer left."""
-    deadline = time.monotonic() + 5
-    while [w for w in workers if os.path.exists(f"/proc/{w}")] and time.monotonic() < deadline:
+def still_there(pids: list[int], wait: float = 5) -> list[int]:
+    """Those of pids alive after up to `wait` seconds (processes a parent started leave when their pipe
+    from it closes, a moment after it exits)."""
+    deadline = time.monotonic() + wait
+    while (alive := [p for p in pids if os.path.exists(f"/proc/{p}")]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert workers and not [w for w in workers if os.path.exists(f"/proc/{w}")]
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"sentiric-{pid}-")]
+    return alive
+
+
+def step_buffers(pid: int) -> list[str]:
+    return [f for f in os.listdir("/dev/shm") if f.startswith(f"sentiric-{pid}-")]
+
+
+def assert_nothing_left(pid: int, workers: list[int]) -> None:
+    """After the exit: no process it started still there, no shared-memory step buffer left."""
+    assert workers and not still_there(workers)
+    assert not step_buffers(pid)
 
 
 def wait_draining(service):
@@ -185,3 +194,16 @@ def test_past_the_drain_timeout_running_streams_end_with_an_error(service):
     assert http_stream.done and "shutting down" in http_stream.events[-1]["error"]["message"]
     assert grpc_stream.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in grpc_stream.details
     assert "the drain timeout of 1 s passed with 2 requests still running" in svc.log()
+
+
+def test_a_killed_service_leaves_step_buffers_that_the_next_start_removes(service):
+    """SIGKILL gives the service no chance to unlink its shared memory; its workers see the doorbell
+    close and exit, and the next service to start removes the buffers of services that are gone."""
+    killed = service()
+    workers = children(killed.pid)
+    killed.process.kill()
+    killed.process.wait(10)
+    assert len(step_buffers(killed.pid)) == 2  # the worker's two step buffers
+    assert workers and not still_there(workers, wait=10), "workers outlived their parent"
+    service()
+    assert not step_buffers(killed.pid)
