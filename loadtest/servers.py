@@ -154,22 +154,26 @@ class ManagedServer:
         print(f"[bench] stopped {self.name} (pid {self.proc.pid}, exit {self.proc.returncode})", flush=True)
 
 
+def tree_pids(root: int) -> list[int]:
+    """root and its descendants. Children are read per thread: the engine thread spawns the
+    workers, so they are its children, not the main thread's."""
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in children.read_text().split()]
+            except (OSError, ValueError):
+                continue
+    return pids
+
+
 def tree_memory(pid: int) -> dict:
     """Memory of a process and its descendants (the service's workers): the sum
     of PSS, which splits shared pages (model mmap, shared memory) between the
     processes that map them instead of counting them once per process, and of RSS."""
-    children: dict[int, list[int]] = {}
-    for st in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = st.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(st.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        todo += children.get(p, [])
+    pids = tree_pids(pid)
     out = {"pids": len(pids), "pss_mib": 0.0, "rss_mib": 0.0}
     for p in pids:
         try:

@@ -17,6 +17,7 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ServiceProcess
+from loadtest.servers import tree_pids
 from server.proto import llama_pb2, llama_pb2_grpc
 
 QUESTION = "Tell me a long story about a lighthouse keeper."
@@ -96,15 +97,7 @@ def exit_code(service, timeout: float = 60) -> int:
 
 def children(pid: int) -> list[int]:
     """The processes pid started (its workers, multiprocessing's resource tracker)."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except OSError:
-            pass
-    return found
+    return tree_pids(pid)[1:]
 
 
 def still_there(pids: list[int], wait: float = 5) -> list[int]:
