@@ -169,21 +169,31 @@ def tree_pids(root: int) -> list[int]:
     return pids
 
 
+def process_info(pid: int) -> dict | None:
+    """RSS and PSS (smaps_rollup), open fds and threads of one process; None once it is gone."""
+    try:
+        info = {"pid": pid, "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss"):
+                info[key.lower() + "_mib"] = round(int(rest.split()[0]) / 1024, 1)
+        if "pss_mib" not in info:  # a zombie: nothing mapped any more
+            return None
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                info["threads"] = int(line.split()[1])
+        return info
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def tree_memory(pid: int) -> dict:
     """Memory of a process and its descendants (the service's workers): the sum
     of PSS, which splits shared pages (model mmap, shared memory) between the
     processes that map them instead of counting them once per process, and of RSS."""
-    pids = tree_pids(pid)
-    out = {"pids": len(pids), "pss_mib": 0.0, "rss_mib": 0.0}
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                key, _, rest = line.partition(":")
-                if key in ("Pss", "Rss"):
-                    out[key.lower() + "_mib"] += int(rest.split()[0]) / 1024
-        except (OSError, ValueError):
-            continue
-    return {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()}
+    infos = [i for i in map(process_info, tree_pids(pid)) if i is not None]
+    return {"pids": len(infos), "pss_mib": round(sum(i["pss_mib"] for i in infos), 1),
+            "rss_mib": round(sum(i["rss_mib"] for i in infos), 1)}
 
 
 def ensure_lcp_venv(version: str) -> Path:

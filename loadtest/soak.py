@@ -73,24 +73,6 @@ class Outcome:
 # the service's process tree (/proc)
 # ---------------------------------------------------------------------------
 
-def process_info(pid: int) -> dict | None:
-    """RSS and PSS (smaps_rollup), open fds and threads of one process; None once it is gone."""
-    try:
-        info = {"pid": pid, "fds": len(os.listdir(f"/proc/{pid}/fd"))}
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("Rss", "Pss"):
-                info[key.lower() + "_mib"] = round(int(rest.split()[0]) / 1024, 1)
-        if "pss_mib" not in info:  # a zombie: nothing mapped any more
-            return None
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Threads:"):
-                info["threads"] = int(line.split()[1])
-        return info
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def alive(pid: int) -> bool:
     """Running, not a zombie waiting to be reaped."""
     try:
@@ -280,7 +262,7 @@ class Soak:
         procs = {}
         if self.service_pid:
             for label, pid in label_processes(self.service_pid, workers).items():
-                info = process_info(pid)
+                info = servers.process_info(pid)
                 if info:
                     procs[label] = info
         sample = {"t": round(self.now(), 1), "procs": procs,
