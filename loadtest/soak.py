@@ -508,16 +508,19 @@ def verdict(samples: list[dict], outcomes: list[Outcome], faults: list[dict], en
     """Every figure of the run and the checks it passes or fails. `end` holds what was checked after
     the traffic: idle (KV back to idle), answer (a plain chat), stop (exit code, leftovers), restarts."""
     growth = process_growth(samples, warmup, max_growth)
-    ttfts = [o.ttft * 1000 for o in outcomes if o.ttft is not None and o.status != "error"]
     by_fault = errors_by_fault(outcomes, faults)
     steady = [o for o in outcomes if o.fault is None]
+    windows = fault_windows(faults)
+    quiet = [o for o in steady if not any(t0 <= o.t_end and o.t_start <= t1 for _, t0, t1 in windows)]
     rates = [s["tok_s"] for s in samples if s.get("tok_s") is not None]
     v = {"requests": len(steady), "completed": sum(o.status == "ok" for o in steady),
          "cancelled_by_client": sum(o.status == "cancelled" for o in steady),
          "completed_by_kind": dict(Counter(o.kind for o in steady if o.status == "ok")),
          "errors": dict(Counter(o.error for o in outcomes if o.status == "error")),
          "errors_by_fault": by_fault, "hung": sum(o.error == "hung" for o in outcomes),
-         "ttft_ms": {"p50": percentile(ttfts, 50), "p90": percentile(ttfts, 90), "n": len(ttfts)},
+         "ttft_ms": spread([o.ttft * 1000 for o in steady if o.ttft is not None and o.status != "error"]),
+         "latency_s": spread([o.t_end - o.t_start for o in steady if o.status == "ok"]),
+         "latency_s_outside_faults": spread([o.t_end - o.t_start for o in quiet if o.status == "ok"]),
          "tokens_per_s": {"mean": sum(rates) / len(rates) if rates else None, "max": max(rates, default=None)},
          "processes": growth, **end}
     if chaos:
@@ -544,6 +547,12 @@ def verdict(samples: list[dict], outcomes: list[Outcome], faults: list[dict], en
     return v
 
 
+def spread(values: list[float]) -> dict:
+    """p50, p90, p95 and max of a list of figures, and how many there were."""
+    return {**{f"p{p}": percentile(values, p) for p in (50, 90, 95)}, "max": max(values, default=None),
+            "n": len(values)}
+
+
 def fault_check(f: dict) -> tuple[bool, str]:
     """Whether the service coped with one fault as the README says it does."""
     if "skipped" in f or "failed" in f:
@@ -562,11 +571,12 @@ def fault_check(f: dict) -> tuple[bool, str]:
 
 
 def format_verdict(v: dict) -> str:
-    t = v["ttft_ms"]
     lines = [f"requests {v['requests']}: completed {v['completed']}, cancelled by the client "
              f"{v['cancelled_by_client']}; by kind {v['completed_by_kind']}",
-             f"TTFT p50 {_num(t['p50'])} ms, p90 {_num(t['p90'])} ms (n={t['n']}); tokens/s mean "
+             f"TTFT ms {_spread(v['ttft_ms'])}; tokens/s mean "
              f"{_num(v['tokens_per_s']['mean'])}, max {_num(v['tokens_per_s']['max'])}",
+             f"end-to-end s {_spread(v['latency_s'], 1)}; outside the fault windows "
+             f"{_spread(v['latency_s_outside_faults'], 1)}",
              f"errors by kind: {v['errors'] or 'none'}; by fault: {v['errors_by_fault'] or 'none'}; hung {v['hung']}"]
     if "worker_restarts" in v:
         lines.append(f"worker restarts seen in /stats: {v['worker_restarts']}")
@@ -584,8 +594,12 @@ def format_verdict(v: dict) -> str:
     return "\n".join(lines)
 
 
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.0f}"
+def _num(x, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _spread(s: dict, digits: int = 0) -> str:
+    return ", ".join(f"{k} {_num(s[k], digits)}" for k in ("p50", "p90", "p95", "max")) + f" (n={s['n']})"
 
 
 # ---------------------------------------------------------------------------

@@ -81,6 +81,8 @@ def test_verdict_passes_a_clean_run_and_reports_the_figures():
     assert v["pass"], v["checks"]
     assert v["requests"] == 11 and v["completed"] == 10 and v["cancelled_by_client"] == 1
     assert v["ttft_ms"]["n"] == 11 and abs(v["ttft_ms"]["p50"] - 500) < 1e-6
+    assert v["ttft_ms"]["max"] == 1000 and 900 < v["ttft_ms"]["p95"] < 1000
+    assert v["latency_s"] == {"p50": 1, "p90": 1, "p95": 1, "max": 1, "n": 10}
     assert v["tokens_per_s"]["mean"] == 100.0
     assert "verdict: PASS" in format_verdict(v)
 
@@ -109,6 +111,9 @@ def test_chaos_checks_per_fault():
     assert ok == {"memory": True, "no hung request": True, "no error outside the faults": True,
                   "KV back to idle": True, "fault kill": True, "fault stop": False, "fault flood": True,
                   "fault slowloris": False, "fault drop": False}
+    slow = [Outcome("chat", 0, 1, "ok"), Outcome("chat", 8, 30, "ok"), Outcome("chat", 200, 202, "ok")]
+    v = verdict([], slow, faults, IDLE, warmup=5, max_growth=0.05, chaos=True)
+    assert v["latency_s"]["max"] == 22 and v["latency_s_outside_faults"]["max"] == 2
     flood_hung = {"fault": "flood", "t0": 1, "t1": 2, "results": {"HTTP 429": 3, "hung": 1}}
     assert not verdict([], [], [flood_hung], IDLE, warmup=5, max_growth=0.05, chaos=True)["pass"]
 
