@@ -33,13 +33,15 @@ from engine.config import EngineConfig
 from engine.detokenizer import TextStream
 from engine.llama import Model, SamplerChain, SamplingParams
 from engine.request import EngineError, Output, Request, TokenLogprob
-from engine.scheduler import OP_COPY, OP_FREE, OP_START, OP_TRIM, Scheduler, Sequence, StepPlan, WorkerState
-from engine.transport import OP_COPY as T_COPY, OP_FREE as T_FREE, OP_START as T_START, OP_TRIM as T_TRIM
+from engine.scheduler import (OP_ADAPTERS, OP_COPY, OP_FREE, OP_START, OP_TRIM, Scheduler, Sequence, StepPlan,
+                              WorkerState)
+from engine.transport import OP_ADAPTERS as T_ADAPTERS, OP_COPY as T_COPY, OP_FREE as T_FREE
+from engine.transport import OP_START as T_START, OP_TRIM as T_TRIM
 from engine.transport import STATUS_OK, StepBuffer
 
 log = logging.getLogger("sentiric.engine")
 batch_log = logging.getLogger("sentiric.batch")
-_OPS = {OP_START: T_START, OP_FREE: T_FREE, OP_COPY: T_COPY, OP_TRIM: T_TRIM}
+_OPS = {OP_START: T_START, OP_FREE: T_FREE, OP_COPY: T_COPY, OP_TRIM: T_TRIM, OP_ADAPTERS: T_ADAPTERS}
 _STARTUP_TIMEOUT_S = 300
 
 
@@ -56,6 +58,7 @@ class _Worker:
         self.rung = 0      # steps rung since this process was spawned: picks the next buffer
         self.epoch = 0     # incremented at every spawn: steps sent to a dead process are dropped
         self.hung = False  # killed by the step watchdog (not crashed)
+        self.adapters_loaded = b"[]"  # JSON: the LoRA adapters the process holds, as it last reported them
 
     def spawn(self) -> None:
         ctx = mp.get_context("spawn")
@@ -72,6 +75,7 @@ class _Worker:
         self.rung = 0
         self.epoch += 1
         self.hung = False
+        self.adapters_loaded = b"[]"
         self.answers = select.poll()
         self.answers.register(self.from_worker.fileno(), select.POLLIN)
 
@@ -143,18 +147,20 @@ class _Worker:
 class _Stream:
     """A request's way back to its caller."""
 
-    __slots__ = ("request", "queue", "text", "seq", "finished")
+    __slots__ = ("request", "queue", "text", "seq", "finished", "rerun")
 
     def __init__(self, request: Request, queue: asyncio.Queue):
         self.request, self.queue = request, queue
         self.text = TextStream(request.stop)
         self.seq: Sequence | None = None
         self.finished = False
+        self.rerun = False  # run again once after its worker died
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, generation: bool = True):
         self.config = config
+        self.generation = generation  # False (--embeddings-only): the tokenizer only, no worker processes
         self.vocab_model: Model | None = None
         self.template: ChatTemplate | None = None
         self._workers: list[_Worker] = []
@@ -188,7 +194,7 @@ class AsyncEngine:
         # the per-token lookups of the step loop, as plain Python data (a ctypes call each costs more)
         self._pieces = [vocab.token_to_piece(t) for t in range(vocab.n_tokens)]
         self._eog = frozenset(t for t in range(vocab.n_tokens) if vocab.is_eog(t))
-        self.template = ChatTemplate(self.vocab_model.chat_template(),
+        self.template = ChatTemplate(cfg.chat_template or self.vocab_model.chat_template(),
                                      bos_token=vocab.token_to_piece(vocab.bos, special=True).decode("utf-8", "replace") if vocab.bos >= 0 else "",
                                      eos_token=vocab.token_to_piece(vocab.eos, special=True).decode("utf-8", "replace") if vocab.eos >= 0 else "")
         self.n_ctx_train = self.vocab_model.n_ctx_train
@@ -196,7 +202,7 @@ class AsyncEngine:
             log.info("removed %d step buffers left in /dev/shm by services that were killed", len(orphans))
         states = []
         try:
-            for i in range(cfg.workers):
+            for i in range(cfg.workers if self.generation else 0):
                 w = _Worker(i, cfg)
                 self._workers.append(w)
                 w.spawn()
@@ -246,15 +252,16 @@ class AsyncEngine:
             self.vocab_model.vocab.check_token(t)
         return self.vocab_model.vocab.detokenize(tokens)
 
-    def render_chat(self, messages: list[dict]) -> str:
-        return self.template.render(messages, add_generation_prompt=True)
+    def render_chat(self, messages: list[dict], *, tools: list[dict] | None = None, variables: dict | None = None) -> str:
+        return self.template.render(messages, add_generation_prompt=True, tools=tools, variables=variables)
 
     def validate_sampling(self, params: SamplingParams) -> None:
         """Raise ValueError for settings llama.cpp would reject (bad grammar, bad token ids)."""
         for token in (params.logit_bias or {}):
             self.vocab_model.vocab.check_token(int(token))
         if params.grammar:
-            with SamplerChain(self.vocab_model.vocab, SamplingParams(grammar=params.grammar)):
+            with SamplerChain(self.vocab_model.vocab, SamplingParams(grammar=params.grammar,
+                                                                     grammar_triggers=params.grammar_triggers)):
                 pass
 
     @property
@@ -263,13 +270,15 @@ class AsyncEngine:
         the context when the KV cache is not unified)."""
         if self._scheduler is None:
             return self.config.ctx_size
-        return min(w.n_ctx_seq for w in self._scheduler.workers)
+        return min((w.n_ctx_seq for w in self._scheduler.workers), default=self.config.ctx_size)
 
     # --- requests ---
     def submit(self, request: Request) -> "_Stream":
         """Admit a request now (raises Overloaded, ValueError, EngineError); read it with `next_output`."""
         if not self.ready or self._stopping:
             raise EngineError("the engine is not running")
+        if not self.generation:
+            raise EngineError("this service runs with --embeddings-only: it has no generation workers")
         if not request.prompt:
             raise ValueError("the prompt is empty")
         if len(request.prompt) >= self.n_ctx:
@@ -358,12 +367,14 @@ class AsyncEngine:
         while not self._stopping:
             self._poll_respawns()
             plans = self._scheduler.plan()
-            if self._scheduler.ended:
-                deliveries = [(self._streams.get(s), self._final(s)) for s in self._scheduler.ended]
+            ended = [(self._streams.get(s), self._final(s)) for s in self._scheduler.ended]
+            if ended:
                 self._scheduler.ended.clear()
-                self._deliver(deliveries)
+                self._deliver(ended)
             if plans or not idle:
                 return plans
+            if ended:  # the LoRA set whose turn it was had only sequences that just ended: another set's turn
+                continue
             respawning = any(not w.alive for w in self._scheduler.workers)
             self._wake.wait(0.05 if respawning else None)
         return None
@@ -372,11 +383,9 @@ class AsyncEngine:
         w = self._workers[plan.worker.index]
         buf = w.next_buffer
         blob_used = 0
-        for i, (kind, seq_id, a, b, seq) in enumerate(plan.ops):
-            if kind == OP_START:
-                p = seq.request.sampling
-                raw = orjson.dumps({**p.__dict__, "logit_bias": {str(k): v for k, v in (p.logit_bias or {}).items()},
-                                    "top_logprobs": seq.request.top_logprobs})
+        for i, (kind, seq_id, a, b, item) in enumerate(plan.ops):
+            raw = _op_data(kind, item)
+            if raw is not None:
                 buf.blob[blob_used:blob_used + len(raw)] = np.frombuffer(raw, np.uint8)
                 a, b = blob_used, len(raw)
                 blob_used += len(raw)
@@ -413,7 +422,10 @@ class AsyncEngine:
         status, n_out = int(buf.out_header[0]), int(buf.out_header[1])
         failed_starts = {plan.ops[i][1] for i in np.flatnonzero(buf.op_status[:len(plan.ops)])
                          if plan.ops[i][0] == OP_START} if plan.ops else ()
+        if any(op[0] == OP_ADAPTERS for op in plan.ops):
+            self._workers[plan.worker.index].adapters_loaded = buf.adapters_loaded_json()
         if status != STATUS_OK:
+            plan.worker.adapters = None  # unknown now: the next step sends its set again
             message = buf.message_text()
             log.error("worker %d step failed: %s", plan.worker.index, message,
                       extra=logs.event("STEP_FAILED", worker=plan.worker.index))
@@ -476,7 +488,10 @@ class AsyncEngine:
             stream = self._streams.pop(seq, None)
             if stream is None:
                 continue
-            if seq.n_generated == 0:  # nothing was sent yet: run it again elsewhere
+            # nothing was sent yet: run it again, once (a request that kills its worker, e.g. with a LoRA
+            # adapter llama.cpp loads but cannot compute with, must not take every new worker down too)
+            if seq.n_generated == 0 and not stream.rerun:
+                stream.rerun = True
                 stream.seq = self._scheduler.add(stream.request, front=True)
                 self._streams[stream.seq] = stream
             else:
@@ -535,10 +550,26 @@ class AsyncEngine:
                 "batch_size_counts": dict(self._batch_sizes),
                 "tokens_per_second": round(tps, 1),
                 "parent_us_per_step": round(float(np.median(self._parent_us)), 1) if self._parent_us else 0.0,
+                "adapters_loaded": self.adapters_loaded(),
             }
+
+    def adapters_loaded(self) -> list[list[str]]:
+        """Per worker, the LoRA adapters its process holds, least recently used first."""
+        return [orjson.loads(w.adapters_loaded) for w in self._workers]
 
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process is not None]
+
+
+def _op_data(kind: str, item) -> bytes | None:
+    """What an op carries in the step's blob: a new sequence's sampling parameters, a LoRA adapter set."""
+    if kind == OP_START:
+        p = item.request.sampling
+        return orjson.dumps({**p.__dict__, "logit_bias": {str(k): v for k, v in (p.logit_bias or {}).items()},
+                             "top_logprobs": item.request.top_logprobs})
+    if kind == OP_ADAPTERS:
+        return orjson.dumps(item)
+    return None
 
 
 def _put_all(items) -> None:

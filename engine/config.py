@@ -25,7 +25,10 @@ class EngineConfig:
     gpu: bool | None = None           # layers run on a GPU; None = n_gpu_layers != 0 and libllama can offload
     log_batches: bool = False         # log "Processing batch of size: N" at INFO instead of DEBUG
     overlap: bool = True              # plan step N+1 while the worker decodes step N (two steps in flight)
+    chat_template: str | None = None  # a Jinja chat template used instead of the model's own
     step_timeout: float = 120.0       # a worker that answers no step for this long is killed and replaced; 0 = never
+    lora_dir: str | None = None       # GGUF LoRA adapters requests name (file name without .gguf)
+    lora_cache: int = 8               # LoRA adapters a worker keeps loaded (least recently used ones go)
 
     def __post_init__(self):
         if self.threads <= 0:
@@ -41,7 +44,7 @@ class EngineConfig:
             self.cache_slots = self.parallel
         if self.step_timeout < 0:
             raise ValueError("step_timeout must be 0 (off) or more")
-        for name in ("workers", "parallel", "ctx_size", "batch_size", "ubatch_size"):
+        for name in ("workers", "parallel", "ctx_size", "batch_size", "ubatch_size", "lora_cache"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.flash_attn not in ("auto", "on", "off"):
@@ -59,6 +62,7 @@ class EngineConfig:
         return {
             "model_path": self.model_path,
             "n_gpu_layers": self.n_gpu_layers if self.gpu else 0,
+            "lora_dir": self.lora_dir, "lora_cache": self.lora_cache,
             "context": {
                 "n_ctx": self.ctx_size, "n_batch": self.batch_size, "n_ubatch": min(self.ubatch_size, self.batch_size),
                 "n_seq_max": self.n_seq_max, "n_threads": self.threads,

@@ -35,19 +35,9 @@ class TextStream:
         if cut >= 0:
             self.stopped, self._held = True, ""
             return held[:cut]
-        keep = self._partial_stop_suffix(held)
+        keep = partial_suffix(held, self.stop)
         self._held = held[len(held) - keep:] if keep else ""
         return held[:len(held) - keep]
-
-    def _partial_stop_suffix(self, text: str) -> int:
-        """Length of the longest end of `text` that begins some stop string."""
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
 
     def flush(self) -> str:
         """Everything still held back, at the end of the generation."""
@@ -56,3 +46,15 @@ class TextStream:
         text = self._held + self._bytes.decode("utf-8", "replace")
         self._held, self._bytes = "", b""
         return text
+
+
+def partial_suffix(text: str, needles) -> int:
+    """Length of the longest end of `text` that begins one of `needles` (text to hold back while a
+    stop string, a tag or a trigger may still be arriving)."""
+    best = 0
+    for s in needles:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

@@ -1,4 +1,4 @@
-"""Python owners of llama.cpp's native objects: Model, Vocab, Context, Batch, SamplerChain.
+"""Python owners of llama.cpp's native objects: Model, Vocab, LoraAdapter, Context, Batch, SamplerChain.
 
 Each class frees its native resource exactly once (close() is idempotent and
 the classes are context managers) and turns llama.cpp's sentinel return values
@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from engine.llama_cpp import (
-    FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, LLAMA_DEFAULT_SEED,
-    lib, llama_batch, llama_chat_message, llama_logit_bias, llama_token,
+    FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, LLAMA_DEFAULT_SEED, POOLING_TYPES,
+    lib, llama_batch, llama_chat_message, llama_logit_bias, llama_token, take_errors,
 )
+
+
+_POOLING_NAMES = {value: name for name, value in POOLING_TYPES.items()}
 
 
 class LlamaError(RuntimeError):
@@ -137,6 +140,16 @@ class Model(_Owner):
         return lib.llama_model_n_embd(self.ptr)
 
     @property
+    def n_embd_out(self) -> int:
+        """Width of the model's output embeddings (n_embd for most models)."""
+        return lib.llama_model_n_embd_out(self.ptr)
+
+    def pooling(self) -> str | None:
+        """The pooling the GGUF declares for embeddings (mean, cls, last, none, rank), or None."""
+        value = self.meta(f"{self.meta('general.architecture')}.pooling_type")
+        return _POOLING_NAMES.get(int(value)) if value is not None and value.lstrip("-").isdigit() else None
+
+    @property
     def n_params(self) -> int:
         return lib.llama_model_n_params(self.ptr)
 
@@ -144,6 +157,28 @@ class Model(_Owner):
         buf = C.create_string_buffer(256)
         lib.llama_model_desc(self.ptr, buf, len(buf))
         return buf.value.decode()
+
+
+class LoraAdapter(_Owner):
+    """A GGUF LoRA adapter loaded for one model. llama.cpp frees the adapters a model still holds
+    when the model is freed, so close an adapter before its model (and after no context applies it);
+    one whose model closed first is already gone and is only forgotten here."""
+
+    _free = lib.llama_adapter_lora_free
+
+    def __init__(self, model: Model, path: str | Path):
+        self.model, self.path = model, Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"the file {self.path.name} is not there")
+        take_errors()
+        ptr = lib.llama_adapter_lora_init(model.ptr, str(self.path).encode())
+        why = "; ".join(take_errors()) if not ptr else ""
+        super().__init__(ptr, f"llama.cpp could not load {self.path.name}: {why or 'not a LoRA adapter for it'}")
+
+    def close(self) -> None:
+        if self._ptr is not None and self.model._ptr is None:  # freed with its model
+            self._ptr = None
+        super().close()
 
 
 class Vocab:
@@ -231,6 +266,8 @@ class ContextParams:
     kv_unified: bool = True
     flash_attn: str = "auto"  # auto | on | off
     offload_kqv: bool = True  # the KV cache and attention of GPU layers on the GPU
+    embeddings: bool = False  # output embeddings (pooled per sequence unless pooling is "none")
+    pooling: str = "unspecified"  # a POOLING_TYPES name; unspecified = what the model declares
 
 
 class Context(_Owner):
@@ -246,6 +283,8 @@ class Context(_Owner):
         p.kv_unified = params.kv_unified
         p.offload_kqv = params.offload_kqv
         p.flash_attn_type = {"auto": FLASH_ATTN_AUTO, "on": FLASH_ATTN_ENABLED, "off": FLASH_ATTN_DISABLED}[params.flash_attn]
+        p.embeddings = params.embeddings
+        p.pooling_type = POOLING_TYPES[params.pooling]
         p.no_perf = False
         super().__init__(lib.llama_init_from_model(model.ptr, p),
                          f"llama.cpp could not create a context ({params}); see its log for why (often: out of memory)")
@@ -273,6 +312,26 @@ class Context(_Owner):
         if not ptr:
             raise LlamaError(f"no logits for batch row {i}: it did not request output")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    @property
+    def pooling(self) -> str:
+        """How this context pools embeddings (a POOLING_TYPES name)."""
+        return _POOLING_NAMES[lib.llama_pooling_type(self.ptr)]
+
+    def seq_embedding(self, seq: int) -> np.ndarray:
+        """The pooled embedding of sequence `seq` from the last decode (a view, valid until the next decode)."""
+        ptr = lib.llama_get_embeddings_seq(self.ptr, seq)
+        if not ptr:
+            raise LlamaError(f"no pooled embedding for sequence {seq} (not in the last batch, or pooling is none)")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd_out,))
+
+    def set_adapters(self, adapters: list[tuple[LoraAdapter, float]]) -> None:
+        """Apply these LoRA adapters at these scales to the decodes that follow ([] = the base model).
+        llama.cpp re-plans its compute graph when the set changes and does nothing when it is the same."""
+        n = len(adapters)
+        ptrs = (C.c_void_p * n)(*[a.ptr for a, _ in adapters]) if n else None
+        scales = (C.c_float * n)(*[s for _, s in adapters]) if n else None
+        lib.llama_set_adapters_lora(self.ptr, ptrs, n, scales)
 
     # --- KV cache (memory) ---
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
@@ -378,6 +437,7 @@ class SamplingParams:
     seed: int | None = None
     logit_bias: dict[int, float] | None = None
     grammar: str | None = None
+    grammar_triggers: list[str] | None = None  # regexes: the grammar applies from the first match on (lazy)
 
     @property
     def greedy(self) -> bool:
@@ -412,8 +472,13 @@ class SamplerChain(_Owner):
             arr = (llama_logit_bias * len(items))(*[llama_logit_bias(t, b) for t, b in items])
             self._add(lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr), "bad logit_bias")
         if p.grammar:
-            self._add(lib.llama_sampler_init_grammar(vocab.ptr, p.grammar.encode(), b"root"),
-                      "invalid GBNF grammar (llama.cpp could not parse it, or it has no 'root' rule)")
+            why = "invalid GBNF grammar (llama.cpp could not parse it, or it has no 'root' rule)"
+            if p.grammar_triggers:
+                patterns = (C.c_char_p * len(p.grammar_triggers))(*[t.encode() for t in p.grammar_triggers])
+                self._add(lib.llama_sampler_init_grammar_lazy_patterns(
+                    vocab.ptr, p.grammar.encode(), b"root", patterns, len(patterns), None, 0), why)
+            else:
+                self._add(lib.llama_sampler_init_grammar(vocab.ptr, p.grammar.encode(), b"root"), why)
         # top-k before the penalties: llama.cpp's penalty sampler looks every candidate up in a hash map,
         # 95 us per token over the whole 49k vocabulary against ~1 us over 40 candidates
         if p.top_k > 0:

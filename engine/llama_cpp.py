@@ -8,6 +8,7 @@ classes that own native resources; nothing else imports this module.
 
 from __future__ import annotations
 
+import collections
 import ctypes as C
 import logging
 import os
@@ -25,11 +26,13 @@ p_vocab = C.c_void_p
 p_context = C.c_void_p
 p_sampler = C.c_void_p
 p_memory = C.c_void_p
+p_adapter = C.c_void_p   # struct llama_adapter_lora *
 log_callback = C.CFUNCTYPE(None, C.c_int, C.c_char_p, C.c_void_p)
 progress_callback = C.CFUNCTYPE(C.c_bool, C.c_float, C.c_void_p)
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED = -1, 0, 1
+POOLING_TYPES = {"unspecified": -1, "none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}  # enum llama_pooling_type
 GGML_LOG_LEVEL_DEBUG, GGML_LOG_LEVEL_INFO, GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 1, 2, 3, 4, 5
 
 
@@ -171,6 +174,7 @@ _PROTOTYPES = {
     "llama_model_chat_template": ([p_model, _s], _s),
     "llama_model_n_ctx_train": ([p_model], _i32),
     "llama_model_n_embd": ([p_model], _i32),
+    "llama_model_n_embd_out": ([p_model], _i32),
     "llama_model_n_params": ([p_model], C.c_uint64),
     "llama_model_size": ([p_model], C.c_uint64),
     "llama_model_desc": ([p_model, C.c_char_p, _sz], _i32),
@@ -186,8 +190,14 @@ _PROTOTYPES = {
     "llama_decode": ([p_context, llama_batch], _i32),
     "llama_get_logits": ([p_context], C.POINTER(C.c_float)),
     "llama_get_logits_ith": ([p_context, _i32], C.POINTER(C.c_float)),
+    "llama_pooling_type": ([p_context], C.c_int),
+    "llama_get_embeddings_seq": ([p_context, llama_seq_id], C.POINTER(C.c_float)),
     "llama_perf_context": ([p_context], llama_perf_context_data),
     "llama_perf_context_reset": ([p_context], None),
+    # LoRA adapters: an adapter is valid while its model lives; setting the same set again changes nothing
+    "llama_adapter_lora_init": ([p_model, _s], p_adapter),
+    "llama_adapter_lora_free": ([p_adapter], None),
+    "llama_set_adapters_lora": ([p_context, C.POINTER(p_adapter), _sz, C.POINTER(_f)], _i32),
     # memory (KV cache)
     "llama_memory_clear": ([p_memory, _b], None),
     "llama_memory_seq_rm": ([p_memory, llama_seq_id, llama_pos, llama_pos], _b),
@@ -227,6 +237,8 @@ _PROTOTYPES = {
     "llama_sampler_init_penalties": ([_i32, _i32, _f, _f, _f], p_sampler),
     "llama_sampler_init_logit_bias": ([_i32, _i32, C.POINTER(llama_logit_bias)], p_sampler),
     "llama_sampler_init_grammar": ([p_vocab, _s, _s], p_sampler),
+    "llama_sampler_init_grammar_lazy_patterns": ([p_vocab, _s, _s, C.POINTER(_s), _sz, C.POINTER(llama_token), _sz],
+                                                 p_sampler),
 }
 
 
@@ -258,12 +270,22 @@ _log = logging.getLogger("llama.cpp")
 _LEVELS = {GGML_LOG_LEVEL_DEBUG: logging.DEBUG, GGML_LOG_LEVEL_INFO: logging.DEBUG,
            GGML_LOG_LEVEL_WARN: logging.WARNING, GGML_LOG_LEVEL_ERROR: logging.ERROR}
 _last_level = [logging.DEBUG]
+_errors: collections.deque[str] = collections.deque(maxlen=4)
+
+
+def take_errors() -> list[str]:
+    """llama.cpp's error lines since the last call (the latest few): why a call returned NULL."""
+    lines = list(_errors)
+    _errors.clear()
+    return lines
 
 
 @log_callback
 def _on_log(level: int, text: bytes, _user: int) -> None:
     if level != GGML_LOG_LEVEL_CONT:
         _last_level[0] = _LEVELS.get(level, logging.DEBUG)
+        if level == GGML_LOG_LEVEL_ERROR:
+            _errors.append(text.decode("utf-8", "replace").strip())
     if _log.isEnabledFor(_last_level[0]):
         line = text.decode("utf-8", "replace").rstrip("\n")
         if line:

@@ -18,6 +18,9 @@ class Request:
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = -1                # -1: no logprobs; 0: the chosen token's; k: and the k best
     ignore_eos: bool = False
+    # LoRA adapters as ((name, scale), ...) sorted by name; () = the base model. Sequences with different
+    # sets never share a decode step or a prefix's KV cells (engine/scheduler.py)
+    adapters: tuple[tuple[str, float], ...] = ()
     id: int = field(default_factory=lambda: next(_ids))
 
 

@@ -14,6 +14,14 @@ committed when a row is planned (`n_scheduled`), and a decode row whose input
 token is the one step N is still sampling carries PENDING_TOKEN: the worker
 feeds in its own last sample for that sequence. A sequence that ends in step
 N has one row too many in step N+1; its output is ignored.
+
+LoRA adapters: llama.cpp applies adapters to a whole context, so a step carries
+the rows of one adapter set only (the base model is the empty set). When a
+worker runs sequences of several sets, each step serves the set whose turn is
+oldest, so the sets take turns and none starves; the others' sequences simply
+get their rows in a later step. An OP_ADAPTERS op tells the worker when the set
+changes. KV cells computed under one set are never shared with a sequence of
+another: running sources and prefix cache entries match by set too.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from engine.request import Overloaded, Request
 MIN_SHARED_PREFIX = 16   # fewer common tokens than this are not worth a copy or a wait
 MIN_CACHED_PREFIX = 32   # shorter finished sequences are not kept in the prefix cache
 
-OP_START, OP_FREE, OP_COPY, OP_TRIM = "start", "free", "copy", "trim"
+OP_START, OP_FREE, OP_COPY, OP_TRIM, OP_ADAPTERS = "start", "free", "copy", "trim", "adapters"
 PENDING_TOKEN = -1       # a decode row's input: the token the worker sampled last for this sequence
 
 
@@ -39,6 +47,7 @@ class Sequence:
     def __init__(self, request: Request):
         self.request = request
         self.prompt = np.asarray(request.prompt, dtype=np.int32)
+        self.adapters = request.adapters
         self.tokens: list[int] = list(request.prompt)  # prompt + generated
         self.n_prompt = len(request.prompt)
         self.worker: WorkerState | None = None
@@ -64,6 +73,12 @@ class Sequence:
     def in_flight(self) -> bool:
         return self.n_scheduled > self.n_computed
 
+    @property
+    def has_work(self) -> bool:
+        """Rows can be planned for it: prompt left to prefill, or tokens left to sample."""
+        max_tokens = self.request.max_tokens
+        return self.prefilling or max_tokens is None or self.outputs_planned < max_tokens
+
     def token_at(self, pos: int) -> int:
         """The input token of position `pos`, or PENDING_TOKEN if a step in flight is sampling it."""
         return self.tokens[pos] if pos < len(self.tokens) else PENDING_TOKEN
@@ -74,6 +89,7 @@ class CacheEntry:
     seq_id: int
     tokens: np.ndarray
     span: Span
+    adapters: tuple = ()  # the LoRA set its KV was computed under
 
 
 @dataclass
@@ -89,8 +105,9 @@ class Row:
 @dataclass
 class StepPlan:
     worker: "WorkerState"
-    ops: list[tuple] = field(default_factory=list)   # (OP_*, seq_id, a, b, Sequence | None)
+    ops: list[tuple] = field(default_factory=list)   # (OP_*, seq_id, a, b, Sequence | adapter set | None)
     rows: list[Row] = field(default_factory=list)
+    adapters: tuple | None = None                    # the LoRA set of every row; None: not chosen yet
 
     @property
     def n_tokens(self) -> int:
@@ -126,6 +143,32 @@ class WorkerState:
         self.running: list[Sequence] = []
         self.cache: collections.OrderedDict[int, CacheEntry] = collections.OrderedDict()
         self.pending_ops: list[tuple] = []
+        self.adapters: tuple | None = ()  # the LoRA set the worker applies as of the last step planned; None: unknown
+        self.turns: dict[tuple, float] = {}  # LoRA set -> the step it last got a turn (or started waiting for one)
+        self.steps = 0                       # steps planned, the clock of `turns`
+
+    def join(self, adapters: tuple) -> None:
+        """A sequence of this LoRA set starts here: a set new to the worker waits for a turn from now on
+        (before the set this step serves)."""
+        self.turns.setdefault(adapters, self.steps - 0.5)
+
+    def take_turn(self) -> tuple | None:
+        """The LoRA set this step serves: of the sets whose sequences have work, the one that has waited
+        longest for a turn. None: no sequence has work."""
+        self.steps += 1
+        sets = {s.adapters for s in self.running}
+        if len(sets) <= 1:  # one set (the usual case): it has every turn
+            only = next(iter(sets), None)
+            self.turns = {} if only is None else {only: self.steps}
+            return only
+        for gone in self.turns.keys() - sets:
+            del self.turns[gone]
+        ready = {s.adapters for s in self.running if s.has_work}
+        if not ready:
+            return None
+        chosen = min(ready, key=lambda a: (self.turns.setdefault(a, self.steps - 0.5), a))
+        self.turns[chosen] = self.steps
+        return chosen
 
     @property
     def reserved(self) -> int:
@@ -217,7 +260,8 @@ class Scheduler:
         w = seq.worker
         w.running.remove(seq)
         if keep_prefix and w.cache_slots and seq.n_computed >= MIN_CACHED_PREFIX:
-            w.cache[seq.seq_id] = CacheEntry(seq.seq_id, np.asarray(seq.tokens[:seq.n_computed], np.int32), seq.span)
+            w.cache[seq.seq_id] = CacheEntry(seq.seq_id, np.asarray(seq.tokens[:seq.n_computed], np.int32), seq.span,
+                                             seq.adapters)
             # the newest entry stays even beyond the cell budget: a long shared prefix must survive its last user
             while len(w.cache) > 1 and (len(w.cache) > w.cache_slots or w.cached_only_cells > w.cache_cells):
                 w.evict_one()
@@ -240,12 +284,19 @@ class Scheduler:
         plans = {w.index: StepPlan(w) for w in self.workers if w.alive}
         budget = {i: self.step_tokens for i in plans}
         for p in plans.values():
+            p.adapters = p.worker.take_turn()
             self._continue_decoding(p, budget)
         self._admit(plans)
         for p in plans.values():
+            w = p.worker
+            if p.adapters is None:  # nothing ran before admission: the newcomers' turn
+                p.adapters = w.take_turn()
             self._prefill(p, budget)
-            p.ops[:0] = p.worker.pending_ops
-            p.worker.pending_ops = []
+            p.ops[:0] = w.pending_ops
+            w.pending_ops = []
+            if p.rows and p.adapters != w.adapters:
+                p.ops.append((OP_ADAPTERS, -1, 0, 0, p.adapters))
+                w.adapters = p.adapters
             if not self.kv_unified:  # in id order, or llama.cpp splits the step into several passes (lowest_idle_id)
                 p.rows.sort(key=lambda r: r.seq.seq_id)
         return [p for p in plans.values() if p.rows or p.ops]
@@ -253,10 +304,9 @@ class Scheduler:
     def _continue_decoding(self, plan: StepPlan, budget: dict) -> None:
         w = plan.worker
         for seq in list(w.running):
-            if seq.prefilling:
+            if seq.prefilling or seq.adapters != plan.adapters:
                 continue
-            max_tokens = seq.request.max_tokens
-            if max_tokens is not None and seq.outputs_planned >= max_tokens:
+            if not seq.has_work:
                 continue  # its last token is being sampled; it ends when that step completes
             if seq.n_scheduled + 1 > seq.reserve and not self._grow_reserve(seq):
                 if not seq.in_flight:  # no token on its way: the context is full
@@ -270,7 +320,8 @@ class Scheduler:
         """Prompt chunks into what is left of the step, shortest remaining prompt first: a short
         question arriving during a long prompt's prefill starts at once instead of behind it."""
         w = plan.worker
-        for seq in sorted((s for s in w.running if s.prefilling), key=lambda s: s.n_prompt - s.n_scheduled):
+        prefilling = (s for s in w.running if s.prefilling and s.adapters == plan.adapters)
+        for seq in sorted(prefilling, key=lambda s: s.n_prompt - s.n_scheduled):
             n = min(seq.n_prompt - seq.n_scheduled, budget[w.index])
             if n <= 0:
                 break
@@ -315,16 +366,18 @@ class Scheduler:
         for w in self.workers:
             if w.index not in plans or len(w.running) >= w.parallel:
                 continue
-            for r in w.running:
+            # KV computed under another LoRA set is never reused
+            peers = [r for r in w.running if r.adapters == seq.adapters]
+            for r in peers:
                 c = min(common_prefix(r.prompt, seq.prompt), limit)
                 if c >= MIN_SHARED_PREFIX and r.n_computed < c:
                     return None  # its prefill is computing our prefix (or a step in flight is): wait for it
             # the longest shared prefix; on a tie a cache entry (a split cache may adopt an idle stream
             # instead of copying a busy one), then the lowest id (split: see lowest_idle_id)
             cands = [(min(common_prefix(e.tokens, seq.prompt), limit), True, -e.seq_id, e.span)
-                     for e in w.cache.values()]
+                     for e in w.cache.values() if e.adapters == seq.adapters]
             cands += [(min(common_prefix(r.prompt, seq.prompt), limit, r.n_computed), False, -r.seq_id, r.span)
-                      for r in w.running]
+                      for r in peers]
             shared, src = 0, None
             top = max(cands, key=lambda c: c[:3], default=None)
             if top is not None and top[0] >= MIN_SHARED_PREFIX:
@@ -379,6 +432,7 @@ class Scheduler:
             self.prefix_hit_tokens += shared
         plan.ops.append((OP_START, seq.seq_id, 0, 0, seq))
         w.running.append(seq)
+        w.join(seq.adapters)
 
     # --- results ---
     def complete(self, plan: StepPlan, tokens) -> list[tuple[Sequence, int, int]]:

@@ -14,6 +14,7 @@ import os
 import uuid
 
 import numpy as np
+import orjson
 
 MAX_TOP_LOGPROBS = 20
 
@@ -22,12 +23,14 @@ OP_START = 1  # (seq, blob offset, blob length): new sampler chain from JSON par
 OP_FREE = 2   # (seq, -, -): drop the sequence's KV cells and sampler
 OP_COPY = 3   # (dst, src, n): dst's KV = the first n positions of src
 OP_TRIM = 4   # (seq, n, -): drop the sequence's positions from n on
+OP_ADAPTERS = 5  # (-, blob offset, blob length): the LoRA adapters of the step's rows, JSON [[name, scale], ...]
 
 SHM_DIR = "/dev/shm"
 
 # step status written by the worker
 STATUS_OK = 0
 STATUS_DECODE_FAILED = 1
+STATUS_ADAPTERS_FAILED = 2  # the step's LoRA adapters could not be loaded: nothing was decoded
 
 
 class StepBuffer:
@@ -50,6 +53,7 @@ class StepBuffer:
             ("out_top_logprob", np.float32, (n_batch, MAX_TOP_LOGPROBS)),
             ("op_status", np.int32, (max_ops,)),
             ("message", np.uint8, (4096,)),
+            ("adapters_loaded", np.uint8, (4096,)),  # after an OP_ADAPTERS: JSON of the worker's adapter cache
         ]
         offsets, size = [], 0
         for _, dtype, shape in fields:
@@ -106,6 +110,20 @@ class StepBuffer:
         raw = text.encode("utf-8")[: len(self.message)]
         self.message[: len(raw)] = np.frombuffer(raw, np.uint8)
         self.out_header[2] = len(raw)
+
+    def set_adapters_loaded(self, names: list[str]) -> None:
+        """The worker's cached adapters, least recently used first, as JSON after a 4-byte length;
+        the oldest are left out when they do not all fit."""
+        raw = orjson.dumps(names)
+        while len(raw) > len(self.adapters_loaded) - 4:
+            names = names[1:]
+            raw = orjson.dumps(names)
+        self.adapters_loaded[:4] = np.frombuffer(len(raw).to_bytes(4, "little"), np.uint8)
+        self.adapters_loaded[4:4 + len(raw)] = np.frombuffer(raw, np.uint8)
+
+    def adapters_loaded_json(self) -> bytes:
+        n = int.from_bytes(bytes(self.adapters_loaded[:4]), "little")
+        return bytes(self.adapters_loaded[4:4 + n])
 
     def unlink(self) -> None:
         try:

@@ -1,28 +1,30 @@
 """A worker process: owns one model and one llama_context and runs the steps
 the scheduler writes into its shared StepBuffer.
 
-A step is: apply control ops (start/free/copy sequences), fill in the rows
-whose input is the token this worker sampled last for their sequence (the
-parent planned them before that token existed), llama_decode the token rows
-(many sequences in one batch), sample every row that asked for output with
-that sequence's own sampler chain, write the tokens back, ring.
+A step is: apply control ops (start/free/copy sequences, the LoRA adapter set),
+fill in the rows whose input is the token this worker sampled last for their
+sequence (the parent planned them before that token existed), llama_decode the
+token rows (many sequences in one batch), sample every row that asked for
+output with that sequence's own sampler chain, write the tokens back, ring.
 llama_decode always runs on this process's main thread (ggml's threads spin;
 decoding from changing threads was measured at half speed).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
 import traceback
+from pathlib import Path
 
 import numpy as np
 import orjson
 
 from engine.logs import setup_logging
-from engine.transport import (MAX_TOP_LOGPROBS, OP_COPY, OP_FREE, OP_START, OP_TRIM, STATUS_DECODE_FAILED,
-                              STATUS_OK, StepBuffer)
+from engine.transport import (MAX_TOP_LOGPROBS, OP_ADAPTERS, OP_COPY, OP_FREE, OP_START, OP_TRIM,
+                              STATUS_ADAPTERS_FAILED, STATUS_DECODE_FAILED, STATUS_OK, StepBuffer)
 
 log = logging.getLogger("sentiric.worker")
 
@@ -34,6 +36,54 @@ class _SeqSampling:
 
     def __init__(self, chain, top_logprobs: int):
         self.chain, self.top_logprobs = chain, top_logprobs
+
+
+class _Adapters:
+    """The LoRA adapters this worker has loaded (from `directory`, by name), least recently used first,
+    at most `size` unless the set in use needs more, and the set its context applies. Adapters load
+    when a step first needs them; one is freed only while the context does not apply it."""
+
+    def __init__(self, model, directory: str | None, size: int):
+        from engine.llama import LoraAdapter  # libllama loads in the worker after its logging is set up
+        self.model, self.size, self.open = model, size, LoraAdapter
+        self.directory = Path(directory) if directory else None
+        self.loaded: collections.OrderedDict[str, LoraAdapter] = collections.OrderedDict()
+        self.applied: list | None = []  # [(name, scale)] the context applies; None: a set failed to load
+        self.failure = ""
+
+    def apply(self, ctx, wanted: list) -> None:
+        """Load what `wanted` lacks and apply it. If an adapter cannot be loaded the context applies
+        none and every step fails with that reason until a set loads: a step planned before the
+        parent saw the failure must not decode under the wrong adapters."""
+        try:
+            for name, _ in wanted:
+                if name not in self.loaded:
+                    if self.directory is None:
+                        raise ValueError("this service has no LoRA adapter directory")
+                    self.loaded[name] = self.open(self.model, self.directory / f"{name}.gguf")
+                self.loaded.move_to_end(name)
+        except Exception as exc:
+            ctx.set_adapters([])
+            self.applied, self.failure = None, f"LoRA adapter {name!r} could not be loaded: {exc}"
+            log.error("%s", self.failure)
+            raise
+        else:
+            ctx.set_adapters([(self.loaded[name], scale) for name, scale in wanted])
+            self.applied = wanted
+        finally:
+            self._trim()
+
+    def _trim(self) -> None:
+        in_use = {name for name, _ in self.applied or ()}
+        idle = [name for name in self.loaded if name not in in_use]
+        for name in idle[:max(0, len(self.loaded) - self.size)]:
+            self.loaded.pop(name).close()
+
+    def close(self) -> None:
+        """After the context is freed, before the model is."""
+        for adapter in self.loaded.values():
+            adapter.close()
+        self.loaded.clear()
 
 
 def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_out, log_settings: dict) -> None:
@@ -55,6 +105,7 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
     vocab = model.vocab
     kv_unified = config["context"]["kv_unified"]
     sampling: dict[int, _SeqSampling] = {}
+    adapters = _Adapters(model, config["lora_dir"], config["lora_cache"])
     doorbell_out.send({"ready": True, "pid": os.getpid(), "n_ctx": ctx.n_ctx, "n_ctx_seq": ctx.n_ctx_seq,
                        "n_seq_max": ctx.n_seq_max})
 
@@ -101,11 +152,18 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
                         ctx.seq_rm(seq, b, -1)
                 elif kind == OP_TRIM:
                     ctx.seq_rm(seq, a, -1)
+                elif kind == OP_ADAPTERS:
+                    try:
+                        adapters.apply(ctx, [(name, scale) for name, scale in orjson.loads(bytes(buf.blob[a:a + b]))])
+                    finally:
+                        buf.set_adapters_loaded(list(adapters.loaded))
             except Exception as exc:  # one bad op fails its sequence, not the worker
                 buf.op_status[i] = 1
                 message = f"{type(exc).__name__}: {exc}"
         n_out = 0
-        if n_tokens:
+        if n_tokens and adapters.applied is None:  # the step's adapters could not be loaded: decode nothing
+            status, message = STATUS_ADAPTERS_FAILED, adapters.failure
+        elif n_tokens:
             mask = np.less(buf.token[:n_tokens], 0, out=pending[:n_tokens])  # PENDING_TOKEN rows
             if mask.any():
                 buf.token[:n_tokens][mask] = last_sampled[buf.seq[:n_tokens][mask]]
@@ -146,6 +204,7 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
     for seq in list(sampling):
         drop(seq)
     ctx.close()
+    adapters.close()
     model.close()
 
 

@@ -75,10 +75,11 @@ async def open_client(target: Target, args) -> AsyncIterator[Send]:
 
 
 async def stream_http(session: aiohttp.ClientSession, target: Target, messages: list[dict], kind: str,
-                      args, headers: dict | None = None) -> RequestResult:
-    """One streamed chat completion; `headers` are sent with it (fleet_bench's routing key)."""
+                      args, headers: dict | None = None, fields: dict | None = None) -> RequestResult:
+    """One streamed chat completion; `headers` are sent with it (fleet_bench's routing key), `fields` in its
+    body (bench_lora's adapter)."""
     body: dict = {"model": target.model_id, "messages": messages, "max_tokens": args.max_tokens,
-                  "stream": True, "stream_options": {"include_usage": True}}
+                  "stream": True, "stream_options": {"include_usage": True}, **(fields or {})}
     if not args.no_ignore_eos:
         body[target.length_field] = True if target.length_field == "ignore_eos" else args.max_tokens
     if args.temperature is not None:

@@ -14,7 +14,10 @@ from aiohttp import web
 
 from engine import logs
 from engine.async_engine import AsyncEngine
+from engine.embedder import Embedder
+from server.adapters import AdapterDir, AdapterNotFound, AdapterRoutes
 from server.drain import REFUSAL, Drain
+from server.embeddings import EMBEDDINGS_ROUTE, EmbeddingRoutes
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.openai_routes import GENERATION_ROUTES, OpenAIRoutes, json_response, read_json
@@ -38,25 +41,34 @@ class ServerSettings:
     max_n: int = 16
     truncate: bool = False
     rag_template: str = "{context}\n\n{question}"
+    reasoning_format: str = "auto"   # auto: thinking sections go to reasoning_content; none: left in content
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     require_tenant: bool = False
     cors_origins: tuple[str, ...] = ()
     metrics_on_http_port: bool = True  # False when --metrics-port serves them apart
+    embeddings_only: bool = False      # no generation: chat and completions answer 400
     studio_dir: Path = STUDIO_DIR
+    adapters: AdapterDir = field(default_factory=lambda: AdapterDir(None))  # the LoRA adapters requests may name
 
     def shaper(self, engine: AsyncEngine) -> Shaper:
         return Shaper(engine, defaults=self.defaults, max_n=self.max_n, truncate=self.truncate,
-                      rag_template=self.rag_template)
+                      rag_template=self.rag_template, reasoning_format=self.reasoning_format,
+                      adapters=self.adapters)
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings, metrics: Metrics, drain: Drain) -> web.Application:
+def create_app(engine: AsyncEngine, settings: ServerSettings, metrics: Metrics, drain: Drain,
+               embedder: Embedder) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app.middlewares.extend([_cors(app, settings.cors_origins), _errors(metrics, settings.max_body_bytes),
                             _request_context(settings.require_tenant), _auth(settings.api_key),
                             _body_deadline(settings.body_timeout), _draining(drain), _loading(engine)])
+    if settings.embeddings_only:
+        app.middlewares.append(_no_generation)
     OpenAIRoutes(engine, settings.shaper(engine), metrics, settings.model_alias).add_to(app)
-    ServiceRoutes(engine, metrics, settings.model_alias, settings.defaults, drain).add_to(
-        app, with_metrics=settings.metrics_on_http_port)
+    EmbeddingRoutes(engine, embedder, metrics, settings.model_alias, truncate=settings.truncate).add_to(app)
+    AdapterRoutes(engine, settings.adapters).add_to(app)
+    ServiceRoutes(engine, metrics, settings.model_alias, settings.defaults, drain, embedder,
+                  settings.embeddings_only).add_to(app, with_metrics=settings.metrics_on_http_port)
     add_studio(app, settings.studio_dir)
     return app
 
@@ -76,8 +88,9 @@ class ServiceRoutes:
     """Health, numbers and tokenizer routes."""
 
     def __init__(self, engine: AsyncEngine, metrics: Metrics, model_alias: str, defaults: SamplingDefaults,
-                 drain: Drain):
+                 drain: Drain, embedder: Embedder, embeddings_only: bool = False):
         self.engine, self.metrics, self.model, self.defaults, self.drain = engine, metrics, model_alias, defaults, drain
+        self.embedder, self.embeddings_only = embedder, embeddings_only
 
     def add_to(self, app: web.Application, *, with_metrics: bool = True) -> None:
         app.router.add_get("/health", self.health)
@@ -96,7 +109,7 @@ class ServiceRoutes:
         if not self.engine.ready:
             return json_response({"status": "loading", "model_ready": False, **body}, status=503)
         s = self.engine.stats()
-        ready = s["workers_alive"] > 0
+        ready = s["workers_alive"] > 0 or self.embeddings_only
         total = s["workers_alive"] * self.engine.config.parallel
         capacity = {"active": s["running"], "total": total, "available": s["free_slots"],
                     "has_capacity": s["free_slots"] > 0}
@@ -108,7 +121,7 @@ class ServiceRoutes:
 
     async def stats(self, request: web.Request) -> web.Response:
         return json_response({"model": self.model, "ready": self.engine.ready, "worker_pids": self.engine.worker_pids(),
-                              **self.engine.stats()})
+                              **self.engine.stats(), "embeddings": self.embedder.stats()})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return _prometheus(self.metrics)
@@ -194,6 +207,8 @@ def _errors(metrics: Metrics, max_body_bytes: int):
             response = await handler(request)
         except ApiError as exc:
             response = exc.response()
+        except AdapterNotFound as exc:
+            response = ApiError(404, exc.message, param=exc.param, code=exc.code).response()
         except InvalidRequest as exc:
             response = ApiError(400, exc.message, param=exc.param, code=exc.code).response()
         except web.HTTPRequestEntityTooLarge:
@@ -228,14 +243,24 @@ def _errors(metrics: Metrics, max_body_bytes: int):
 def _draining(drain: Drain):
     @web.middleware
     async def draining(request: web.Request, handler):
-        """Generation requests are counted while they run; once the service drains, new ones get a 503."""
-        if request.path not in GENERATION_ROUTES:
+        """Generation and embedding requests are counted while they run; once the service drains, new ones
+        get a 503."""
+        if request.path not in GENERATION_ROUTES and request.path != EMBEDDINGS_ROUTE:
             return await handler(request)
         if drain.draining:
             raise ApiError(503, REFUSAL, code="draining", headers={"Retry-After": "1"})
         with drain.track():
             return await handler(request)
     return draining
+
+
+@web.middleware
+async def _no_generation(request: web.Request, handler):
+    """--embeddings-only: the generation routes say why they do not answer."""
+    if request.path in GENERATION_ROUTES:
+        raise ApiError(400, "This service runs with --embeddings-only: it serves /v1/embeddings, not generation.",
+                       code="embeddings_only")
+    return await handler(request)
 
 
 def _loading(engine: AsyncEngine):

@@ -22,10 +22,12 @@ from aiohttp import web
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.embedder import Embedder, EmbedderConfig
 from engine.llama import Model, SamplingParams
 from engine.logs import event, setup_logging
 from engine.model_files import DEFAULT_ALIAS, resolve_model
 from engine.request import Request
+from server.adapters import LORA_ROUTE, AdapterDir
 from server.app import ServerSettings, create_app, create_metrics_app
 from server.drain import Drain
 from server.grpc_service import GrpcDoor, GrpcSettings, LlamaService
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(model, "--model", "MODEL_PATH", None, "GGUF file; default SmolLM2-135M-Instruct Q4_1, fetched once")
     _option(model, "--model-alias", "MODEL_ALIAS", None, "model id shown in /v1/models and responses "
                                                          "(default: the file name without .gguf)")
+    _option(model, "--chat-template-file", "CHAT_TEMPLATE_FILE", None, "a Jinja chat template used instead of the "
+                                                                   "one in the GGUF")
     _option(model, "--n-gpu-layers", "GPU_LAYERS", -1, "layers offloaded to the GPU in a CUDA build (-1 = all)",
             type=int)
     _option(model, "--kv-offload", "KV_OFFLOAD", True, "the offloaded layers' KV cache and attention on the GPU "
@@ -109,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(two steps in flight)", type=bool)
     _option(eng, "--step-timeout", "STEP_TIMEOUT", 120.0, "seconds a worker may take to answer one decode step "
                                                          "before it is killed and replaced (0 = never)", type=float)
+    lora = p.add_argument_group("LoRA adapters", "a request names an adapter by its file name without .gguf "
+                                "(HTTP lora_adapter or lora, gRPC lora_adapter_id)")
+    _option(lora, "--lora-dir", "LORA_DIR", None, "directory of GGUF LoRA adapters for the model")
+    _option(lora, "--lora-cache", "LORA_CACHE", 8, "adapters a worker keeps loaded (the least recently used one "
+                                                   "beyond goes); also the most one request may combine", type=int)
+    emb = p.add_argument_group("embeddings", "/v1/embeddings runs in processes of its own, apart from the "
+                               "generation workers, started by the first embeddings request")
+    _option(emb, "--embeddings-only", "EMBEDDINGS_ONLY", False, "serve only /v1/embeddings: no generation workers "
+                                                                "and no gRPC door, the embedding process starts at "
+                                                                "once, chat and completions answer 400", type=bool)
+    _option(emb, "--embeddings-ctx-size", "EMBEDDINGS_CONTEXT_SIZE", 0, "longest embedding input in tokens, also "
+                                                                       "the tokens one embedding decode packs; memory "
+                                                                       "grows with it (0 = 512, or the model's "
+                                                                       "training context if shorter)",
+            type=int)
+    _option(emb, "--embeddings-threads", "EMBEDDINGS_THREADS", 0, "CPU threads of an embedding process "
+                                                                  "(0 = --threads)", type=int)
+    _option(emb, "--embeddings-workers", "EMBEDDINGS_WORKERS", 1, "embedding processes (a batch goes to a free one)",
+            type=int)
     d = SamplingDefaults()
     smp = p.add_argument_group("sampling defaults", "for every field a request leaves out, HTTP and gRPC alike: "
                                "a flag wins, else what the model's GGUF recommends (general.sampling.*), else the "
@@ -131,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "refusing them", type=bool)
     _option(req, "--rag-template", "RAG_TEMPLATE", "{context}\n\n{question}",
             "how rag_context is put into the last user turn ({context} and {question} placeholders)")
+    _option(req, "--reasoning-format", "REASONING_FORMAT", "auto", "auto: a thinking section (<think>...</think>) "
+                                                                  "goes to reasoning_content; none: kept in content "
+                                                                  "(a request's reasoning_format wins)",
+            choices=["auto", "none"])
     _option(req, "--studio-dir", "STUDIO_DIR", str(STUDIO_DIR), "the developer studio served at /studio/")
     logs = p.add_argument_group("logging")
     _option(logs, "--log-format", "LOG_FORMAT", "text", "text lines (stderr) or the platform's JSON schema, one "
@@ -163,7 +190,18 @@ def serve(argv: list[str] | None = None) -> int:
             cache_cells=args.cache_cells,
             max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, kv_offload=args.kv_offload,
             log_batches=args.log_batches,
-            overlap=args.overlap, step_timeout=args.step_timeout)
+            overlap=args.overlap, step_timeout=args.step_timeout, lora_dir=args.lora_dir, lora_cache=args.lora_cache,
+            chat_template=Path(args.chat_template_file).read_text() if args.chat_template_file else None)
+        if args.lora_dir and not Path(args.lora_dir).is_dir():
+            raise ValueError(f"--lora-dir {args.lora_dir} is not a directory")
+        if args.embeddings_ctx_size < 0 or args.embeddings_threads < 0 or args.embeddings_workers < 1:
+            raise ValueError("--embeddings-ctx-size and --embeddings-threads must be 0 (auto) or more, "
+                             "--embeddings-workers at least 1")
+        embedder_config = EmbedderConfig(
+            model_path=str(model_path), ctx_size=args.embeddings_ctx_size,
+            threads=args.embeddings_threads or engine_config.threads, processes=args.embeddings_workers,
+            n_gpu_layers=engine_config.n_gpu_layers if engine_config.gpu else 0, flash_attn=args.flash_attn,
+            timeout=args.step_timeout)
         defaults, sources = _sampling_defaults(args, model_path)
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc, extra=event("STARTUP_FAILED"))
@@ -172,10 +210,12 @@ def serve(argv: list[str] | None = None) -> int:
     metrics_port = args.metrics_port if args.metrics_port not in (0, args.port) else 0
     settings = ServerSettings(model_alias=alias, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
                               body_timeout=args.body_timeout, max_n=args.max_n, truncate=args.truncate,
-                              rag_template=args.rag_template,
+                              rag_template=args.rag_template, reasoning_format=args.reasoning_format,
                               defaults=defaults, require_tenant=args.require_tenant,
                               cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-                              metrics_on_http_port=not metrics_port, studio_dir=Path(args.studio_dir))
+                              metrics_on_http_port=not metrics_port, studio_dir=Path(args.studio_dir),
+                              embeddings_only=args.embeddings_only,
+                              adapters=AdapterDir(args.lora_dir, args.lora_cache))
     try:
         import uvloop
         uvloop.install()
@@ -185,8 +225,10 @@ def serve(argv: list[str] | None = None) -> int:
     if from_model:
         log.info("sampling defaults from the model's GGUF: %s", ", ".join(from_model),
                  extra=event("SAMPLING_DEFAULTS_FROM_MODEL", fields=from_model))
-    return asyncio.run(_serve(args.host, args.port, metrics_port, grpc_settings if args.grpc_port else None,
-                              AsyncEngine(engine_config), settings, Drain(args.drain_timeout)))
+    with_grpc = args.grpc_port and not args.embeddings_only
+    return asyncio.run(_serve(args.host, args.port, metrics_port, grpc_settings if with_grpc else None,
+                              AsyncEngine(engine_config, generation=not args.embeddings_only), settings,
+                              Drain(args.drain_timeout), Embedder(embedder_config)))
 
 
 def _sampling_defaults(args, model_path: Path) -> tuple[SamplingDefaults, dict[str, str]]:
@@ -203,11 +245,12 @@ def _sampling_defaults(args, model_path: Path) -> tuple[SamplingDefaults, dict[s
 
 
 async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSettings | None, engine: AsyncEngine,
-                 settings: ServerSettings, drain: Drain) -> int:
+                 settings: ServerSettings, drain: Drain, embedder: Embedder) -> int:
     """Listen at once (health says loading while the model loads), then serve until a signal: SIGTERM
     drains (see server/drain.py), SIGINT stops at once; either way what still runs ends with an error."""
-    metrics = Metrics(engine)
-    runners = [web.AppRunner(create_app(engine, settings, metrics, drain), access_log=None, handle_signals=False,
+    metrics = Metrics(engine, embedder)
+    runners = [web.AppRunner(create_app(engine, settings, metrics, drain, embedder), access_log=None,
+                             handle_signals=False,
                              handler_cancellation=True)]
     sites = [(runners[0], port)]
     if metrics_port:
@@ -237,7 +280,7 @@ async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSet
     log.info("listening on http://%s:%d%s, loading %s", host, port,
              f" and grpc {host}:{grpc_settings.port}" if grpc_door else "", engine.config.model_path,
              extra=event("SERVICE_STARTING", http_port=port, grpc_port=grpc_settings.port if grpc_door else 0))
-    starting = asyncio.create_task(engine.start())
+    starting = asyncio.create_task(_start(engine, embedder, settings.embeddings_only))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
     code = 0
@@ -247,7 +290,7 @@ async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSet
     elif starting.done():
         if grpc_door:
             await grpc_door.set_serving(True)
-        _announce(engine, settings, host, port, metrics_port, grpc_settings if grpc_door else None)
+        _announce(engine, embedder, settings, host, port, metrics_port, grpc_settings if grpc_door else None)
         await stopping
         if not at_once.is_set():
             await _drain(drain, grpc_door, at_once)
@@ -257,12 +300,21 @@ async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSet
     if not starting.done():  # the load runs in a thread: let it finish, then stop the workers cleanly
         await asyncio.wait([starting])
     await engine.shutdown()  # what still runs gets its error now, and the doors send it before they close
+    await embedder.shutdown()
     await drain.wait(5)
     if grpc_door:
         await grpc_door.stop(grace=1)
     for runner in runners:
         await runner.cleanup()
     return code
+
+
+async def _start(engine: AsyncEngine, embedder: Embedder, embeddings_only: bool) -> None:
+    """Load the model: the engine (the tokenizer, and the generation workers unless --embeddings-only), and
+    with --embeddings-only the embedding process at once."""
+    await engine.start()
+    if embeddings_only:
+        await embedder.start()
 
 
 async def _drain(drain: Drain, grpc_door: GrpcDoor | None, cut_short: asyncio.Event) -> None:
@@ -281,15 +333,15 @@ async def _drain(drain: Drain, grpc_door: GrpcDoor | None, cut_short: asyncio.Ev
         log.info("drained: no request is running", extra=event("SERVICE_DRAINED"))
 
 
-def _announce(engine: AsyncEngine, settings: ServerSettings, host: str, port: int, metrics_port: int,
-              grpc_settings: GrpcSettings | None) -> None:
+def _announce(engine: AsyncEngine, embedder: Embedder, settings: ServerSettings, host: str, port: int,
+              metrics_port: int, grpc_settings: GrpcSettings | None) -> None:
     """The one block a person reads when the service is ready."""
     cfg, model = engine.config, engine.vocab_model
     base = f"http://{host}:{port}"
     size_mb = Path(cfg.model_path).stat().st_size / 2**20
     backend = "CUDA" if cfg.gpu else "CPU"
     d = settings.defaults
-    grpc_line = "off"
+    grpc_line = "off (--embeddings-only)" if settings.embeddings_only else "off"
     if grpc_settings:
         tls = "mutual TLS" if grpc_settings.tls_ca else "TLS" if grpc_settings.tls else "plaintext"
         grpc_line = f"{host}:{grpc_settings.port} (sentiric.llm.v1.LlamaService, {tls})"
@@ -299,13 +351,32 @@ def _announce(engine: AsyncEngine, settings: ServerSettings, host: str, port: in
         f"  model     {settings.model_alias} ({model.meta('general.architecture')} "
         f"{model.meta('general.size_label') or ''}, {size_mb:.0f} MiB) from {cfg.model_path}",
         f"  engine    {backend}, {cfg.workers} worker x {cfg.parallel} sequences, {engine.n_ctx} KV cells, "
-        f"{cfg.threads} threads, batch {cfg.batch_size}",
+        f"{cfg.threads} threads, batch {cfg.batch_size}" if engine.generation else
+        "  engine    no generation workers (--embeddings-only)",
+        f"  embeddings {_embeddings_line(embedder)}",
+        f"  LoRA      {_adapters_line(settings.adapters, base)}",
         f"  sampling  temperature {d.temperature:g}, top_k {d.top_k}, top_p {d.top_p:g}, min_p {d.min_p:g}, "
         f"repeat_penalty {d.repeat_penalty:g} (last {d.repeat_last_n}), max_tokens {d.max_tokens or 'context'}",
         f"  metrics   {f'http://{host}:{metrics_port}' if metrics_port else base}/metrics, health {base}/health",
     ]
     log.info("\n".join(lines), extra=event("SERVICE_READY", http_port=port,
                                            grpc_port=grpc_settings.port if grpc_settings else 0))
+
+
+def _adapters_line(adapters: AdapterDir, base: str) -> str:
+    if adapters.path is None:
+        return "none (--lora-dir)"
+    return (f"{len(adapters.listing())} adapters in {adapters.path}, up to {adapters.max_per_request} loaded per "
+            f"worker; {base}{LORA_ROUTE}")
+
+
+def _embeddings_line(embedder: Embedder) -> str:
+    c, info = embedder.config, embedder.info
+    where = f"{c.processes} process{'es' if c.processes > 1 else ''} x {c.threads} threads"
+    if info is None:
+        return f"/v1/embeddings: {where}, started by the first request"
+    return (f"/v1/embeddings: {where}, {info.n_embd} dimensions, inputs up to {info.n_ctx} tokens, "
+            f"{info.pooling} pooling")
 
 
 async def _generate(args) -> int:

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from engine import logs
 from engine.request import EngineError, Overloaded
+from server.adapters import AdapterNotFound
 from server.drain import REFUSAL, Drain
 from server.metrics import Metrics, RequestTracker
 from server.proto import llama_pb2, llama_pb2_grpc
@@ -40,7 +41,8 @@ ENGINE_SPECIFIC = ("min_p", "typical_p", "presence_penalty", "frequency_penalty"
 _FIELDS = {"max_tokens": "params.max_new_tokens", "temperature": "params.temperature", "top_k": "params.top_k",
            "top_p": "params.top_p", "repeat_penalty": "params.repetition_penalty", "stop": "params.stop_sequences",
            "seed": "params.seed", "system_prompt": "system_prompt", "rag_context": "rag_context",
-           "messages": "history", "response_format.json_schema": "params.engine_specific_params.json_schema"}
+           "messages": "history", "response_format.json_schema": "params.engine_specific_params.json_schema",
+           "lora_adapter": "lora_adapter_id"}
 
 
 class Refused(Exception):
@@ -62,7 +64,8 @@ def chat_body(request: llama_pb2.GenerateStreamRequest) -> tuple[dict, callable]
         raise InvalidRequest("'user_prompt' is empty and 'history' does not end with a user turn: there is "
                              "nothing to answer", "user_prompt")
     body = {"messages": turns, "system_prompt": request.system_prompt,
-            "rag_context": request.rag_context if request.HasField("rag_context") else None}
+            "rag_context": request.rag_context if request.HasField("rag_context") else None,
+            "lora_adapter": request.lora_adapter_id if request.HasField("lora_adapter_id") else None}
     if request.HasField("params"):
         body.update(_params(request.params))
 
@@ -127,7 +130,7 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
         code, message, final = grpc.StatusCode.OK, "", None
         try:
             prompt_tokens, handle = self._admit(request, metadata)
-            tracker = RequestTracker(self.metrics)
+            tracker = RequestTracker(self.metrics, adapters=handle.request.adapters)
             try:
                 while True:
                     out = await self.engine.next_output(handle)
@@ -170,10 +173,6 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
                           f"(string fields must be UTF-8, Structs nest at most 100 deep): {request}")
         if self.require_tenant and not metadata.get("x-tenant-id"):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "This service requires the 'x-tenant-id' metadata.")
-        if request.HasField("lora_adapter_id") and request.lora_adapter_id:
-            raise Refused(grpc.StatusCode.NOT_FOUND, f"LoRA adapter {request.lora_adapter_id!r} is not available: "
-                                                     "this server has no adapters (leave lora_adapter_id unset "
-                                                     "for the base model)")
         if self.drain.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE, REFUSAL)
         if not self.engine.ready:
@@ -181,6 +180,8 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
         try:
             gen = self.shaper.chat(*chat_body(request))
             return len(gen.prompt), self.engine.submit(gen.requests[0])
+        except AdapterNotFound as exc:
+            raise Refused(grpc.StatusCode.NOT_FOUND, exc.message) from None
         except InvalidRequest as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, exc.message) from None
         except Overloaded:

@@ -49,6 +49,31 @@ def json_schema_grammar(schema: dict | bool) -> str:
     return g.text()
 
 
+def tool_calls_grammar(tools: list[tuple[str, dict]], *, opener: str | None, closer: str | None,
+                       list_form: bool, arguments_key: str, several: bool) -> str:
+    """Calls to the named tools, each `{"name": ..., "<arguments_key>": <its schema>}`: wrapped in
+    opener/closer per call (`<tool_call>` ... `</tool_call>`), or after the opener as one JSON list
+    (`[TOOL_CALLS][...]`), or bare; one call, or several when `several`."""
+    g = _Grammar({})
+    ws = g.primitive("ws")
+    objects = []
+    for name, schema in tools:
+        g.root_schema, g.refs = schema, {}  # each tool's $refs point into its own schema
+        args = g.visit(schema, f"{name}-args")
+        objects.append(g.add(f"{name}-call", f'"{{" {ws} {_json_literal("name")} {ws} ":" {ws} {_json_literal(name)} '
+                                             f'{ws} "," {ws} {_json_literal(arguments_key)} {ws} ":" {ws} {args} {ws} "}}"'))
+    call = g.add("call", " | ".join(objects))
+    if list_form:
+        items = f'{call} ( {ws} "," {ws} {call} )*' if several else call
+        body = f'"[" {ws} {items} {ws} "]"'
+        g.root(f"{_literal(opener)} {ws} {body}" if opener else body)
+        return g.text()
+    if opener:
+        call = g.add("tagged-call", f"{_literal(opener)} {ws} {call} {ws} {_literal(closer)}")
+    g.root(f"{call} ( {ws} {call} )*" if several else call)
+    return g.text()
+
+
 def _literal(text: str) -> str:
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     return f'"{escaped}"'

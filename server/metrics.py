@@ -8,13 +8,15 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from engine import logs
+
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    def __init__(self, engine):
+    def __init__(self, engine, embedder=None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("sentiric_requests", "HTTP requests by route and status", ["route", "status"],
@@ -36,7 +38,16 @@ class Metrics:
         self.llm_latency = Histogram("llm_request_latency_seconds", "Generation request start to last token",
                                      buckets=_LATENCY, registry=r)
         self.llm_tokens = Counter("llm_tokens_generated", "Tokens generated (HTTP and gRPC)", registry=r)
+        # by LoRA adapter set ("base", "legal", "legal+tone"): the directory's names bound the label's values
+        self.adapter_requests = Counter("sentiric_adapter_requests", "Generation requests by LoRA adapter set",
+                                        ["adapter"], registry=r)
+        self.adapter_tokens = Counter("sentiric_adapter_completion_tokens", "Generated tokens by LoRA adapter set",
+                                      ["adapter"], registry=r)
+        self.embedding_inputs = Counter("sentiric_embedding_inputs", "Inputs embedded (/v1/embeddings)", registry=r)
+        self.embedding_tokens = Counter("sentiric_embedding_tokens", "Input tokens embedded", registry=r)
         r.register(_EngineCollector(engine))
+        if embedder is not None:
+            r.register(_EmbedderCollector(embedder))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -74,16 +85,35 @@ class _EngineCollector:
                                     buckets=buckets, sum_value=sum(size * n for size, n in counts.items()))
 
 
+class _EmbedderCollector:
+    """Reads the embedding pool's numbers when Prometheus scrapes."""
+
+    def __init__(self, embedder):
+        self.embedder = embedder
+
+    def collect(self):
+        s = self.embedder.stats()
+        yield GaugeMetricFamily("sentiric_embedding_processes_alive", "Embedding processes running", value=s["alive"])
+        yield CounterMetricFamily("sentiric_embedding_batches", "Batches the embedding processes answered",
+                                  value=s["batches"])
+        yield CounterMetricFamily("sentiric_embedding_restarts", "Embedding processes started again after dying",
+                                  value=s["restarts"])
+
+
 class RequestTracker:
     """One generation request's timings and token counts, for the metrics and the usage object
-    (both doors use it, so a token is counted the same way whichever door it left by)."""
+    (both doors use it, so a token is counted the same way whichever door it left by); its LoRA
+    adapter set labels its metrics and the log lines that follow."""
 
-    def __init__(self, metrics: Metrics, n: int = 1):
+    def __init__(self, metrics: Metrics, n: int = 1, adapters: tuple = ()):
         self.metrics = metrics
         self.start = time.perf_counter()
         self.last: list[float | None] = [None] * n
         self.unfinished = n
+        self.adapter = "+".join(name for name, _ in adapters) or "base"
         metrics.llm_requests.inc()
+        metrics.adapter_requests.labels(self.adapter).inc()
+        logs.bind_adapter("+".join(f"{name}:{scale:g}" for name, scale in adapters))
 
     def seen(self, i: int, out) -> None:
         now = time.perf_counter()
@@ -106,6 +136,7 @@ class RequestTracker:
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.completion_tokens.inc(completion)
         self.metrics.llm_tokens.inc(completion)
+        self.metrics.adapter_tokens.labels(self.adapter).inc(completion)
         self.metrics.cached_tokens.inc(cached)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}

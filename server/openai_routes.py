@@ -18,7 +18,9 @@ from aiohttp import web
 from engine.request import EngineError, Output, Overloaded
 from server.errors import ApiError
 from server.metrics import RequestTracker
+from server.answers import ChatAnswer, TextAnswer
 from server.shaping import Generation
+from server.tools import call_format
 
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -30,12 +32,16 @@ class ChatShape:
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
     @staticmethod
-    def delta(text: str) -> dict:
-        return {"delta": {"content": text} if text else {}}
+    def answer(gen: Generation) -> ChatAnswer:
+        return ChatAnswer(gen.answer)
 
     @staticmethod
-    def whole(text: str) -> dict:
-        return {"message": {"role": "assistant", "content": text}}
+    def opening(gen: Generation) -> dict | None:
+        return {"role": "assistant", "content": ""}
+
+    @staticmethod
+    def chunk_fields(delta: dict) -> dict:
+        return {"delta": delta}
 
     @staticmethod
     def logprobs(items, offset: int) -> dict:
@@ -51,10 +57,16 @@ class TextShape:
     object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
 
     @staticmethod
-    def delta(text: str) -> dict:
-        return {"text": text}
+    def answer(gen: Generation) -> TextAnswer:
+        return TextAnswer(gen.echo_text)
 
-    whole = delta
+    @staticmethod
+    def opening(gen: Generation) -> dict | None:
+        return {"text": gen.echo_text} if gen.echo_text else None
+
+    @staticmethod
+    def chunk_fields(delta: dict) -> dict:
+        return {"text": "", **delta}
 
     @staticmethod
     def logprobs(items, offset: int) -> dict:
@@ -87,13 +99,15 @@ class OpenAIRoutes:
         info = {"id": self.model, "object": "model", "created": self.created, "owned_by": "sentiric",
                 "meta": {"n_ctx": self.engine.n_ctx, "n_ctx_train": self.engine.n_ctx_train,
                          "path": self.engine.config.model_path,
-                         "sampling_defaults": self.parser.defaults.as_dict()}}
+                         "sampling_defaults": self.parser.defaults.as_dict(),
+                         "tools": {"template_shows_tools": self.engine.template.supports_tools,
+                                   "call_format": call_format(self.engine.template.source)}}}
         return json_response({"object": "list", "data": [info]})
 
     # --- one request ---
     async def _answer(self, request: web.Request, gen: Generation, shape) -> web.StreamResponse:
         handles = self._admit(gen)
-        tracker = RequestTracker(self.metrics, len(handles))
+        tracker = RequestTracker(self.metrics, len(handles), gen.requests[0].adapters)
         try:
             if gen.stream:
                 return await self._stream(request, gen, shape, handles, tracker)
@@ -121,20 +135,21 @@ class OpenAIRoutes:
         return handles
 
     async def _whole(self, gen: Generation, shape, handles, tracker) -> web.Response:
-        texts = [gen.echo_text] * len(handles)
+        answers = [shape.answer(gen) for _ in handles]
         logprobs = [[] for _ in handles]
         finals: list[Output | None] = [None] * len(handles)
         async for i, out in _outputs(self.engine, handles):
             tracker.seen(i, out)
             if out.error:
                 raise ApiError(503, out.error, code="generation_failed")
-            texts[i] += out.text
+            answers[i].feed(out.text)
             logprobs[i] += out.logprobs
             if out.finish_reason:
+                answers[i].finish()
                 finals[i] = out
-        choices = [{"index": i, **shape.whole(texts[i]),
+        choices = [{"index": i, **a.whole(),
                     "logprobs": shape.logprobs(logprobs[i], len(gen.echo_text)) if gen.logprobs else None,
-                    "finish_reason": finals[i].finish_reason} for i in range(len(handles))]
+                    "finish_reason": a.finish_reason(finals[i].finish_reason)} for i, a in enumerate(answers)]
         body = {"id": shape.id_prefix + uuid.uuid4().hex, "object": shape.object, "created": int(time.time()),
                 "model": self.model, "choices": choices, "usage": tracker.usage(len(gen.prompt), finals)}
         return json_response(body)
@@ -151,11 +166,11 @@ class OpenAIRoutes:
         def chunk(i: int, fields: dict, logprobs=None, reason=None) -> dict:
             return {**head, "choices": [{"index": i, **fields, "logprobs": logprobs, "finish_reason": reason}]}
 
+        opening = shape.opening(gen)
         for i in range(len(handles)):
-            if shape is ChatShape:
-                await send(chunk(i, {"delta": {"role": "assistant", "content": ""}}))
-            elif gen.echo_text:
-                await send(chunk(i, shape.delta(gen.echo_text)))
+            if opening:
+                await send(chunk(i, shape.chunk_fields(opening)))
+        answers = [shape.answer(gen) for _ in handles]
         offsets = [len(gen.echo_text)] * len(handles)
         finals: list[Output | None] = [None] * len(handles)
         async for i, out in _outputs(self.engine, handles):
@@ -163,13 +178,17 @@ class OpenAIRoutes:
             if out.error:
                 await send(ApiError(503, out.error, code="generation_failed").body())
                 break
-            if out.text or (gen.logprobs and out.logprobs):
-                await send(chunk(i, shape.delta(out.text),
-                                 shape.logprobs(out.logprobs, offsets[i]) if gen.logprobs else None))
-                offsets[i] += len(out.text)
+            deltas = answers[i].feed(out.text)
+            if out.finish_reason:
+                deltas += answers[i].finish()
+            logprobs = shape.logprobs(out.logprobs, offsets[i]) if gen.logprobs and out.logprobs else None
+            for delta in deltas or ([{}] if logprobs else []):
+                await send(chunk(i, shape.chunk_fields(delta), logprobs))
+                logprobs = None
+            offsets[i] += len(out.text)
             if out.finish_reason:
                 finals[i] = out
-                await send(chunk(i, shape.delta(""), reason=out.finish_reason))
+                await send(chunk(i, shape.chunk_fields({}), reason=answers[i].finish_reason(out.finish_reason)))
         if all(finals):
             usage = tracker.usage(len(gen.prompt), finals)
             if gen.include_usage:

@@ -62,6 +62,13 @@ def _sampling(d: SamplingDefaults) -> dict:
         "grammar": {"type": "string", "description": "A raw GBNF grammar (llama.cpp syntax) with a 'root' rule."},
         "ignore_eos": {"type": "boolean", "default": False, "description": "Keep generating past end of generation."},
         "user": {"type": "string", "description": "Accepted and ignored."},
+        "lora_adapter": {"type": ["string", "null"], "description": "A LoRA adapter from --lora-dir (file name "
+                         "without .gguf), at scale 1; unknown names get 404. GET /v1/lora-adapters lists them."},
+        "lora": {"type": ["array", "null"], "description": "llama-server's form: adapters with scales (instead of "
+                 "lora_adapter); id = position in GET /v1/lora-adapters; scale 0 leaves one out.",
+                 "items": {"type": "object", "properties": {
+                     "id": {"type": "integer", "minimum": 0}, "name": {"type": "string"},
+                     "scale": {"type": "number", "minimum": -4, "maximum": 4, "default": 1}}}},
     }
 
 _MESSAGE = {
@@ -73,7 +80,60 @@ _MESSAGE = {
             {"type": "array", "items": {"type": "object", "required": ["type", "text"],
                                         "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]},
         "name": {"type": "string"},
+        "tool_calls": {"type": "array", "description": "An assistant turn's calls (arguments: a JSON string).",
+                       "items": _ref("ToolCall")},
+        "tool_call_id": {"type": "string", "description": "Required on a 'tool' message: the call it answers."},
     },
+}
+
+_EMBEDDING_REQUEST = {
+    "type": "object", "required": ["input"],
+    "properties": {
+        "input": {"description": "Up to 2048 inputs; none may be empty or longer than the embedding context.",
+                  "oneOf": [{"type": "string", "minLength": 1},
+                            {"type": "array", "minItems": 1, "maxItems": 2048, "items": {"type": "string", "minLength": 1}},
+                            {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+                            {"type": "array", "minItems": 1, "maxItems": 2048, "items": {
+                                "type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]},
+        "model": {"type": "string", "description": "Accepted for compatibility; the loaded model answers."},
+        "encoding_format": {"enum": ["float", "base64"], "default": "float"},
+        "dimensions": {"type": "integer", "minimum": 1,
+                       "description": "Must equal the model's width (it cannot shorten vectors)."},
+        "user": {"type": "string", "description": "Accepted and ignored."},
+    },
+}
+
+_TOOL_CALL = {"type": "object", "required": ["function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+
+_TOOLS = {
+    "tools": {"type": "array", "description": "Functions the model may call; shown to it through its chat template "
+                                              "(or the generic preamble when the template has no tools).",
+              "items": {"type": "object", "required": ["type", "function"], "properties": {
+                  "type": {"const": "function"},
+                  "function": {"type": "object", "required": ["name"], "properties": {
+                      "name": {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,64}$"},
+                      "description": {"type": "string"},
+                      "parameters": {"type": "object", "description": "JSON Schema of the arguments (an object)."},
+                      "strict": {"type": "boolean"}}}}}},
+    "tool_choice": {"description": "none: no tools; auto (default with tools): the model decides, its calls are "
+                                   "grammar-checked from their first tag; required or a named function: a call is "
+                                   "forced by a grammar from the tools' schemas.",
+                    "oneOf": [{"enum": ["none", "auto", "required"]},
+                              {"type": "object", "required": ["type", "function"], "properties": {
+                                  "type": {"const": "function"},
+                                  "function": {"type": "object", "required": ["name"],
+                                               "properties": {"name": {"type": "string"}}}}}]},
+    "parallel_tool_calls": {"type": "boolean", "default": True, "description": "Allow several calls in one answer."},
+    "reasoning_format": {"enum": ["auto", "deepseek", "none"], "description": "auto (deepseek): a thinking section "
+                         "at the start of the answer goes to reasoning_content; none: left in content. Default: "
+                         "--reasoning-format."},
+    "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high"],
+                         "description": "Passed to the chat template as `reasoning_effort`."},
+    "chat_template_kwargs": {"type": "object", "description": "Extra chat template variables, e.g. "
+                                                              "{\"enable_thinking\": false}."},
 }
 
 def _chat_request(sampling: dict) -> dict:
@@ -87,6 +147,7 @@ def _chat_request(sampling: dict) -> dict:
                             "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             "logprobs": {"type": "boolean", "default": False},
             "top_logprobs": _integer("Alternatives per token (needs logprobs).", minimum=0, maximum=20),
+            **_TOOLS,
             **sampling,
         },
     }
@@ -123,12 +184,12 @@ def _completion_response(choice: dict) -> dict:
         "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
         "model": {"type": "string"}, "usage": _ref("Usage"),
         "choices": {"type": "array", "items": {"type": "object", "properties": {
-            "index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length", None]}, **choice}}}}}
+            "index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length", "tool_calls", None]}, **choice}}}}}
 
 
 def _errors(*codes: int) -> dict:
     return {str(c): {"description": desc, "content": {"application/json": {"schema": _ref("Error")}}}
-            for c, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"),
+            for c, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown LoRA adapter"),
                             (408, "Body not sent within --body-timeout"), (413, "Body too large"),
                             (429, "Overloaded; see Retry-After"), (503, "Loading or unavailable")) if c in codes}
 
@@ -178,8 +239,13 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
                 "ChatMessage": _MESSAGE, "ChatCompletionRequest": _chat_request(sampling),
                 "CompletionRequest": _completion_request(sampling), "Usage": _USAGE, "Error": _ERROR,
                 "Health": _HEALTH,
+                "ToolCall": _TOOL_CALL,
                 "ChatCompletion": _completion_response({"message": {"type": "object", "properties": {
-                    "role": {"const": "assistant"}, "content": text}}, "logprobs": {"type": ["object", "null"]}}),
+                    "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                    "tool_calls": {"type": "array", "items": _ref("ToolCall")},
+                    "reasoning_content": {"type": "string", "description": "The thinking section, when the "
+                                                                           "model wrote one."}}},
+                    "logprobs": {"type": ["object", "null"]}}),
                 "Completion": _completion_response({"text": text, "logprobs": {"type": ["object", "null"]}}),
                 "TokenizeRequest": {
                     "type": "object", "anyOf": [{"required": ["content"]}, {"required": ["text"]}], "properties": {
@@ -188,21 +254,34 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
                         "with_pieces": {"type": "boolean", "default": False}}},
                 "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
                     "tokens": {"type": "array", "items": {"type": "integer"}}}},
+                "EmbeddingRequest": _EMBEDDING_REQUEST,
+                "Embeddings": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+                    "object": {"const": "list"}, "model": text, "usage": _ref("Usage"),
+                    "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"],
+                                                        "properties": {
+                        "object": {"const": "embedding"}, "index": {"type": "integer"},
+                        "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
+                                                {"type": "string", "description": "base64 float32"}]}}}}}},
             },
         },
         "security": [{"bearer": []}],
         "paths": _with_preflight({
             "/v1/chat/completions": _post("Chat completion (OpenAI), plus system_prompt and rag_context",
                                           "ChatCompletionRequest", _generation_ok("ChatCompletion"),
-                                          400, 401, 413, 429, 503),
+                                          400, 401, 404, 413, 429, 503),
             "/v1/completions": _post("Text completion (OpenAI legacy)", "CompletionRequest",
-                                     _generation_ok("Completion"), 400, 401, 413, 429, 503),
+                                     _generation_ok("Completion"), 400, 401, 404, 413, 429, 503),
+            "/v1/embeddings": _post("Embeddings (OpenAI): pooled per input, L2-normalised", "EmbeddingRequest",
+                                    _json(_ref("Embeddings")), 400, 401, 413, 503),
             "/tokenize": _post("Text to token ids", "TokenizeRequest", _json({"type": "object", "properties": {
                 "tokens": {"type": "array"}}}), 400, 401, 413, 503),
             "/detokenize": _post("Token ids to text", "DetokenizeRequest", _json({"type": "object", "properties": {
                 "content": text}}), 400, 401, 413, 503),
             "/v1/models": {"get": {"summary": "The served model", "responses": {
                 "200": _json({"type": "object"}), **_errors(400, 401, 503)}}},
+            "/v1/lora-adapters": {"get": {"summary": "LoRA adapters of --lora-dir (id, name, size) and what each "
+                                                     "worker holds loaded", "responses": {
+                "200": _json({"type": "object"}), **_errors(401, 503)}}},
             "/health": {"get": {"summary": "Readiness and capacity", "security": [], "responses": {
                 "200": _json(_ref("Health"), "Ready"),
                 "503": _json(_ref("Health"), "Loading, draining or without a live worker")}}},

@@ -19,9 +19,16 @@ from typing import Callable
 from engine.chat_template import TemplateError
 from engine.llama import LlamaError, SamplingParams
 from engine.request import Request
+from server.answers import AnswerFormat
 from server.json_grammar import SchemaError, json_object_grammar, json_schema_grammar
+from server.reasoning import opened_by_prompt
+from server.tools import ToolUse, history_tool_calls, parse_tools
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+REASONING_FORMATS = ("auto", "deepseek", "none")  # deepseek: llama-server's name for auto
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+# what a template's own variables are called: chat_template_kwargs may not replace them
+TEMPLATE_NAMES = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
 MAX_STOP = 16
 # llama.cpp parses GBNF recursively on the caller's stack: ~20k nested parentheses or a ~60k-rule chain
 # overflow it and kill the process (the service itself, which checks grammars before admitting them)
@@ -193,26 +200,77 @@ class Generation:
     include_usage: bool
     logprobs: bool
     echo_text: str = ""
+    answer: AnswerFormat = AnswerFormat()
 
 
 class Shaper:
     """Turns conversations and parameters into Generations with the engine's tokenizer and limits."""
 
     def __init__(self, engine, *, defaults: SamplingDefaults = SamplingDefaults(), max_n: int = 16,
-                 truncate: bool = False, rag_template: str = "{context}\n\n{question}"):
+                 truncate: bool = False, rag_template: str = "{context}\n\n{question}", reasoning_format: str = "auto",
+                 adapters=None):
         self.engine, self.defaults = engine, defaults
         self.max_n, self.truncate, self.rag_template = max_n, truncate, rag_template
+        self.reasoning_format = reasoning_format
+        if adapters is None:  # no --lora-dir: a request naming an adapter still gets a 404, never the base model
+            from server.adapters import AdapterDir  # (it reads its fields with this module's Fields)
+            adapters = AdapterDir(None)
+        self.adapters = adapters
 
     # --- chat ---
     def chat(self, body: dict, label: Callable[[str], str] = lambda name: name) -> Generation:
-        """A chat request: `messages`, the platform's `system_prompt` / `rag_context`, parameters."""
+        """A chat request: `messages`, the platform's `system_prompt` / `rag_context`, tools,
+        template variables, parameters."""
         f = Fields(body, label)
-        prompt = self.chat_prompt(self.conversation(f))
+        tools = parse_tools(f, self.engine.template)
+        messages = self.conversation(f)
+        if tools is not None:
+            messages = self._show_tools(messages, tools)
+        text = self.render(messages, tools, self._template_variables(f))
         top = f.number("top_logprobs", None, lo=0, hi=20, integer=True)
         logprobs = f.flag("logprobs")
         if top is not None and not logprobs:
             raise f.error("top_logprobs", "needs 'logprobs': true")
-        return self._generation(f, prompt, logprobs, top or 0)
+        reasoning = self._splits_reasoning(f)
+        gen = self._generation(f, self.tokens(text), logprobs, top or 0, tools)
+        gen.answer = AnswerFormat(tool_names=frozenset(tools.names) if tools else None, reasoning=reasoning,
+                                  opened_until=opened_by_prompt(text) if reasoning else None)
+        return gen
+
+    def _splits_reasoning(self, f: Fields) -> bool:
+        fmt = f.text("reasoning_format") or self.reasoning_format
+        if fmt not in REASONING_FORMATS:
+            raise f.error("reasoning_format", f"is {fmt!r}, not one of {', '.join(REASONING_FORMATS)}")
+        return fmt != "none"
+
+    @staticmethod
+    def _show_tools(messages: list[dict], tools: ToolUse) -> list[dict]:
+        """The history in the template's shape, and the generic preamble for templates without tools."""
+        messages = [tools.message(m) for m in messages]
+        preamble = tools.preamble()
+        if preamble:
+            if messages[0]["role"] == "system":
+                messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{preamble}".lstrip()}
+            else:
+                messages.insert(0, {"role": "system", "content": preamble})
+        return messages
+
+    @staticmethod
+    def _template_variables(f: Fields) -> dict:
+        """chat_template_kwargs (e.g. enable_thinking) and reasoning_effort, for the template."""
+        kwargs = f.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise f.error("chat_template_kwargs", "must be an object of template variables", "invalid_type")
+        taken = TEMPLATE_NAMES & set(kwargs)
+        if taken:
+            raise f.error("chat_template_kwargs", f"may not set {', '.join(sorted(taken))}: the request's own "
+                                                  "fields fill them")
+        effort = f.text("reasoning_effort")
+        if effort is not None:
+            if effort not in REASONING_EFFORTS:
+                raise f.error("reasoning_effort", f"is {effort!r}, not one of {', '.join(REASONING_EFFORTS)}")
+            kwargs = {"reasoning_effort": effort, **kwargs}
+        return kwargs
 
     def conversation(self, f: Fields) -> list[dict]:
         """The messages with system_prompt and rag_context applied: system_prompt becomes the system
@@ -264,24 +322,39 @@ class Shaper:
             content = "\n".join(parts)
         if not isinstance(content, str):
             raise f.error(f"{where}.content", "must be a string or a list of text parts", "invalid_type")
-        return {"role": "system" if role == "developer" else role, "content": content}
+        message = {"role": "system" if role == "developer" else role, "content": content}
+        if role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = history_tool_calls(f, where, m["tool_calls"])
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise f.error(f"{where}.tool_call_id", "is required: the id of the tool call this message answers",
+                              "missing_required_parameter" if call_id is None else "invalid_type")
+            message["tool_call_id"] = call_id
+            if isinstance(m.get("name"), str):
+                message["name"] = m["name"]
+        return message
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Render with the model's template, then tokenize. A template that rejects the conversation
+    def render(self, messages: list[dict], tools: ToolUse | None = None, variables: dict | None = None) -> str:
+        """The prompt text from the model's template. A template that rejects the conversation
         (a system turn after the first, roles that do not alternate, no system role at all) gets it
         again in a stricter shape: see `strict_shapes`."""
+        shown = tools.tools if tools is not None and tools.native else None
         try:
-            text = self.engine.render_chat(messages)
+            return self.engine.render_chat(messages, tools=shown, variables=variables)
         except TemplateError as first:
             for shaped in strict_shapes(messages):
                 try:
-                    text = self.engine.render_chat(shaped)
-                    break
+                    return self.engine.render_chat(shaped, tools=shown, variables=variables)
                 except TemplateError:
                     continue
-            else:
-                raise InvalidRequest(str(first), "messages") from None
+            raise InvalidRequest(str(first), "messages") from None
+
+    def tokens(self, text: str) -> list[int]:
         return self.engine.tokenize(text, add_special=not self._starts_with_bos(text))
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        return self.tokens(self.render(messages))
 
     # --- completions ---
     def completion(self, body: dict) -> Generation:
@@ -312,13 +385,19 @@ class Shaper:
         return gen
 
     # --- shared ---
-    def sampling(self, f: Fields) -> SamplingParams:
+    def sampling(self, f: Fields, tools: ToolUse | None = None) -> SamplingParams:
         """Sampling settings: the request's values, the server's defaults for the rest."""
         d = self.defaults
         last_n = f.number("repeat_last_n", d.repeat_last_n, lo=-1, hi=INT32_MAX, integer=True)
-        grammar = f.grammar()
-        # structured output repeats quotes, colons and commas by design: no default penalty for them
-        repeat_penalty = 1.0 if grammar else d.repeat_penalty
+        grammar, triggers = f.grammar(), None
+        if tools is not None:
+            if grammar:
+                raise f.error("tools", "cannot be combined with 'grammar' or a JSON 'response_format' (the tools' "
+                                       "own grammar shapes the calls); send one of them, or tool_choice \"none\"")
+            grammar, triggers = tools.grammar()
+        # structured output repeats quotes, colons and commas by design: no default penalty for it; tool calls
+        # keep it, or a small model repeats its call until max_tokens (measured: see the README, "Tools")
+        repeat_penalty = 1.0 if grammar and tools is None else d.repeat_penalty
         params = SamplingParams(
             temperature=f.number("temperature", d.temperature, lo=0, hi=100),
             top_p=f.number("top_p", d.top_p, lo=0, hi=1, lo_open=True),
@@ -333,23 +412,27 @@ class Shaper:
             seed=f.number("seed", None, integer=True),  # llama.cpp takes 32 bits: see _generation
             logit_bias=f.logit_bias(),
             grammar=grammar,
+            grammar_triggers=triggers,
         )
         try:
             self.engine.validate_sampling(params)
         except LlamaError as exc:  # llama.cpp could not parse the grammar
-            raise f.error("grammar" if f.get("grammar") is not None else "response_format", f"was rejected: {exc}") from None
+            field = "tools" if tools is not None else "grammar" if f.get("grammar") is not None else "response_format"
+            raise f.error(field, f"was rejected: {exc}") from None
         except ValueError as exc:  # a logit_bias token outside the vocabulary
             raise f.error("logit_bias", f"is not valid: {exc}") from None
         return params
 
-    def _generation(self, f: Fields, prompt: list[int], logprobs: bool, top: int) -> Generation:
+    def _generation(self, f: Fields, prompt: list[int], logprobs: bool, top: int,
+                    tools: ToolUse | None = None) -> Generation:
         if not isinstance(f.get("model", ""), str):  # any name is served by the one model loaded
             raise f.error("model", "must be a string", "invalid_type")
+        adapters = self.adapters.parse(f)
         max_tokens = f.number("max_completion_tokens", None, lo=1, integer=True)
         if max_tokens is None:
             max_tokens = f.number("max_tokens", self.defaults.max_tokens, lo=1, integer=True)
         n = f.number("n", 1, lo=1, hi=self.max_n, integer=True)
-        sampling = self.sampling(f)
+        sampling = self.sampling(f, tools)
         prompt = self._fit(f, prompt, max_tokens)
         stream = f.flag("stream")
         options = f.get("stream_options") or {}
@@ -357,7 +440,7 @@ class Shaper:
             raise f.error("stream_options", "must be an object", "invalid_type")
         stop, ignore_eos = f.stop(), f.flag("ignore_eos")
         requests = [Request(prompt=prompt, max_tokens=max_tokens, stop=stop, top_logprobs=top if logprobs else -1,
-                            ignore_eos=ignore_eos,
+                            ignore_eos=ignore_eos, adapters=adapters,
                             sampling=replace(sampling, seed=None if sampling.seed is None else (sampling.seed + i) & 0xFFFFFFFF))
                     for i in range(n)]
         include_usage = stream and Fields(options, lambda k: f"{f.label('stream_options')}.{k}").flag("include_usage")

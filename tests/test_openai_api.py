@@ -32,6 +32,8 @@ def test_models_lists_the_served_model(client, server):
     models = client.models.list().data
     assert [m.id for m in models] == ["SmolLM2-135M-Instruct"]
     assert models[0].model_extra["meta"]["n_ctx"] == 8192
+    # SmolLM2's template has no tools: they are shown in the generic preamble, calls in <tool_call> tags
+    assert models[0].model_extra["meta"]["tools"] == {"template_shows_tools": False, "call_format": "tag"}
 
 
 def test_streaming_chunks_follow_openai_rules(client):

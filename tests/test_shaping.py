@@ -4,7 +4,7 @@ roles that must alternate, no system role), with the real tokenizer and real Jin
 import pytest
 
 from engine.chat_template import ChatTemplate
-from engine.llama import Model
+from engine.llama import Model, SamplerChain
 from engine.model_files import ensure_default_model
 from server.shaping import Fields, InvalidRequest, Shaper, strict_shapes
 
@@ -28,8 +28,14 @@ class TemplateEngine:
         self.model = Model(ensure_default_model(), vocab_only=True)
         self.template = ChatTemplate(source)
 
-    def render_chat(self, messages):
-        return self.template.render(messages)
+    n_ctx = 4096
+
+    def render_chat(self, messages, **options):
+        return self.template.render(messages, **options)
+
+    def validate_sampling(self, params):
+        with SamplerChain(self.model.vocab, params):
+            pass
 
     def tokenize(self, text, add_special=True):
         return self.model.vocab.tokenize(text, add_special=add_special)
@@ -76,3 +82,39 @@ def test_fields_name_each_field_as_the_client_spelled_it():
     assert info.value.message == "'params.max_new_tokens' is 0, but it must be >= 1"
     with pytest.raises(InvalidRequest, match="64-bit"):
         f.number("seed", None, integer=True)
+
+
+TOOLS_TEMPLATE = (  # shows tools and history calls itself, Qwen-like
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} "
+    "{{ c.function.arguments | tojson }}</tool_call>{% endfor %}{{ m.content }}\n{% endfor %}")
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL_HISTORY = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "21 C"}]
+
+
+def test_a_template_with_tools_shows_them_itself():
+    engine = TemplateEngine(TOOLS_TEMPLATE)
+    assert engine.template.supports_tools
+    gen = Shaper(engine).chat({"messages": TOOL_HISTORY, "tools": [TOOL]})
+    text = engine.model.vocab.detokenize(gen.prompt)
+    assert text == ('<tools>get_weather;</tools>\n<user>Weather in Paris?\n'
+                    '<assistant><tool_call>get_weather {"city": "Paris"}</tool_call>\n<tool>21 C\n')
+    assert gen.requests[0].sampling.grammar_triggers == ["<tool_call>"]  # auto: a lazy grammar
+
+
+def test_a_template_without_tools_gets_the_generic_preamble_and_tags():
+    engine = TemplateEngine(NO_SYSTEM)
+    assert not engine.template.supports_tools
+    gen = Shaper(engine).chat({"messages": TOOL_HISTORY, "tools": [TOOL], "tool_choice": "required"})
+    text = engine.model.vocab.detokenize(gen.prompt)
+    assert text.startswith("<user>You can use these tools") and '"name": "get_weather"' in text
+    assert ('<assistant><tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<user><tool_response>\n21 C\n</tool_response>\n') in text
+    assert gen.requests[0].sampling.grammar_triggers is None  # required: the grammar holds from the first token
+    assert gen.answer.tool_names == {"get_weather"}
+    none = Shaper(engine).chat({"messages": TOOL_HISTORY, "tools": [TOOL], "tool_choice": "none"})
+    assert none.answer.tool_names is None and none.requests[0].sampling.grammar is None
