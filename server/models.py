@@ -76,6 +76,7 @@ class Models:
         self._open = asyncio.Event()
         self._open.set()
         self._lock = asyncio.Lock()        # one switch at a time
+        self._closed = False
         self._retiring: dict[Served, asyncio.Task] = {}  # old models waiting for their last request
 
     @asynccontextmanager
@@ -103,6 +104,8 @@ class Models:
     async def switch(self, profile: Profile) -> None:
         """Load `profile` and make it the active one (SwitchFailed says why it could not be loaded)."""
         async with self._lock:
+            if self._closed:
+                raise SwitchFailed("The server is shutting down.")
             old = self.current
             self.switching = profile.name
             self._open.clear()
@@ -137,7 +140,9 @@ class Models:
         log.info("profile %s unloaded", old.profile.name, extra=event("MODEL_UNLOADED", profile=old.profile.name))
 
     async def shutdown(self) -> None:
-        """Stop every model: what still runs on one ends with an error."""
+        """Stop every model: what still runs on one ends with an error (a switch under way ends first)."""
+        async with self._lock:
+            self._closed = True
         for old, task in list(self._retiring.items()):
             old.idle.set()
             await task

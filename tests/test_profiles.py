@@ -196,6 +196,27 @@ def test_hardware_config_reloads_through_the_switch(service, client):
     assert model_meta(service)["meta"]["n_ctx"] == 3072
 
 
+def test_requests_wait_for_a_switch_at_most_the_switch_timeout(start_server):
+    """Without a file the flags form one profile; a hardware change reloads it, and a request that would wait
+    longer than --switch-timeout for that gets a 503 it may retry."""
+    service = start_server("--parallel", "2", "--ctx-size", "2048", "--switch-timeout", "0.05")
+    name = health(service)["current_profile"]
+    assert name == "SmolLM2-135M-Instruct"
+    assert call(service, "GET", "/v1/profiles")[1]["data"][0]["name"] == name
+    change = {}
+    changer = threading.Thread(target=lambda: change.update(r=call(service, "POST", "/v1/hardware/config",
+                                                                   {"ctx_size": 1024})))
+    changer.start()
+    deadline = time.monotonic() + 30
+    while health(service)["switching"] != name and time.monotonic() < deadline:
+        time.sleep(0.005)
+    status, body = call(service, "POST", "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2})
+    changer.join(60)
+    assert status == 503 and body["error"]["code"] == "switching", body
+    assert change["r"][0] == 200 and change["r"][1]["ctx_size"] == 1024
+    assert call(service, "POST", "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2})[0] == 200
+
+
 @pytest.mark.parametrize("text, args, expected", [
     ('[profiles.a]\nctx_size = "big"\n', (), ["profile 'a'", "'ctx_size'", "integer"]),
     ('[profiles.a]\ncontext = 4096\n', (), ["profile 'a'", "'context'", "not a profile setting"]),
@@ -204,9 +225,11 @@ def test_hardware_config_reloads_through_the_switch(service, client):
     ('[profiles.a]\nmodel = "/nonexistent/x.gguf"\n', (), ["profile 'a'", "/nonexistent/x.gguf"]),
     ('[profiles.a]\nctx_size = 4096\n', ("--profile", "b"), ["--profile b", "profiles: a"]),
     ('[profiles.a\n', (), ["not valid TOML"]),
+    ('{"profiles": {"a": {"parallel": 0}}}', (), ["profile 'a'", "'parallel'", "between 1"]),
+    ('{"profiles": [1]}', (), ["'profiles' table"]),
 ])
 def test_bad_profiles_file_exits_2(tmp_path, text, args, expected):
-    path = tmp_path / "bad.toml"
+    path = tmp_path / ("bad.json" if text.startswith("{") else "bad.toml")
     path.write_text(text)
     proc = subprocess.run([sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(free_port()),
                            "--grpc-port", "0", "--profiles", str(path), *args], cwd=ROOT, capture_output=True,
