@@ -202,11 +202,12 @@ def serve(argv: list[str] | None = None) -> int:
             raise ProfileError(f"--profile {args.profile}: no such profile in {args.profiles or 'the flags'} "
                                f"(profiles: {', '.join(profiles)})")
         active = args.profile or active
+        metrics_port = args.metrics_port if args.metrics_port not in (0, args.port) else 0
         settings = ServerSettings(api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
                                   body_timeout=args.body_timeout, max_n=args.max_n, truncate=args.truncate,
                                   reasoning_format=args.reasoning_format, require_tenant=args.require_tenant,
                                   cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-                                  metrics_on_http_port=not (args.metrics_port not in (0, args.port)),
+                                  metrics_on_http_port=not metrics_port,
                                   studio_dir=Path(args.studio_dir), embeddings_only=args.embeddings_only,
                                   adapters=AdapterDir(args.lora_dir, args.lora_cache))
 
@@ -221,7 +222,6 @@ def serve(argv: list[str] | None = None) -> int:
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc, extra=event("STARTUP_FAILED"))
         return 2
-    metrics_port = args.metrics_port if args.metrics_port not in (0, args.port) else 0
     try:
         import uvloop
         uvloop.install()
