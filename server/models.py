@@ -101,12 +101,16 @@ class Models:
             if not served.active:
                 served.idle.set()
 
-    async def switch(self, profile: Profile) -> None:
-        """Load `profile` and make it the active one (SwitchFailed says why it could not be loaded)."""
+    async def switch(self, choose: Callable[[Profile], Profile]) -> Profile:
+        """Load the profile `choose` makes of the active one (after any switch under way) and make it the active
+        one; nothing happens when that is the active profile as it is. SwitchFailed says why it could not load."""
         async with self._lock:
             if self._closed:
                 raise SwitchFailed("The server is shutting down.")
             old = self.current
+            profile = choose(old.profile)
+            if profile == old.profile:
+                return profile
             self.switching = profile.name
             self._open.clear()
             log.info("switching to profile %s; %d requests finish on %s", profile.name, old.active,
@@ -131,6 +135,7 @@ class Models:
             finally:
                 self.switching = None
                 self._open.set()
+            return profile
 
     async def _retire(self, old: Served) -> None:
         """Shut the old model down once its last request has ended."""
@@ -181,9 +186,8 @@ class ModelRoutes:
         if profile is None:
             raise ApiError(404, f"There is no profile {name!r}; profiles: {', '.join(self.models.profiles)}.",
                            param="profile", code="profile_not_found")
-        if profile.name != self.models.current.profile.name:
-            await self._switch(profile)
-        return json_response({"status": "success", "active_profile": profile.name})
+        await self._switch(lambda active: active if active.name == name else profile)
+        return json_response({"status": "success", "active_profile": name})
 
     async def hardware(self, request: web.Request) -> web.Response:
         """The active profile's settings (0 = automatic) and what the running engine made of them."""
@@ -204,15 +208,12 @@ class ModelRoutes:
                            param=unknown[0] if unknown else None)
         for key, value in body.items():
             check_hardware(key, value, lambda problem: ApiError(400, f"'{key}' {problem}", param=key))
-        current = self.models.current.profile
-        changed = current.with_hardware(body)
-        if changed.hardware(self.models.flags) != current.hardware(self.models.flags):
-            await self._switch(changed)
+        changed = await self._switch(lambda active: active.with_hardware(body))
         return json_response({"status": "success", "active_profile": changed.name,
-                              **self.models.current.profile.hardware(self.models.flags)})
+                              **changed.hardware(self.models.flags)})
 
-    async def _switch(self, profile: Profile) -> None:
+    async def _switch(self, choose: Callable[[Profile], Profile]) -> Profile:
         try:
-            await self.models.switch(profile)
+            return await self.models.switch(choose)
         except SwitchFailed as exc:
             raise ApiError(422, str(exc), param="profile", code="model_load_failed") from None
