@@ -112,17 +112,18 @@ class AdapterRoutes:
     """GET /v1/lora-adapters: the directory's adapters (id, name, file size) and which worker holds
     which loaded."""
 
-    def __init__(self, engine, adapters: AdapterDir):
-        self.engine, self.adapters = engine, adapters
+    def __init__(self, models, adapters: AdapterDir):
+        self.models, self.adapters = models, adapters
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get(LORA_ROUTE, self.lora_adapters)
 
     async def lora_adapters(self, request: web.Request) -> web.Response:
-        loaded = self.engine.adapters_loaded()
+        engine = self.models.current.engine
+        loaded = engine.adapters_loaded()
         data = [{"id": i, "name": name, "object": "lora_adapter", "file": f"{name}.gguf", "size_bytes": size,
                  "loaded_in_workers": [w for w, held in enumerate(loaded) if name in held]}
                 for i, (name, size) in enumerate(self.adapters.listing())]
         workers = [{"worker": w, "loaded": held} for w, held in enumerate(loaded)]
         return json_response({"object": "list", "data": data, "directory": str(self.adapters.path or "") or None,
-                              "cache_size": self.engine.config.lora_cache, "workers": workers})
+                              "cache_size": engine.config.lora_cache, "workers": workers})

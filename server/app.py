@@ -14,12 +14,12 @@ from aiohttp import web
 
 from engine import logs
 from engine.async_engine import AsyncEngine
-from engine.embedder import Embedder
 from server.adapters import AdapterDir, AdapterNotFound, AdapterRoutes
 from server.drain import REFUSAL, Drain
 from server.embeddings import EMBEDDINGS_ROUTE, EmbeddingRoutes
 from server.errors import ApiError
 from server.metrics import Metrics
+from server.models import ModelRoutes, Models, SwitchTimeout
 from server.openai_routes import GENERATION_ROUTES, OpenAIRoutes, json_response, read_json
 from server.openapi import openapi_spec
 from server.shaping import InvalidRequest, SamplingDefaults, Shaper
@@ -28,21 +28,19 @@ from server.studio import DEFAULT_DIR as STUDIO_DIR, add_studio
 log = logging.getLogger("sentiric.server")
 access_log = logging.getLogger("sentiric.access")
 ENGINE_PREFIXES = ("/v1/", "/tokenize", "/detokenize")  # need the model; also the ones an API key protects
+GATED_ROUTES = (*GENERATION_ROUTES, EMBEDDINGS_ROUTE, "/tokenize", "/detokenize")  # wait out a model switch
 
 
 @dataclass
 class ServerSettings:
     """What both doors share besides the engine."""
 
-    model_alias: str
     api_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     body_timeout: float = 30.0  # seconds a client may take to send its request body
     max_n: int = 16
     truncate: bool = False
-    rag_template: str = "{context}\n\n{question}"
     reasoning_format: str = "auto"   # auto: thinking sections go to reasoning_content; none: left in content
-    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     require_tenant: bool = False
     cors_origins: tuple[str, ...] = ()
     metrics_on_http_port: bool = True  # False when --metrics-port serves them apart
@@ -50,25 +48,27 @@ class ServerSettings:
     studio_dir: Path = STUDIO_DIR
     adapters: AdapterDir = field(default_factory=lambda: AdapterDir(None))  # the LoRA adapters requests may name
 
-    def shaper(self, engine: AsyncEngine) -> Shaper:
-        return Shaper(engine, defaults=self.defaults, max_n=self.max_n, truncate=self.truncate,
-                      rag_template=self.rag_template, reasoning_format=self.reasoning_format,
-                      adapters=self.adapters)
+    def shaper(self, engine: AsyncEngine, defaults: SamplingDefaults, *, rag_template: str,
+               system_prompt: str | None) -> Shaper:
+        """A Shaper for one profile's engine, sampling defaults and prompts."""
+        return Shaper(engine, defaults=defaults, max_n=self.max_n, truncate=self.truncate, rag_template=rag_template,
+                      system_prompt=system_prompt, reasoning_format=self.reasoning_format, adapters=self.adapters)
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings, metrics: Metrics, drain: Drain,
-               embedder: Embedder) -> web.Application:
+def create_app(models: Models, settings: ServerSettings, metrics: Metrics, drain: Drain) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app.middlewares.extend([_cors(app, settings.cors_origins), _errors(metrics, settings.max_body_bytes),
                             _request_context(settings.require_tenant), _auth(settings.api_key),
-                            _body_deadline(settings.body_timeout), _draining(drain), _loading(engine)])
+                            _body_deadline(settings.body_timeout), _draining(drain), _loading(models),
+                            _model_gate(models)])
     if settings.embeddings_only:
         app.middlewares.append(_no_generation)
-    OpenAIRoutes(engine, settings.shaper(engine), metrics, settings.model_alias).add_to(app)
-    EmbeddingRoutes(engine, embedder, metrics, settings.model_alias, truncate=settings.truncate).add_to(app)
-    AdapterRoutes(engine, settings.adapters).add_to(app)
-    ServiceRoutes(engine, metrics, settings.model_alias, settings.defaults, drain, embedder,
-                  settings.embeddings_only).add_to(app, with_metrics=settings.metrics_on_http_port)
+    OpenAIRoutes(models, metrics).add_to(app)
+    EmbeddingRoutes(metrics, truncate=settings.truncate).add_to(app)
+    AdapterRoutes(models, settings.adapters).add_to(app)
+    ModelRoutes(models).add_to(app)
+    ServiceRoutes(models, metrics, drain, settings.embeddings_only).add_to(app,
+                                                                        with_metrics=settings.metrics_on_http_port)
     add_studio(app, settings.studio_dir)
     return app
 
@@ -87,10 +87,8 @@ def _prometheus(metrics: Metrics) -> web.Response:
 class ServiceRoutes:
     """Health, numbers and tokenizer routes."""
 
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, model_alias: str, defaults: SamplingDefaults,
-                 drain: Drain, embedder: Embedder, embeddings_only: bool = False):
-        self.engine, self.metrics, self.model, self.defaults, self.drain = engine, metrics, model_alias, defaults, drain
-        self.embedder, self.embeddings_only = embedder, embeddings_only
+    def __init__(self, models: Models, metrics: Metrics, drain: Drain, embeddings_only: bool = False):
+        self.models, self.metrics, self.drain, self.embeddings_only = models, metrics, drain, embeddings_only
 
     def add_to(self, app: web.Application, *, with_metrics: bool = True) -> None:
         app.router.add_get("/health", self.health)
@@ -103,14 +101,16 @@ class ServiceRoutes:
 
     async def health(self, request: web.Request) -> web.Response:
         """200 when requests can be served; 503 while loading, draining or with no live worker. Carries the
-        platform's fields (status, model_ready, capacity, current_profile, timestamp) and the engine's."""
-        body = {"service": "sentiric-llm-llama-service", "current_profile": self.model, "model": self.model,
+        platform's fields (status, model_ready, capacity, current_profile, timestamp), the engine's, and a model
+        switch under way (the profile being loaded and how many requests wait for it)."""
+        served = self.models.current
+        body = {"service": "sentiric-llm-llama-service", "model": served.alias, **self.models.health(),
                 "timestamp": int(time.time())}
-        if not self.engine.ready:
+        if not served.engine.ready:
             return json_response({"status": "loading", "model_ready": False, **body}, status=503)
-        s = self.engine.stats()
+        s = served.engine.stats()
         ready = s["workers_alive"] > 0 or self.embeddings_only
-        total = s["workers_alive"] * self.engine.config.parallel
+        total = s["workers_alive"] * served.engine.config.parallel
         capacity = {"active": s["running"], "total": total, "available": s["free_slots"],
                     "has_capacity": s["free_slots"] > 0}
         status = "draining" if self.drain.draining else "healthy" if ready else "unavailable"
@@ -120,8 +120,10 @@ class ServiceRoutes:
         return json_response(body, status=200 if status == "healthy" else 503)
 
     async def stats(self, request: web.Request) -> web.Response:
-        return json_response({"model": self.model, "ready": self.engine.ready, "worker_pids": self.engine.worker_pids(),
-                              **self.engine.stats(), "embeddings": self.embedder.stats()})
+        served = self.models.current
+        return json_response({"model": served.alias, "profile": served.profile.name, "ready": served.engine.ready,
+                              "worker_pids": served.engine.worker_pids(), **served.engine.stats(),
+                              "embeddings": served.embedder.stats()})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return _prometheus(self.metrics)
@@ -134,9 +136,10 @@ class ServiceRoutes:
         for flag in ("add_special", "with_pieces"):
             if not isinstance(body.get(flag, False), bool):
                 raise ApiError(400, f"'{flag}' must be true or false", param=flag, code="invalid_type")
-        tokens = self.engine.tokenize(text, add_special=body.get("add_special", False))
+        engine = request["served"].engine
+        tokens = engine.tokenize(text, add_special=body.get("add_special", False))
         if body.get("with_pieces"):
-            pieces = [{"id": t, "piece": self.engine.detokenize([t])} for t in tokens]
+            pieces = [{"id": t, "piece": engine.detokenize([t])} for t in tokens]
             return json_response({"tokens": pieces})
         return json_response({"tokens": tokens})
 
@@ -145,12 +148,12 @@ class ServiceRoutes:
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise ApiError(400, "'tokens' must be a list of token ids", param="tokens", code="invalid_type")
         try:
-            return json_response({"content": self.engine.detokenize(tokens)})
+            return json_response({"content": request["served"].engine.detokenize(tokens)})
         except ValueError as exc:
             raise ApiError(400, str(exc), param="tokens") from None
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return json_response(openapi_spec(self.defaults))
+        return json_response(openapi_spec(self.models.current.shaper.defaults))
 
 
 def _request_context(require_tenant: bool):
@@ -263,15 +266,31 @@ async def _no_generation(request: web.Request, handler):
     return await handler(request)
 
 
-def _loading(engine: AsyncEngine):
+def _loading(models: Models):
     @web.middleware
     async def loading(request: web.Request, handler):
         """Routes that need the model answer 503 until it is loaded."""
-        if not engine.ready and request.path.startswith(ENGINE_PREFIXES):
+        if not models.current.engine.ready and request.path.startswith(ENGINE_PREFIXES):
             raise ApiError(503, "The model is still loading; retry in a few seconds.", code="loading",
                            headers={"Retry-After": "2"})
         return await handler(request)
     return loading
+
+
+def _model_gate(models: Models):
+    @web.middleware
+    async def model_gate(request: web.Request, handler):
+        """Requests that tokenize or generate learn here which model they run on (request["served"]); while
+        the model is being switched they wait for the new one (up to --switch-timeout, then 503)."""
+        if request.path not in GATED_ROUTES:
+            return await handler(request)
+        try:
+            async with models.use() as served:
+                request["served"] = served
+                return await handler(request)
+        except SwitchTimeout as exc:
+            raise ApiError(503, str(exc), code="switching", headers={"Retry-After": "2"}) from None
+    return model_gate
 
 
 def _body_deadline(timeout: float):

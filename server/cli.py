@@ -32,6 +32,8 @@ from server.app import ServerSettings, create_app, create_metrics_app
 from server.drain import Drain
 from server.grpc_service import GrpcDoor, GrpcSettings, LlamaService
 from server.metrics import Metrics
+from server.models import Models, Served
+from server.profiles import Profile, ProfileError, load_profiles
 from server.shaping import SamplingDefaults
 from server.studio import DEFAULT_DIR as STUDIO_DIR
 
@@ -80,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     _option(tls, "--grpc-tls-key", "KEY_PATH", None, "server private key (PEM)")
     _option(tls, "--grpc-tls-ca", "GRPC_TLS_CA_PATH", None, "CA that signs client certificates (PEM)",
             prefixed=False)
+    prof = p.add_argument_group("profiles", "named sets of model, hardware, sampling and prompt settings; a profile "
+                                "overrides the flags it names (see deploy/profiles.example.toml)")
+    _option(prof, "--profiles", "PROFILES", None, "profiles file (TOML, or JSON when it ends in .json)")
+    _option(prof, "--profile", "PROFILE", None, "the profile active at start (default: the file's 'active', else "
+                                                "its first)")
+    _option(prof, "--switch-timeout", "SWITCH_TIMEOUT", 120.0, "seconds a request waits for a model switch "
+                                                              "(POST /v1/models/switch) to end before it gets 503 / "
+                                                              "UNAVAILABLE", type=float)
     model = p.add_argument_group("model")
     _option(model, "--model", "MODEL_PATH", None, "GGUF file; default SmolLM2-135M-Instruct Q4_1, fetched once")
     _option(model, "--model-alias", "MODEL_ALIAS", None, "model id shown in /v1/models and responses "
@@ -154,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "refusing them", type=bool)
     _option(req, "--rag-template", "RAG_TEMPLATE", "{context}\n\n{question}",
             "how rag_context is put into the last user turn ({context} and {question} placeholders)")
+    _option(req, "--system-prompt", "SYSTEM_PROMPT", None, "the base persona: a system message before a "
+                                                           "request's own system prompt")
     _option(req, "--reasoning-format", "REASONING_FORMAT", "auto", "auto: a thinking section (<think>...</think>) "
                                                                   "goes to reasoning_content; none: kept in content "
                                                                   "(a request's reasoning_format wins)",
@@ -173,8 +185,6 @@ def serve(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     try:
-        if "{context}" not in args.rag_template or "{question}" not in args.rag_template:
-            raise ValueError("--rag-template must contain {context} and {question}")
         grpc_settings = GrpcSettings(host=args.host, port=args.grpc_port, tls_cert=args.grpc_tls_cert,
                                      tls_key=args.grpc_tls_key, tls_ca=args.grpc_tls_ca,
                                      max_message_bytes=int(args.max_body_mb * 2**20))
@@ -182,53 +192,80 @@ def serve(argv: list[str] | None = None) -> int:
             raise ValueError("ENV=production: the gRPC door needs TLS (--grpc-tls-cert and --grpc-tls-key, with "
                              "--grpc-tls-ca for mutual TLS), or --grpc-port 0 to turn it off")
         grpc_settings.credentials()  # unreadable files stop the start here, before the model loads
-        model_path = resolve_model(args.model)
-        engine_config = EngineConfig(
-            model_path=str(model_path), workers=args.workers, parallel=args.parallel, ctx_size=args.ctx_size,
-            batch_size=args.batch_size, ubatch_size=args.ubatch_size, threads=args.threads,
-            flash_attn=args.flash_attn, kv_unified=args.kv_unified, cache_slots=args.cache_slots,
-            cache_cells=args.cache_cells,
-            max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, kv_offload=args.kv_offload,
-            log_batches=args.log_batches,
-            overlap=args.overlap, step_timeout=args.step_timeout, lora_dir=args.lora_dir, lora_cache=args.lora_cache,
-            chat_template=Path(args.chat_template_file).read_text() if args.chat_template_file else None)
         if args.lora_dir and not Path(args.lora_dir).is_dir():
             raise ValueError(f"--lora-dir {args.lora_dir} is not a directory")
         if args.embeddings_ctx_size < 0 or args.embeddings_threads < 0 or args.embeddings_workers < 1:
             raise ValueError("--embeddings-ctx-size and --embeddings-threads must be 0 (auto) or more, "
                              "--embeddings-workers at least 1")
-        embedder_config = EmbedderConfig(
-            model_path=str(model_path), ctx_size=args.embeddings_ctx_size,
-            threads=args.embeddings_threads or engine_config.threads, processes=args.embeddings_workers,
-            n_gpu_layers=engine_config.n_gpu_layers if engine_config.gpu else 0, flash_attn=args.flash_attn,
-            timeout=args.step_timeout)
-        defaults, sources = _sampling_defaults(args, model_path)
+        profiles, active = load_profiles(args.profiles, _alias(args))
+        if args.profile is not None and args.profile not in profiles:
+            raise ProfileError(f"--profile {args.profile}: no such profile in {args.profiles or 'the flags'} "
+                               f"(profiles: {', '.join(profiles)})")
+        active = args.profile or active
+        metrics_port = args.metrics_port if args.metrics_port not in (0, args.port) else 0
+        settings = ServerSettings(api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
+                                  body_timeout=args.body_timeout, max_n=args.max_n, truncate=args.truncate,
+                                  reasoning_format=args.reasoning_format, require_tenant=args.require_tenant,
+                                  cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+                                  metrics_on_http_port=not metrics_port,
+                                  studio_dir=Path(args.studio_dir), embeddings_only=args.embeddings_only,
+                                  adapters=AdapterDir(args.lora_dir, args.lora_cache))
+
+        def build(profile: Profile) -> Served:
+            return _build(profile, args, settings)
+        try:
+            models = Models(profiles, build(profiles[active]), build, args.switch_timeout, args)
+        except (OSError, RuntimeError, ValueError) as exc:
+            if not args.profiles:
+                raise
+            raise ProfileError(f"profiles file {args.profiles}: profile {active!r}: {exc}") from None
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("%s", exc, extra=event("STARTUP_FAILED"))
         return 2
-    alias = args.model_alias or (DEFAULT_ALIAS if not args.model else Path(model_path).name.removesuffix(".gguf"))
-    metrics_port = args.metrics_port if args.metrics_port not in (0, args.port) else 0
-    settings = ServerSettings(model_alias=alias, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
-                              body_timeout=args.body_timeout, max_n=args.max_n, truncate=args.truncate,
-                              rag_template=args.rag_template, reasoning_format=args.reasoning_format,
-                              defaults=defaults, require_tenant=args.require_tenant,
-                              cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-                              metrics_on_http_port=not metrics_port, studio_dir=Path(args.studio_dir),
-                              embeddings_only=args.embeddings_only,
-                              adapters=AdapterDir(args.lora_dir, args.lora_cache))
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
+    with_grpc = args.grpc_port and not args.embeddings_only
+    return asyncio.run(_serve(args.host, args.port, metrics_port, grpc_settings if with_grpc else None,
+                              models, settings, Drain(args.drain_timeout)))
+
+
+def _alias(args) -> str:
+    """The model id clients see: --model-alias (a profile's display_name), else the file name."""
+    return args.model_alias or (DEFAULT_ALIAS if not args.model else Path(args.model).name.removesuffix(".gguf"))
+
+
+def _build(profile: Profile, flags, settings: ServerSettings) -> Served:
+    """A profile's engine, embedder and shaper, not started yet (blocking: it may fetch the default model and
+    reads the GGUF's recommended sampling); ValueError or OSError says what is wrong with the profile."""
+    args = profile.apply(flags)
+    if "{context}" not in args.rag_template or "{question}" not in args.rag_template:
+        raise ValueError("--rag-template must contain {context} and {question}")
+    model_path = resolve_model(args.model)
+    engine_config = EngineConfig(
+        model_path=str(model_path), workers=args.workers, parallel=args.parallel, ctx_size=args.ctx_size,
+        batch_size=args.batch_size, ubatch_size=args.ubatch_size, threads=args.threads,
+        flash_attn=args.flash_attn, kv_unified=args.kv_unified, cache_slots=args.cache_slots,
+        cache_cells=args.cache_cells,
+        max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, kv_offload=args.kv_offload,
+        log_batches=args.log_batches,
+        overlap=args.overlap, step_timeout=args.step_timeout, lora_dir=args.lora_dir, lora_cache=args.lora_cache,
+        chat_template=Path(args.chat_template_file).read_text() if args.chat_template_file else None)
+    embedder_config = EmbedderConfig(
+        model_path=str(model_path), ctx_size=args.embeddings_ctx_size,
+        threads=args.embeddings_threads or engine_config.threads, processes=args.embeddings_workers,
+        n_gpu_layers=engine_config.n_gpu_layers if engine_config.gpu else 0, flash_attn=args.flash_attn,
+        timeout=args.step_timeout)
+    defaults, sources = _sampling_defaults(args, model_path)
     from_model = [name for name, source in sources.items() if source == "model"]
     if from_model:
         log.info("sampling defaults from the model's GGUF: %s", ", ".join(from_model),
                  extra=event("SAMPLING_DEFAULTS_FROM_MODEL", fields=from_model))
-    with_grpc = args.grpc_port and not args.embeddings_only
-    return asyncio.run(_serve(args.host, args.port, metrics_port, grpc_settings if with_grpc else None,
-                              AsyncEngine(engine_config, generation=not args.embeddings_only), settings,
-                              Drain(args.drain_timeout), Embedder(embedder_config)))
+    engine = AsyncEngine(engine_config, generation=not args.embeddings_only)
+    shaper = settings.shaper(engine, defaults, rag_template=args.rag_template, system_prompt=args.system_prompt)
+    return Served(profile, engine, Embedder(embedder_config), shaper, _alias(args), args.embeddings_only)
 
 
 def _sampling_defaults(args, model_path: Path) -> tuple[SamplingDefaults, dict[str, str]]:
@@ -244,12 +281,12 @@ def _sampling_defaults(args, model_path: Path) -> tuple[SamplingDefaults, dict[s
     return defaults, sources
 
 
-async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSettings | None, engine: AsyncEngine,
-                 settings: ServerSettings, drain: Drain, embedder: Embedder) -> int:
+async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSettings | None, models: Models,
+                 settings: ServerSettings, drain: Drain) -> int:
     """Listen at once (health says loading while the model loads), then serve until a signal: SIGTERM
     drains (see server/drain.py), SIGINT stops at once; either way what still runs ends with an error."""
-    metrics = Metrics(engine, embedder)
-    runners = [web.AppRunner(create_app(engine, settings, metrics, drain, embedder), access_log=None,
+    metrics = Metrics(lambda: models.current.engine, lambda: models.current.embedder)
+    runners = [web.AppRunner(create_app(models, settings, metrics, drain), access_log=None,
                              handle_signals=False,
                              handler_cancellation=True)]
     sites = [(runners[0], port)]
@@ -269,8 +306,8 @@ async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSet
             except OSError as exc:
                 raise OSError(f"cannot listen on {host}:{at}: {exc.strerror or exc}") from None
         if grpc_settings is not None:
-            grpc_door = GrpcDoor(LlamaService(engine, settings.shaper(engine), metrics, drain,
-                                              require_tenant=settings.require_tenant), grpc_settings)
+            grpc_door = GrpcDoor(LlamaService(models, metrics, drain, require_tenant=settings.require_tenant),
+                                 grpc_settings)
             await grpc_door.start()
     except (OSError, ValueError) as exc:
         log.error("%s", exc, extra=event("STARTUP_FAILED"))
@@ -278,9 +315,9 @@ async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSet
             await runner.cleanup()
         return 2
     log.info("listening on http://%s:%d%s, loading %s", host, port,
-             f" and grpc {host}:{grpc_settings.port}" if grpc_door else "", engine.config.model_path,
+             f" and grpc {host}:{grpc_settings.port}" if grpc_door else "", models.current.engine.config.model_path,
              extra=event("SERVICE_STARTING", http_port=port, grpc_port=grpc_settings.port if grpc_door else 0))
-    starting = asyncio.create_task(_start(engine, embedder, settings.embeddings_only))
+    starting = asyncio.create_task(models.current.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
     code = 0
@@ -290,7 +327,7 @@ async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSet
     elif starting.done():
         if grpc_door:
             await grpc_door.set_serving(True)
-        _announce(engine, embedder, settings, host, port, metrics_port, grpc_settings if grpc_door else None)
+        _announce(models.current, settings, host, port, metrics_port, grpc_settings if grpc_door else None)
         await stopping
         if not at_once.is_set():
             await _drain(drain, grpc_door, at_once)
@@ -299,22 +336,13 @@ async def _serve(host: str, port: int, metrics_port: int, grpc_settings: GrpcSet
     stopping.cancel()
     if not starting.done():  # the load runs in a thread: let it finish, then stop the workers cleanly
         await asyncio.wait([starting])
-    await engine.shutdown()  # what still runs gets its error now, and the doors send it before they close
-    await embedder.shutdown()
+    await models.shutdown()  # what still runs gets its error now, and the doors send it before they close
     await drain.wait(5)
     if grpc_door:
         await grpc_door.stop(grace=1)
     for runner in runners:
         await runner.cleanup()
     return code
-
-
-async def _start(engine: AsyncEngine, embedder: Embedder, embeddings_only: bool) -> None:
-    """Load the model: the engine (the tokenizer, and the generation workers unless --embeddings-only), and
-    with --embeddings-only the embedding process at once."""
-    await engine.start()
-    if embeddings_only:
-        await embedder.start()
 
 
 async def _drain(drain: Drain, grpc_door: GrpcDoor | None, cut_short: asyncio.Event) -> None:
@@ -333,14 +361,15 @@ async def _drain(drain: Drain, grpc_door: GrpcDoor | None, cut_short: asyncio.Ev
         log.info("drained: no request is running", extra=event("SERVICE_DRAINED"))
 
 
-def _announce(engine: AsyncEngine, embedder: Embedder, settings: ServerSettings, host: str, port: int,
-              metrics_port: int, grpc_settings: GrpcSettings | None) -> None:
+def _announce(served: Served, settings: ServerSettings, host: str, port: int, metrics_port: int,
+              grpc_settings: GrpcSettings | None) -> None:
     """The one block a person reads when the service is ready."""
+    engine, embedder = served.engine, served.embedder
     cfg, model = engine.config, engine.vocab_model
     base = f"http://{host}:{port}"
     size_mb = Path(cfg.model_path).stat().st_size / 2**20
     backend = "CUDA" if cfg.gpu else "CPU"
-    d = settings.defaults
+    d = served.shaper.defaults
     grpc_line = "off (--embeddings-only)" if settings.embeddings_only else "off"
     if grpc_settings:
         tls = "mutual TLS" if grpc_settings.tls_ca else "TLS" if grpc_settings.tls else "plaintext"
@@ -348,7 +377,7 @@ def _announce(engine: AsyncEngine, embedder: Embedder, settings: ServerSettings,
     lines = [
         f"ready: OpenAI API at {base}/v1, studio at {base}/studio/",
         f"  gRPC      {grpc_line}",
-        f"  model     {settings.model_alias} ({model.meta('general.architecture')} "
+        f"  model     {served.alias}, profile {served.profile.name} ({model.meta('general.architecture')} "
         f"{model.meta('general.size_label') or ''}, {size_mb:.0f} MiB) from {cfg.model_path}",
         f"  engine    {backend}, {cfg.workers} worker x {cfg.parallel} sequences, {engine.n_ctx} KV cells, "
         f"{cfg.threads} threads, batch {cfg.batch_size}" if engine.generation else

@@ -10,7 +10,7 @@ import base64
 import orjson
 from aiohttp import web
 
-from engine.embedder import Embedder, EmbedderError
+from engine.embedder import EmbedderError
 from server.errors import ApiError, invalid
 from server.openai_routes import read_json
 
@@ -19,16 +19,18 @@ MAX_INPUTS = 2048  # OpenAI's limit per request
 
 
 class EmbeddingRoutes:
-    def __init__(self, engine, embedder: Embedder, metrics, model_alias: str, *, truncate: bool = False):
-        self.engine, self.embedder, self.metrics, self.model = engine, embedder, metrics, model_alias
-        self.truncate = truncate
+    """A request runs on the model the gate gave it (request["served"]: its vocabulary, embedder and id)."""
+
+    def __init__(self, metrics, *, truncate: bool = False):
+        self.metrics, self.truncate = metrics, truncate
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post(EMBEDDINGS_ROUTE, self.embeddings)
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        inputs = self._inputs(body.get("input"))
+        served = request["served"]
+        inputs = self._inputs(body.get("input"), served.engine.vocab_model.vocab)
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise invalid(f"'encoding_format' must be 'float' or 'base64', not {encoding!r}", "encoding_format")
@@ -38,7 +40,7 @@ class EmbeddingRoutes:
             raise invalid("'dimensions' must be a positive integer", "dimensions", "invalid_type")
         if not isinstance(body.get("model", ""), str):
             raise invalid("'model' must be a string", "model", "invalid_type")
-        info = await self._call(self.embedder.start())
+        info = await self._call(served.embedder.start())
         if dimensions is not None and dimensions != info.n_embd:
             raise invalid(f"this model's embeddings have {info.n_embd} dimensions and it cannot shorten them: "
                           f"leave 'dimensions' out or set it to {info.n_embd}", "dimensions")
@@ -49,7 +51,7 @@ class EmbeddingRoutes:
                                         f"most {info.n_ctx}; shorten it (or start the server with --truncate)",
                                    param="input", code="context_length_exceeded")
                 inputs[i] = tokens[:info.n_ctx]  # keep the start, as embedding models are trained
-        vectors = await self._call(self.embedder.embed(inputs))
+        vectors = await self._call(served.embedder.embed(inputs))
         n_tokens = sum(map(len, inputs))
         self.metrics.embedding_inputs.inc(len(inputs))
         self.metrics.embedding_tokens.inc(n_tokens)
@@ -57,13 +59,14 @@ class EmbeddingRoutes:
             rows = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode("ascii") for v in vectors]
         else:
             rows = list(vectors)
-        reply = {"object": "list", "model": self.model,
+        reply = {"object": "list", "model": served.alias,
                  "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
                  "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
         return web.Response(body=orjson.dumps(reply, option=orjson.OPT_SERIALIZE_NUMPY),
                             content_type="application/json")
 
-    def _inputs(self, value) -> list[list[int]]:
+    @staticmethod
+    def _inputs(value, vocab) -> list[list[int]]:
         """The request's inputs as token lists (text is tokenized as llama-server does, special tokens
         parsed); a 400 naming what is wrong."""
         shape = "a string, a list of strings, a list of token ids or a list of lists of token ids"
@@ -77,7 +80,6 @@ class EmbeddingRoutes:
             raise invalid("'input' is empty: send at least one string or token list", "input")
         if len(value) > MAX_INPUTS:
             raise invalid(f"'input' has {len(value)} items; at most {MAX_INPUTS} per request", "input")
-        vocab = self.engine.vocab_model.vocab
         out = []
         for i, item in enumerate(value):
             if isinstance(item, str):

@@ -28,8 +28,9 @@ from engine.request import EngineError, Overloaded
 from server.adapters import AdapterNotFound
 from server.drain import REFUSAL, Drain
 from server.metrics import Metrics, RequestTracker
+from server.models import Models, SwitchTimeout
 from server.proto import llama_pb2, llama_pb2_grpc
-from server.shaping import InvalidRequest, Shaper
+from server.shaping import InvalidRequest
 
 log = logging.getLogger("sentiric.grpc")
 SERVICE = llama_pb2.DESCRIPTOR.services_by_name["LlamaService"].full_name
@@ -115,8 +116,8 @@ def parse_request(data: bytes) -> llama_pb2.GenerateStreamRequest | DecodeError:
 
 
 class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
-    def __init__(self, engine, shaper: Shaper, metrics: Metrics, drain: Drain, *, require_tenant: bool = False):
-        self.engine, self.shaper, self.metrics, self.drain = engine, shaper, metrics, drain
+    def __init__(self, models: Models, metrics: Metrics, drain: Drain, *, require_tenant: bool = False):
+        self.models, self.metrics, self.drain = models, metrics, drain
         self.require_tenant = require_tenant
 
     async def GenerateStream(self, request, context):
@@ -129,27 +130,32 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
         logs.bind_request(metadata.get("x-tenant-id"), metadata.get("x-trace-id"), metadata.get("x-span-id"))
         code, message, final = grpc.StatusCode.OK, "", None
         try:
-            prompt_tokens, handle = self._admit(request, metadata)
-            tracker = RequestTracker(self.metrics, adapters=handle.request.adapters)
-            try:
-                while True:
-                    out = await self.engine.next_output(handle)
-                    tracker.seen(0, out)
-                    if out.error:
-                        raise Refused(grpc.StatusCode.UNAVAILABLE, out.error)
-                    if out.text:
-                        await context.write(llama_pb2.GenerateStreamResponse(token=out.text.encode()))
-                    if out.finish_reason:
-                        final = out
-                        tracker.usage(prompt_tokens, [out])
-                        await context.write(llama_pb2.GenerateStreamResponse(finish_details=llama_pb2.FinishDetails(
-                            finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
-                            completion_tokens=out.completion_tokens)))
-                        break
-            finally:
-                self.engine.cancel(handle)  # a cancelled call or an expired deadline frees the sequence now
-        except Refused as exc:
-            code, message = exc.code, exc.message
+            self._check(request, metadata)
+            async with self.models.use() as served:  # during a model switch this waits for the new model
+                engine = served.engine
+                prompt_tokens, handle = self._admit(served, request)
+                tracker = RequestTracker(self.metrics, adapters=handle.request.adapters)
+                try:
+                    while True:
+                        out = await engine.next_output(handle)
+                        tracker.seen(0, out)
+                        if out.error:
+                            raise Refused(grpc.StatusCode.UNAVAILABLE, out.error)
+                        if out.text:
+                            await context.write(llama_pb2.GenerateStreamResponse(token=out.text.encode()))
+                        if out.finish_reason:
+                            final = out
+                            tracker.usage(prompt_tokens, [out])
+                            await context.write(llama_pb2.GenerateStreamResponse(
+                                finish_details=llama_pb2.FinishDetails(
+                                    finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
+                                    completion_tokens=out.completion_tokens)))
+                            break
+                finally:
+                    engine.cancel(handle)  # a cancelled call or an expired deadline frees the sequence now
+        except (Refused, SwitchTimeout) as exc:
+            code, message = (exc.code, exc.message) if isinstance(exc, Refused) else \
+                (grpc.StatusCode.UNAVAILABLE, str(exc))
             context.set_code(code)
             context.set_details(message)
         except asyncio.CancelledError:  # the caller went away, or its deadline passed (give or take the clocks)
@@ -166,8 +172,8 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
         finally:
             self._finished(code, message, final, start)
 
-    def _admit(self, request, metadata: dict):
-        """(prompt tokens, engine handle) for a call, or Refused."""
+    def _check(self, request, metadata: dict) -> None:
+        """Refused for a call that cannot be served whichever model is active."""
         if isinstance(request, DecodeError):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "The request is not a valid GenerateStreamRequest "
                           f"(string fields must be UTF-8, Structs nest at most 100 deep): {request}")
@@ -175,11 +181,15 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "This service requires the 'x-tenant-id' metadata.")
         if self.drain.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE, REFUSAL)
-        if not self.engine.ready:
+
+    @staticmethod
+    def _admit(served, request):
+        """(prompt tokens, engine handle) for a call on the model `served`, or Refused."""
+        if not served.engine.ready:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "The model is still loading; retry in a few seconds.")
         try:
-            gen = self.shaper.chat(*chat_body(request))
-            return len(gen.prompt), self.engine.submit(gen.requests[0])
+            gen = served.shaper.chat(*chat_body(request))
+            return len(gen.prompt), served.engine.submit(gen.requests[0])
         except AdapterNotFound as exc:
             raise Refused(grpc.StatusCode.NOT_FOUND, exc.message) from None
         except InvalidRequest as exc:

@@ -4,6 +4,7 @@ engine's own numbers read at scrape time (so the step loop never pays for them).
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -16,7 +17,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    def __init__(self, engine, embedder=None):
+    def __init__(self, engine: Callable, embedder: Callable | None = None):
+        """`engine` and `embedder` return the ones serving now (a model switch replaces them)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("sentiric_requests", "HTTP requests by route and status", ["route", "status"],
@@ -60,7 +62,7 @@ class _EngineCollector:
         self.engine = engine
 
     def collect(self):
-        s = self.engine.stats()
+        s = self.engine().stats()
         gauges = {"running": "Requests being generated", "waiting": "Requests waiting for admission",
                   "kv_used": "KV cells in use (running sequences and prefix cache)", "kv_total": "KV cells in all workers",
                   "free_slots": "Sequences that can still be admitted", "workers_alive": "Worker processes serving"}
@@ -92,7 +94,7 @@ class _EmbedderCollector:
         self.embedder = embedder
 
     def collect(self):
-        s = self.embedder.stats()
+        s = self.embedder().stats()
         yield GaugeMetricFamily("sentiric_embedding_processes_alive", "Embedding processes running", value=s["alive"])
         yield CounterMetricFamily("sentiric_embedding_batches", "Batches the embedding processes answered",
                                   value=s["batches"])

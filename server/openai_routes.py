@@ -79,8 +79,10 @@ class TextShape:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine, parser, metrics, model_alias: str):
-        self.engine, self.parser, self.metrics, self.model = engine, parser, metrics, model_alias
+    """A request runs on the model the gate gave it (request["served"]: engine, shaper, model id)."""
+
+    def __init__(self, models, metrics):
+        self.active, self.metrics = models, metrics
         self.created = int(time.time())
 
     def add_to(self, app: web.Application) -> None:
@@ -90,40 +92,46 @@ class OpenAIRoutes:
         app.router.add_get("/v1/models", self.models)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._answer(request, self.parser.chat(await read_json(request)), ChatShape)
+        served = request["served"]
+        return await self._answer(request, served, served.shaper.chat(await read_json(request)), ChatShape)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._answer(request, self.parser.completion(await read_json(request)), TextShape)
+        served = request["served"]
+        return await self._answer(request, served, served.shaper.completion(await read_json(request)), TextShape)
 
     async def models(self, request: web.Request) -> web.Response:
-        info = {"id": self.model, "object": "model", "created": self.created, "owned_by": "sentiric",
-                "meta": {"n_ctx": self.engine.n_ctx, "n_ctx_train": self.engine.n_ctx_train,
-                         "path": self.engine.config.model_path,
-                         "sampling_defaults": self.parser.defaults.as_dict(),
-                         "tools": {"template_shows_tools": self.engine.template.supports_tools,
-                                   "call_format": call_format(self.engine.template.source)}}}
+        served = self.active.current
+        engine = served.engine
+        info = {"id": served.alias, "object": "model", "created": self.created, "owned_by": "sentiric",
+                "profile": served.profile.name,
+                "meta": {"n_ctx": engine.n_ctx, "n_ctx_train": engine.n_ctx_train, "path": engine.config.model_path,
+                         "profile": served.profile.name, "sampling_defaults": served.shaper.defaults.as_dict(),
+                         "tools": {"template_shows_tools": engine.template.supports_tools,
+                                   "call_format": call_format(engine.template.source)}}}
         return json_response({"object": "list", "data": [info]})
 
     # --- one request ---
-    async def _answer(self, request: web.Request, gen: Generation, shape) -> web.StreamResponse:
-        handles = self._admit(gen)
+    async def _answer(self, request: web.Request, served, gen: Generation, shape) -> web.StreamResponse:
+        engine = served.engine
+        handles = self._admit(engine, gen)
         tracker = RequestTracker(self.metrics, len(handles), gen.requests[0].adapters)
         try:
             if gen.stream:
-                return await self._stream(request, gen, shape, handles, tracker)
-            return await self._whole(gen, shape, handles, tracker)
+                return await self._stream(request, engine, served.alias, gen, shape, handles, tracker)
+            return await self._whole(engine, served.alias, gen, shape, handles, tracker)
         finally:
             for h in handles:
-                self.engine.cancel(h)
+                engine.cancel(h)
 
-    def _admit(self, gen: Generation) -> list:
+    @staticmethod
+    def _admit(engine, gen: Generation) -> list:
         handles = []
         try:
             for r in gen.requests:
-                handles.append(self.engine.submit(r))
+                handles.append(engine.submit(r))
         except BaseException as exc:
             for h in handles:
-                self.engine.cancel(h)
+                engine.cancel(h)
             if isinstance(exc, Overloaded):
                 raise ApiError(429, "The server is at capacity (its waiting queue is full); retry shortly.",
                                code="overloaded", headers={"Retry-After": "1"}) from None
@@ -134,11 +142,12 @@ class OpenAIRoutes:
             raise
         return handles
 
-    async def _whole(self, gen: Generation, shape, handles, tracker) -> web.Response:
+    @staticmethod
+    async def _whole(engine, model: str, gen: Generation, shape, handles, tracker) -> web.Response:
         answers = [shape.answer(gen) for _ in handles]
         logprobs = [[] for _ in handles]
         finals: list[Output | None] = [None] * len(handles)
-        async for i, out in _outputs(self.engine, handles):
+        async for i, out in _outputs(engine, handles):
             tracker.seen(i, out)
             if out.error:
                 raise ApiError(503, out.error, code="generation_failed")
@@ -151,14 +160,15 @@ class OpenAIRoutes:
                     "logprobs": shape.logprobs(logprobs[i], len(gen.echo_text)) if gen.logprobs else None,
                     "finish_reason": a.finish_reason(finals[i].finish_reason)} for i, a in enumerate(answers)]
         body = {"id": shape.id_prefix + uuid.uuid4().hex, "object": shape.object, "created": int(time.time()),
-                "model": self.model, "choices": choices, "usage": tracker.usage(len(gen.prompt), finals)}
+                "model": model, "choices": choices, "usage": tracker.usage(len(gen.prompt), finals)}
         return json_response(body)
 
-    async def _stream(self, request, gen: Generation, shape, handles, tracker) -> web.StreamResponse:
+    @staticmethod
+    async def _stream(request, engine, model: str, gen: Generation, shape, handles, tracker) -> web.StreamResponse:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         head = {"id": shape.id_prefix + uuid.uuid4().hex, "object": shape.chunk_object, "created": int(time.time()),
-                "model": self.model}
+                "model": model}
 
         async def send(event: dict) -> None:
             await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
@@ -173,7 +183,7 @@ class OpenAIRoutes:
         answers = [shape.answer(gen) for _ in handles]
         offsets = [len(gen.echo_text)] * len(handles)
         finals: list[Output | None] = [None] * len(handles)
-        async for i, out in _outputs(self.engine, handles):
+        async for i, out in _outputs(engine, handles):
             tracker.seen(i, out)
             if out.error:
                 await send(ApiError(503, out.error, code="generation_failed").body())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import cache
 
+from server.profiles import MAX_CTX
 from server.shaping import SamplingDefaults
 
 
@@ -166,6 +167,15 @@ def _completion_request(sampling: dict) -> dict:
         },
     }
 
+_SWITCHED = {"type": "object", "required": ["status", "active_profile"], "properties": {
+    "status": {"const": "success"}, "active_profile": {"type": "string"}}}
+
+_HARDWARE = {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": {
+    "ctx_size": _integer("KV cells per worker.", minimum=1, maximum=MAX_CTX),
+    "gpu_layers": _integer("Layers offloaded in a CUDA build (-1 = all).", minimum=-1, maximum=65536),
+    "threads": _integer("CPU threads per worker (0 = cores / workers).", minimum=0, maximum=65536),
+    "batch_size": _integer("Tokens per decode step (0 = automatic).", minimum=0, maximum=65536)}}
+
 _USAGE = {"type": "object", "properties": {
     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
     "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}}}}
@@ -189,8 +199,10 @@ def _completion_response(choice: dict) -> dict:
 
 def _errors(*codes: int) -> dict:
     return {str(c): {"description": desc, "content": {"application/json": {"schema": _ref("Error")}}}
-            for c, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown LoRA adapter"),
-                            (408, "Body not sent within --body-timeout"), (413, "Body too large"),
+            for c, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"),
+                            (404, "Unknown LoRA adapter or profile"), (408, "Body not sent within --body-timeout"),
+                            (413, "Body too large"), (422, "The profile's model could not be loaded; the active one "
+                                                           "goes on serving"),
                             (429, "Overloaded; see Retry-After"), (503, "Loading or unavailable")) if c in codes}
 
 
@@ -255,6 +267,9 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
                 "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
                     "tokens": {"type": "array", "items": {"type": "integer"}}}},
                 "EmbeddingRequest": _EMBEDDING_REQUEST,
+                "SwitchRequest": {"type": "object", "required": ["profile"], "properties": {
+                    "profile": {"type": "string", "minLength": 1, "description": "A name from GET /v1/profiles"}}},
+                "HardwareConfig": _HARDWARE,
                 "Embeddings": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
                     "object": {"const": "list"}, "model": text, "usage": _ref("Usage"),
                     "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"],
@@ -279,6 +294,16 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
                 "content": text}}), 400, 401, 413, 503),
             "/v1/models": {"get": {"summary": "The served model", "responses": {
                 "200": _json({"type": "object"}), **_errors(400, 401, 503)}}},
+            "/v1/profiles": {"get": {"summary": "The model profiles (--profiles) and which one is active",
+                                     "responses": {"200": _json({"type": "object"}), **_errors(401, 503)}}},
+            "/v1/models/switch": _post("Make another profile the active one: running requests finish on the old "
+                                       "model, new ones wait (--switch-timeout) and run on the new one",
+                                       "SwitchRequest", _json(_SWITCHED), 400, 401, 404, 413, 422, 503),
+            "/v1/hardware/config": {
+                "get": {"summary": "The active profile's hardware settings", "responses": {
+                    "200": _json({"type": "object"}), **_errors(401, 503)}},
+                **_post("Reload the active profile with other hardware settings (the switch's path)",
+                        "HardwareConfig", _json(_SWITCHED), 400, 401, 413, 422, 503)},
             "/v1/lora-adapters": {"get": {"summary": "LoRA adapters of --lora-dir (id, name, size) and what each "
                                                      "worker holds loaded", "responses": {
                 "200": _json({"type": "object"}), **_errors(401, 503)}}},

@@ -208,8 +208,9 @@ class Shaper:
 
     def __init__(self, engine, *, defaults: SamplingDefaults = SamplingDefaults(), max_n: int = 16,
                  truncate: bool = False, rag_template: str = "{context}\n\n{question}", reasoning_format: str = "auto",
-                 adapters=None):
+                 adapters=None, system_prompt: str | None = None):
         self.engine, self.defaults = engine, defaults
+        self.system_prompt = system_prompt  # the profile's base persona, first in every conversation
         self.max_n, self.truncate, self.rag_template = max_n, truncate, rag_template
         self.reasoning_format = reasoning_format
         if adapters is None:  # no --lora-dir: a request naming an adapter still gets a 404, never the base model
@@ -273,8 +274,9 @@ class Shaper:
         return kwargs
 
     def conversation(self, f: Fields) -> list[dict]:
-        """The messages with system_prompt and rag_context applied: system_prompt becomes the system
-        message (put before the conversation's own, if it has one); the documents go into the last
+        """The messages with system_prompt and rag_context applied. The system message is, in this order:
+        the profile's system prompt (its base persona), the request's `system_prompt`, the conversation's
+        own system message, each present one separated by a blank line. The documents go into the last
         user turn through the RAG template."""
         raw = f.get("messages", _MISSING)
         if raw is _MISSING:
@@ -282,7 +284,7 @@ class Shaper:
         if not isinstance(raw, list) or not raw:
             raise f.error("messages", "must be a non-empty list of {role, content} objects")
         messages = [self._message(f, i, m) for i, m in enumerate(raw)]
-        system_prompt = f.text("system_prompt")
+        system_prompt = "\n\n".join(s for s in (self.system_prompt, f.text("system_prompt")) if s)
         if system_prompt:
             if messages[0]["role"] == "system":
                 messages[0]["content"] = f"{system_prompt}\n\n{messages[0]['content']}"

@@ -41,7 +41,9 @@ def restarts(fuzzed):
     return fuzzed.stats()["worker_restarts"]
 
 
-schema = schemathesis.pytest.from_fixture("api")
+# every valid POST /v1/hardware/config reloads the model (and a fuzzed context of 10^6 cells would allocate
+# gigabytes): tests/test_profiles.py covers that route; its GET and the other routes are fuzzed
+schema = schemathesis.pytest.from_fixture("api").exclude(path="/v1/hardware/config", method="POST")
 
 
 @schema.parametrize()

@@ -118,3 +118,13 @@ def test_a_template_without_tools_gets_the_generic_preamble_and_tags():
     assert gen.answer.tool_names == {"get_weather"}
     none = Shaper(engine).chat({"messages": TOOL_HISTORY, "tools": [TOOL], "tool_choice": "none"})
     assert none.answer.tool_names is None and none.requests[0].sampling.grammar is None
+
+
+def test_profile_system_prompt_comes_first():
+    """The profile's persona, then the request's system_prompt, then the conversation's own system message."""
+    shaper = Shaper(TemplateEngine(NO_SYSTEM), system_prompt="Persona.")
+    body = {"messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": "Hi"}],
+            "system_prompt": "Field."}
+    assert shaper.conversation(Fields(body))[0] == {"role": "system", "content": "Persona.\n\nField.\n\nOwn."}
+    assert shaper.conversation(Fields({"messages": [{"role": "user", "content": "Hi"}]}))[0] == \
+        {"role": "system", "content": "Persona."}

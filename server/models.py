@@ -1,0 +1,219 @@
+"""The active model: its profile, engine, embedder and shaper, which both doors read per request, and the
+switch to another profile at run time (POST /v1/models/switch, POST /v1/hardware/config).
+
+Prompts are tokenized and rendered before a request reaches the engine, with the engine's own vocabulary and
+template, so a request must know which model it runs on before it is shaped. `Models.use()` is that gate:
+during a switch new requests wait there (bounded by the switch timeout, then a retryable refusal), while the
+requests already admitted finish on the old model. The new model loads beside the old one; once it is ready
+the waiting requests go on to it, and the old engine and embedder are shut down when their last request ends.
+A model that fails to load changes nothing: the old one goes on serving and the switch answers why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+from aiohttp import web
+
+from engine.async_engine import AsyncEngine
+from engine.embedder import Embedder
+from engine.logs import event
+from server.errors import ApiError
+from server.openai_routes import json_response, read_json
+from server.profiles import HARDWARE, Profile, check_hardware
+from server.shaping import Shaper
+
+log = logging.getLogger("sentiric.server")
+PROFILES_ROUTE, SWITCH_ROUTE, HARDWARE_ROUTE = "/v1/profiles", "/v1/models/switch", "/v1/hardware/config"
+
+
+class SwitchTimeout(Exception):
+    """A request waited longer than the switch timeout for a switch to end."""
+
+
+class SwitchFailed(Exception):
+    """The profile's model could not be loaded; the old one still serves."""
+
+
+@dataclass(eq=False)
+class Served:
+    """One loaded profile and the requests running on it."""
+
+    profile: Profile
+    engine: AsyncEngine
+    embedder: Embedder
+    shaper: Shaper
+    alias: str              # the model id clients see
+    embeddings_only: bool = False
+    active: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self):
+        self.idle.set()
+
+    async def start(self) -> None:
+        await self.engine.start()
+        if self.embeddings_only:
+            await self.embedder.start()
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()
+        await self.embedder.shutdown()
+
+
+class Models:
+    def __init__(self, profiles: dict[str, Profile], current: Served, build: Callable[[Profile], Served],
+                 switch_timeout: float, flags):
+        self.profiles, self.current, self.build = profiles, current, build
+        self.flags = flags  # the `serve` flags the profiles override
+        self.switch_timeout = switch_timeout
+        self.switching: str | None = None  # the profile being loaded
+        self.waiting = 0                   # requests waiting for the switch to end
+        self._open = asyncio.Event()
+        self._open.set()
+        self._lock = asyncio.Lock()        # one switch at a time
+        self._closed = False
+        self._retiring: dict[Served, asyncio.Task] = {}  # old models waiting for their last request
+
+    @asynccontextmanager
+    async def use(self):
+        """The model a request runs on, from before it is shaped to its last byte."""
+        if not self._open.is_set():
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._open.wait(), self.switch_timeout)
+            except asyncio.TimeoutError:
+                raise SwitchTimeout(f"The model is being switched to profile {self.switching!r} and did not "
+                                    f"become ready within {self.switch_timeout:g} s; retry shortly.") from None
+            finally:
+                self.waiting -= 1
+        served = self.current
+        served.active += 1
+        served.idle.clear()
+        try:
+            yield served
+        finally:
+            served.active -= 1
+            if not served.active:
+                served.idle.set()
+
+    async def switch(self, choose: Callable[[Profile], Profile]) -> Profile:
+        """Load the profile `choose` makes of the active one (after any switch under way) and make it the active
+        one; nothing happens when that is the active profile as it is. SwitchFailed says why it could not load."""
+        async with self._lock:
+            if self._closed:
+                raise SwitchFailed("The server is shutting down.")
+            old = self.current
+            profile = choose(old.profile)
+            if profile == old.profile:
+                return profile
+            self.switching = profile.name
+            self._open.clear()
+            log.info("switching to profile %s; %d requests finish on %s", profile.name, old.active,
+                     old.profile.name, extra=event("MODEL_SWITCHING", profile=profile.name, running=old.active))
+            try:
+                new = await asyncio.to_thread(self.build, profile)
+                try:
+                    await new.start()
+                except BaseException:
+                    await new.shutdown()
+                    raise
+            except Exception as exc:
+                log.error("profile %s could not be loaded, %s goes on serving: %s", profile.name,
+                          old.profile.name, exc, extra=event("MODEL_SWITCH_FAILED", profile=profile.name))
+                raise SwitchFailed(f"Profile {profile.name!r} could not be loaded ({exc}); "
+                                   f"profile {old.profile.name!r} goes on serving.") from None
+            else:
+                self.current = new
+                self.profiles[profile.name] = profile
+                self._retiring[old] = asyncio.create_task(self._retire(old))
+                log.info("profile %s is active", profile.name, extra=event("MODEL_SWITCHED", profile=profile.name))
+            finally:
+                self.switching = None
+                self._open.set()
+            return profile
+
+    async def _retire(self, old: Served) -> None:
+        """Shut the old model down once its last request has ended."""
+        await old.idle.wait()
+        await old.shutdown()
+        del self._retiring[old]
+        log.info("profile %s unloaded", old.profile.name, extra=event("MODEL_UNLOADED", profile=old.profile.name))
+
+    async def shutdown(self) -> None:
+        """Stop every model: what still runs on one ends with an error (a switch under way ends first)."""
+        async with self._lock:
+            self._closed = True
+        for old, task in list(self._retiring.items()):
+            old.idle.set()
+            await task
+        await self.current.shutdown()
+
+    def health(self) -> dict:
+        return {"current_profile": self.current.profile.name, "switching": self.switching,
+                "switch_waiting": self.waiting}
+
+
+class ModelRoutes:
+    """GET /v1/profiles, POST /v1/models/switch, GET and POST /v1/hardware/config."""
+
+    def __init__(self, models: Models):
+        self.models = models
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get(PROFILES_ROUTE, self.profiles)
+        app.router.add_post(SWITCH_ROUTE, self.switch)
+        app.router.add_get(HARDWARE_ROUTE, self.hardware)
+        app.router.add_post(HARDWARE_ROUTE, self.change_hardware)
+
+    async def profiles(self, request: web.Request) -> web.Response:
+        m = self.models
+        data = [{**p.describe(m.flags), "active": p.name == m.current.profile.name} for p in m.profiles.values()]
+        return json_response({"object": "list", "data": data, "active_profile": m.current.profile.name,
+                              "switching": m.switching})
+
+    async def switch(self, request: web.Request) -> web.Response:
+        """{"profile": NAME}: the answer comes once NAME serves (at once when it already does)."""
+        name = (await read_json(request)).get("profile")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "'profile' must be the name of a profile (GET /v1/profiles lists them)",
+                           param="profile", code="invalid_type")
+        profile = self.models.profiles.get(name)
+        if profile is None:
+            raise ApiError(404, f"There is no profile {name!r}; profiles: {', '.join(self.models.profiles)}.",
+                           param="profile", code="profile_not_found")
+        await self._switch(lambda active: active if active.name == name else profile)
+        return json_response({"status": "success", "active_profile": name})
+
+    async def hardware(self, request: web.Request) -> web.Response:
+        """The active profile's settings (0 = automatic) and what the running engine made of them."""
+        served = self.models.current
+        cfg = served.engine.config
+        return json_response({"profile": served.profile.name, **served.profile.hardware(self.models.flags),
+                              "effective": {"gpu_layers": cfg.n_gpu_layers if cfg.gpu else 0, "threads": cfg.threads,
+                                            "ctx_size": cfg.ctx_size, "batch_size": cfg.batch_size}})
+
+    async def change_hardware(self, request: web.Request) -> web.Response:
+        """Some of gpu_layers, threads, ctx_size, batch_size: the active profile reloads with them (through the
+        same path as a switch); the answer holds the settings in force."""
+        body = await read_json(request)
+        unknown = sorted(set(body) - set(HARDWARE))
+        if unknown or not body:
+            raise ApiError(400, f"Send some of {', '.join(HARDWARE)}"
+                                + (f"; {unknown[0]!r} is not one of them" if unknown else ""),
+                           param=unknown[0] if unknown else None)
+        for key, value in body.items():
+            check_hardware(key, value, lambda problem: ApiError(400, f"'{key}' {problem}", param=key))
+        changed = await self._switch(lambda active: active.with_hardware(body))
+        return json_response({"status": "success", "active_profile": changed.name,
+                              **changed.hardware(self.models.flags)})
+
+    async def _switch(self, choose: Callable[[Profile], Profile]) -> Profile:
+        try:
+            return await self.models.switch(choose)
+        except SwitchFailed as exc:
+            raise ApiError(422, str(exc), param="profile", code="model_load_failed") from None
