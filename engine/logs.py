@@ -23,6 +23,7 @@ SERVICE_NAME = "llm-llama-service"
 tenant_id = contextvars.ContextVar("tenant_id", default=None)
 trace_id = contextvars.ContextVar("trace_id", default=None)
 span_id = contextvars.ContextVar("span_id", default=None)
+profile = contextvars.ContextVar("profile", default=None)
 lora_adapter = contextvars.ContextVar("lora_adapter", default=None)
 _SEVERITY = {"WARNING": "WARN", "CRITICAL": "FATAL"}
 _settings = {"level": logging.INFO, "fmt": "text"}  # what setup_logging chose, for the worker processes
@@ -33,12 +34,14 @@ def bind_request(tenant: str | None, trace: str | None, span: str | None) -> Non
     tenant_id.set(tenant or None)
     trace_id.set(trace or None)
     span_id.set(span or None)
+    profile.set(None)
     lora_adapter.set(None)
 
 
-def bind_adapter(name: str | None) -> None:
-    """The LoRA adapter (set) the current request runs with, on every line logged after."""
-    lora_adapter.set(name or None)
+def bind_model(profile_name: str | None, adapters: str | None) -> None:
+    """The profile and LoRA adapter set the current request runs on, on every line logged after."""
+    profile.set(profile_name or None)
+    lora_adapter.set(adapters or None)
 
 
 def event(name: str, **attributes) -> dict:
@@ -57,7 +60,7 @@ def service_version() -> str:
 class _RequestContext(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.tenant_id, record.trace_id, record.span_id = tenant_id.get(), trace_id.get(), span_id.get()
-        record.lora_adapter = lora_adapter.get()
+        record.profile, record.lora_adapter = profile.get(), lora_adapter.get()
         return True
 
 
@@ -68,7 +71,8 @@ class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         ids = [f"{k}={v}" for k, v in (("tenant", record.tenant_id), ("trace", record.trace_id),
-                                       ("span", record.span_id), ("adapter", record.lora_adapter)) if v]
+                                       ("span", record.span_id), ("profile", getattr(record, "profile", None)),
+                                       ("adapter", record.lora_adapter)) if v]
         return f"{line} [{' '.join(ids)}]" if ids else line
 
 
@@ -87,8 +91,9 @@ class _PlatformJsonFormatter(logging.Formatter):
         attributes = {"logger": record.name, **getattr(record, "attributes", {})}
         if self.process:
             attributes["process"] = self.process.strip()
-        if getattr(record, "lora_adapter", None):
-            attributes["lora_adapter"] = record.lora_adapter
+        for key in ("profile", "lora_adapter"):
+            if getattr(record, key, None):
+                attributes[key] = getattr(record, key)
         entry = {"schema_v": SCHEMA_VERSION, "ts": ts.replace("+00:00", "Z"),
                  "severity": _SEVERITY.get(record.levelname, record.levelname),
                  "tenant_id": getattr(record, "tenant_id", None), "resource": self.resource,

@@ -134,7 +134,7 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
             async with self.models.use() as served:  # during a model switch this waits for the new model
                 engine = served.engine
                 prompt_tokens, handle = self._admit(served, request)
-                tracker = RequestTracker(self.metrics, adapters=handle.request.adapters)
+                tracker = RequestTracker(self.metrics, adapters=handle.request.adapters, profile=served.profile.name)
                 try:
                     while True:
                         out = await engine.next_output(handle)

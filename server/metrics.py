@@ -40,11 +40,12 @@ class Metrics:
         self.llm_latency = Histogram("llm_request_latency_seconds", "Generation request start to last token",
                                      buckets=_LATENCY, registry=r)
         self.llm_tokens = Counter("llm_tokens_generated", "Tokens generated (HTTP and gRPC)", registry=r)
-        # by LoRA adapter set ("base", "legal", "legal+tone"): the directory's names bound the label's values
-        self.adapter_requests = Counter("sentiric_adapter_requests", "Generation requests by LoRA adapter set",
-                                        ["adapter"], registry=r)
-        self.adapter_tokens = Counter("sentiric_adapter_completion_tokens", "Generated tokens by LoRA adapter set",
-                                      ["adapter"], registry=r)
+        # by profile and LoRA adapter set ("base", "legal", "legal+tone"): the profiles file and the adapter
+        # directory's names bound the labels' values
+        self.adapter_requests = Counter("sentiric_adapter_requests", "Generation requests by profile and LoRA "
+                                        "adapter set", ["profile", "adapter"], registry=r)
+        self.adapter_tokens = Counter("sentiric_adapter_completion_tokens", "Generated tokens by profile and LoRA "
+                                      "adapter set", ["profile", "adapter"], registry=r)
         self.embedding_inputs = Counter("sentiric_embedding_inputs", "Inputs embedded (/v1/embeddings)", registry=r)
         self.embedding_tokens = Counter("sentiric_embedding_tokens", "Input tokens embedded", registry=r)
         r.register(_EngineCollector(engine))
@@ -105,17 +106,17 @@ class _EmbedderCollector:
 class RequestTracker:
     """One generation request's timings and token counts, for the metrics and the usage object
     (both doors use it, so a token is counted the same way whichever door it left by); its LoRA
-    adapter set labels its metrics and the log lines that follow."""
+    profile and adapter set label its metrics and the log lines that follow."""
 
-    def __init__(self, metrics: Metrics, n: int = 1, adapters: tuple = ()):
+    def __init__(self, metrics: Metrics, n: int = 1, adapters: tuple = (), profile: str = ""):
         self.metrics = metrics
         self.start = time.perf_counter()
         self.last: list[float | None] = [None] * n
         self.unfinished = n
-        self.adapter = "+".join(name for name, _ in adapters) or "base"
+        self.labels = (profile, "+".join(name for name, _ in adapters) or "base")
         metrics.llm_requests.inc()
-        metrics.adapter_requests.labels(self.adapter).inc()
-        logs.bind_adapter("+".join(f"{name}:{scale:g}" for name, scale in adapters))
+        metrics.adapter_requests.labels(*self.labels).inc()
+        logs.bind_model(profile, "+".join(f"{name}:{scale:g}" for name, scale in adapters))
 
     def seen(self, i: int, out) -> None:
         now = time.perf_counter()
@@ -138,7 +139,7 @@ class RequestTracker:
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.completion_tokens.inc(completion)
         self.metrics.llm_tokens.inc(completion)
-        self.metrics.adapter_tokens.labels(self.adapter).inc(completion)
+        self.metrics.adapter_tokens.labels(*self.labels).inc(completion)
         self.metrics.cached_tokens.inc(cached)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}

@@ -114,7 +114,7 @@ class OpenAIRoutes:
     async def _answer(self, request: web.Request, served, gen: Generation, shape) -> web.StreamResponse:
         engine = served.engine
         handles = self._admit(engine, gen)
-        tracker = RequestTracker(self.metrics, len(handles), gen.requests[0].adapters)
+        tracker = RequestTracker(self.metrics, len(handles), gen.requests[0].adapters, served.profile.name)
         try:
             if gen.stream:
                 return await self._stream(request, engine, served.alias, gen, shape, handles, tracker)

@@ -5,6 +5,7 @@ never cross adapter sets, unknown adapters are 404 / NOT_FOUND, a broken file fa
 
 import concurrent.futures
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -158,5 +159,5 @@ def test_the_adapter_list_the_lru_metrics_and_logs(exact):
     assert body["data"][0]["size_bytes"] == 3000 and body["cache_size"] == 2
     assert body["workers"] == [{"worker": 0, "loaded": ["medical", "tone"]}]  # legal went: --lora-cache 2
     assert [a["loaded_in_workers"] for a in body["data"]] == [[], [], [0], [0]]
-    assert 'sentiric_adapter_requests_total{adapter="tone"}' in exact.metrics()
-    assert "[adapter=tone:1]" in exact.log()   # the request's log lines name its adapter set
+    assert re.search(r'sentiric_adapter_requests_total\{adapter="tone",profile="[^"]+"\}', exact.metrics())
+    assert re.search(r"\[profile=\S+ adapter=tone:1\]", exact.log())  # its log lines name profile and adapters
