@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 from aiohttp import web
 
 from engine import logs
@@ -19,7 +20,7 @@ from server.drain import REFUSAL, Drain
 from server.embeddings import EMBEDDINGS_ROUTE, EmbeddingRoutes
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.models import ModelRoutes, Models, SwitchTimeout
+from server.models import ModelNotFound, ModelRoutes, Models, SwitchTimeout
 from server.openai_routes import GENERATION_ROUTES, OpenAIRoutes, json_response, read_json
 from server.openapi import openapi_spec
 from server.shaping import InvalidRequest, SamplingDefaults, Shaper
@@ -285,12 +286,28 @@ def _model_gate(models: Models):
         if request.path not in GATED_ROUTES:
             return await handler(request)
         try:
-            async with models.use() as served:
+            async with models.use(await _requested_model(request) if models.max_models > 1 else None) as served:
                 request["served"] = served
                 return await handler(request)
         except SwitchTimeout as exc:
             raise ApiError(503, str(exc), code="switching", headers={"Retry-After": "2"}) from None
+        except ModelNotFound as exc:
+            raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+        except (OSError, RuntimeError, ValueError) as exc:  # the profile it names could not be loaded
+            raise ApiError(503, f"The model could not be loaded: {exc}", param="model",
+                           code="model_load_failed") from None
     return model_gate
+
+
+async def _requested_model(request: web.Request) -> str | None:
+    """The `model` of a JSON body (aiohttp keeps the body, so the route reads it again); None when there is
+    none or the body is not JSON (the route answers that)."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return None
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def _body_deadline(timeout: float):

@@ -34,7 +34,7 @@ from server.grpc_service import GrpcDoor, GrpcSettings, LlamaService
 from server.metrics import Metrics
 from server.models import Models, Served
 from server.profiles import Profile, ProfileError, load_profiles
-from server.shaping import SamplingDefaults
+from server.shaping import DEFAULT_RAG_TEMPLATE, SamplingDefaults
 from server.studio import DEFAULT_DIR as STUDIO_DIR
 
 log = logging.getLogger("sentiric.server")
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(prof, "--profiles", "PROFILES", None, "profiles file (TOML, or JSON when it ends in .json)")
     _option(prof, "--profile", "PROFILE", None, "the profile active at start (default: the file's 'active', else "
                                                 "its first)")
+    _option(prof, "--max-models", "MAX_MODELS", 1, "profiles loaded at once: above 1, a request's 'model' may "
+                                                   "name any profile (loaded on demand; the least recently used "
+                                                   "other than the active one is unloaded once idle)", type=int)
     _option(prof, "--switch-timeout", "SWITCH_TIMEOUT", 120.0, "seconds a request waits for a model switch "
                                                               "(POST /v1/models/switch) to end before it gets 503 / "
                                                               "UNAVAILABLE", type=float)
@@ -162,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(req, "--max-n", "MAX_N", 16, "largest 'n' (choices per request)", type=int)
     _option(req, "--truncate", "TRUNCATE", False, "cut prompts longer than the context from the left instead of "
                                                   "refusing them", type=bool)
-    _option(req, "--rag-template", "RAG_TEMPLATE", "{context}\n\n{question}",
-            "how rag_context is put into the last user turn ({context} and {question} placeholders)")
+    _option(req, "--rag-template", "RAG_TEMPLATE", DEFAULT_RAG_TEMPLATE,
+            "how rag_context is put into the last user turn ({context} and {question} placeholders; the "
+            "default labels the documents and the question: measured better, see the README)")
     _option(req, "--system-prompt", "SYSTEM_PROMPT", None, "the base persona: a system message before a "
                                                            "request's own system prompt")
     _option(req, "--reasoning-format", "REASONING_FORMAT", "auto", "auto: a thinking section (<think>...</think>) "
@@ -211,10 +215,13 @@ def serve(argv: list[str] | None = None) -> int:
                                   studio_dir=Path(args.studio_dir), embeddings_only=args.embeddings_only,
                                   adapters=AdapterDir(args.lora_dir, args.lora_cache))
 
+        if args.max_models < 1:
+            raise ValueError("--max-models must be at least 1")
+
         def build(profile: Profile) -> Served:
             return _build(profile, args, settings)
         try:
-            models = Models(profiles, build(profiles[active]), build, args.switch_timeout, args)
+            models = Models(profiles, build(profiles[active]), build, args.switch_timeout, args, args.max_models)
         except (OSError, RuntimeError, ValueError) as exc:
             if not args.profiles:
                 raise

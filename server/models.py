@@ -7,11 +7,17 @@ during a switch new requests wait there (bounded by the switch timeout, then a r
 requests already admitted finish on the old model. The new model loads beside the old one; once it is ready
 the waiting requests go on to it, and the old engine and embedder are shut down when their last request ends.
 A model that fails to load changes nothing: the old one goes on serving and the switch answers why.
+
+With --max-models N above 1, a request's `model` may name any profile (or its model id): a profile not
+loaded is loaded beside the others on demand, and beyond N the least recently used one other than the
+active profile is unloaded once its last request ends (Ollama's behaviour). Each loaded profile has its own
+workers and scheduler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,6 +43,10 @@ class SwitchTimeout(Exception):
 
 class SwitchFailed(Exception):
     """The profile's model could not be loaded; the old one still serves."""
+
+
+class ModelNotFound(Exception):
+    """With --max-models above 1: a request's `model` names no profile."""
 
 
 @dataclass(eq=False)
@@ -67,8 +77,12 @@ class Served:
 
 class Models:
     def __init__(self, profiles: dict[str, Profile], current: Served, build: Callable[[Profile], Served],
-                 switch_timeout: float, flags):
+                 switch_timeout: float, flags, max_models: int = 1):
         self.profiles, self.current, self.build = profiles, current, build
+        self.max_models = max_models
+        # the loaded profiles by name, least recently used first (the active one among them)
+        self.resident: collections.OrderedDict[str, Served] = collections.OrderedDict({current.profile.name: current})
+        self._loading: dict[str, asyncio.Lock] = {}
         self.flags = flags  # the `serve` flags the profiles override
         self.switch_timeout = switch_timeout
         self.switching: str | None = None  # the profile being loaded
@@ -80,8 +94,9 @@ class Models:
         self._retiring: dict[Served, asyncio.Task] = {}  # old models waiting for their last request
 
     @asynccontextmanager
-    async def use(self):
-        """The model a request runs on, from before it is shaped to its last byte."""
+    async def use(self, model: str | None = None):
+        """The model a request runs on, from before it is shaped to its last byte: the active profile, or
+        with --max-models above 1 the profile its `model` names (loaded now if it is not)."""
         if not self._open.is_set():
             self.waiting += 1
             try:
@@ -91,7 +106,7 @@ class Models:
                                     f"become ready within {self.switch_timeout:g} s; retry shortly.") from None
             finally:
                 self.waiting -= 1
-        served = self.current
+        served = self.current if self.max_models == 1 or not model else await self._resident(model)
         served.active += 1
         served.idle.clear()
         try:
@@ -100,6 +115,37 @@ class Models:
             served.active -= 1
             if not served.active:
                 served.idle.set()
+
+    async def _resident(self, model: str) -> Served:
+        """The loaded profile `model` names (a profile's name or its model id), loading it if needed."""
+        name = next((n for n, s in self.resident.items() if model in (n, s.alias)), None) or next(
+            (n for n, p in self.profiles.items() if model in (n, p.apply(self.flags).model_alias)), None)
+        if name is None:
+            raise ModelNotFound(f"The model {model!r} does not exist; models: {', '.join(self.profiles)} "
+                                f"(loaded: {', '.join(s.alias for s in self.resident.values())}).")
+        async with self._loading.setdefault(name, asyncio.Lock()):  # one load per profile at a time
+            if name not in self.resident:
+                log.info("loading profile %s on demand", name, extra=event("MODEL_LOADING", profile=name))
+                new = await asyncio.to_thread(self.build, self.profiles[name])
+                try:
+                    await new.start()
+                except BaseException:
+                    await new.shutdown()
+                    raise
+                self.resident[name] = new
+                self._unload_beyond_limit()
+        self.resident.move_to_end(name)
+        return self.resident[name]
+
+    def _unload_beyond_limit(self) -> None:
+        """Beyond --max-models, the least recently used profiles other than the active one go (each once
+        its last request has ended); a request that names one later loads it again."""
+        while len(self.resident) > self.max_models:
+            victim = next((n for n in self.resident if self.resident[n] is not self.current), None)
+            if victim is None:
+                return
+            old = self.resident.pop(victim)
+            self._retiring[old] = asyncio.create_task(self._retire(old))
 
     async def switch(self, choose: Callable[[Profile], Profile]) -> Profile:
         """Load the profile `choose` makes of the active one (after any switch under way) and make it the active
@@ -130,7 +176,13 @@ class Models:
             else:
                 self.current = new
                 self.profiles[profile.name] = profile
-                self._retiring[old] = asyncio.create_task(self._retire(old))
+                if self.resident.get(old.profile.name) is old:
+                    del self.resident[old.profile.name]
+                replaced = self.resident.pop(profile.name, None)  # loaded on demand with its old settings
+                self.resident[profile.name] = new
+                for gone in (old, replaced):
+                    if gone is not None and gone not in self._retiring:
+                        self._retiring[gone] = asyncio.create_task(self._retire(gone))
                 log.info("profile %s is active", profile.name, extra=event("MODEL_SWITCHED", profile=profile.name))
             finally:
                 self.switching = None
@@ -151,7 +203,8 @@ class Models:
         for old, task in list(self._retiring.items()):
             old.idle.set()
             await task
-        await self.current.shutdown()
+        for served in self.resident.values():
+            await served.shutdown()
 
     def health(self) -> dict:
         return {"current_profile": self.current.profile.name, "switching": self.switching,

@@ -100,15 +100,19 @@ class OpenAIRoutes:
         return await self._answer(request, served, served.shaper.completion(await read_json(request)), TextShape)
 
     async def models(self, request: web.Request) -> web.Response:
-        served = self.active.current
+        """The loaded models, the active profile's first."""
+        current = self.active.current
+        loaded = [current, *(s for s in self.active.resident.values() if s is not current)]
+        return json_response({"object": "list", "data": [self._model_info(s) for s in loaded]})
+
+    def _model_info(self, served) -> dict:
         engine = served.engine
-        info = {"id": served.alias, "object": "model", "created": self.created, "owned_by": "sentiric",
+        return {"id": served.alias, "object": "model", "created": self.created, "owned_by": "sentiric",
                 "profile": served.profile.name,
                 "meta": {"n_ctx": engine.n_ctx, "n_ctx_train": engine.n_ctx_train, "path": engine.config.model_path,
                          "profile": served.profile.name, "sampling_defaults": served.shaper.defaults.as_dict(),
                          "tools": {"template_shows_tools": engine.template.supports_tools,
                                    "call_format": call_format(engine.template.source)}}}
-        return json_response({"object": "list", "data": [info]})
 
     # --- one request ---
     async def _answer(self, request: web.Request, served, gen: Generation, shape) -> web.StreamResponse:

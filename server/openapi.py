@@ -287,7 +287,7 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
             "/v1/completions": _post("Text completion (OpenAI legacy)", "CompletionRequest",
                                      _generation_ok("Completion"), 400, 401, 404, 413, 429, 503),
             "/v1/embeddings": _post("Embeddings (OpenAI): pooled per input, L2-normalised", "EmbeddingRequest",
-                                    _json(_ref("Embeddings")), 400, 401, 413, 503),
+                                    _json(_ref("Embeddings")), 400, 401, 404, 413, 503),
             "/tokenize": _post("Text to token ids", "TokenizeRequest", _json({"type": "object", "properties": {
                 "tokens": {"type": "array"}}}), 400, 401, 413, 503),
             "/detokenize": _post("Token ids to text", "DetokenizeRequest", _json({"type": "object", "properties": {

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from conftest import ROOT, free_port
+from loadtest.servers import tree_pids
 from server.proto import llama_pb2, llama_pb2_grpc
 
 KEY = "profiles-test-key"
@@ -194,6 +195,56 @@ def test_hardware_config_reloads_through_the_switch(service, client):
         status, body = call(service, "POST", "/v1/hardware/config", bad)
         assert status == 400, bad
     assert model_meta(service)["meta"]["n_ctx"] == 3072
+
+
+ROUTED = """
+[profiles.one]
+display_name = "one-model"
+ctx_size = 1024
+parallel = 2
+[profiles.two]
+display_name = "two-model"
+ctx_size = 1536
+parallel = 2
+system_prompt = "Answer in one word."
+[profiles.three]
+display_name = "three-model"
+ctx_size = 2048
+parallel = 2
+"""
+
+
+def test_max_models_routes_by_model_and_unloads_the_least_recently_used(start_server, tmp_path):
+    path = tmp_path / "routed.toml"
+    path.write_text(ROUTED)
+    service = start_server("--profiles", str(path), "--max-models", "2", "--grpc-port", "0")
+    routed = openai.OpenAI(base_url=service.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def ask(model: str) -> openai.types.chat.ChatCompletion:
+        return routed.chat.completions.create(model=model, messages=QUESTION, max_tokens=4, temperature=0)
+
+    def loaded() -> dict[str, int]:
+        return {m.id: m.model_extra["meta"]["n_ctx"] for m in routed.models.list().data}
+
+    assert ask("one").model == "one-model" and loaded() == {"one-model": 1024}  # the active profile
+    status, body = call(service, "POST", "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2}, key=None)
+    assert status == 200 and body["model"] == "one-model"  # no model named: the active profile
+    before = set(tree_pids(service.pid))
+    answer = ask("two")  # by profile name: loaded on demand, beside the active one
+    assert answer.model == "two-model" and loaded() == {"one-model": 1024, "two-model": 1536}
+    assert answer.usage.prompt_tokens != ask("one-model").usage.prompt_tokens  # two's own system prompt
+    twos = set(tree_pids(service.pid)) - before  # its worker processes
+    assert twos
+    assert ask("three-model").model == "three-model"  # by model id; beyond 2 the LRU other than the active goes
+    assert loaded() == {"one-model": 1024, "three-model": 2048}
+    deadline = time.monotonic() + 30
+    while twos & set(tree_pids(service.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not twos & set(tree_pids(service.pid))  # unloaded: its processes are gone
+    with pytest.raises(openai.NotFoundError) as err:
+        ask("four")
+    assert err.value.body["code"] == "model_not_found" and "three" in err.value.body["message"]
+    assert ask("two").model == "two-model" and loaded() == {"one-model": 1024, "two-model": 1536}
 
 
 def test_requests_wait_for_a_switch_at_most_the_switch_timeout(start_server):
