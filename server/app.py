@@ -20,7 +20,7 @@ from server.drain import REFUSAL, Drain
 from server.embeddings import EMBEDDINGS_ROUTE, EmbeddingRoutes
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.models import ModelNotFound, ModelRoutes, Models, SwitchTimeout
+from server.models import ModelLoadFailed, ModelNotFound, ModelRoutes, Models, SwitchTimeout
 from server.openai_routes import GENERATION_ROUTES, OpenAIRoutes, json_response, read_json
 from server.openapi import openapi_spec
 from server.shaping import InvalidRequest, SamplingDefaults, Shaper
@@ -293,9 +293,8 @@ def _model_gate(models: Models):
             raise ApiError(503, str(exc), code="switching", headers={"Retry-After": "2"}) from None
         except ModelNotFound as exc:
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
-        except (OSError, RuntimeError, ValueError) as exc:  # the profile it names could not be loaded
-            raise ApiError(503, f"The model could not be loaded: {exc}", param="model",
-                           code="model_load_failed") from None
+        except ModelLoadFailed as exc:
+            raise ApiError(503, str(exc), param="model", code="model_load_failed") from None
     return model_gate
 
 

@@ -49,6 +49,10 @@ class ModelNotFound(Exception):
     """With --max-models above 1: a request's `model` names no profile."""
 
 
+class ModelLoadFailed(Exception):
+    """With --max-models above 1: the profile a request names could not be loaded."""
+
+
 @dataclass(eq=False)
 class Served:
     """One loaded profile and the requests running on it."""
@@ -126,12 +130,15 @@ class Models:
         async with self._loading.setdefault(name, asyncio.Lock()):  # one load per profile at a time
             if name not in self.resident:
                 log.info("loading profile %s on demand", name, extra=event("MODEL_LOADING", profile=name))
-                new = await asyncio.to_thread(self.build, self.profiles[name])
                 try:
-                    await new.start()
-                except BaseException:
-                    await new.shutdown()
-                    raise
+                    new = await asyncio.to_thread(self.build, self.profiles[name])
+                    try:
+                        await new.start()
+                    except BaseException:
+                        await new.shutdown()
+                        raise
+                except (OSError, RuntimeError, ValueError) as exc:
+                    raise ModelLoadFailed(f"Profile {name!r} could not be loaded: {exc}") from None
                 self.resident[name] = new
                 self._unload_beyond_limit()
         self.resident.move_to_end(name)
