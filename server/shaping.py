@@ -358,9 +358,6 @@ class Shaper:
     def tokens(self, text: str) -> list[int]:
         return self.engine.tokenize(text, add_special=not self._starts_with_bos(text))
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        return self.tokens(self.render(messages))
-
     # --- completions ---
     def completion(self, body: dict) -> Generation:
         f = Fields(body)
@@ -399,7 +396,7 @@ class Shaper:
             if grammar:
                 raise f.error("tools", "cannot be combined with 'grammar' or a JSON 'response_format' (the tools' "
                                        "own grammar shapes the calls); send one of them, or tool_choice \"none\"")
-            grammar, triggers = tools.grammar()
+            grammar, triggers = tools.grammar
         # structured output repeats quotes, colons and commas by design: no default penalty for it; tool calls
         # keep it, or a small model repeats its call until max_tokens (measured: see the README, "Tools")
         repeat_penalty = 1.0 if grammar and tools is None else d.repeat_penalty

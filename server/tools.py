@@ -13,6 +13,7 @@ real tool and carry arguments that validate.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -55,9 +56,10 @@ class ToolUse:
         return GENERIC_PREAMBLE.format(tools="\n".join(json.dumps(t["function"], ensure_ascii=False)
                                                        for t in self.tools))
 
+    @functools.cached_property
     def grammar(self) -> tuple[str, list[str] | None]:
         """A GBNF grammar for the calls, and the trigger patterns that start it (None: from the
-        first token)."""
+        first token). Compiled once: parse_tools checks it, sampling uses it."""
         schemas = [(t["function"]["name"], t["function"].get("parameters") or {"type": "object"})
                    for t in self.tools if self.choice in ("auto", "required") or t["function"]["name"] == self.choice]
         opener, closer = FORMATS[self.format]
@@ -124,7 +126,7 @@ def parse_tools(f, template) -> ToolUse | None:
     use = ToolUse(tools=tools, choice=choice, parallel=f.flag("parallel_tool_calls", True),
                   native=template.supports_tools, format=call_format(template.source))
     try:
-        use.grammar()
+        use.grammar  # noqa: B018 (compiled here, so a schema it cannot enforce is the request's 400)
     except RecursionError:
         raise f.error("tools", "has a parameters schema nested too deeply to be enforced") from None
     except (SchemaError, TypeError, ValueError, AttributeError) as exc:

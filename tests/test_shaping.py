@@ -43,7 +43,8 @@ class TemplateEngine:
 
 def rendered(source: str, messages) -> str:
     engine = TemplateEngine(source)
-    return engine.model.vocab.detokenize(Shaper(engine).chat_prompt(messages))
+    shaper = Shaper(engine)
+    return engine.model.vocab.detokenize(shaper.tokens(shaper.render(messages)))
 
 
 def test_mid_conversation_system_turns_merge_into_the_leading_one():
@@ -70,7 +71,7 @@ def test_a_conversation_the_template_accepts_is_rendered_unchanged():
 def test_a_template_that_rejects_every_shape_names_its_reason():
     engine = TemplateEngine("{{ raise_exception('this template takes no conversation') }}")
     with pytest.raises(InvalidRequest) as info:
-        Shaper(engine).chat_prompt([{"role": "user", "content": "Hi"}])
+        Shaper(engine).render([{"role": "user", "content": "Hi"}])
     assert info.value.param == "messages" and "takes no conversation" in info.value.message
 
 

@@ -159,7 +159,7 @@ SCHEMAS = [("get_weather", {"type": "object", "properties": {"city": {"type": "s
 def test_tool_grammars_are_accepted_by_llama_cpp(vocab, fmt, lazy):
     use = ToolUse(tools=[{"type": "function", "function": {"name": n, "parameters": s}} for n, s in SCHEMAS],
                   choice="auto" if lazy else "required", parallel=True, native=False, format=fmt)
-    grammar, triggers = use.grammar()
+    grammar, triggers = use.grammar
     assert (triggers is not None) == lazy
     with SamplerChain(vocab, SamplingParams(grammar=grammar, grammar_triggers=triggers)) as chain:
         assert len(chain) >= 1
