@@ -1,16 +1,19 @@
 """The engine as asyncio sees it: `async for out in engine.generate(request)`.
 
 The parent process keeps the tokenizer (a vocab-only model), the chat
-template and the scheduler. One engine thread runs the step loop: plan a step
-per worker, write it to the worker's shared memory, ring, wait for the
-answers (or a worker's death), turn tokens into text, and hand the pieces to
-the event loop in one call per step. The event loop never blocks on a step.
+template and the scheduler. The step loop runs on the event loop itself, driven
+by the workers' answers: a worker's one-byte "done" wakes the loop (a reader
+on its pipe), the loop reads the step's tokens, turns them into text, puts
+them on the requests' queues, plans the next step, writes it to the worker's
+shared memory and rings. One thread and one wake-up per step: on 2 cores every
+extra thread hand-off (a GIL transfer, a self-pipe wake) is taken from
+llama.cpp's spinning threads. Planning never waits: nothing here blocks.
 
-Overlap scheduling: each worker has two step buffers, and the loop keeps two
-steps in flight, so step N+1 is planned, written and rung while the worker
-decodes step N, and the worker starts N+1 the moment N is done instead of
-waiting for the parent to finish N and plan N+1 (see engine/scheduler.py for
-how rows refer to tokens still being sampled).
+Overlap scheduling: each worker has two step buffers, and two steps are kept
+in flight, so step N+1 is planned, written and rung while the worker decodes
+step N, and the worker starts N+1 the moment N is done instead of waiting for
+the parent to finish N and plan N+1 (see engine/scheduler.py for how rows
+refer to tokens still being sampled).
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ import collections
 import logging
 import multiprocessing as mp
 import os
-import select
-import threading
 import time
 
 import numpy as np
@@ -43,6 +44,7 @@ log = logging.getLogger("sentiric.engine")
 batch_log = logging.getLogger("sentiric.batch")
 _OPS = {OP_START: T_START, OP_FREE: T_FREE, OP_COPY: T_COPY, OP_TRIM: T_TRIM, OP_ADAPTERS: T_ADAPTERS}
 _STARTUP_TIMEOUT_S = 300
+_TICK_S = 0.1  # how often respawning workers and the step watchdog are looked at
 
 
 class _Worker:
@@ -56,6 +58,10 @@ class _Worker:
         self.restarts = 0
         self.step_id = 0
         self.rung = 0      # steps rung since this process was spawned: picks the next buffer
+        self.answered = 0  # steps it has answered since it was spawned
+        self.gone = False  # its end of the answer pipe closed: it died
+        self.watched = False  # the event loop reads its answer pipe
+        self.progress_at = 0.0  # when it last answered a step, or was rung while idle (the watchdog's clock)
         self.epoch = 0     # incremented at every spawn: steps sent to a dead process are dropped
         self.hung = False  # killed by the step watchdog (not crashed)
         self.adapters_loaded = b"[]"  # JSON: the LoRA adapters the process holds, as it last reported them
@@ -72,12 +78,12 @@ class _Worker:
         self.to_worker_r.close()
         self.from_worker_w.close()  # so the worker's death reads as EOF
         self.started_at = time.monotonic()
-        self.rung = 0
+        self.rung = self.answered = 0
+        self.gone = False
         self.epoch += 1
         self.hung = False
         self.adapters_loaded = b"[]"
-        self.answers = select.poll()
-        self.answers.register(self.from_worker.fileno(), select.POLLIN)
+        self.answer_fd = self.from_worker.fileno()
 
     @property
     def next_buffer(self) -> StepBuffer:
@@ -100,28 +106,40 @@ class _Worker:
             raise EngineError(f"worker {self.index} did not load the model in {_STARTUP_TIMEOUT_S} s")
         return None
 
-    def ring(self) -> None:
+    def ring(self) -> int:
+        """Send the step written to next_buffer; returns its number (answered once `answered` reaches it)."""
+        if self.rung == self.answered:
+            self.progress_at = time.monotonic()
         self.rung += 1
         try:
             os.write(self.to_worker.fileno(), b"s")
-        except OSError:  # the worker is dead: wait_done() reads the end of its pipe
+        except OSError:  # the worker is dead: its answer pipe reads as end of file
             pass
+        return self.rung
 
-    def wait_done(self) -> bool:
-        """Wait for the step's answer; False if the worker died instead (its end of the pipe closed:
-        only the worker holds it, so a dead worker reads as end of file) or gave no answer within the
-        step timeout (a decode that never returns, a stopped process): then it is killed here."""
+    def read_answers(self) -> None:
+        """Count the answers waiting on the pipe (called when it is readable, so this does not block).
+        Only the worker holds the pipe's other end, so a dead worker reads as end of file: `gone`."""
+        try:
+            answers = os.read(self.answer_fd, 256)
+        except OSError:
+            answers = b""
+        if answers:
+            self.answered += len(answers)
+            self.progress_at = time.monotonic()
+        else:
+            self.gone = True
+
+    def check_hung(self) -> None:
+        """Kill a worker that has owed an answer for longer than the step timeout (a decode that never
+        returns, a stopped process); its pipe then reads as end of file like any death."""
         timeout = self.config.step_timeout
-        if timeout and not self.answers.poll(timeout * 1000):
+        if (timeout and self.rung > self.answered and not self.gone and not self.hung
+                and time.monotonic() - self.progress_at > timeout):
             self.hung = True
             log.error("worker %d answered no step in %g s; killing it", self.index, timeout,
                       extra=logs.event("WORKER_HUNG", worker=self.index, step_timeout_s=timeout))
             self.process.kill()
-            return False
-        try:
-            return os.read(self.from_worker.fileno(), 1) == b"d"
-        except OSError:
-            return False
 
     def stop(self) -> None:
         if self.process is None:
@@ -166,10 +184,11 @@ class AsyncEngine:
         self._workers: list[_Worker] = []
         self._scheduler: Scheduler | None = None
         self._streams: dict[Sequence, _Stream] = {}
-        self._lock = threading.Lock()          # guards the scheduler and _streams
-        self._wake = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # steps in flight, oldest first: per step, (plan, buffer, the worker's epoch, the step's number)
+        self._in_flight: collections.deque[list[tuple[StepPlan, StepBuffer, int, int]]] = collections.deque()
+        self._pump_soon = False  # a _pump is already scheduled
+        self._tick: asyncio.TimerHandle | None = None
         self._stopping = False
         self.ready = False
         self._stats = collections.Counter()
@@ -183,8 +202,9 @@ class AsyncEngine:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._start_blocking)
-        self._thread = threading.Thread(target=self._run, name="sentiric-engine", daemon=True)
-        self._thread.start()
+        for w in self._workers:
+            self._watch(w)
+        self._tick = self._loop.call_later(_TICK_S, self._on_tick)
         self.ready = True
 
     def _start_blocking(self) -> None:
@@ -223,16 +243,15 @@ class AsyncEngine:
                                     kv_unified=cfg.kv_unified)
 
     async def shutdown(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        self._stopping = True
+        if self._tick is not None:
+            self._tick.cancel()
+        for w in self._workers:
+            self._unwatch(w)
         self._stop_workers()
-        with self._lock:
-            for stream in self._streams.values():
-                stream.queue.put_nowait(Output(finish_reason="error", error="the server is shutting down"))
-            self._streams.clear()
+        for stream in self._streams.values():
+            stream.queue.put_nowait(Output(finish_reason="error", error="the server is shutting down"))
+        self._streams.clear()
         if self.vocab_model is not None:
             self.vocab_model.close()
         self.ready = False
@@ -284,10 +303,9 @@ class AsyncEngine:
         if len(request.prompt) >= self.n_ctx:
             raise ValueError(f"the prompt has {len(request.prompt)} tokens but the context holds {self.n_ctx}")
         stream = _Stream(request, asyncio.Queue())
-        with self._wake:
-            stream.seq = self._scheduler.add(request)  # raises Overloaded
-            self._streams[stream.seq] = stream
-            self._wake.notify()
+        stream.seq = self._scheduler.add(request)  # raises Overloaded
+        self._streams[stream.seq] = stream
+        self._pump_later()
         return stream
 
     async def next_output(self, stream: "_Stream") -> Output:
@@ -300,12 +318,12 @@ class AsyncEngine:
         if stream.finished:
             return
         stream.finished = True
-        with self._wake:
-            seq = stream.seq
-            if seq.finish_reason is None:
-                self._scheduler.finish(seq, "cancelled", keep_prefix=False)
-            self._streams.pop(seq, None)
-            self._wake.notify()
+        seq = stream.seq
+        if seq.finish_reason is None:
+            self._scheduler.finish(seq, "cancelled", keep_prefix=False)
+        self._streams.pop(seq, None)
+        if not self._stopping:
+            self._pump_later()  # its cells are freed by the next step, even when nothing else runs
 
     async def generate(self, request: Request):
         """Yields Outputs; the last has finish_reason. Leaving early cancels the request."""
@@ -316,68 +334,117 @@ class AsyncEngine:
         finally:
             self.cancel(stream)
 
-    # --- the step loop (engine thread) ---
-    def _run(self) -> None:
+    # --- the step loop (on the event loop, driven by the workers' answers) ---
+    def _pump_later(self) -> None:
+        """Plan at the end of this loop iteration: requests submitted together start in one step."""
+        if not self._pump_soon:
+            self._pump_soon = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Plan, write and ring steps until two are in flight (one without overlap) or nothing is left."""
+        self._pump_soon = False
         depth = 2 if self.config.overlap else 1
-        in_flight: collections.deque[list[tuple[StepPlan, StepBuffer, int]]] = collections.deque()
         try:
-            while True:
-                with self._wake:
-                    plans = self._plan_or_sleep(idle=not in_flight)
-                    if plans is None:
-                        return
-                    t0 = time.perf_counter()
-                    sent = [(plan, self._write_step(plan), self._workers[plan.worker.index].epoch)
-                            for plan in plans]
-                    self._parent_s += time.perf_counter() - t0
-                for plan, _, _ in sent:
-                    self._workers[plan.worker.index].ring()
-                if sent:
-                    in_flight.append(sent)
-                if in_flight and (len(in_flight) >= depth or not sent):
-                    self._finish_step(in_flight.popleft())
+            while not self._stopping and len(self._in_flight) < depth:
+                plans = self._plan()
+                if not plans:
+                    return
+                t0 = time.perf_counter()
+                sent = []
+                for plan in plans:
+                    w = self._workers[plan.worker.index]
+                    buf = self._write_step(plan)
+                    sent.append((plan, buf, w.epoch, w.ring()))
+                self._in_flight.append(sent)
+                self._parent_s += time.perf_counter() - t0
         except Exception:
-            log.exception("the engine loop failed; failing all requests", extra=logs.event("ENGINE_FAILED"))
-            with self._wake:
-                self._stopping = True
-                self._deliver([(s, Output(finish_reason="error", error="internal engine error"))
-                               for s in self._streams.values()])
+            self._engine_failed()
 
-    def _finish_step(self, sent: list[tuple[StepPlan, StepBuffer, int]]) -> None:
-        """Wait for the oldest step in flight on every worker it went to, then take its results."""
-        current = [self._workers[plan.worker.index].epoch == epoch for plan, _, epoch in sent]
-        done = [self._workers[plan.worker.index].wait_done() if ok else False
-                for (plan, _, _), ok in zip(sent, current)]
-        with self._wake:
-            t1 = time.perf_counter()
-            deliveries = []
-            for (plan, buf, _), ok, live in zip(sent, done, current):
-                if ok:
-                    self._complete_step(plan, buf, deliveries)
-                elif live:  # its process died during the step (a step sent before a respawn is dropped)
-                    self._worker_died(plan.worker, deliveries)
-            self._deliver(deliveries)
-            self._parent_s += time.perf_counter() - t1
-            self._parent_us.append(self._parent_s * 1e6)
-            self._parent_s = 0.0
-
-    def _plan_or_sleep(self, idle: bool):
-        """The next steps, [] when there is nothing to plan while steps are in flight, or None to stop.
-        With nothing in flight it sleeps until there is work."""
-        while not self._stopping:
-            self._poll_respawns()
+    def _plan(self) -> list[StepPlan]:
+        """The next steps; [] when there is nothing to plan."""
+        while True:
             plans = self._scheduler.plan()
             ended = [(self._streams.get(s), self._final(s)) for s in self._scheduler.ended]
             if ended:
                 self._scheduler.ended.clear()
                 self._deliver(ended)
-            if plans or not idle:
+            # the LoRA set whose turn it was had only sequences that just ended: another set's turn
+            if plans or self._in_flight or not ended:
                 return plans
-            if ended:  # the LoRA set whose turn it was had only sequences that just ended: another set's turn
-                continue
-            respawning = any(not w.alive for w in self._scheduler.workers)
-            self._wake.wait(0.05 if respawning else None)
-        return None
+
+    def _on_answers(self, w: _Worker) -> None:
+        """A worker's answer pipe is readable: finish the steps that are complete, plan the next."""
+        try:
+            epoch = w.epoch
+            w.read_answers()
+            if w.gone:
+                self._unwatch(w)
+            while self._in_flight:
+                states = [self._step_state(entry) for entry in self._in_flight[0]]
+                if "pending" in states:
+                    break
+                self._finish_step(self._in_flight.popleft(), states)
+            if w.gone and w.epoch == epoch and not any(
+                    entry[0].worker.index == w.index and entry[2] == epoch for sent in self._in_flight for entry in sent):
+                deliveries = []  # it died between steps: no step in flight reports it
+                self._worker_died(self._scheduler.workers[w.index], deliveries)
+                self._deliver(deliveries)
+        except Exception:
+            self._engine_failed()
+            return
+        self._pump()
+
+    def _watch(self, w: _Worker) -> None:
+        if not w.watched:
+            self._loop.add_reader(w.answer_fd, self._on_answers, w)
+            w.watched = True
+
+    def _unwatch(self, w: _Worker) -> None:
+        """Stop reading a worker's answers (before its pipe is closed: the fd number may be reused)."""
+        if w.watched:
+            self._loop.remove_reader(w.answer_fd)
+            w.watched = False
+
+    def _step_state(self, entry) -> str:
+        plan, _, epoch, number = entry
+        w = self._workers[plan.worker.index]
+        if w.epoch != epoch:
+            return "dropped"  # sent to a process that has been replaced since
+        if w.answered >= number:
+            return "done"
+        return "died" if w.gone else "pending"
+
+    def _finish_step(self, sent: list, states: list[str]) -> None:
+        """Take the results of a step every worker it went to has answered (or died during)."""
+        t1 = time.perf_counter()
+        deliveries = []
+        for (plan, buf, _, _), state in zip(sent, states):
+            if state == "done":
+                self._complete_step(plan, buf, deliveries)
+            elif state == "died":
+                self._worker_died(plan.worker, deliveries)
+        self._deliver(deliveries)
+        self._parent_s += time.perf_counter() - t1
+        self._parent_us.append(self._parent_s * 1e6)
+        self._parent_s = 0.0
+
+    def _on_tick(self) -> None:
+        """Now and then: the step watchdog, and respawned workers that have loaded their model."""
+        try:
+            for w in self._workers:
+                w.check_hung()
+            self._poll_respawns()
+        except Exception:
+            self._engine_failed()
+        if not self._stopping:
+            self._tick = self._loop.call_later(_TICK_S, self._on_tick)
+
+    def _engine_failed(self) -> None:
+        log.exception("the engine loop failed; failing all requests", extra=logs.event("ENGINE_FAILED"))
+        self._stopping = True
+        self._deliver([(s, Output(finish_reason="error", error="internal engine error"))
+                       for s in list(self._streams.values())])
 
     def _write_step(self, plan: StepPlan) -> StepBuffer:
         w = self._workers[plan.worker.index]
@@ -479,6 +546,7 @@ class AsyncEngine:
 
     def _worker_died(self, state: WorkerState, deliveries: list) -> None:
         w = self._workers[state.index]
+        self._unwatch(w)
         w.kill_for_respawn()
         log.error("worker %d died (exit code %s); respawning it", w.index, w.process.exitcode,
                   extra=logs.event("WORKER_DIED", worker=w.index, exit_code=w.process.exitcode))
@@ -509,49 +577,50 @@ class AsyncEngine:
             try:
                 if w.poll_ready() is not None:
                     state.alive = True
+                    self._watch(w)
                     log.info("worker %d is back", w.index, extra=logs.event("WORKER_RESTARTED", worker=w.index))
+                    self._pump_later()
             except EngineError as exc:
                 log.error("%s; trying again", exc, extra=logs.event("WORKER_START_FAILED", worker=w.index))
                 w.kill_for_respawn()
                 w.spawn()
 
     def _deliver(self, deliveries: list) -> None:
-        items = [(s.queue, out) for s, out in deliveries if s is not None]
         for s, out in deliveries:
-            if s is not None and out.finish_reason is not None:
-                self._streams.pop(s.seq, None)
-        if items:
-            self._loop.call_soon_threadsafe(_put_all, items)
+            if s is not None:
+                if out.finish_reason is not None:
+                    self._streams.pop(s.seq, None)
+                s.queue.put_nowait(out)
 
     # --- numbers ---
     def stats(self) -> dict:
-        with self._lock:
-            sched = self._scheduler
-            now = time.monotonic()
-            window = [(t, n) for t, n in self._recent if now - t <= 10]
-            span = (now - window[0][0]) if len(window) > 1 else 0
-            tps = sum(n for _, n in window[1:]) / span if span > 0 else 0.0
-            return {
-                "running": sched.running if sched else 0,
-                "waiting": len(sched.waiting) if sched else 0,
-                "kv_used": sched.kv_used() if sched else 0,
-                "kv_running": sched.kv_running() if sched else 0,
-                "kv_total": sum(w.n_ctx for w in sched.workers) if sched else 0,
-                "prefix_cache_entries": sum(len(w.cache) for w in sched.workers) if sched else 0,
-                "prefix_hit_tokens": sched.prefix_hit_tokens if sched else 0,
-                "free_slots": sum(w.parallel - len(w.running) for w in sched.workers if w.alive) if sched else 0,
-                "workers": len(self._workers),
-                "workers_alive": sum(w.alive for w in sched.workers) if sched else 0,
-                "worker_restarts": self._stats["worker_restarts"],
-                "steps": self._stats["steps"],
-                "generated_tokens": self._stats["generated_tokens"],
-                "prompt_tokens_computed": self._stats["prompt_tokens_computed"],
-                "last_batch_size": self._last_batch if sched and sched.running else 0,
-                "batch_size_counts": dict(self._batch_sizes),
-                "tokens_per_second": round(tps, 1),
-                "parent_us_per_step": round(float(np.median(self._parent_us)), 1) if self._parent_us else 0.0,
-                "adapters_loaded": self.adapters_loaded(),
-            }
+        """Call on the event loop (the step loop changes these numbers there)."""
+        sched = self._scheduler
+        now = time.monotonic()
+        window = [(t, n) for t, n in self._recent if now - t <= 10]
+        span = (now - window[0][0]) if len(window) > 1 else 0
+        tps = sum(n for _, n in window[1:]) / span if span > 0 else 0.0
+        return {
+            "running": sched.running if sched else 0,
+            "waiting": len(sched.waiting) if sched else 0,
+            "kv_used": sched.kv_used() if sched else 0,
+            "kv_running": sched.kv_running() if sched else 0,
+            "kv_total": sum(w.n_ctx for w in sched.workers) if sched else 0,
+            "prefix_cache_entries": sum(len(w.cache) for w in sched.workers) if sched else 0,
+            "prefix_hit_tokens": sched.prefix_hit_tokens if sched else 0,
+            "free_slots": sum(w.parallel - len(w.running) for w in sched.workers if w.alive) if sched else 0,
+            "workers": len(self._workers),
+            "workers_alive": sum(w.alive for w in sched.workers) if sched else 0,
+            "worker_restarts": self._stats["worker_restarts"],
+            "steps": self._stats["steps"],
+            "generated_tokens": self._stats["generated_tokens"],
+            "prompt_tokens_computed": self._stats["prompt_tokens_computed"],
+            "last_batch_size": self._last_batch if sched and sched.running else 0,
+            "batch_size_counts": dict(self._batch_sizes),
+            "tokens_per_second": round(tps, 1),
+            "parent_us_per_step": round(float(np.median(self._parent_us)), 1) if self._parent_us else 0.0,
+            "adapters_loaded": self.adapters_loaded(),
+        }
 
     def adapters_loaded(self) -> list[list[str]]:
         """Per worker, the LoRA adapters its process holds, least recently used first."""
@@ -571,7 +640,3 @@ def _op_data(kind: str, item) -> bytes | None:
         return orjson.dumps(item)
     return None
 
-
-def _put_all(items) -> None:
-    for queue, out in items:
-        queue.put_nowait(out)

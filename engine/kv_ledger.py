@@ -69,15 +69,20 @@ class KvLedger:
         return dst
 
     def truncate(self, span: Span, n: int) -> None:
-        """Keep the first n positions of a span that only its owner references (a split cache's stream)."""
+        """Keep the first n positions of a span. Cells past n that other spans reference stay counted
+        for them; a segment shared across position n is kept whole (counted, never under-counted)."""
         kept, left = [], n
         for seg in span.segments:
-            take = min(seg.cells, left)
-            self.used -= seg.cells - take
-            if take:
-                seg.cells = take
-                kept.append(seg)
-            left -= take
+            if left <= 0:
+                seg.refs -= 1
+                if seg.refs == 0:
+                    self.used -= seg.cells
+                continue
+            if seg.cells > left and seg.refs == 1:
+                self.used -= seg.cells - left
+                seg.cells = left
+            kept.append(seg)
+            left -= seg.cells
         span.segments, span.length = kept, min(span.length, n)
 
     def release(self, span: Span) -> None:

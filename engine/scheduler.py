@@ -420,6 +420,11 @@ class Scheduler:
             if self.kv_unified:  # the copy references the source's cells
                 seq.seq_id, seq.span = w.take_id(), w.ledger.share(src_span, shared)
                 plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
+                w.running.append(seq)
+                entry = w.cache.get(src_id)
+                if entry is not None and len(entry.tokens) > shared and w.cached_only_cells > w.cache_cells:
+                    self._trim_entry(plan, entry, shared)
+                w.running.remove(seq)
             elif src_id == seq_id:  # split: the finished sequence's stream becomes this one's
                 seq.seq_id, seq.span = src_id, w.cache.pop(src_id).span
                 w.ledger.truncate(seq.span, shared)
@@ -433,6 +438,16 @@ class Scheduler:
         plan.ops.append((OP_START, seq.seq_id, 0, 0, seq))
         w.running.append(seq)
         w.join(seq.adapters)
+
+    @staticmethod
+    def _trim_entry(plan: StepPlan, entry: CacheEntry, n: int) -> None:
+        """Cut a unified cache's entry down to the n positions a newcomer shares with it: with one KV
+        buffer every cell the cache holds is attended over (masked) by every running sequence, so an old
+        answer nobody continues (say 1,000 tokens behind a 20-token common template) would slow every
+        step. Only when the cache is over its cell budget: a conversation's next turn reuses it all."""
+        plan.worker.ledger.truncate(entry.span, n)
+        entry.tokens = entry.tokens[:n]
+        plan.ops.append((OP_TRIM, entry.seq_id, n, 0, None))
 
     # --- results ---
     def complete(self, plan: StepPlan, tokens) -> list[tuple[Sequence, int, int]]:

@@ -33,6 +33,12 @@ class EngineHarness:
     def run(self, coro, timeout=300):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def stats(self):
+        """The engine's numbers, read on its event loop (where the step loop changes them)."""
+        async def read():
+            return self.engine.stats()
+        return self.run(read())
+
     def prompt(self, question):
         return self.engine.tokenize(self.engine.render_chat([{"role": "user", "content": question}]), add_special=False)
 
@@ -51,11 +57,11 @@ class EngineHarness:
     def wait_idle(self, timeout=10):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            s = self.engine.stats()
+            s = self.stats()
             if s["running"] == 0 and s["waiting"] == 0 and s["kv_running"] == 0:
                 return s
             time.sleep(0.05)
-        return self.engine.stats()
+        return self.stats()
 
     def close(self):
         self.run(self.engine.shutdown())
@@ -110,11 +116,11 @@ def test_concurrent_greedy_matches_alone(eng):
 
 
 def test_batching_is_real(eng, caplog):
-    before = eng.engine.stats()["batch_size_counts"]
+    before = eng.stats()["batch_size_counts"]
     with caplog.at_level(logging.INFO, logger="sentiric.batch"):
         results = eng.generate(*(greedy_request(eng, q, 24) for q in QUESTIONS[:8]))
     assert all(out.finish_reason in ("stop", "length") for _, out in results)
-    after = eng.engine.stats()["batch_size_counts"]
+    after = eng.stats()["batch_size_counts"]
     multi = sum(n - before.get(size, 0) for size, n in after.items() if size > 1)
     assert multi > 0
     sizes = [int(r.getMessage().rsplit(":", 1)[1]) for r in caplog.records if "Processing batch of size" in r.getMessage()]
@@ -209,9 +215,9 @@ def test_shared_prefix_is_computed_once(eng):
     reqs = [Request(prompt=eng.engine.tokenize(eng.engine.render_chat(
         [{"role": "system", "content": system}, {"role": "user", "content": q}]), add_special=False),
         sampling=SamplingParams(temperature=0), max_tokens=4) for q in QUESTIONS[:6]]
-    before = eng.engine.stats()["prefix_hit_tokens"]
+    before = eng.stats()["prefix_hit_tokens"]
     results = eng.generate(*reqs)
-    hits = eng.engine.stats()["prefix_hit_tokens"] - before
+    hits = eng.stats()["prefix_hit_tokens"] - before
     assert hits >= 5 * 200
     assert sum(out.cached_tokens for _, out in results) == hits
 
@@ -242,7 +248,7 @@ def test_split_kv_limits_each_sequence_to_its_share_and_shares_prefixes_by_strea
         async def together():  # the 2nd and 3rd copy the 1st one's stream while it runs
             return await asyncio.gather(*(first_tokens(ask(q)) for q in QUESTIONS[:3]))
         shared = h.run(together()) + [h.run(first_tokens(ask(QUESTIONS[0])))]  # the last adopts an idle stream
-        stats = h.engine.stats()
+        stats = h.stats()
         assert stats["worker_restarts"] == 0 and stats["prefix_hit_tokens"] >= 300
     finally:
         h.close()
@@ -250,7 +256,7 @@ def test_split_kv_limits_each_sequence_to_its_share_and_shares_prefixes_by_strea
     try:
         h = alone
         expected = [h.run(first_tokens(ask(q))) for q in QUESTIONS[:3] + QUESTIONS[:1]]
-        assert alone.engine.stats()["prefix_hit_tokens"] == 0
+        assert alone.stats()["prefix_hit_tokens"] == 0
     finally:
         alone.close()
     assert shared == expected  # the copied and the adopted prefixes are the computed ones
@@ -283,7 +289,7 @@ def test_worker_killed_mid_run_recovers():
         assert all(out.finish_reason == "error" and "crashed" in out.error for _, out in results)
         text, out = h.generate(greedy_request(h, "What is the capital of Germany?"))[0]
         assert "Berlin" in text
-        stats = h.engine.stats()
+        stats = h.stats()
         assert stats["worker_restarts"] == 1 and stats["workers_alive"] == 1
         # a worker that dies while idle is noticed at the next step; that step's request is run again
         pid = h.engine.worker_pids()[0]
@@ -291,7 +297,7 @@ def test_worker_killed_mid_run_recovers():
         _wait_until_dead(pid)
         text, out = h.generate(greedy_request(h, "What is the capital of Germany?"))[0]
         assert "Berlin" in text and out.finish_reason in ("stop", "length")
-        assert h.engine.stats()["worker_restarts"] == 2
+        assert h.stats()["worker_restarts"] == 2
     finally:
         h.close()
 
@@ -313,13 +319,13 @@ def test_a_stuck_worker_is_killed_and_replaced():
         _, out = h.run(stall_mid_stream())
         assert out.finish_reason == "error" and "stopped answering" in out.error
         assert 3 <= time.monotonic() - started < 30
-        assert h.engine.stats()["worker_restarts"] == 1
-        while not h.engine.stats()["workers_alive"]:  # the new worker has loaded the model
+        assert h.stats()["worker_restarts"] == 1
+        while not h.stats()["workers_alive"]:  # the new worker has loaded the model
             time.sleep(0.05)
         os.kill(h.engine.worker_pids()[0], signal.SIGSTOP)  # stopped while idle: the next request's step hangs
         text, out = h.generate(greedy_request(h, "What is the capital of Germany?"))[0]
         assert "Berlin" in text and out.finish_reason in ("stop", "length")
-        stats = h.engine.stats()
+        stats = h.stats()
         assert stats["worker_restarts"] == 2 and stats["workers_alive"] == 1
     finally:
         h.close()
@@ -331,7 +337,7 @@ def test_two_workers_share_the_load():
         results = h.generate(*(greedy_request(h, q, 16) for q in QUESTIONS[:6]))
         assert all(out.finish_reason in ("stop", "length") for _, out in results)
         assert len(set(h.engine.worker_pids())) == 2
-        assert h.engine.stats()["workers_alive"] == 2
+        assert h.stats()["workers_alive"] == 2
     finally:
         h.close()
 

@@ -301,3 +301,40 @@ def test_cancelling_with_a_step_in_flight_frees_before_the_id_is_reused():
     assert sched.complete(in_flight, [5]) == []
     kinds = [(op[0], op[1]) for op in nxt.ops]
     assert kinds == [(OP_FREE, s.seq_id), (OP_START, t.seq_id)] and t.seq_id == s.seq_id  # free, then reuse
+
+
+def test_a_partly_reused_cache_entry_is_cut_to_the_shared_part_when_over_budget():
+    """Unified KV: a finished long answer is attended over by every running sequence; a newcomer sharing
+    only its first positions (a common template) trims it, when the cache is over its cell budget."""
+    state = WorkerState(0, 4096, 4, 8, cache_cells=64)
+    state.alive = True
+    sched = Scheduler([state], max_waiting=8, step_tokens=512, reserve_cap=256, is_eog=lambda t: t == EOG)
+    template = list(range(1, 41))
+    first = sched.add(Request(prompt=template + list(range(100, 400)), max_tokens=1))
+    run_step(sched)
+    sched.finish(first, "length")
+    assert state.ledger.used == 300 + len(template)
+    second = sched.add(Request(prompt=template + [7, 8, 9], max_tokens=4))
+    plans = sched.plan()
+    ops = plans[0].ops
+    assert (OP_COPY, second.seq_id, first.seq_id, len(template), None) in ops
+    trims = [op for op in ops if op[0] == OP_TRIM]
+    assert trims == [(OP_TRIM, first.seq_id, len(template), 0, None)]
+    assert ops.index(trims[0]) > ops.index((OP_COPY, second.seq_id, first.seq_id, len(template), None))
+    assert len(state.cache[first.seq_id].tokens) == len(template)
+    assert state.cached_only_cells == 0
+    assert state.ledger.used == len(template) + 3  # the shared template once, the newcomer's own prompt tail
+
+
+def test_a_cache_entry_within_the_budget_is_kept_whole_for_the_next_turn():
+    state = WorkerState(0, 4096, 4, 8, cache_cells=1024)
+    state.alive = True
+    sched = Scheduler([state], max_waiting=8, step_tokens=512, reserve_cap=256, is_eog=lambda t: t == EOG)
+    template = list(range(1, 41))
+    first = sched.add(Request(prompt=template + list(range(100, 400)), max_tokens=1))
+    run_step(sched)
+    sched.finish(first, "length")
+    sched.add(Request(prompt=template + [7, 8, 9], max_tokens=4))
+    plans = sched.plan()
+    assert not [op for op in plans[0].ops if op[0] == OP_TRIM]
+    assert len(state.cache[first.seq_id].tokens) == 340
