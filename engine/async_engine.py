@@ -218,6 +218,7 @@ class AsyncEngine:
                                      bos_token=vocab.token_to_piece(vocab.bos, special=True).decode("utf-8", "replace") if vocab.bos >= 0 else "",
                                      eos_token=vocab.token_to_piece(vocab.eos, special=True).decode("utf-8", "replace") if vocab.eos >= 0 else "")
         self.n_ctx_train = self.vocab_model.n_ctx_train
+        cfg.resolve_ctx_size(self.n_ctx_train, self.vocab_model.kv_bytes_per_cell)
         if orphans := StepBuffer.remove_orphans():
             log.info("removed %d step buffers left in /dev/shm by services that were killed", len(orphans))
         states = []

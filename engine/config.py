@@ -5,18 +5,25 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+# ctx_size 0 (auto): a split cache gives every sequence SEQ_CTX cells (at most the model's training
+# context), a unified one has UNIFIED_CTX; either way the KV cache takes at most KV_MEMORY_SHARE of RAM
+SEQ_CTX = 4096
+UNIFIED_CTX = 16384
+KV_MEMORY_SHARE = 0.25
+MIN_SEQ_CTX = 512
+
 
 @dataclass
 class EngineConfig:
     model_path: str
     workers: int = 1                  # worker processes, each with its own model and context
     parallel: int = 16                # sequences decoded together per worker
-    ctx_size: int = 16384             # KV cells per worker, shared by its sequences
+    ctx_size: int = 0                 # KV cells per worker, shared by its sequences; 0 = auto (resolve_ctx_size)
     batch_size: int = 0               # tokens per step per worker (decodes + prefill chunks); 0 = auto
     ubatch_size: int = 512            # llama.cpp's physical batch
     threads: int = 0                  # per worker; 0 = all cores divided among the workers
     flash_attn: str = "auto"          # auto | on | off
-    kv_unified: bool = True           # one KV buffer for all sequences, else one stream per sequence
+    kv_unified: bool = False          # one KV buffer for all sequences, else one stream per sequence
     cache_slots: int = -1             # finished sequences kept as prefix cache; -1 = parallel
     cache_cells: int = -1             # KV cells the prefix cache may hold alone; -1 = ctx_size // 32 (unified)
     max_waiting: int = 256            # queued requests beyond this get Overloaded (HTTP 429)
@@ -38,17 +45,37 @@ class EngineConfig:
             self.gpu = self.n_gpu_layers != 0 and supports_gpu_offload()
         if self.batch_size <= 0:
             self.batch_size = self.auto_batch_size()
-        if self.cache_cells < 0:  # in a unified cache every cached cell slows attention; streams do not
-            self.cache_cells = self.ctx_size // 32 if self.kv_unified else self.ctx_size
+        if self.ctx_size:
+            self._cache_cells_default()
         if self.cache_slots < 0:
             self.cache_slots = self.parallel
         if self.step_timeout < 0:
             raise ValueError("step_timeout must be 0 (off) or more")
-        for name in ("workers", "parallel", "ctx_size", "batch_size", "ubatch_size", "lora_cache"):
+        for name in ("workers", "parallel", "batch_size", "ubatch_size", "lora_cache"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.ctx_size < 0:
+            raise ValueError("ctx_size must be 0 (auto) or more")
         if self.flash_attn not in ("auto", "on", "off"):
             raise ValueError("flash_attn must be auto, on or off")
+
+    def _cache_cells_default(self) -> None:
+        if self.cache_cells < 0:  # in a unified cache every cached cell slows attention; streams do not
+            self.cache_cells = self.ctx_size // 32 if self.kv_unified else self.ctx_size
+
+    def resolve_ctx_size(self, n_ctx_train: int, kv_bytes_per_cell: int, memory_bytes: int | None = None) -> None:
+        """Size an auto (0) context from the model, once it is known. Split (the default): SEQ_CTX cells
+        per sequence, at most the model's training context; unified: UNIFIED_CTX. Then cut to what fits
+        KV_MEMORY_SHARE of the machine's memory (a 135M model's 16 x 4,096 cells take 1.4 GiB, an 8B
+        model's 8 GiB), never below MIN_SEQ_CTX per sequence."""
+        if not self.ctx_size:
+            per_seq = min(SEQ_CTX, n_ctx_train or SEQ_CTX)
+            cells = UNIFIED_CTX if self.kv_unified else self.parallel * per_seq
+            memory = memory_bytes if memory_bytes is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            fits = int(memory * KV_MEMORY_SHARE) // max(1, kv_bytes_per_cell)
+            floor = self.parallel * MIN_SEQ_CTX
+            self.ctx_size = max(floor, min(cells, fits // (self.parallel * 256) * self.parallel * 256))
+        self._cache_cells_default()
 
     def auto_batch_size(self) -> int:
         """256 on a CPU: a step carrying a prefill chunk stalls every decoding stream, and on the

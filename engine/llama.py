@@ -133,11 +133,27 @@ class Model(_Owner):
 
     @property
     def n_ctx_train(self) -> int:
-        return lib.llama_model_n_ctx_train(self.ptr)
+        """The context the model was trained with (from the GGUF's header for a vocab-only model, whose
+        hyperparameters llama.cpp leaves at 0)."""
+        return lib.llama_model_n_ctx_train(self.ptr) or self._arch_number("context_length", 0)
+
+    def _arch_number(self, key: str, default: int) -> int:
+        """An integer of the GGUF's `<architecture>.<key>` header field, else `default`."""
+        value = self.meta(f"{self.meta('general.architecture')}.{key}")
+        return int(value) if value is not None and value.isdigit() else default
 
     @property
     def n_embd(self) -> int:
         return lib.llama_model_n_embd(self.ptr)
+
+    @property
+    def kv_bytes_per_cell(self) -> int:
+        """What one KV cell costs in an F16 cache: a key and a value per layer, as wide as the model's
+        KV heads, from the GGUF's header (a vocab-only model has no layers to ask)."""
+        n_head = max(1, self._arch_number("attention.head_count", 1))
+        n_head_kv = self._arch_number("attention.head_count_kv", n_head)
+        head = self._arch_number("attention.key_length", self._arch_number("embedding_length", 0) // n_head)
+        return self._arch_number("block_count", 1) * 2 * n_head_kv * head * 2
 
     @property
     def n_embd_out(self) -> int:

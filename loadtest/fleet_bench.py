@@ -77,6 +77,8 @@ class Replica:
                                             grpc_port=self.grpc_port, model=model, threads=args.threads,
                                             parallel=args.parallel, ctx_size=args.ctx_size)
         self.argv += ["--cache-cells", str(args.cache_cells)]
+        if args.ctx_size:
+            self.argv += ["--ctx-size", str(args.ctx_size)]
         self.server: ManagedServer | None = None
 
     @property
@@ -304,7 +306,7 @@ def parse_args(argv=None):
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads per replica")
     p.add_argument("--parallel", type=int, default=8, help="sequences per replica")
-    p.add_argument("--ctx-size", type=int, default=16384, help="KV cells per replica")
+    p.add_argument("--ctx-size", type=int, default=0, help="KV cells per replica (0 = the service's default)")
     p.add_argument("--cache-cells", type=int, default=4608,
                    help="prefix cache per replica: about 4 conversations' prefixes by default, half of the "
                         "workload's, so only routing that keeps conversations apart keeps them cached")

@@ -26,9 +26,11 @@ LCP_PIN = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp buil
 # How the service under test is started (--start-service). The service's CLI
 # is owned by server/; adjust DEFAULT_SERVICE_CMD or pass --service-cmd.
 # Placeholders: {python} {port} {grpc_port} {model} {threads} {parallel} {ctx_size}.
-# The gRPC door gets a free port too: its default (16071) may be taken.
+# The gRPC door gets a free port too: its default (16071) may be taken. The service
+# keeps its own context size and KV layout (its defaults are what is measured);
+# --ctx-size sizes the reference servers.
 DEFAULT_SERVICE_CMD = ("{python} -m server --host 127.0.0.1 --port {port} --grpc-port {grpc_port} "
-                       "--model {model} --threads {threads} --parallel {parallel} --ctx-size {ctx_size}")
+                       "--model {model} --threads {threads} --parallel {parallel}")
 
 
 def service_command(template: str, *, port: int, grpc_port: int, model: str, threads: int, parallel: int,

@@ -673,7 +673,7 @@ def parse_args(argv=None):
     g.add_argument("--model", help="GGUF file (default: the service's default model)")
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--parallel", type=int, default=16)
-    g.add_argument("--ctx-size", type=int, default=16384)
+    g.add_argument("--ctx-size", type=int, default=0, help="KV cells (0 = the service's default)")
     g.add_argument("--ready-timeout", type=float, default=180.0)
     g.add_argument("--log-dir", default=str(servers.LOADTEST / "results" / "logs"))
     w = p.add_argument_group("traffic")
@@ -759,6 +759,8 @@ def main(argv=None) -> int:
             argv_ = servers.service_command(args.service_cmd, port=port, grpc_port=grpc_port,
                                             model=servers.resolve_model(args.model), threads=args.threads,
                                             parallel=args.parallel, ctx_size=args.ctx_size)
+            if args.ctx_size:
+                argv_ += ["--ctx-size", str(args.ctx_size)]
             if args.chaos:
                 argv_ += ["--step-timeout", f"{args.step_timeout:g}", "--max-waiting", str(args.max_waiting)]
             meta["service_command"] = shlex.join(argv_)

@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     _option(model, "--kv-offload", "KV_OFFLOAD", True, "the offloaded layers' KV cache and attention on the GPU "
                                                        "too (--no-kv-offload keeps them in RAM)", type=bool)
     eng = p.add_argument_group("engine")
-    _option(eng, "--ctx-size", "CONTEXT_SIZE", 16384, "KV cells per worker, shared by its sequences", type=int)
+    _option(eng, "--ctx-size", "CONTEXT_SIZE", 0, "KV cells per worker, shared by its sequences (0 = auto: "
+                                                 "4096 per sequence with a split cache, at most the model's "
+                                                 "training context and a quarter of the RAM; 16384 unified)",
+            type=int)
     _option(eng, "--threads", "THREADS", 0, "CPU threads per worker (0 = cores / workers)", type=int)
     _option(eng, "--workers", "WORKERS", 1, "worker processes, each with its own model copy and context", type=int)
     _option(eng, "--parallel", "PARALLEL", 16, "sequences decoded together per worker", type=int)
@@ -112,13 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "0 = 256 on CPU, 1024 with GPU offload", type=int)
     _option(eng, "--ubatch-size", "UBATCH_SIZE", 512, "llama.cpp physical batch size", type=int)
     _option(eng, "--flash-attn", "FLASH_ATTN", "auto", "flash attention", choices=["auto", "on", "off"])
-    _option(eng, "--kv-unified", "KV_UNIFIED", True, "one KV buffer shared by all sequences (enables the prefix "
-                                                     "cache)", type=bool)
+    _option(eng, "--kv-unified", "KV_UNIFIED", False, "one KV buffer shared by all sequences (any one may use "
+                                                      "all of it; every sequence attends over every used cell) "
+                                                      "instead of a stream of ctx-size / parallel cells each",
+            type=bool)
     _option(eng, "--cache-slots", "CACHE_SLOTS", -1, "finished sequences kept as prefix cache (-1 = --parallel)",
             type=int)
     _option(eng, "--cache-cells", "CACHE_CELLS", -1, "KV cells the prefix cache may hold beyond running "
-                                                      "sequences (-1 = ctx-size / 32; the newest entry is always "
-                                                      "kept); every cached cell slows attention in a unified cache",
+                                                      "sequences (-1 = ctx-size / 32 unified, all of it split; "
+                                                      "the newest entry is always kept): in a unified cache every "
+                                                      "cached cell slows attention, a split one keeps entries in "
+                                                      "idle streams",
             type=int)
     _option(eng, "--max-waiting", "MAX_WAITING", 256, "queued requests beyond this get 429 / RESOURCE_EXHAUSTED",
             type=int)

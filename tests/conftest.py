@@ -108,5 +108,5 @@ def start_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(start_server):
-    """The service on the default model: 8 sequences, 8192 KV cells, 2 threads."""
-    return start_server("--parallel", "8", "--ctx-size", "8192", "--max-n", "4")
+    """The service on the default model in its default KV layout (split): 8 sequences of 4096 KV cells, 2 threads."""
+    return start_server("--parallel", "8", "--ctx-size", "32768", "--max-n", "4")

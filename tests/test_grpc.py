@@ -216,7 +216,7 @@ def tokenize(server, text):
     (request("hi", engine={"logit_bias": {"99999999": 1}}), ["logit_bias", "outside the vocabulary"]),
     (request("hi", engine={"json_schema": {"type": "object", "properties": {"a": {"$ref": "#/x"}}}}),
      ["params.engine_specific_params.json_schema"]),
-    (request("word " * 9000), ["8192", "context"]),
+    (request("word " * 9000), ["4096", "context"]),
     (request("hi", engine={"min_p": float("nan")}), ["params.engine_specific_params", "NaN"]),
     (request("hi", engine={"grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000}),
      ["params.engine_specific_params.grammar", "nested parentheses"]),  # the service died (stack overflow)

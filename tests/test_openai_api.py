@@ -31,7 +31,8 @@ def test_chat_answers(client):
 def test_models_lists_the_served_model(client, server):
     models = client.models.list().data
     assert [m.id for m in models] == ["SmolLM2-135M-Instruct"]
-    assert models[0].model_extra["meta"]["n_ctx"] == 8192
+    assert models[0].model_extra["meta"]["n_ctx"] == 4096  # a sequence's share of the split cache
+    assert models[0].model_extra["meta"]["n_ctx_train"] == 8192
     # SmolLM2's template has no tools: they are shown in the generic preamble, calls in <tool_call> tags
     assert models[0].model_extra["meta"]["tools"] == {"template_shows_tools": False, "call_format": "tag"}
 

@@ -87,7 +87,7 @@ def test_profiles_are_listed_and_protected(service):
     assert by_name["narrow"]["sampling"]["max_tokens"] == 6 and by_name["wide"]["model"] == "default"
     assert health(service)["current_profile"] == "wide"
     meta = model_meta(service)
-    assert meta["id"] == "wide-model" and meta["profile"] == "wide" and meta["meta"]["n_ctx"] == 4096
+    assert meta["id"] == "wide-model" and meta["profile"] == "wide" and meta["meta"]["n_ctx"] == 4096 // 8
     for method, path, body in (("GET", "/v1/profiles", None), ("POST", "/v1/models/switch", {"profile": "narrow"}),
                                ("GET", "/v1/hardware/config", None), ("POST", "/v1/hardware/config", {"ctx_size": 1})):
         assert call(service, method, path, body, key=None)[0] == 401
@@ -157,7 +157,7 @@ def test_switch_with_streams_in_flight(service, client):
     assert before.model == "wide-model" and before.usage.completion_tokens > 6
     h = health(service)
     assert h["current_profile"] == "narrow" and h["switching"] is None and h["switch_waiting"] == 0
-    assert model_meta(service)["meta"]["n_ctx"] == 2048
+    assert model_meta(service)["meta"]["n_ctx"] == 2048 // 8
     # the gRPC door shapes with the new profile too
     with grpc.insecure_channel(service.grpc_target) as channel:
         stub = llama_pb2_grpc.LlamaServiceStub(channel)
@@ -188,13 +188,13 @@ def test_hardware_config_reloads_through_the_switch(service, client):
     status, body = call(service, "POST", "/v1/hardware/config", {"ctx_size": 3072})
     assert status == 200 and body["status"] == "success" and body["ctx_size"] == 3072
     assert body["active_profile"] == profile
-    assert model_meta(service)["meta"]["n_ctx"] == 3072
+    assert model_meta(service)["meta"]["n_ctx"] == 512  # 3072 / 8 sequences, each stream padded to 256 by llama.cpp
     assert call(service, "GET", "/v1/hardware/config")[1]["effective"]["ctx_size"] == 3072
     assert client.chat.completions.create(model="x", messages=QUESTION, max_tokens=4).choices[0].message.content
     for bad in ({"ctx_size": "big"}, {"ctx_size": 0}, {"bogus": 1}, {}):
         status, body = call(service, "POST", "/v1/hardware/config", bad)
         assert status == 400, bad
-    assert model_meta(service)["meta"]["n_ctx"] == 3072
+    assert model_meta(service)["meta"]["n_ctx"] == 512
 
 
 ROUTED = """
@@ -226,17 +226,17 @@ def test_max_models_routes_by_model_and_unloads_the_least_recently_used(start_se
     def loaded() -> dict[str, int]:
         return {m.id: m.model_extra["meta"]["n_ctx"] for m in routed.models.list().data}
 
-    assert ask("one").model == "one-model" and loaded() == {"one-model": 1024}  # the active profile
+    assert ask("one").model == "one-model" and loaded() == {"one-model": 512}  # the active profile
     status, body = call(service, "POST", "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2}, key=None)
     assert status == 200 and body["model"] == "one-model"  # no model named: the active profile
     before = set(tree_pids(service.pid))
     answer = ask("two")  # by profile name: loaded on demand, beside the active one
-    assert answer.model == "two-model" and loaded() == {"one-model": 1024, "two-model": 1536}
+    assert answer.model == "two-model" and loaded() == {"one-model": 512, "two-model": 768}
     assert answer.usage.prompt_tokens != ask("one-model").usage.prompt_tokens  # two's own system prompt
     twos = set(tree_pids(service.pid)) - before  # its worker processes
     assert twos
     assert ask("three-model").model == "three-model"  # by model id; beyond 2 the LRU other than the active goes
-    assert loaded() == {"one-model": 1024, "three-model": 2048}
+    assert loaded() == {"one-model": 512, "three-model": 1024}
     deadline = time.monotonic() + 30
     while twos & set(tree_pids(service.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -244,7 +244,7 @@ def test_max_models_routes_by_model_and_unloads_the_least_recently_used(start_se
     with pytest.raises(openai.NotFoundError) as err:
         ask("four")
     assert err.value.body["code"] == "model_not_found" and "three" in err.value.body["message"]
-    assert ask("two").model == "two-model" and loaded() == {"one-model": 1024, "two-model": 1536}
+    assert ask("two").model == "two-model" and loaded() == {"one-model": 512, "two-model": 768}
 
 
 def test_requests_wait_for_a_switch_at_most_the_switch_timeout(start_server):

@@ -110,7 +110,7 @@ def test_prompt_longer_than_context_names_both_numbers(server):
     assert code == 400 and body["error"]["code"] == "context_length_exceeded"
     message = body["error"]["message"]
     numbers = [int(w) for w in message.replace(",", " ").split() if w.isdigit()]
-    assert 8192 in numbers and any(n > 8192 for n in numbers), message
+    assert 4096 in numbers and any(n > 4096 for n in numbers), message
 
 
 def test_truncate_serves_long_prompts(start_server):
