@@ -454,9 +454,11 @@ class Shaper:
         if len(prompt) < limit:
             return prompt
         if not self.truncate:
+            share = "" if self.engine.config.kv_unified else ": each of its --parallel sequences gets ctx-size / parallel"
             raise InvalidRequest(f"This model's maximum context length is {limit} tokens, but the prompt has "
                                  f"{len(prompt)} tokens. Shorten the messages or the RAG context (or start the "
-                                 "server with --truncate).", f.label("messages"), "context_length_exceeded")
+                                 f"server with --truncate, or a larger --ctx-size{share}).", f.label("messages"),
+                                 "context_length_exceeded")
         keep = limit - min(max_tokens or limit // 4, limit // 2)
         return prompt[-keep:]
 
