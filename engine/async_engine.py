@@ -196,7 +196,7 @@ class AsyncEngine:
         self._recent = collections.deque(maxlen=512)  # (time, tokens) per step, for tokens/s
         self._last_batch = 0
         self._parent_us = collections.deque(maxlen=256)
-        self._parent_s = 0.0  # the engine thread's time on the current step (planning, writing, completing)
+        self._parent_s = 0.0  # the step loop's time on the current step (planning, writing, completing)
 
     # --- lifecycle ---
     async def start(self) -> None:
@@ -386,8 +386,8 @@ class AsyncEngine:
                 if "pending" in states:
                     break
                 self._finish_step(self._in_flight.popleft(), states)
-            if w.gone and w.epoch == epoch and not any(
-                    entry[0].worker.index == w.index and entry[2] == epoch for sent in self._in_flight for entry in sent):
+            if w.gone and w.epoch == epoch and not any(plan.worker.index == w.index and sent_epoch == epoch
+                                                       for sent in self._in_flight for plan, _, sent_epoch, _ in sent):
                 deliveries = []  # it died between steps: no step in flight reports it
                 self._worker_died(self._scheduler.workers[w.index], deliveries)
                 self._deliver(deliveries)

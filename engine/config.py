@@ -71,8 +71,9 @@ class EngineConfig:
         if not self.ctx_size:
             per_seq = min(SEQ_CTX, n_ctx_train or SEQ_CTX)
             cells = UNIFIED_CTX if self.kv_unified else self.parallel * per_seq
-            memory = memory_bytes if memory_bytes is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            fits = int(memory * KV_MEMORY_SHARE) // max(1, kv_bytes_per_cell)
+            if memory_bytes is None:
+                memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            fits = int(memory_bytes * KV_MEMORY_SHARE) // max(1, kv_bytes_per_cell)
             floor = self.parallel * MIN_SEQ_CTX
             self.ctx_size = max(floor, min(cells, fits // (self.parallel * 256) * self.parallel * 256))
         self._cache_cells_default()

@@ -15,7 +15,7 @@ Figures per level (t/s = tokens per second, summed over the sequences):
   gen   engine generated tokens / wall time (what a client sees end to end).
   us/step  the parent's own time per step (stats()["parent_us_per_step"]):
         planning, writing the step, reading the answer; not the decode.
-  CPU us/step  all CPU time of the parent process per step (engine thread,
+  CPU us/step  all CPU time of the parent process per step (step loop,
         event loop, the benchmark's clients): on 2 cores it is taken from
         the worker's llama.cpp threads.
 
@@ -144,7 +144,7 @@ async def engine_run(args, kv_unified: bool, level: int, prompts: list[list[int]
         "ttft_last_s": prefill_done - t0,
         "wall_s": t_end - t0,
         "parent_us_per_step": stats["parent_us_per_step"],
-        # all of this process (engine thread, event loop, these clients): it competes with the worker's threads
+        # all of this process (the step loop on the event loop, these clients): it competes with the worker's threads
         "parent_cpu_us_per_step": (cpu1 - cpu0) / steps * 1e6,
         "steps": steps,
         "batch_size_counts": {k: v for k, v in sorted(counts.items()) if v},

@@ -157,7 +157,7 @@ class ManagedServer:
 
 
 def tree_pids(root: int) -> list[int]:
-    """root and its descendants. Children are read per thread: the engine thread spawns the
+    """root and its descendants. Children are read per thread: a start-up thread spawns the
     workers, so they are its children, not the main thread's."""
     pids, todo = [], [root]
     while todo:

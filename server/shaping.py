@@ -454,7 +454,7 @@ class Shaper:
         if len(prompt) < limit:
             return prompt
         if not self.truncate:
-            share = "" if self.engine.config.kv_unified else ": each of its --parallel sequences gets ctx-size / parallel"
+            share = "" if self.engine.config.kv_unified else ": each of the --parallel sequences gets its share"
             raise InvalidRequest(f"This model's maximum context length is {limit} tokens, but the prompt has "
                                  f"{len(prompt)} tokens. Shorten the messages or the RAG context (or start the "
                                  f"server with --truncate, or a larger --ctx-size{share}).", f.label("messages"),

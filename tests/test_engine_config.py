@@ -59,3 +59,35 @@ def test_worker_context_from_the_config_decodes(kv_offload):
         batch.set(tokens, seq=0, start_pos=0)
         ctx.decode(batch)
         assert model.vocab.detokenize([int(ctx.logits_row(len(tokens) - 1).argmax())]).strip() == "Berlin"
+
+
+def test_auto_context_gives_each_split_sequence_its_share_within_the_memory():
+    gib = 1 << 30
+    small = config()  # the default: split, 16 sequences, ctx_size 0 = auto
+    small.resolve_ctx_size(n_ctx_train=8192, kv_bytes_per_cell=23040, memory_bytes=24 * gib)
+    assert not small.kv_unified and small.ctx_size == 16 * 4096 and small.cache_cells == small.ctx_size
+    short = config()
+    short.resolve_ctx_size(n_ctx_train=2048, kv_bytes_per_cell=23040, memory_bytes=24 * gib)
+    assert short.ctx_size == 16 * 2048  # never beyond what the model was trained for
+    big = config()  # an 8B model (128 KiB per cell) on 16 GiB: a quarter of the RAM holds 2,048 per sequence
+    big.resolve_ctx_size(n_ctx_train=131072, kv_bytes_per_cell=131072, memory_bytes=16 * gib)
+    assert big.ctx_size == 16 * 2048
+    tiny = config()
+    tiny.resolve_ctx_size(n_ctx_train=131072, kv_bytes_per_cell=131072, memory_bytes=2 * gib)
+    assert tiny.ctx_size == 16 * 512  # the floor
+    unified = config(kv_unified=True)
+    unified.resolve_ctx_size(n_ctx_train=8192, kv_bytes_per_cell=23040, memory_bytes=24 * gib)
+    assert unified.ctx_size == 16384 and unified.cache_cells == 16384 // 32
+    explicit = config(ctx_size=3000)
+    explicit.resolve_ctx_size(n_ctx_train=8192, kv_bytes_per_cell=23040, memory_bytes=gib)
+    assert explicit.ctx_size == 3000
+
+
+def test_the_default_model_reports_its_kv_size_and_training_context_without_its_layers():
+    model = Model(str(ensure_default_model()), vocab_only=True)
+    try:
+        # SmolLM2-135M: 30 layers x (key + value) x 3 KV heads x 64 dims x 2 bytes
+        assert model.kv_bytes_per_cell == 30 * 2 * 3 * 64 * 2
+        assert model.n_ctx_train == 8192
+    finally:
+        model.close()

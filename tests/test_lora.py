@@ -93,7 +93,7 @@ def test_concurrent_requests_with_different_adapters_answer_as_they_do_alone(exa
 
 def test_prefix_cache_entries_never_cross_adapter_sets(start_server, lora_dir):
     service = start_server("--lora-dir", str(lora_dir), "--parallel", "2", "--ctx-size", "2048", "--cache-slots", "8",
-                           "--cache-cells", "2048", "--kv-unified")  # a split cache keeps entries in its 2 idle streams only
+                           "--cache-cells", "2048", "--kv-unified")  # split, the cache is the 2 idle streams
     system = "You are the archive's assistant. " * 16   # a shared prefix of over 100 tokens
 
     def cached(question, **fields) -> int:
