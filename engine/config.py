@@ -66,13 +66,13 @@ class EngineConfig:
     def resolve_ctx_size(self, n_ctx_train: int, kv_bytes_per_cell: int, memory_bytes: int | None = None) -> None:
         """Size an auto (0) context from the model, once it is known. Split (the default): SEQ_CTX cells
         per sequence, at most the model's training context; unified: UNIFIED_CTX. Then cut to what fits
-        KV_MEMORY_SHARE of the machine's memory (a 135M model's 16 x 4,096 cells take 1.4 GiB, an 8B
-        model's 8 GiB), never below MIN_SEQ_CTX per sequence."""
+        KV_MEMORY_SHARE of the memory, the machine's or the container's limit (a 135M model's 16 x 4,096
+        cells take 1.4 GiB, an 8B model's 8 GiB), never below MIN_SEQ_CTX per sequence."""
         if not self.ctx_size:
             per_seq = min(SEQ_CTX, n_ctx_train or SEQ_CTX)
             cells = UNIFIED_CTX if self.kv_unified else self.parallel * per_seq
             if memory_bytes is None:
-                memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                memory_bytes = _memory_bytes()
             fits = int(memory_bytes * KV_MEMORY_SHARE) // max(1, kv_bytes_per_cell)
             floor = self.parallel * MIN_SEQ_CTX
             self.ctx_size = max(floor, min(cells, fits // (self.parallel * 256) * self.parallel * 256))
@@ -107,3 +107,14 @@ class EngineConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _memory_bytes() -> int:
+    """The machine's memory, or the container's limit when it has a smaller one (cgroup v2)."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+    except OSError:
+        return physical
+    return min(physical, int(limit)) if limit.isdigit() else physical
