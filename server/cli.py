@@ -393,7 +393,8 @@ def _announce(served: Served, settings: ServerSettings, host: str, port: int, me
         f"  gRPC      {grpc_line}",
         f"  model     {served.alias}, profile {served.profile.name} ({model.meta('general.architecture')} "
         f"{model.meta('general.size_label') or ''}, {size_mb:.0f} MiB) from {cfg.model_path}",
-        f"  engine    {backend}, {cfg.workers} worker x {cfg.parallel} sequences, {engine.n_ctx} KV cells, "
+        f"  engine    {backend}, {cfg.workers} worker x {cfg.parallel} sequences, {engine.n_ctx} KV cells "
+        f"{'shared (unified)' if cfg.kv_unified else 'each (split)'}, "
         f"{cfg.threads} threads, batch {cfg.batch_size}" if engine.generation else
         "  engine    no generation workers (--embeddings-only)",
         f"  embeddings {_embeddings_line(embedder)}",
