@@ -420,11 +420,6 @@ class Scheduler:
             if self.kv_unified:  # the copy references the source's cells
                 seq.seq_id, seq.span = w.take_id(), w.ledger.share(src_span, shared)
                 plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
-                w.running.append(seq)
-                entry = w.cache.get(src_id)
-                if entry is not None and len(entry.tokens) > shared and w.cached_only_cells > w.cache_cells:
-                    self._trim_entry(plan, entry, shared)
-                w.running.remove(seq)
             elif src_id == seq_id:  # split: the finished sequence's stream becomes this one's
                 seq.seq_id, seq.span = src_id, w.cache.pop(src_id).span
                 w.ledger.truncate(seq.span, shared)
@@ -438,6 +433,9 @@ class Scheduler:
         plan.ops.append((OP_START, seq.seq_id, 0, 0, seq))
         w.running.append(seq)
         w.join(seq.adapters)
+        entry = w.cache.get(source[0]) if source is not None and self.kv_unified else None
+        if entry is not None and len(entry.tokens) > shared and w.cached_only_cells > w.cache_cells:
+            self._trim_entry(plan, entry, shared)
 
     @staticmethod
     def _trim_entry(plan: StepPlan, entry: CacheEntry, n: int) -> None:

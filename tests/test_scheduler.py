@@ -303,38 +303,37 @@ def test_cancelling_with_a_step_in_flight_frees_before_the_id_is_reused():
     assert kinds == [(OP_FREE, s.seq_id), (OP_START, t.seq_id)] and t.seq_id == s.seq_id  # free, then reuse
 
 
-def test_a_partly_reused_cache_entry_is_cut_to_the_shared_part_when_over_budget():
-    """Unified KV: a finished long answer is attended over by every running sequence; a newcomer sharing
-    only its first positions (a common template) trims it, when the cache is over its cell budget."""
-    state = WorkerState(0, 4096, 4, 8, cache_cells=64)
+TEMPLATE = list(range(1, 41))  # a common start of prompts (a chat template, a system prompt)
+
+
+def answer_then_newcomer(cache_cells: int):
+    """Unified KV: a 340-token sequence finishes (a cache entry), then a newcomer sharing only its first
+    40 tokens is planned. Returns the worker, the finished sequence, the newcomer and the step's ops."""
+    state = WorkerState(0, 4096, 4, 8, cache_cells=cache_cells)
     state.alive = True
     sched = Scheduler([state], max_waiting=8, step_tokens=512, reserve_cap=256, is_eog=lambda t: t == EOG)
-    template = list(range(1, 41))
-    first = sched.add(Request(prompt=template + list(range(100, 400)), max_tokens=1))
+    first = sched.add(Request(prompt=TEMPLATE + list(range(100, 400)), max_tokens=1))
     run_step(sched)
     sched.finish(first, "length")
-    assert state.ledger.used == 300 + len(template)
-    second = sched.add(Request(prompt=template + [7, 8, 9], max_tokens=4))
-    plans = sched.plan()
-    ops = plans[0].ops
-    assert (OP_COPY, second.seq_id, first.seq_id, len(template), None) in ops
+    assert state.ledger.used == 340
+    second = sched.add(Request(prompt=TEMPLATE + [7, 8, 9], max_tokens=4))
+    return state, first, second, sched.plan()[0].ops
+
+
+def test_a_partly_reused_cache_entry_is_cut_to_the_shared_part_when_over_budget():
+    """A finished long answer is attended over by every running sequence in a unified cache; a newcomer
+    sharing only its first positions (a common template) trims it, when the cache is over its cell budget."""
+    state, first, second, ops = answer_then_newcomer(cache_cells=64)
+    copy = (OP_COPY, second.seq_id, first.seq_id, len(TEMPLATE), None)
     trims = [op for op in ops if op[0] == OP_TRIM]
-    assert trims == [(OP_TRIM, first.seq_id, len(template), 0, None)]
-    assert ops.index(trims[0]) > ops.index((OP_COPY, second.seq_id, first.seq_id, len(template), None))
-    assert len(state.cache[first.seq_id].tokens) == len(template)
+    assert copy in ops and trims == [(OP_TRIM, first.seq_id, len(TEMPLATE), 0, None)]
+    assert ops.index(trims[0]) > ops.index(copy)
+    assert len(state.cache[first.seq_id].tokens) == len(TEMPLATE)
     assert state.cached_only_cells == 0
-    assert state.ledger.used == len(template) + 3  # the shared template once, the newcomer's own prompt tail
+    assert state.ledger.used == len(TEMPLATE) + 3  # the shared template once, the newcomer's own prompt tail
 
 
 def test_a_cache_entry_within_the_budget_is_kept_whole_for_the_next_turn():
-    state = WorkerState(0, 4096, 4, 8, cache_cells=1024)
-    state.alive = True
-    sched = Scheduler([state], max_waiting=8, step_tokens=512, reserve_cap=256, is_eog=lambda t: t == EOG)
-    template = list(range(1, 41))
-    first = sched.add(Request(prompt=template + list(range(100, 400)), max_tokens=1))
-    run_step(sched)
-    sched.finish(first, "length")
-    sched.add(Request(prompt=template + [7, 8, 9], max_tokens=4))
-    plans = sched.plan()
-    assert not [op for op in plans[0].ops if op[0] == OP_TRIM]
+    state, first, _, ops = answer_then_newcomer(cache_cells=1024)
+    assert not [op for op in ops if op[0] == OP_TRIM]
     assert len(state.cache[first.seq_id].tokens) == 340
