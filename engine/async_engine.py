@@ -197,6 +197,7 @@ class AsyncEngine:
         self._last_batch = 0
         self._parent_us = collections.deque(maxlen=256)
         self._parent_s = 0.0  # the step loop's time on the current step (planning, writing, completing)
+        self._decode_s: float | None = None  # how long one decode of a decode-only step takes (moving average)
 
     # --- lifecycle ---
     async def start(self) -> None:
@@ -306,6 +307,7 @@ class AsyncEngine:
         stream = _Stream(request, asyncio.Queue())
         stream.seq = self._scheduler.add(request)  # raises Overloaded
         self._streams[stream.seq] = stream
+        self._cut_bursts()
         self._pump_later()
         return stream
 
@@ -324,6 +326,7 @@ class AsyncEngine:
             self._scheduler.finish(seq, "cancelled", keep_prefix=False)
         self._streams.pop(seq, None)
         if not self._stopping:
+            self._cut_bursts()
             self._pump_later()  # its cells are freed by the next step, even when nothing else runs
 
     async def generate(self, request: Request):
@@ -365,7 +368,7 @@ class AsyncEngine:
     def _plan(self) -> list[StepPlan]:
         """The next steps; [] when there is nothing to plan."""
         while True:
-            plans = self._scheduler.plan()
+            plans = self._scheduler.plan(self._max_burst())
             ended = [(self._streams.get(s), self._final(s)) for s in self._scheduler.ended]
             if ended:
                 self._scheduler.ended.clear()
@@ -373,6 +376,25 @@ class AsyncEngine:
             # the LoRA set whose turn it was had only sequences that just ended: another set's turn
             if plans or self._in_flight or not ended:
                 return plans
+
+    def _max_burst(self) -> int:
+        """Decodes a burst may run: as many as take config.burst_ms, by the decode time measured last."""
+        if not self.config.burst_ms or self._decode_s is None:
+            return 1
+        return max(1, int(self.config.burst_ms / 1000 / max(self._decode_s, 1e-4)))
+
+    def _cut_bursts(self) -> None:
+        """A request arrived or left: end each worker's newest step early if it is a burst, so the
+        change is planned for within one decode. (An older step in flight cannot be cut: the newer one
+        was planned to go on where it ends.)"""
+        newest = {}
+        for sent in self._in_flight:
+            for entry in sent:
+                newest[entry[0].worker.index] = entry
+        for plan, buf, epoch, _ in newest.values():
+            if plan.burst > 1 and not plan.cut and self._workers[plan.worker.index].epoch == epoch:
+                buf.cut[0] = 1
+                self._scheduler.cut(plan)
 
     def _on_answers(self, w: _Worker) -> None:
         """A worker's answer pipe is readable: finish the steps that are complete, plan the next."""
@@ -474,7 +496,8 @@ class AsyncEngine:
                 buf.logits[k + n - 1] = row.output
             k += n
         w.step_id += 1
-        buf.header[:] = (k, len(plan.ops), blob_used, w.step_id)
+        buf.header[:] = (k, len(plan.ops), blob_used, w.step_id, plan.burst)
+        buf.cut[0] = 0
         size = plan.batch_size
         if size:
             self._last_batch = size
@@ -497,33 +520,42 @@ class AsyncEngine:
             message = buf.message_text()
             log.error("worker %d step failed: %s", plan.worker.index, message,
                       extra=logs.event("STEP_FAILED", worker=plan.worker.index))
-            for row in plan.rows:
-                if row.seq.finish_reason is None:
-                    sched.finish(row.seq, "error", keep_prefix=False)
-                    deliveries.append((self._streams.get(row.seq), self._final(row.seq, error=message)))
+            for seq in sched.step_failed(plan):
+                deliveries.append((self._streams.get(seq), self._final(seq, error=message)))
             return
-        tokens = buf.out_token[:n_out].tolist()
-        sampled = sched.complete(plan, tokens)
+        burst = plan.burst
+        if all(row.count == 1 for row in plan.rows):  # a decode-only step: how long one decode takes
+            decode_s = int(buf.out_header[4]) / 1e6
+            self._decode_s = decode_s if self._decode_s is None else 0.8 * self._decode_s + 0.2 * decode_s
+        rows = buf.out_token[:n_out * burst].reshape(n_out, burst).tolist()
+        sampled = sched.complete(plan, [row[:n] for row, n in zip(rows, buf.out_count[:n_out].tolist())])
+        n_sampled = sum(len(got) for _, _, got in sampled)
         self._stats["steps"] += 1
         self._stats["prompt_tokens_computed"] += plan.n_tokens - n_out
-        self._stats["generated_tokens"] += len(sampled)
-        self._recent.append((time.monotonic(), len(sampled)))
+        self._stats["generated_tokens"] += n_sampled
+        self._recent.append((time.monotonic(), n_sampled))
         pieces, eog = self._pieces, self._eog
-        for seq, j, token in sampled:
+        for seq, j, got in sampled:
             stream = self._streams.get(seq)
             if seq.seq_id in failed_starts:
                 sched.finish(seq, "error", keep_prefix=False)
                 deliveries.append((stream, self._final(seq, error=buf.message_text() or "could not start sampling")))
                 continue
-            reason = sched.finish_reason_for(seq, token)
-            out = Output(token_ids=[token])
-            if stream is not None:
-                if reason != "stop" or token not in eog:
-                    out.text = stream.text.push(pieces[token])
-                if stream.request.top_logprobs >= 0:
-                    out.logprobs.append(self._logprob(buf, j, token, stream.request.top_logprobs))
-                if stream.text.stopped:
-                    reason = "stop"
+            out, reason = Output(token_ids=got), None
+            generated = seq.n_generated - len(got)
+            for s, token in enumerate(got):
+                reason = sched.finish_reason_for(seq, token, generated + s + 1)
+                if stream is not None:
+                    if reason != "stop" or token not in eog:
+                        out.text += stream.text.push(pieces[token])
+                    if stream.request.top_logprobs >= 0:
+                        out.logprobs.append(self._logprob(buf, j * burst + s, token, stream.request.top_logprobs))
+                    if stream.text.stopped:
+                        reason = "stop"
+                if reason is not None:  # a burst may have gone on past the end
+                    sched.discard(seq, len(got) - s - 1)
+                    del got[s + 1:]
+                    break
             if reason is None:
                 deliveries.append((stream, out))
                 continue
@@ -636,7 +668,7 @@ def _op_data(kind: str, item) -> bytes | None:
     if kind == OP_START:
         p = item.request.sampling
         return orjson.dumps({**p.__dict__, "logit_bias": {str(k): v for k, v in (p.logit_bias or {}).items()},
-                             "top_logprobs": item.request.top_logprobs})
+                             "top_logprobs": item.request.top_logprobs, "ignore_eos": item.request.ignore_eos})
     if kind == OP_ADAPTERS:
         return orjson.dumps(item)
     return None

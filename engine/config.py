@@ -32,6 +32,7 @@ class EngineConfig:
     gpu: bool | None = None           # layers run on a GPU; None = n_gpu_layers != 0 and libllama can offload
     log_batches: bool = False         # log "Processing batch of size: N" at INFO instead of DEBUG
     overlap: bool = True              # plan step N+1 while the worker decodes step N (two steps in flight)
+    burst_ms: float = 50.0            # decode-only steps run as bursts of up to this long; 0 = one decode per step
     chat_template: str | None = None  # a Jinja chat template used instead of the model's own
     step_timeout: float = 120.0       # a worker that answers no step for this long is killed and replaced; 0 = never
     lora_dir: str | None = None       # GGUF LoRA adapters requests name (file name without .gguf)
@@ -51,6 +52,8 @@ class EngineConfig:
             self.cache_slots = self.parallel
         if self.step_timeout < 0:
             raise ValueError("step_timeout must be 0 (off) or more")
+        if self.burst_ms < 0:
+            raise ValueError("burst_ms must be 0 (off) or more")
         for name in ("workers", "parallel", "batch_size", "ubatch_size", "lora_cache"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

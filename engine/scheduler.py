@@ -15,6 +15,15 @@ token is the one step N is still sampling carries PENDING_TOKEN: the worker
 feeds in its own last sample for that sequence. A sequence that ends in step
 N has one row too many in step N+1; its output is ignored.
 
+Bursts: when every sequence of a worker only decodes and nothing waits, a step
+may be a burst of up to `max_burst` decodes (engine/transport.py): the worker
+feeds each row its own samples, so the parent, whose every wake-up takes a core
+from llama.cpp's threads, is woken once per burst. Positions and KV cells are
+committed for the whole burst when it is planned; a row that ends early (its
+end-of-generation token) or a burst cut short (`cut`: a request arrived or was
+cancelled) gives the rest back when the burst completes. Nothing is planned
+after a cut burst until then, since where its rows stop is not known before.
+
 LoRA adapters: llama.cpp applies adapters to a whole context, so a step carries
 the rows of one adapter set only (the base model is the empty set). When a
 worker runs sequences of several sets, each step serves the set whose turn is
@@ -108,6 +117,8 @@ class StepPlan:
     ops: list[tuple] = field(default_factory=list)   # (OP_*, seq_id, a, b, Sequence | adapter set | None)
     rows: list[Row] = field(default_factory=list)
     adapters: tuple | None = None                    # the LoRA set of every row; None: not chosen yet
+    burst: int = 1                                   # decodes the worker runs (see the module docstring)
+    cut: bool = False                                # the burst was asked to end early
 
     @property
     def n_tokens(self) -> int:
@@ -146,6 +157,7 @@ class WorkerState:
         self.adapters: tuple | None = ()  # the LoRA set the worker applies as of the last step planned; None: unknown
         self.turns: dict[tuple, float] = {}  # LoRA set -> the step it last got a turn (or started waiting for one)
         self.steps = 0                       # steps planned, the clock of `turns`
+        self.unsettled = False               # a cut burst is in flight: plan nothing until it completes
 
     def join(self, adapters: tuple) -> None:
         """A sequence of this LoRA set starts here: a set new to the worker waits for a turn from now on
@@ -280,8 +292,8 @@ class Scheduler:
         return lost
 
     # --- one iteration ---
-    def plan(self) -> list[StepPlan]:
-        plans = {w.index: StepPlan(w) for w in self.workers if w.alive}
+    def plan(self, max_burst: int = 1) -> list[StepPlan]:
+        plans = {w.index: StepPlan(w) for w in self.workers if w.alive and not w.unsettled}
         budget = {i: self.step_tokens for i in plans}
         for p in plans.values():
             p.adapters = p.worker.take_turn()
@@ -299,7 +311,37 @@ class Scheduler:
                 w.adapters = p.adapters
             if not self.kv_unified:  # in id order, or llama.cpp splits the step into several passes (lowest_idle_id)
                 p.rows.sort(key=lambda r: r.seq.seq_id)
+            if max_burst > 1 and not self.waiting:
+                self._make_burst(p, max_burst)
         return [p for p in plans.values() if p.rows or p.ops]
+
+    def _make_burst(self, plan: StepPlan, max_burst: int) -> None:
+        """Make a step whose every running sequence decodes (no prefill, no newcomer, no other LoRA
+        set waiting for a turn) a burst, as long as every row has tokens and KV room left for it and
+        the worker's output slots (step_tokens) hold all of its tokens."""
+        w = plan.worker
+        if not plan.rows or len(plan.rows) != len(w.running) or any(op[0] == OP_START for op in plan.ops):
+            return
+        burst = min(max_burst, self.step_tokens // len(plan.rows))
+        for row in plan.rows:
+            seq = row.seq
+            if row.count != 1 or not row.output:
+                return
+            burst = min(burst, seq.reserve - seq.n_scheduled + 1)
+            if seq.request.max_tokens is not None:
+                burst = min(burst, seq.request.max_tokens - seq.outputs_planned + 1)
+        if burst <= 1:
+            return
+        plan.burst = burst
+        for row in plan.rows:
+            row.seq.n_scheduled += burst - 1
+            row.seq.outputs_planned += burst - 1
+            w.ledger.grow(row.seq.span, burst - 1)
+
+    def cut(self, plan: StepPlan) -> None:
+        """The engine asked the worker to end this burst early: where its rows stop is known only when
+        it completes, so nothing more is planned for the worker until then."""
+        plan.cut = plan.worker.unsettled = True
 
     def _continue_decoding(self, plan: StepPlan, budget: dict) -> None:
         w = plan.worker
@@ -448,31 +490,61 @@ class Scheduler:
         plan.ops.append((OP_TRIM, entry.seq_id, n, 0, None))
 
     # --- results ---
-    def complete(self, plan: StepPlan, tokens) -> list[tuple[Sequence, int, int]]:
-        """Record a finished step; returns (sequence, output row, token) for every sampled token of a
-        sequence still running (one that ended meanwhile had its cells released already)."""
+    def complete(self, plan: StepPlan, samples: list[list[int]]) -> list[tuple[Sequence, int, list[int]]]:
+        """Record a finished step: `samples[j]` are output row j's tokens (one, up to the burst's length
+        in a burst, none for a row the worker dropped). Returns (sequence, output row, its tokens) for
+        every sequence still running (one that ended meanwhile had its cells released already)."""
         sampled, j = [], 0
+        w = plan.worker
         for row in plan.rows:
             seq = row.seq
+            n = len(samples[j]) if row.output else 1
             if seq.finish_reason is None:
-                seq.n_computed += row.count
+                seq.n_computed += row.count + n - 1
+                unused = plan.burst - n if row.output else 0
+                if unused:  # it ended (or the burst was cut) early: give back what was planned beyond
+                    seq.n_scheduled -= unused
+                    seq.outputs_planned -= unused
+                    w.ledger.truncate(seq.span, seq.span.length - unused)
             if row.output:
-                token = int(tokens[j])
-                if seq.finish_reason is None:
-                    seq.tokens.append(token)
-                    sampled.append((seq, j, token))
+                if seq.finish_reason is None and n:
+                    got = list(samples[j])
+                    seq.tokens += got
+                    sampled.append((seq, j, got))
                 j += 1
+        if plan.cut:
+            w.unsettled = False
         return sampled
 
-    def finish_reason_for(self, seq: Sequence, token: int) -> str | None:
-        """Token-level end conditions: end of generation, max_tokens, a full context."""
+    def step_failed(self, plan: StepPlan) -> list[Sequence]:
+        """The worker could not run the step: its sequences end with an error (returned)."""
+        failed = []
+        for row in plan.rows:
+            if row.seq.finish_reason is None:
+                self.finish(row.seq, "error", keep_prefix=False)
+                failed.append(row.seq)
+        if plan.cut:
+            plan.worker.unsettled = False
+        return failed
+
+    def discard(self, seq: Sequence, n: int) -> None:
+        """Forget a sequence's last n samples: a burst went on past where the sequence ended (a stop
+        string). Their KV positions stay in its span, unused."""
+        if n:
+            del seq.tokens[-n:]
+            seq.n_computed = min(seq.n_computed, len(seq.tokens) - 1)
+
+    def finish_reason_for(self, seq: Sequence, token: int, generated: int | None = None) -> str | None:
+        """Token-level end conditions: end of generation, max_tokens, a full context. `generated`:
+        the completion's length up to this token (default: all of it)."""
+        generated = seq.n_generated if generated is None else generated
         if token < 0:
             return "error"
         if self.is_eog(token) and not seq.request.ignore_eos:
             return "stop"
-        if seq.request.max_tokens is not None and seq.n_generated >= seq.request.max_tokens:
+        if seq.request.max_tokens is not None and generated >= seq.request.max_tokens:
             return "length"
-        if len(seq.tokens) >= seq.worker.n_ctx_seq:
+        if seq.n_prompt + generated >= seq.worker.n_ctx_seq:
             return "length"
         return None
 

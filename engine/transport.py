@@ -5,6 +5,12 @@ ops, a small blob for sampling parameters) and its output (sampled tokens,
 logprobs, op results). Both processes map the same file under /dev/shm and see
 it through numpy views; a one-byte message on a pipe is the doorbell. Nothing
 on the per-step path is pickled or allocated.
+
+A step whose rows only decode may be a burst: the worker decodes it `burst`
+times, every row's next input being its own last sample, so the parent hears
+from the worker once per burst instead of once per token. A row ends early on
+an end-of-generation token; the parent sets `cut` to end the whole burst early
+(a new request, a cancellation).
 """
 
 from __future__ import annotations
@@ -39,15 +45,17 @@ class StepBuffer:
     def __init__(self, path: str, n_batch: int, max_ops: int, blob_size: int, *, create: bool):
         self.path, self.n_batch, self.max_ops, self.blob_size = path, n_batch, max_ops, blob_size
         fields = [
-            ("header", np.int32, (4,)),              # n_tokens, n_ops, blob_used, step id
+            ("header", np.int32, (5,)),              # n_tokens, n_ops, blob_used, step id, burst
+            ("cut", np.int32, (1,)),                 # set by the parent while a burst runs: end it early
             ("token", np.int32, (n_batch,)),
             ("pos", np.int32, (n_batch,)),
             ("seq", np.int32, (n_batch,)),
             ("logits", np.int8, (n_batch,)),
             ("ops", np.int32, (max_ops, 4)),         # kind, seq, a, b
             ("blob", np.uint8, (blob_size,)),
-            ("out_header", np.int32, (4,)),          # status, n_out, message length, step id
-            ("out_token", np.int32, (n_batch,)),
+            ("out_header", np.int32, (5,)),          # status, n_out, message length, step id, us per decode
+            ("out_count", np.int32, (n_batch,)),     # tokens sampled per output row (up to the burst)
+            ("out_token", np.int32, (n_batch,)),     # output row j's s-th token at j * burst + s
             ("out_logprob", np.float32, (n_batch,)),
             ("out_top_id", np.int32, (n_batch, MAX_TOP_LOGPROBS)),
             ("out_top_logprob", np.float32, (n_batch, MAX_TOP_LOGPROBS)),

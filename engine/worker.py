@@ -6,6 +6,8 @@ fill in the rows whose input is the token this worker sampled last for their
 sequence (the parent planned them before that token existed), llama_decode the
 token rows (many sequences in one batch), sample every row that asked for
 output with that sequence's own sampler chain, write the tokens back, ring.
+A burst (engine/transport.py) repeats decode and sample, each row fed its own
+sample, until it is done, cut, or every row has ended.
 llama_decode always runs on this process's main thread (ggml's threads spin;
 decoding from changing threads was measured at half speed).
 """
@@ -16,6 +18,7 @@ import collections
 import logging
 import os
 import signal
+import time
 import traceback
 from pathlib import Path
 
@@ -30,12 +33,13 @@ log = logging.getLogger("sentiric.worker")
 
 
 class _SeqSampling:
-    """How one sequence picks its tokens: a llama.cpp chain, or plain argmax."""
+    """How one sequence picks its tokens: a llama.cpp chain, or plain argmax; and whether an
+    end-of-generation token ends it."""
 
-    __slots__ = ("chain", "top_logprobs")
+    __slots__ = ("chain", "top_logprobs", "ignore_eos")
 
-    def __init__(self, chain, top_logprobs: int):
-        self.chain, self.top_logprobs = chain, top_logprobs
+    def __init__(self, chain, top_logprobs: int, ignore_eos: bool):
+        self.chain, self.top_logprobs, self.ignore_eos = chain, top_logprobs, ignore_eos
 
 
 class _Adapters:
@@ -102,6 +106,9 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
     batches = [Batch(b.n_batch, token=b.token, pos=b.pos, seq=b.seq, logits=b.logits) for b in buffers]
     pending = np.zeros(buffers[0].n_batch, bool)
     last_sampled = np.zeros(ctx.n_seq_max, np.int32)  # per sequence: the input of a PENDING_TOKEN row
+    # per sequence: it sampled its end in a burst, so rows planned for it after that do not follow on
+    # from its KV positions (llama.cpp refuses such a batch); they are dropped
+    ended = np.zeros(ctx.n_seq_max, bool)
     vocab = model.vocab
     kv_unified = config["context"]["kv_unified"]
     sampling: dict[int, _SeqSampling] = {}
@@ -110,9 +117,68 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
                        "n_seq_max": ctx.n_seq_max})
 
     def drop(seq: int) -> None:
+        ended[seq] = False
         s = sampling.pop(seq, None)
         if s is not None and s.chain is not None:
             s.chain.close()
+
+    def sample(buf, n: int, out_row: np.ndarray, burst: int, s: int) -> None:
+        """Sample every output row of the decode just run (the s-th of the step) into its slots."""
+        logits = ctx.logits(int(np.count_nonzero(buf.logits[:n])))
+        for k, row in enumerate(np.flatnonzero(buf.logits[:n])):
+            seq, j = int(buf.seq[row]), int(out_row[row])
+            at = j * burst + s
+            smp = sampling.get(seq)
+            if smp is None:
+                token = -1
+            elif smp.chain is None:
+                token = int(np.argmax(logits[k]))
+            else:
+                token = smp.chain.sample(ctx, int(row))
+            buf.out_token[at] = token
+            buf.out_count[j] += 1
+            if token < 0 or (not smp.ignore_eos and vocab.is_eog(token)):
+                ended[seq] = True
+                if token < 0:
+                    continue
+            last_sampled[seq] = token
+            if smp.top_logprobs >= 0:
+                lp = log_softmax(logits[k])
+                buf.out_logprob[at] = lp[token]
+                top_k = min(smp.top_logprobs, MAX_TOP_LOGPROBS)
+                if top_k:
+                    top = np.argpartition(lp, -top_k)[-top_k:]
+                    top = top[np.argsort(lp[top])[::-1]]
+                    buf.out_top_id[at, :top_k] = top
+                    buf.out_top_logprob[at, :top_k] = lp[top]
+
+    def decode(buf, batch, n: int, burst: int) -> tuple[int, float]:
+        """Run the step's rows (`burst` times for a burst) and sample; returns the number of output
+        rows and the seconds one decode took. Raises LlamaError."""
+        out_row = np.cumsum(buf.logits[:n], dtype=np.int32) - 1  # per batch row: its output row
+        n_out = int(out_row[-1]) + 1
+        buf.out_count[:n_out] = 0
+        t0, runs = time.perf_counter(), 0
+        for s in range(burst):
+            if s and buf.cut[0]:
+                break
+            live = ~ended[buf.seq[:n]]
+            if not live.all():
+                keep = np.flatnonzero(live)
+                n = len(keep)
+                for a in (buf.token, buf.pos, buf.seq, buf.logits):
+                    a[:n] = a[keep]
+                out_row = out_row[keep]
+                if not n:
+                    break
+            if s:  # a burst's rows all decode: each goes on from its own last sample
+                buf.token[:n] = last_sampled[buf.seq[:n]]
+                buf.pos[:n] += 1
+            batch.n_tokens = n
+            ctx.decode(batch)
+            sample(buf, n, out_row, burst, s)
+            runs += 1
+        return n_out, (time.perf_counter() - t0) / max(1, runs)
 
     ring_in, ring_out = doorbell_in.fileno(), doorbell_out.fileno()  # one raw byte per step each way
     steps = 0
@@ -124,7 +190,7 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
             break
         buf, batch = buffers[steps & 1], batches[steps & 1]
         steps += 1
-        n_tokens, n_ops, _, step_id = (int(x) for x in buf.header)
+        n_tokens, n_ops, _, step_id, burst = (int(x) for x in buf.header)
         if n_tokens < 0:  # shutdown
             break
         status, message = STATUS_OK, ""
@@ -135,11 +201,12 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
                 if kind == OP_START:
                     drop(seq)
                     p = orjson.loads(bytes(buf.blob[a:a + b]))
-                    top = p.pop("top_logprobs")
+                    top, ignore_eos = p.pop("top_logprobs"), p.pop("ignore_eos")
                     params = SamplingParams(**p)
                     if params.logit_bias:
                         params.logit_bias = {int(t): v for t, v in params.logit_bias.items()}
-                    sampling[seq] = _SeqSampling(None if params.greedy else SamplerChain(vocab, params), top)
+                    sampling[seq] = _SeqSampling(None if params.greedy else SamplerChain(vocab, params), top,
+                                                 ignore_eos)
                 elif kind == OP_FREE:
                     drop(seq)
                     ctx.seq_rm(seq)
@@ -167,34 +234,12 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
             mask = np.less(buf.token[:n_tokens], 0, out=pending[:n_tokens])  # PENDING_TOKEN rows
             if mask.any():
                 buf.token[:n_tokens][mask] = last_sampled[buf.seq[:n_tokens][mask]]
-            batch.n_tokens = n_tokens
             try:
-                ctx.decode(batch)
+                n_out, decode_s = decode(buf, batch, n_tokens, burst)
             except LlamaError as exc:
                 status, message = STATUS_DECODE_FAILED, str(exc)
             else:
-                rows = np.flatnonzero(buf.logits[:n_tokens])
-                n_out = len(rows)
-                logits = ctx.logits(n_out)
-                for j, row in enumerate(rows):
-                    s = sampling.get(int(buf.seq[row]))
-                    if s is None:
-                        buf.out_token[j] = -1
-                        continue
-                    if s.chain is None:
-                        token = int(np.argmax(logits[j]))
-                    else:
-                        token = s.chain.sample(ctx, int(row))
-                    buf.out_token[j] = last_sampled[buf.seq[row]] = token
-                    if s.top_logprobs >= 0:
-                        lp = log_softmax(logits[j])
-                        buf.out_logprob[j] = lp[token]
-                        k = min(s.top_logprobs, MAX_TOP_LOGPROBS)
-                        if k:
-                            top = np.argpartition(lp, -k)[-k:]
-                            top = top[np.argsort(lp[top])[::-1]]
-                            buf.out_top_id[j, :k] = top
-                            buf.out_top_logprob[j, :k] = lp[top]
+                buf.out_header[4] = int(decode_s * 1e6)
         buf.out_header[0], buf.out_header[1], buf.out_header[3] = status, n_out, step_id
         buf.set_message(message)
         try:

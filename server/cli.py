@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
             type=int)
     _option(eng, "--overlap", "OVERLAP", True, "plan each decode step while the worker runs the one before "
                                                "(two steps in flight)", type=bool)
+    _option(eng, "--burst-ms", "BURST_MS", 50.0, "while every sequence only decodes and nothing waits, a worker "
+                                                 "decodes this long (several tokens) per round trip to the "
+                                                 "parent; tokens stream in chunks of that length (0 = one "
+                                                 "token per round trip)", type=float)
     _option(eng, "--step-timeout", "STEP_TIMEOUT", 120.0, "seconds a worker may take to answer one decode step "
                                                          "before it is killed and replaced (0 = never)", type=float)
     lora = p.add_argument_group("LoRA adapters", "a request names an adapter by its file name without .gguf "
@@ -265,7 +269,8 @@ def _build(profile: Profile, flags, settings: ServerSettings) -> Served:
         cache_cells=args.cache_cells,
         max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, kv_offload=args.kv_offload,
         log_batches=args.log_batches,
-        overlap=args.overlap, step_timeout=args.step_timeout, lora_dir=args.lora_dir, lora_cache=args.lora_cache,
+        overlap=args.overlap, burst_ms=args.burst_ms, step_timeout=args.step_timeout, lora_dir=args.lora_dir,
+        lora_cache=args.lora_cache,
         chat_template=Path(args.chat_template_file).read_text() if args.chat_template_file else None)
     embedder_config = EmbedderConfig(
         model_path=str(model_path), ctx_size=args.embeddings_ctx_size,

@@ -121,8 +121,10 @@ class RequestTracker:
     def seen(self, i: int, out) -> None:
         now = time.perf_counter()
         if out.token_ids:
-            if self.last[i] is not None:
-                self.metrics.inter_token.observe(now - self.last[i])
+            if self.last[i] is not None:  # a burst's tokens arrive together: each took its share of the gap
+                gap = (now - self.last[i]) / len(out.token_ids)
+                for _ in out.token_ids:
+                    self.metrics.inter_token.observe(gap)
             elif all(t is None for t in self.last):
                 self.metrics.ttft.observe(now - self.start)
             self.last[i] = now

@@ -18,7 +18,7 @@ def make(parallel=8, step_tokens=256, cache_slots=4, kv_unified=True, n_ctx=8192
 def step(sched, token=5):
     plans = sched.plan()
     for p in plans:
-        sched.complete(p, [token] * sum(r.output for r in p.rows))
+        sched.complete(p, [[token]] * sum(r.output for r in p.rows))
     return plans
 
 
@@ -83,7 +83,7 @@ def test_a_set_with_nothing_left_to_sample_gives_its_turn_away():
     third = sched.plan()[0]    # LEGAL sampled its only token in flight: BASE again
     assert third.adapters == BASE and third.rows[0].seq is other
     for p in (first, second, third):
-        sched.complete(p, [5] * sum(r.output for r in p.rows))
+        sched.complete(p, [[5]] * sum(r.output for r in p.rows))
     assert done.n_generated == 1
 
 

@@ -23,7 +23,7 @@ def run_step(sched, token=5):
     out = []
     for p in plans:
         n_out = sum(r.output for r in p.rows)
-        out += sched.complete(p, [token] * n_out)
+        out += sched.complete(p, [[token]] * n_out)
     return plans, out
 
 
@@ -57,9 +57,9 @@ def test_max_tokens_and_eog_end_sequences():
     sched = make()
     s = sched.add(Request(prompt=[1, 2, 3], max_tokens=2))
     _, out = run_step(sched)
-    assert sched.finish_reason_for(s, out[0][2]) is None
+    assert sched.finish_reason_for(s, out[0][2][0]) is None
     _, out = run_step(sched)
-    assert sched.finish_reason_for(s, out[0][2]) == "length"
+    assert sched.finish_reason_for(s, out[0][2][0]) == "length"
     t = sched.add(Request(prompt=[1, 2, 3]))
     run_step(sched)
     assert sched.finish_reason_for(t, EOG) == "stop"
@@ -107,7 +107,7 @@ def test_shared_prefix_waits_for_the_first_prefill_then_copies():
     assert copy and copy[0][1] == b.seq_id and copy[0][2] == a.seq_id and copy[0][3] == 200
     assert b.cached_tokens == 200 and sched.prefix_hit_tokens == 200
     for p in plans:
-        sched.complete(p, [5] * sum(r.output for r in p.rows))
+        sched.complete(p, [[5]] * sum(r.output for r in p.rows))
     # the 200 shared cells are counted once
     assert sched.workers[0].ledger.used == 200 + (a.n_computed - 200) + (b.n_computed - 200)
 
@@ -125,7 +125,7 @@ def test_finished_sequence_becomes_prefix_cache_and_is_evicted_lru():
     assert any(op[0] == OP_COPY and op[2] == a.seq_id for op in plans[0].ops)
     assert any(op[0] == OP_START and op[1] == b.seq_id for op in plans[0].ops)
     for p in plans:
-        sched.complete(p, [5])
+        sched.complete(p, [[5]])
     sched.finish(b, "length")  # only one cache slot: a's entry is evicted
     assert list(w.cache) == [b.seq_id]
     assert any(op[:2] == (OP_FREE, a.seq_id) for op in w.pending_ops)
@@ -149,7 +149,7 @@ def test_split_kv_caps_each_sequence_at_its_share():
     while s.finish_reason is None:
         _, out = run_step(sched)
         assert s.reserve <= 256
-        for seq, _, token in out:
+        for seq, _, (token,) in out:
             if reason := sched.finish_reason_for(seq, token):
                 sched.finish(seq, reason)
     assert s.finish_reason == "length" and len(s.tokens) == 256
@@ -265,12 +265,12 @@ def test_overlap_plans_the_next_step_before_the_last_completes():
     assert [(r.start, r.count, r.output) for r in second.rows] == [(10, 1, True)]
     assert s.token_at(10) == PENDING_TOKEN and s.n_scheduled == 11 and s.n_computed == 0
     assert sched.workers[0].ledger.used == 11  # cells committed when planned
-    assert sched.complete(first, [7]) == [(s, 0, 7)]
+    assert sched.complete(first, [[7]]) == [(s, 0, [7])]
     assert s.tokens[10] == 7 and s.n_computed == 10
     third = sched.plan()[0]                    # `second` is in flight: its token is still pending
     assert third.rows[0].start == 11 and s.token_at(11) == PENDING_TOKEN
-    sched.complete(second, [8])
-    sched.complete(third, [9])
+    sched.complete(second, [[8]])
+    sched.complete(third, [[9]])
     assert s.tokens[10:] == [7, 8, 9] and s.n_computed == 12 and s.n_generated == 3
 
 
@@ -279,15 +279,90 @@ def test_overlap_never_plans_past_max_tokens_and_drops_a_finished_sequences_extr
     s = sched.add(Request(prompt=[1, 2, 3], max_tokens=2))
     a, b = sched.plan()[0], sched.plan()[0]
     assert sched.plan() == []                  # two outputs planned: max_tokens reached
-    sched.complete(a, [5])
-    sched.complete(b, [6])
+    sched.complete(a, [[5]])
+    sched.complete(b, [[6]])
     assert s.n_generated == 2 and sched.finish_reason_for(s, 6) == "length"
     t = sched.add(Request(prompt=[1, 2, 3], max_tokens=10))
     a, b = sched.plan()[0], sched.plan()[0]
-    assert sched.complete(a, [EOG]) == [(t, 0, EOG)]
+    assert sched.complete(a, [[EOG]]) == [(t, 0, [EOG])]
     sched.finish(t, sched.finish_reason_for(t, EOG))  # it ended in `a` ...
-    assert sched.complete(b, [5]) == []        # ... so the row planned after it counts for nothing
+    assert sched.complete(b, [[5]]) == []        # ... so the row planned after it counts for nothing
     assert t.n_generated == 1
+
+
+def decoding(max_tokens=100, **make_args):
+    """A scheduler whose one sequence (a 10-token prompt) has sampled its first token."""
+    sched = make(**make_args)
+    s = sched.add(Request(prompt=list(range(1, 11)), max_tokens=max_tokens))
+    run_step(sched)
+    return sched, s
+
+
+def test_a_lone_decoder_runs_bursts_and_gives_back_what_an_early_end_left_unused():
+    sched, s = decoding()
+    ledger = sched.workers[0].ledger
+    [p] = sched.plan(max_burst=8)
+    assert p.burst == 8 and [(r.start, r.count) for r in p.rows] == [(10, 1)]
+    assert s.n_scheduled == 18 and s.outputs_planned == 9 and ledger.used == 18  # committed for all 8
+    assert sched.complete(p, [[5, 6, EOG]]) == [(s, 0, [5, 6, EOG])]            # it ended at the third
+    assert s.tokens[10:] == [5, 5, 6, EOG]
+    assert s.n_computed == s.n_scheduled == 13 == len(s.tokens) - 1 and s.outputs_planned == 4
+    assert ledger.used == 13
+
+
+def test_bursts_only_when_every_sequence_decodes_and_nothing_waits():
+    sched, s = decoding(parallel=1)
+    assert sched.plan(max_burst=1)[0].burst == 1               # bursts off
+    sched, s = decoding(parallel=1)
+    waiting = sched.add(Request(prompt=[7, 8, 9], max_tokens=5))  # no free slot: it waits
+    assert sched.plan(max_burst=8)[0].burst == 1
+    sched.finish(waiting, "cancelled")
+    sched, s = decoding(parallel=2, step_tokens=64)
+    t = sched.add(Request(prompt=list(range(100, 200)), max_tokens=5))
+    [p] = sched.plan(max_burst=8)                              # t starts and prefills in this step
+    assert p.burst == 1 and {r.seq for r in p.rows} == {s, t}
+
+
+def test_a_burst_stays_within_max_tokens_and_the_step_s_output_slots():
+    sched, s = decoding(max_tokens=3)
+    [p] = sched.plan(max_burst=8)
+    assert p.burst == 2                                        # tokens 2 and 3
+    assert sched.plan(max_burst=8) == []
+    sched, s = decoding(step_tokens=12, parallel=4)
+    for i in range(3):
+        sched.add(Request(prompt=[50 + i] * 3, max_tokens=100))
+    run_step(sched)
+    [p] = sched.plan(max_burst=8)
+    assert len(p.rows) == 4 and p.burst == 3                   # 4 rows x 3 tokens fit 12 slots
+
+
+def test_a_cut_burst_holds_planning_until_it_is_known_where_its_rows_stopped():
+    sched, s = decoding()
+    [p] = sched.plan(max_burst=8)
+    sched.cut(p)
+    assert sched.plan(max_burst=8) == []                       # unsettled: nothing planned after it
+    sched.complete(p, [[5, 6]])                                # the worker stopped after two decodes
+    assert s.n_computed == s.n_scheduled == 12 and sched.workers[0].ledger.used == 12
+    [q] = sched.plan(max_burst=8)
+    assert q.rows[0].start == 12 and s.token_at(12) == 6
+
+
+def test_a_burst_s_tokens_past_a_stop_are_discarded():
+    sched, s = decoding()
+    [p] = sched.plan(max_burst=4)
+    sched.complete(p, [[5, 6, 7, 8]])
+    sched.discard(s, 2)                                        # a stop string ended it at token 6
+    assert s.tokens[-2:] == [5, 6] and s.n_generated == 3 and s.n_computed == len(s.tokens) - 1
+
+
+def test_a_row_planned_after_a_burst_that_ended_early_counts_for_nothing():
+    sched, s = decoding()
+    a = sched.plan(max_burst=4)[0]
+    b = sched.plan(max_burst=4)[0]                             # planned on from a's full length
+    assert b.rows[0].start == 14
+    assert sched.complete(a, [[5, EOG]]) == [(s, 0, [5, EOG])]
+    sched.finish(s, sched.finish_reason_for(s, EOG))
+    assert sched.complete(b, [[]]) == [] and s.n_generated == 3  # the worker dropped b's row
 
 
 def test_cancelling_with_a_step_in_flight_frees_before_the_id_is_reused():
@@ -298,7 +373,7 @@ def test_cancelling_with_a_step_in_flight_frees_before_the_id_is_reused():
     assert sched.workers[0].ledger.used == 0
     t = sched.add(Request(prompt=list(range(50, 60)), max_tokens=5))
     nxt = sched.plan()[0]
-    assert sched.complete(in_flight, [5]) == []
+    assert sched.complete(in_flight, [[5]]) == []
     kinds = [(op[0], op[1]) for op in nxt.ops]
     assert kinds == [(OP_FREE, s.seq_id), (OP_START, t.seq_id)] and t.seq_id == s.seq_id  # free, then reuse
 
