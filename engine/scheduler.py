@@ -327,7 +327,9 @@ class Scheduler:
             seq = row.seq
             if row.count != 1 or not row.output:
                 return
-            burst = min(burst, seq.reserve - seq.n_scheduled + 1)
+            # never more than the answer already has: its first tokens (the first sentence a voice
+            # pipeline waits for) come nearly one by one, bursts grow to max_burst as it goes on
+            burst = min(burst, seq.reserve - seq.n_scheduled + 1, max(1, seq.outputs_planned - 1))
             if seq.request.max_tokens is not None:
                 burst = min(burst, seq.request.max_tokens - seq.outputs_planned + 1)
         if burst <= 1:

@@ -116,6 +116,7 @@ FIGURES = [
     ("ttft_p50", "TTFT p50 ms", "ttft_ms.p50", "{:.0f}", False),
     ("ttft_p90", "TTFT p90 ms", "ttft_ms.p90", "{:.0f}", False),
     ("ttft_p99", "TTFT p99 ms", "ttft_ms.p99", "{:.0f}", False),
+    ("tpot_p50", "TPOT p50 ms", "tpot_ms.p50", "{:.1f}", False),
     ("itl_p50", "ITL p50 ms", "itl_ms.p50", "{:.1f}", False),
     ("itl_p99", "ITL p99 ms", "itl_ms.p99", "{:.1f}", False),
     ("e2e_p50", "E2E p50 s", "e2e_s.p50", "{:.2f}", False),
@@ -246,6 +247,7 @@ def markdown_table(aggs: list[dict], comps: list[dict], meta: dict) -> str:
     key_figs = [("tok_s", "tok/s", "output_tok_s.median", "{:.0f}"),
                 ("ttft_p50", "TTFT p50 ms", "ttft_ms.p50", "{:.0f}"),
                 ("ttft_p90", "TTFT p90 ms", "ttft_ms.p90", "{:.0f}"),
+                ("tpot_p50", "TPOT p50 ms", "tpot_ms.p50", "{:.1f}"),
                 ("itl_p50", "ITL p50 ms", "itl_ms.p50", "{:.1f}")]
     header = ["Workload", "Concurrency"]
     for _k, label, _p, _f in key_figs:

@@ -222,6 +222,61 @@ def test_shared_prefix_is_computed_once(eng):
     assert sum(out.cached_tokens for _, out in results) == hits
 
 
+def test_bursts_decode_many_tokens_per_step_and_match_one_per_step(eng):
+    """A lone decoding sequence runs bursts (several decodes per step, each fed its own sample): the
+    same greedy tokens as an engine that takes one per step, usage counting exactly what was streamed,
+    and a stop string inside a burst cutting the answer where it matched."""
+    single = EngineHarness(parallel=2, ctx_size=2048, threads=2, burst_ms=0)
+    try:
+        req = greedy_request(eng, "Write a long story about a dragon.", 96)
+        before = eng.stats()
+        [(text, out)] = eng.generate(req)
+        after = eng.stats()
+        [(single_text, single_out)] = single.generate(greedy_request(eng, "Write a long story about a dragon.", 96))
+    finally:
+        single.close()
+    steps = after["steps"] - before["steps"]
+    assert after["generated_tokens"] - before["generated_tokens"] == out.completion_tokens == 96
+    assert steps < 96 / 3                      # one step prefills, the rest decode several tokens each
+    assert text == single_text and out.completion_tokens == single_out.completion_tokens
+
+    stop = text.split()[40]                    # a word well inside the answer, so inside a burst
+    req = greedy_request(eng, "Write a long story about a dragon.", 96)
+    req.stop = [stop]
+    async def stream():
+        return [o async for o in eng.engine.generate(req)]
+    outs = eng.run(stream())
+    streamed = "".join(o.text for o in outs)
+    assert outs[-1].finish_reason == "stop" and streamed == text[:text.index(stop)]
+    assert outs[-1].completion_tokens == sum(len(o.token_ids) for o in outs) < 96
+
+
+def test_a_request_arriving_during_a_burst_cuts_it_short():
+    """Bursts of up to 2 s (hundreds of tokens; one step in flight, so the running burst is the one
+    cut): a request submitted while a 64-token burst runs is served after about one decode of it,
+    not after the whole burst."""
+    h = EngineHarness(parallel=2, ctx_size=2048, threads=2, burst_ms=2000, overlap=False)
+    try:
+        long = replace(greedy_request(h, "Write a very long story about a dragon.", 400), ignore_eos=True)
+        async def scenario():
+            produced = [0]
+            async def run_long():
+                async for out in h.engine.generate(long):
+                    produced[0] += len(out.token_ids)
+            task = asyncio.create_task(run_long())
+            while produced[0] < 64:  # bursts double with the answer: the next one is ~64 tokens
+                await asyncio.sleep(0.001)
+            start = produced[0]
+            _, last = await h.collect(greedy_request(h, "What is the capital of Germany?", 2))
+            ran_on = produced[0] - start
+            task.cancel()
+            return last, ran_on
+        last, ran_on = h.run(scenario())
+        assert last.completion_tokens == 2 and ran_on < 32
+    finally:
+        h.close()
+
+
 def test_split_kv_limits_each_sequence_to_its_share_and_shares_prefixes_by_stream():
     """With kv_unified=False llama.cpp gives each sequence n_ctx / n_seq_max cells: the engine
     says so, refuses longer prompts and ends a generation that fills its share with "length".

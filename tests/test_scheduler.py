@@ -290,11 +290,12 @@ def test_overlap_never_plans_past_max_tokens_and_drops_a_finished_sequences_extr
     assert t.n_generated == 1
 
 
-def decoding(max_tokens=100, **make_args):
-    """A scheduler whose one sequence (a 10-token prompt) has sampled its first token."""
+def decoding(max_tokens=100, generated=8, **make_args):
+    """A scheduler whose one sequence (a 10-token prompt) has sampled `generated` tokens one by one."""
     sched = make(**make_args)
     s = sched.add(Request(prompt=list(range(1, 11)), max_tokens=max_tokens))
-    run_step(sched)
+    while s.n_generated < generated:
+        run_step(sched)
     return sched, s
 
 
@@ -302,12 +303,23 @@ def test_a_lone_decoder_runs_bursts_and_gives_back_what_an_early_end_left_unused
     sched, s = decoding()
     ledger = sched.workers[0].ledger
     [p] = sched.plan(max_burst=8)
-    assert p.burst == 8 and [(r.start, r.count) for r in p.rows] == [(10, 1)]
-    assert s.n_scheduled == 18 and s.outputs_planned == 9 and ledger.used == 18  # committed for all 8
+    assert p.burst == 8 and [(r.start, r.count) for r in p.rows] == [(17, 1)]
+    assert s.n_scheduled == 25 and s.outputs_planned == 16 and ledger.used == 25  # committed for all 8
     assert sched.complete(p, [[5, 6, EOG]]) == [(s, 0, [5, 6, EOG])]            # it ended at the third
-    assert s.tokens[10:] == [5, 5, 6, EOG]
-    assert s.n_computed == s.n_scheduled == 13 == len(s.tokens) - 1 and s.outputs_planned == 4
-    assert ledger.used == 13
+    assert s.tokens[-3:] == [5, 6, EOG] and s.n_generated == 11
+    assert s.n_computed == s.n_scheduled == 20 == len(s.tokens) - 1 and s.outputs_planned == 11
+    assert ledger.used == 20
+
+
+def test_bursts_grow_with_the_answer():
+    """A burst never holds back more tokens than the answer already has: the first ones come one by one."""
+    sched, s = decoding(generated=1)
+    bursts = []
+    while len(bursts) < 5:
+        [p] = sched.plan(max_burst=6)
+        bursts.append(p.burst)
+        sched.complete(p, [[5] * p.burst])
+    assert bursts == [1, 2, 4, 6, 6]
 
 
 def test_bursts_only_when_every_sequence_decodes_and_nothing_waits():
@@ -324,14 +336,15 @@ def test_bursts_only_when_every_sequence_decodes_and_nothing_waits():
 
 
 def test_a_burst_stays_within_max_tokens_and_the_step_s_output_slots():
-    sched, s = decoding(max_tokens=3)
+    sched, s = decoding(max_tokens=12)
     [p] = sched.plan(max_burst=8)
-    assert p.burst == 2                                        # tokens 2 and 3
+    assert p.burst == 4                                        # tokens 9 to 12
     assert sched.plan(max_burst=8) == []
     sched, s = decoding(step_tokens=12, parallel=4)
     for i in range(3):
         sched.add(Request(prompt=[50 + i] * 3, max_tokens=100))
-    run_step(sched)
+    for _ in range(4):
+        run_step(sched)
     [p] = sched.plan(max_burst=8)
     assert len(p.rows) == 4 and p.burst == 3                   # 4 rows x 3 tokens fit 12 slots
 
@@ -342,9 +355,9 @@ def test_a_cut_burst_holds_planning_until_it_is_known_where_its_rows_stopped():
     sched.cut(p)
     assert sched.plan(max_burst=8) == []                       # unsettled: nothing planned after it
     sched.complete(p, [[5, 6]])                                # the worker stopped after two decodes
-    assert s.n_computed == s.n_scheduled == 12 and sched.workers[0].ledger.used == 12
+    assert s.n_computed == s.n_scheduled == 19 and sched.workers[0].ledger.used == 19
     [q] = sched.plan(max_burst=8)
-    assert q.rows[0].start == 12 and s.token_at(12) == 6
+    assert q.rows[0].start == 19 and s.token_at(19) == 6
 
 
 def test_a_burst_s_tokens_past_a_stop_are_discarded():
@@ -352,17 +365,17 @@ def test_a_burst_s_tokens_past_a_stop_are_discarded():
     [p] = sched.plan(max_burst=4)
     sched.complete(p, [[5, 6, 7, 8]])
     sched.discard(s, 2)                                        # a stop string ended it at token 6
-    assert s.tokens[-2:] == [5, 6] and s.n_generated == 3 and s.n_computed == len(s.tokens) - 1
+    assert s.tokens[-2:] == [5, 6] and s.n_generated == 10 and s.n_computed == len(s.tokens) - 1
 
 
 def test_a_row_planned_after_a_burst_that_ended_early_counts_for_nothing():
     sched, s = decoding()
     a = sched.plan(max_burst=4)[0]
     b = sched.plan(max_burst=4)[0]                             # planned on from a's full length
-    assert b.rows[0].start == 14
+    assert b.rows[0].start == 21
     assert sched.complete(a, [[5, EOG]]) == [(s, 0, [5, EOG])]
     sched.finish(s, sched.finish_reason_for(s, EOG))
-    assert sched.complete(b, [[]]) == [] and s.n_generated == 3  # the worker dropped b's row
+    assert sched.complete(b, [[]]) == [] and s.n_generated == 10  # the worker dropped b's row
 
 
 def test_cancelling_with_a_step_in_flight_frees_before_the_id_is_reused():
