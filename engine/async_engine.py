@@ -14,6 +14,11 @@ in flight, so step N+1 is planned, written and rung while the worker decodes
 step N, and the worker starts N+1 the moment N is done instead of waiting for
 the parent to finish N and plan N+1 (see engine/scheduler.py for how rows
 refer to tokens still being sampled).
+
+Decode bursts: on 2 cores every wake-up of this process takes a core from
+llama.cpp's threads, so while every sequence only decodes, a step is a burst of
+decodes that lasts up to config.burst_ms (measured from the last decode-only
+steps); a request that arrives or is cancelled cuts the newest burst short.
 """
 
 from __future__ import annotations

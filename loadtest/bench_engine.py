@@ -77,6 +77,8 @@ def parse_args(argv=None):
     ap.add_argument("--flash-attn", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                     help="the engine plans each step while the worker runs the one before")
+    ap.add_argument("--burst-ms", type=float, default=EngineConfig.burst_ms,
+                    help="the engine's decode bursts (0: one decode per step)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--max-others", type=float, default=0.1,
                     help="a level during which other processes used more cores than this is run again")
@@ -108,7 +110,8 @@ def machine() -> dict:
 async def engine_run(args, kv_unified: bool, level: int, prompts: list[list[int]]) -> dict:
     engine = AsyncEngine(EngineConfig(model_path=args.model, parallel=args.parallel, ctx_size=args.ctx_size,
                                       batch_size=args.batch_size, ubatch_size=args.batch_size, threads=args.threads,
-                                      flash_attn=args.flash_attn, kv_unified=kv_unified, overlap=args.overlap))
+                                      flash_attn=args.flash_attn, kv_unified=kv_unified, overlap=args.overlap,
+                                      burst_ms=args.burst_ms))
     await engine.start()
     try:
         greedy = SamplingParams(temperature=0)

@@ -29,7 +29,8 @@ class Metrics:
         self.completion_tokens = Counter("sentiric_completion_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram("sentiric_time_to_first_token_seconds", "Request start to first token",
                               buckets=_LATENCY, registry=r)
-        self.inter_token = Histogram("sentiric_inter_token_latency_seconds", "Gap between a stream's tokens",
+        self.inter_token = Histogram("sentiric_inter_token_latency_seconds",
+                                     "Gap between a stream's tokens (a burst's gap shared by its tokens)",
                                      buckets=_TOKEN_GAP, registry=r)
         self.e2e = Histogram("sentiric_request_duration_seconds", "Request start to last token",
                              buckets=_LATENCY, registry=r)
