@@ -34,9 +34,9 @@ def exact(start_server, lora_dir):
     """Greedy answers repeat exactly here whatever runs beside them: no prefix cache (README "Reproducibility")
     and a KV stream per sequence (in one unified cache the cells of other adapter sets' sequences, interleaved
     with a sequence's own, change the attention sums' rounding, and one near-tie in 48 tokens flipped).
-    Two adapters stay loaded."""
+    Two adapters stay loaded. One decode per step (no bursts), so steps count the tokens of each set."""
     return start_server("--lora-dir", str(lora_dir), "--lora-cache", "2", "--cache-slots", "0", "--parallel", "4",
-                        "--ctx-size", "2048", "--no-kv-unified")
+                        "--ctx-size", "2048", "--no-kv-unified", "--burst-ms", "0")
 
 
 def post(service, body: dict, path="/v1/chat/completions") -> tuple[int, dict]:
