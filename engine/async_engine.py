@@ -529,7 +529,7 @@ class AsyncEngine:
                 deliveries.append((self._streams.get(seq), self._final(seq, error=message)))
             return
         burst = plan.burst
-        if all(row.count == 1 for row in plan.rows):  # a decode-only step: how long one decode takes
+        if plan.rows and all(row.count == 1 for row in plan.rows):  # decode-only: how long one decode takes
             decode_s = int(buf.out_header[4]) / 1e6
             self._decode_s = decode_s if self._decode_s is None else 0.8 * self._decode_s + 0.2 * decode_s
         rows = buf.out_token[:n_out * burst].reshape(n_out, burst).tolist()
