@@ -105,6 +105,7 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
     # steps alternate between the two buffers; a batch and a scratch mask per buffer, made once
     batches = [Batch(b.n_batch, token=b.token, pos=b.pos, seq=b.seq, logits=b.logits) for b in buffers]
     pending = np.zeros(buffers[0].n_batch, bool)
+    out_rows = np.zeros(buffers[0].n_batch, np.int32)  # per batch row: its output row (scratch)
     last_sampled = np.zeros(ctx.n_seq_max, np.int32)  # per sequence: the input of a PENDING_TOKEN row
     # per sequence: it sampled its end in a burst, so rows planned for it after that do not follow on
     # from its KV positions (llama.cpp refuses such a batch); they are dropped
@@ -155,16 +156,16 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
     def decode(buf, batch, n: int, burst: int) -> tuple[int, float]:
         """Run the step's rows (`burst` times for a burst) and sample; returns the number of output
         rows and the seconds one decode took. Raises LlamaError."""
-        out_row = np.cumsum(buf.logits[:n], dtype=np.int32) - 1  # per batch row: its output row
+        out_row = np.cumsum(buf.logits[:n], dtype=np.int32, out=out_rows[:n])
+        out_row -= 1
         n_out = int(out_row[-1]) + 1
         buf.out_count[:n_out] = 0
         t0, runs = time.perf_counter(), 0
         for s in range(burst):
             if s and buf.cut[0]:
                 break
-            live = ~ended[buf.seq[:n]]
-            if not live.all():
-                keep = np.flatnonzero(live)
+            if ended.any() and ended[buf.seq[:n]].any():  # rare: a burst ended a sequence
+                keep = np.flatnonzero(~ended[buf.seq[:n]])
                 n = len(keep)
                 for a in (buf.token, buf.pos, buf.seq, buf.logits):
                     a[:n] = a[keep]
@@ -172,7 +173,7 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
                 if not n:
                     break
             if s:  # a burst's rows all decode: each goes on from its own last sample
-                buf.token[:n] = last_sampled[buf.seq[:n]]
+                np.take(last_sampled, buf.seq[:n], out=buf.token[:n])
                 buf.pos[:n] += 1
             batch.n_tokens = n
             ctx.decode(batch)
