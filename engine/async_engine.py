@@ -247,7 +247,7 @@ class AsyncEngine:
             raise
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
                                     reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=self._eog.__contains__,
-                                    kv_unified=cfg.kv_unified)
+                                    kv_unified=cfg.kv_unified, prompt_halves=cfg.prompt_halves)
 
     async def shutdown(self) -> None:
         self._stopping = True

@@ -239,8 +239,13 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 class Scheduler:
     def __init__(self, workers: list[WorkerState], *, max_waiting: int, step_tokens: int,
-                 reserve_cap: int, is_eog=lambda token: False, kv_unified: bool = True):
+                 reserve_cap: int, is_eog=lambda token: False, kv_unified: bool = True,
+                 prompt_halves: bool = False):
         self.workers = workers
+        # a step ends the prefill of at most the shorter half (rounded up) of the prompts still
+        # prefilling, so of n prompts arriving together the shortest half starts first, then half of the
+        # rest... (see EngineConfig.prompt_halves)
+        self.prompt_halves = prompt_halves
         self.max_waiting = max_waiting
         self.step_tokens = step_tokens
         self.reserve_cap = reserve_cap
@@ -362,15 +367,19 @@ class Scheduler:
 
     def _prefill(self, plan: StepPlan, budget: dict) -> None:
         """Prompt chunks into what is left of the step, shortest remaining prompt first: a short
-        question arriving during a long prompt's prefill starts at once instead of behind it."""
+        question arriving during a long prompt's prefill starts at once instead of behind it. With
+        `prompt_halves`, once half the prompts end in the step, the others wait for the next."""
         w = plan.worker
-        prefilling = (s for s in w.running if s.prefilling and s.adapters == plan.adapters)
+        prefilling = [s for s in w.running if s.prefilling and s.adapters == plan.adapters]
+        ending = (len(prefilling) + 1) // 2 if self.prompt_halves else len(prefilling)
         for seq in sorted(prefilling, key=lambda s: s.n_prompt - s.n_scheduled):
             n = min(seq.n_prompt - seq.n_scheduled, budget[w.index])
-            if n <= 0:
+            if n <= 0 or not ending:
                 break
-            self._add_row(plan, seq, n, seq.n_scheduled + n == seq.n_prompt)
+            last = seq.n_scheduled + n == seq.n_prompt
+            self._add_row(plan, seq, n, last)
             budget[w.index] -= n
+            ending -= last
 
     @staticmethod
     def _add_row(plan: StepPlan, seq: Sequence, count: int, output: bool) -> None:

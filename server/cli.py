@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     _option(eng, "--batch-size", "BATCH_SIZE", 0, "tokens per decode step per worker (decodes + prefill chunks); "
                                                   "0 = 256 on CPU, 1024 with GPU offload", type=int)
     _option(eng, "--ubatch-size", "UBATCH_SIZE", 512, "llama.cpp physical batch size", type=int)
+    _option(eng, "--prompt-batching", "PROMPT_BATCHING", "auto", "prompts arriving together: halves = the shorter "
+                                                                 "half gets its first token first, then half of "
+                                                                 "the rest...; all = every prompt that fits in "
+                                                                 "one step (auto: halves on CPU, all with GPU "
+                                                                 "offload)", choices=["auto", "halves", "all"])
     _option(eng, "--flash-attn", "FLASH_ATTN", "auto", "flash attention", choices=["auto", "on", "off"])
     _option(eng, "--kv-unified", "KV_UNIFIED", False, "one KV buffer shared by all sequences (any one may use "
                                                       "all of it; every sequence attends over every used cell) "
@@ -264,7 +269,8 @@ def _build(profile: Profile, flags, settings: ServerSettings) -> Served:
     model_path = resolve_model(args.model)
     engine_config = EngineConfig(
         model_path=str(model_path), workers=args.workers, parallel=args.parallel, ctx_size=args.ctx_size,
-        batch_size=args.batch_size, ubatch_size=args.ubatch_size, threads=args.threads,
+        batch_size=args.batch_size, ubatch_size=args.ubatch_size, prompt_batching=args.prompt_batching,
+        threads=args.threads,
         flash_attn=args.flash_attn, kv_unified=args.kv_unified, cache_slots=args.cache_slots,
         cache_cells=args.cache_cells,
         max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, kv_offload=args.kv_offload,

@@ -53,6 +53,33 @@ def test_short_prompt_is_not_stuck_behind_a_long_prefill():
     assert not short.prefilling and short.n_generated == 1 and long.prefilling
 
 
+def test_prompts_arriving_together_start_by_halves_shortest_first():
+    sched = make(step_tokens=256, parallel=10)
+    sched.prompt_halves = True
+    seqs = [sched.add(Request(prompt=list(range(100 * i, 100 * i + 10 + i)), max_tokens=50)) for i in (3, 0, 4, 1, 2)]
+    by_length = sorted(seqs, key=lambda s: s.n_prompt)
+    started = []
+    for _ in range(3):  # 5 waiting: the shortest 3 end their prefill, then 1 of the other 2, then the last
+        plans, _ = run_step(sched)
+        started.append([r.seq for r in plans[0].rows if r.count > 1])
+        assert all(r.count == 1 for r in plans[0].rows if r.seq not in started[-1])  # the rest decode
+    assert started == [by_length[:3], by_length[3:4], by_length[4:]]
+    long = sched.add(Request(prompt=list(range(5000, 6000)), max_tokens=5))
+    run_step(sched)  # the long prompt's first chunk
+    short = sched.add(Request(prompt=list(range(7000, 7010)), max_tokens=5))
+    plans, _ = run_step(sched)  # 2 prefilling: the short one ends alone, the long one's next chunk waits
+    assert [r.seq for r in plans[0].rows if r.count > 1] == [short]
+    plans, _ = run_step(sched)  # a chunk that ends no prompt does not count
+    assert [r.seq for r in plans[0].rows if r.count > 1] == [long]
+    sched.prompt_halves = False
+    c = sched.add(Request(prompt=list(range(200, 210)), max_tokens=5))
+    d = sched.add(Request(prompt=list(range(300, 312)), max_tokens=5))
+    plans, _ = run_step(sched)  # all: every prompt that fits ends in the step, and a chunk fills the rest
+    decodes = sum(r.count == 1 for r in plans[0].rows)
+    assert {r.seq: r.count for r in plans[0].rows if r.count > 1} == {c: 10, d: 12, long: 256 - 22 - decodes}
+    assert not c.prefilling and not d.prefilling and long.prefilling
+
+
 def test_max_tokens_and_eog_end_sequences():
     sched = make()
     s = sched.add(Request(prompt=[1, 2, 3], max_tokens=2))
