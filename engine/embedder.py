@@ -297,7 +297,7 @@ class Embedder:
     def stats(self) -> dict:
         info = self.info
         return {"processes": len(self._processes), "alive": sum(p.alive for p in self._processes),
-                "pids": self.pids, "restarts": self.restarts, "batches": self.batches,
+                "busy": len(self._running), "pids": self.pids, "restarts": self.restarts, "batches": self.batches,
                 "waiting_inputs": sum(len(j.inputs) for j in self._pending),
                 "n_embd": info.n_embd if info else None, "n_ctx": info.n_ctx if info else None,
                 "pooling": info.pooling if info else None}

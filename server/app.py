@@ -110,10 +110,15 @@ class ServiceRoutes:
         if not served.engine.ready:
             return json_response({"status": "loading", "model_ready": False, **body}, status=503)
         s = served.engine.stats()
-        ready = s["workers_alive"] > 0 or self.embeddings_only
-        total = s["workers_alive"] * served.engine.config.parallel
-        capacity = {"active": s["running"], "total": total, "available": s["free_slots"],
-                    "has_capacity": s["free_slots"] > 0}
+        if self.embeddings_only:  # the embedding processes are the capacity: each runs one batch at a time
+            e = served.embedder.stats()
+            ready = e["alive"] > 0
+            capacity = {"active": e["busy"], "total": e["alive"], "available": max(0, e["alive"] - e["busy"]),
+                        "has_capacity": ready}  # requests beyond the idle processes queue and share batches
+        else:
+            ready = s["workers_alive"] > 0
+            capacity = {"active": s["running"], "total": s["workers_alive"] * served.engine.config.parallel,
+                        "available": s["free_slots"], "has_capacity": s["free_slots"] > 0}
         status = "draining" if self.drain.draining else "healthy" if ready else "unavailable"
         body = {"status": status, "model_ready": ready, "capacity": capacity, **body,
                 **{k: s[k] for k in ("running", "waiting", "free_slots", "kv_used", "kv_total", "workers",

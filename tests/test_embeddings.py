@@ -5,6 +5,7 @@ with llama-server's /v1/embeddings on the same model."""
 
 import asyncio
 import base64
+import json
 import os
 import signal
 import threading
@@ -159,7 +160,11 @@ def test_a_killed_embedding_process_fails_its_requests_then_is_replaced(server):
 
 def test_embeddings_only(start_server):
     service = start_server("--embeddings-only", "--truncate", "--embeddings-ctx-size", "64", "--ctx-size", "512")
-    assert service.get("/health")[0] == 200 and service.get("/v1/models")[0] == 200
+    status, health = service.get("/health")
+    health = json.loads(health)
+    assert status == 200 and service.get("/v1/models")[0] == 200
+    # the capacity a gateway routes by is the embedding processes', not the (absent) generation slots
+    assert health["capacity"] == {"active": 0, "total": 1, "available": 1, "has_capacity": True}
     stats = service.stats()
     assert stats["worker_pids"] == [] and stats["embeddings"]["alive"] == 1  # started at once
     for path in ("/v1/chat/completions", "/v1/completions"):
