@@ -20,7 +20,8 @@ from server.drain import REFUSAL, Drain
 from server.embeddings import EMBEDDINGS_ROUTE, EmbeddingRoutes
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.models import ModelLoadFailed, ModelNotFound, ModelRoutes, Models, SwitchTimeout
+from server.models import (HARDWARE_ROUTE, SWITCH_ROUTE, ModelLoadFailed, ModelNotFound, ModelRoutes, Models,
+                           SwitchTimeout)
 from server.openai_routes import GENERATION_ROUTES, OpenAIRoutes, json_response, read_json
 from server.openapi import openapi_spec
 from server.shaping import InvalidRequest, SamplingDefaults, Shaper
@@ -28,6 +29,7 @@ from server.studio import DEFAULT_DIR as STUDIO_DIR, add_studio
 
 log = logging.getLogger("sentiric.server")
 access_log = logging.getLogger("sentiric.access")
+RELOAD_ROUTES = (SWITCH_ROUTE, HARDWARE_ROUTE)  # POSTs that load a model
 ENGINE_PREFIXES = ("/v1/", "/tokenize", "/detokenize")  # need the model; also the ones an API key protects
 GATED_ROUTES = (*GENERATION_ROUTES, EMBEDDINGS_ROUTE, "/tokenize", "/detokenize")  # wait out a model switch
 
@@ -253,7 +255,10 @@ def _draining(drain: Drain):
     @web.middleware
     async def draining(request: web.Request, handler):
         """Generation and embedding requests are counted while they run; once the service drains, new ones
-        get a 503."""
+        get a 503, and so does a model switch or hardware change (it would load a model into a process
+        that is about to exit)."""
+        if request.method == "POST" and request.path in RELOAD_ROUTES and drain.draining:
+            raise ApiError(503, REFUSAL, code="draining", headers={"Retry-After": "1"})
         if request.path not in GENERATION_ROUTES and request.path != EMBEDDINGS_ROUTE:
             return await handler(request)
         if drain.draining:

@@ -23,8 +23,8 @@ from server.proto import llama_pb2, llama_pb2_grpc
 QUESTION = "Tell me a long story about a lighthouse keeper."
 
 
-def post(service, body: dict):
-    req = urllib.request.Request(service.base_url + "/v1/chat/completions", json.dumps(body).encode(),
+def post(service, body: dict, path: str = "/v1/chat/completions"):
+    req = urllib.request.Request(service.base_url + path, json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     return urllib.request.urlopen(req, timeout=60)
 
@@ -153,6 +153,9 @@ def test_sigterm_finishes_running_streams_refuses_new_ones_and_exits_0(service):
     error = json.loads(refused.value.read())["error"]
     assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
     assert error["code"] == "draining" and error["type"] == "server_unavailable_error" and "retry" in error["message"]
+    with pytest.raises(urllib.error.HTTPError) as no_switch:  # no model is loaded into a process about to exit
+        post(svc, {"profile": "SmolLM2-135M-Instruct"}, path="/v1/models/switch")
+    assert no_switch.value.code == 503 and json.loads(no_switch.value.read())["error"]["code"] == "draining"
     with grpc.insecure_channel(svc.grpc_target) as channel:
         with pytest.raises(grpc.RpcError) as unavailable:
             list(llama_pb2_grpc.LlamaServiceStub(channel).GenerateStream(
