@@ -190,6 +190,10 @@ def test_hardware_config_reloads_through_the_switch(service, client):
     assert body["active_profile"] == profile
     assert model_meta(service)["meta"]["n_ctx"] == 512  # 3072 / 8 sequences, each stream padded to 256 by llama.cpp
     assert call(service, "GET", "/v1/hardware/config")[1]["effective"]["ctx_size"] == 3072
+    pids = call(service, "GET", "/stats")[1]["worker_pids"]
+    status, body = call(service, "POST", "/v1/hardware/config", {"ctx_size": 3072, "threads": hw["threads"]})
+    assert status == 200 and body["ctx_size"] == 3072  # what applies already: nothing reloads
+    assert call(service, "GET", "/stats")[1]["worker_pids"] == pids
     assert client.chat.completions.create(model="x", messages=QUESTION, max_tokens=4).choices[0].message.content
     for bad in ({"ctx_size": "big"}, {"ctx_size": 0}, {"bogus": 1}, {}):
         status, body = call(service, "POST", "/v1/hardware/config", bad)
