@@ -45,6 +45,7 @@ from engine.request import Overloaded, Request
 
 MIN_SHARED_PREFIX = 16   # fewer common tokens than this are not worth a copy or a wait
 MIN_CACHED_PREFIX = 32   # shorter finished sequences are not kept in the prefix cache
+MAX_PASSED_OVER = 2      # steps in a row a prompt may wait for shorter ones (Scheduler.prompt_halves)
 
 OP_START, OP_FREE, OP_COPY, OP_TRIM, OP_ADAPTERS = "start", "free", "copy", "trim", "adapters"
 PENDING_TOKEN = -1       # a decode row's input: the token the worker sampled last for this sequence
@@ -67,6 +68,7 @@ class Sequence:
         self.outputs_planned = 0  # rows planned that sample a token
         self.reserve = 0          # KV positions this sequence may hold without asking again
         self.cached_tokens = 0    # prompt tokens reused from the prefix cache
+        self.passed_over = 0      # steps in a row its prompt waited for shorter ones (Scheduler.prompt_halves)
         self.finish_reason: str | None = None
 
     @property
@@ -242,9 +244,9 @@ class Scheduler:
                  reserve_cap: int, is_eog=lambda token: False, kv_unified: bool = True,
                  prompt_halves: bool = False):
         self.workers = workers
-        # a step ends the prefill of at most the shorter half (rounded up) of the prompts still
-        # prefilling, so of n prompts arriving together the shortest half starts first, then half of the
-        # rest... (see EngineConfig.prompt_halves)
+        # a step ends the prefill of the shorter half (rounded up) of the prompts still prefilling, so of
+        # 8 arriving together 4 start first, then 2, then the last 2, which have waited MAX_PASSED_OVER
+        # steps (see EngineConfig.prompt_halves)
         self.prompt_halves = prompt_halves
         self.max_waiting = max_waiting
         self.step_tokens = step_tokens
@@ -368,16 +370,21 @@ class Scheduler:
     def _prefill(self, plan: StepPlan, budget: dict) -> None:
         """Prompt chunks into what is left of the step, shortest remaining prompt first: a short
         question arriving during a long prompt's prefill starts at once instead of behind it. With
-        `prompt_halves`, once half the prompts end in the step, the others wait for the next."""
+        `prompt_halves`, once half the prompts end in the step the others wait, each at most
+        MAX_PASSED_OVER steps in a row, so short ones arriving step after step never starve a long one."""
         w = plan.worker
         prefilling = [s for s in w.running if s.prefilling and s.adapters == plan.adapters]
         ending = (len(prefilling) + 1) // 2 if self.prompt_halves else len(prefilling)
         for seq in sorted(prefilling, key=lambda s: s.n_prompt - s.n_scheduled):
             n = min(seq.n_prompt - seq.n_scheduled, budget[w.index])
-            if n <= 0 or not ending:
+            if n <= 0:
                 break
+            if ending <= 0 and seq.passed_over < MAX_PASSED_OVER:
+                seq.passed_over += 1
+                continue
             last = seq.n_scheduled + n == seq.n_prompt
             self._add_row(plan, seq, n, last)
+            seq.passed_over = 0
             budget[w.index] -= n
             ending -= last
 

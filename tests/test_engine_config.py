@@ -30,15 +30,12 @@ def test_gpu_choices():
     assert config(gpu=True, kv_offload=False).worker_config()["context"]["offload_kqv"] is False
     assert config(gpu=True, flash_attn="on").worker_config()["context"]["flash_attn"] == "on"
     assert config(gpu=True, batch_size=384).batch_size == 384  # an explicit size wins
-    assert not gpu.prompt_halves  # a step of many prompts costs little more than one of one
-    assert config(gpu=True, prompt_batching="halves").prompt_halves
 
 
 def test_cpu_choices():
     cpu = config(gpu=False)
     assert cpu.batch_size == 256  # shorter prefill chunks stall the decoding streams less
-    assert cpu.prompt_halves  # prompts arriving together start by halves, shortest first
-    assert not config(gpu=False, prompt_batching="all").prompt_halves
+    assert not cpu.prompt_halves and config(gpu=False, prompt_batching="halves").prompt_halves
     with pytest.raises(ValueError):
         config(prompt_batching="one")
     assert cpu.worker_config()["n_gpu_layers"] == 0
@@ -46,8 +43,8 @@ def test_cpu_choices():
 
 def test_serve_flags_reach_the_config(monkeypatch):
     args = build_parser().parse_args(["--n-gpu-layers", "20", "--no-kv-offload", "--flash-attn", "on",
-                                      "--prompt-batching", "all"])
-    assert (args.n_gpu_layers, args.kv_offload, args.flash_attn, args.prompt_batching) == (20, False, "on", "all")
+                                      "--prompt-batching", "halves"])
+    assert (args.n_gpu_layers, args.kv_offload, args.flash_attn, args.prompt_batching) == (20, False, "on", "halves")
     assert build_parser().parse_args([]).kv_offload is True
     monkeypatch.setenv("LLM_LLAMA_SERVICE_KV_OFFLOAD", "false")
     assert build_parser().parse_args([]).kv_offload is False
