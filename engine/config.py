@@ -97,7 +97,7 @@ class EngineConfig:
         time grows with its tokens, so of 8 prompts arriving together the shortest 4 get their first token
         after 4 prefills, 2 more after 6 and the last 2 (a prompt waits at most two steps in a row) after
         8, where all together all wait for 8. Measured on 2 cores against all (README, "Prompts arriving
-        together"): TTFT p50 -20..-27 % at 4 and 8 streams, but +16 % at 16 and tok/s 0-9 % lower, so it
+        together"): TTFT p50 -8..-27 % at 4 and 8 streams, but up to +16 % at 16 and tok/s 0-9 % lower, so it
         is a choice for bursty, latency-bound traffic, not the default."""
         return self.prompt_batching == "halves"
 
