@@ -257,12 +257,14 @@ def _draining(drain: Drain):
         """Generation and embedding requests are counted while they run; once the service drains, new ones
         get a 503, and so does a model switch or hardware change (it would load a model into a process
         that is about to exit)."""
-        if request.method == "POST" and request.path in RELOAD_ROUTES and drain.draining:
-            raise ApiError(503, REFUSAL, code="draining", headers={"Retry-After": "1"})
-        if request.path not in GENERATION_ROUTES and request.path != EMBEDDINGS_ROUTE:
+        counted = request.path in GENERATION_ROUTES or request.path == EMBEDDINGS_ROUTE
+        reload = request.method == "POST" and request.path in RELOAD_ROUTES
+        if not (counted or reload):
             return await handler(request)
         if drain.draining:
             raise ApiError(503, REFUSAL, code="draining", headers={"Retry-After": "1"})
+        if reload:
+            return await handler(request)
         with drain.track():
             return await handler(request)
     return draining

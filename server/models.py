@@ -268,10 +268,12 @@ class ModelRoutes:
                            param=unknown[0] if unknown else None)
         for key, value in body.items():
             check_hardware(key, value, lambda problem: ApiError(400, f"'{key}' {problem}", param=key))
-        flags = self.models.flags
-        # a setting equal to what applies now changes nothing (no reload for a repeated or no-op change)
-        changed = await self._switch(lambda active: active.with_hardware(
-            {k: v for k, v in body.items() if active.hardware(flags)[k] != v}))
+        def choose(active: Profile) -> Profile:
+            # a setting equal to what applies now changes nothing (no reload for a repeated or no-op change)
+            now = active.hardware(self.models.flags)
+            return active.with_hardware({k: v for k, v in body.items() if now[k] != v})
+
+        changed = await self._switch(choose)
         return json_response({"status": "success", "active_profile": changed.name,
                               **changed.hardware(self.models.flags)})
 
