@@ -5,7 +5,8 @@ service and server reflection beside it.
 It runs on the HTTP door's event loop and feeds the same engine, so requests
 from both doors share decode steps. A call is translated into the shared
 shaping's names (server/shaping.py), answered as token messages (whole UTF-8
-characters, stop strings held back) and exactly one finish_details; every
+characters of the answer, read as the HTTP door reads it: stop strings held
+back, a thinking section left out) and exactly one finish_details; every
 failure ends the call with a status code and a message a person can act on.
 """
 
@@ -26,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from engine import logs
 from engine.request import EngineError, Overloaded
 from server.adapters import AdapterNotFound
+from server.answers import ChatAnswer
 from server.drain import REFUSAL, Drain
 from server.metrics import Metrics, RequestTracker
 from server.models import Models, SwitchTimeout
@@ -37,7 +39,8 @@ SERVICE = llama_pb2.DESCRIPTOR.services_by_name["LlamaService"].full_name
 METHOD = f"/{SERVICE}/GenerateStream"
 # the HTTP-only knobs a caller may send in engine_specific_params, by their OpenAI / llama.cpp names
 ENGINE_SPECIFIC = ("min_p", "typical_p", "presence_penalty", "frequency_penalty", "repeat_last_n", "ignore_eos",
-                   "logit_bias", "grammar", "json_schema")
+                   "logit_bias", "grammar", "json_schema", "reasoning_format", "reasoning_effort",
+                   "chat_template_kwargs")
 # the gRPC field each canonical parameter came from, so an error names what the caller sent
 _FIELDS = {"max_tokens": "params.max_new_tokens", "temperature": "params.temperature", "top_k": "params.top_k",
            "top_p": "params.top_p", "repeat_penalty": "params.repetition_penalty", "stop": "params.stop_sequences",
@@ -105,6 +108,12 @@ def _params(p: llama_pb2.GenerationParams) -> dict:
     return out
 
 
+def spoken(deltas: list[dict]) -> str:
+    """The answer's text in a chat answer's deltas: the contract has one stream of text, so a thinking
+    section (reasoning_content, split as for HTTP unless reasoning_format is "none") is not sent."""
+    return "".join(d.get("content", "") for d in deltas)
+
+
 def parse_request(data: bytes) -> llama_pb2.GenerateStreamRequest | DecodeError:
     """The request, or why it cannot be parsed (a string field that is not UTF-8, a Struct nested past
     protobuf's limit, broken wire data): GenerateStream refuses that with INVALID_ARGUMENT, where
@@ -133,7 +142,7 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
             self._check(request, metadata)
             async with self.models.use() as served:  # during a model switch this waits for the new model
                 engine = served.engine
-                prompt_tokens, handle = self._admit(served, request)
+                prompt_tokens, handle, answer = self._admit(served, request)
                 tracker = RequestTracker(self.metrics, adapters=handle.request.adapters, profile=served.profile.name)
                 try:
                     while True:
@@ -141,8 +150,11 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
                         tracker.seen(0, out)
                         if out.error:
                             raise Refused(grpc.StatusCode.UNAVAILABLE, out.error)
-                        if out.text:
-                            await context.write(llama_pb2.GenerateStreamResponse(token=out.text.encode()))
+                        text = spoken(answer.feed(out.text) if out.text else [])
+                        if out.finish_reason:
+                            text += spoken(answer.finish())
+                        if text:
+                            await context.write(llama_pb2.GenerateStreamResponse(token=text.encode()))
                         if out.finish_reason:
                             final = out
                             tracker.usage(prompt_tokens, [out])
@@ -184,12 +196,12 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
 
     @staticmethod
     def _admit(served, request):
-        """(prompt tokens, engine handle) for a call on the model `served`, or Refused."""
+        """(prompt tokens, engine handle, the answer's reader) for a call on the model `served`, or Refused."""
         if not served.engine.ready:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "The model is still loading; retry in a few seconds.")
         try:
             gen = served.shaper.chat(*chat_body(request))
-            return len(gen.prompt), served.engine.submit(gen.requests[0])
+            return len(gen.prompt), served.engine.submit(gen.requests[0]), ChatAnswer(gen.answer)
         except AdapterNotFound as exc:
             raise Refused(grpc.StatusCode.NOT_FOUND, exc.message) from None
         except InvalidRequest as exc:

@@ -1,10 +1,15 @@
-"""Tool calling and reasoning output through the official openai SDK, real model, real server."""
+"""Tool calling and reasoning output through the official openai SDK (and the gRPC door's reading of a
+thinking section), real model, real server."""
 
 import json
 
+import grpc
 import jsonschema
 import openai
 import pytest
+from google.protobuf import struct_pb2
+
+from server.proto import llama_pb2, llama_pb2_grpc
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -186,11 +191,15 @@ def test_bad_tool_input_is_a_400(client, body, param):
 
 
 @pytest.fixture(scope="module")
-def thinker(start_server, tmp_path_factory):
+def thinking_service(start_server, tmp_path_factory):
     path = tmp_path_factory.mktemp("template") / "thinking.jinja"
     path.write_text(THINKING_TEMPLATE)
-    service = start_server("--parallel", "2", "--ctx-size", "2048", "--grpc-port", "0", "--chat-template-file", str(path))
-    return openai.OpenAI(base_url=service.base_url + "/v1", api_key="none", max_retries=0)
+    return start_server("--parallel", "2", "--ctx-size", "2048", "--chat-template-file", str(path))
+
+
+@pytest.fixture(scope="module")
+def thinker(thinking_service):
+    return openai.OpenAI(base_url=thinking_service.base_url + "/v1", api_key="none", max_retries=0)
 
 
 # the answer shape is forced by a grammar, so the 135M model writes a thinking section and an answer
@@ -228,3 +237,33 @@ def test_reasoning_effort_and_template_kwargs_reach_the_template(thinker):
     plain = prompt_tokens()
     assert prompt_tokens(reasoning_effort="high") > plain
     assert prompt_tokens(extra_body={"chat_template_kwargs": {"persona": "a careful pirate"}}) > plain
+
+
+def test_grpc_door_streams_the_answer_without_its_thinking(thinking_service, thinker):
+    """The contract has one stream of text, which a voice pipeline speaks: the thinking section is left
+    out unless the caller asks for the raw text; the template's variables reach the prompt too."""
+    question = "Is the sky blue?"
+    http = {fmt: thinker.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": question}], max_tokens=80,
+        extra_body={**THOUGHT, "reasoning_format": fmt}).choices[0].message for fmt in ("auto", "none")}
+
+    with grpc.insecure_channel(thinking_service.grpc_target) as channel:
+        stub = llama_pb2_grpc.LlamaServiceStub(channel)
+
+        def ask(max_new_tokens=80, **engine) -> tuple[str, llama_pb2.FinishDetails]:
+            extra = struct_pb2.Struct()
+            extra.update(engine)
+            req = llama_pb2.GenerateStreamRequest(user_prompt=question, params=llama_pb2.GenerationParams(
+                max_new_tokens=max_new_tokens, temperature=0, engine_specific_params=extra))
+            messages = list(stub.GenerateStream(req, timeout=120))
+            text = b"".join(m.token for m in messages if m.WhichOneof("type") == "token").decode()
+            return text, messages[-1].finish_details
+
+        answer, finish = ask(grammar=THOUGHT["grammar"])
+        assert answer == http["auto"].content and "think>" not in answer
+        assert finish.finish_reason == "stop" and finish.completion_tokens > len(answer.split())
+        raw, _ = ask(grammar=THOUGHT["grammar"], reasoning_format="none")
+        assert raw == http["none"].content and raw.endswith(answer) and "</think>" in raw
+        plain = ask(1)[1].prompt_tokens
+        assert ask(1, reasoning_effort="high")[1].prompt_tokens > plain
+        assert ask(1, chat_template_kwargs={"persona": "a careful pirate"})[1].prompt_tokens > plain
