@@ -552,10 +552,9 @@ class Scheduler:
             del seq.tokens[-n:]
             seq.n_computed = min(seq.n_computed, len(seq.tokens) - 1)
 
-    def finish_reason_for(self, seq: Sequence, token: int, generated: int | None = None) -> str | None:
+    def finish_reason_for(self, seq: Sequence, token: int, generated: int) -> str | None:
         """Token-level end conditions: end of generation, max_tokens, a full context. `generated`:
-        the completion's length up to this token (default: all of it)."""
-        generated = seq.n_generated if generated is None else generated
+        the completion's length up to this token (a burst's tokens are read one by one)."""
         if token < 0:
             return "error"
         if self.is_eog(token) and not seq.request.ignore_eos:

@@ -89,13 +89,13 @@ def test_max_tokens_and_eog_end_sequences():
     sched = make()
     s = sched.add(Request(prompt=[1, 2, 3], max_tokens=2))
     _, out = run_step(sched)
-    assert sched.finish_reason_for(s, out[0][2][0]) is None
+    assert sched.finish_reason_for(s, out[0][2][0], s.n_generated) is None
     _, out = run_step(sched)
-    assert sched.finish_reason_for(s, out[0][2][0]) == "length"
+    assert sched.finish_reason_for(s, out[0][2][0], s.n_generated) == "length"
     t = sched.add(Request(prompt=[1, 2, 3]))
     run_step(sched)
-    assert sched.finish_reason_for(t, EOG) == "stop"
-    assert sched.finish_reason_for(t, -1) == "error"
+    assert sched.finish_reason_for(t, EOG, t.n_generated) == "stop"
+    assert sched.finish_reason_for(t, -1, t.n_generated) == "error"
 
 
 def test_overload_raises_beyond_the_bound():
@@ -182,7 +182,7 @@ def test_split_kv_caps_each_sequence_at_its_share():
         _, out = run_step(sched)
         assert s.reserve <= 256
         for seq, _, (token,) in out:
-            if reason := sched.finish_reason_for(seq, token):
+            if reason := sched.finish_reason_for(seq, token, seq.n_generated):
                 sched.finish(seq, reason)
     assert s.finish_reason == "length" and len(s.tokens) == 256
 
@@ -313,11 +313,11 @@ def test_overlap_never_plans_past_max_tokens_and_drops_a_finished_sequences_extr
     assert sched.plan() == []                  # two outputs planned: max_tokens reached
     sched.complete(a, [[5]])
     sched.complete(b, [[6]])
-    assert s.n_generated == 2 and sched.finish_reason_for(s, 6) == "length"
+    assert s.n_generated == 2 and sched.finish_reason_for(s, 6, s.n_generated) == "length"
     t = sched.add(Request(prompt=[1, 2, 3], max_tokens=10))
     a, b = sched.plan()[0], sched.plan()[0]
     assert sched.complete(a, [[EOG]]) == [(t, 0, [EOG])]
-    sched.finish(t, sched.finish_reason_for(t, EOG))  # it ended in `a` ...
+    sched.finish(t, sched.finish_reason_for(t, EOG, t.n_generated))  # it ended in `a` ...
     assert sched.complete(b, [[5]]) == []        # ... so the row planned after it counts for nothing
     assert t.n_generated == 1
 
@@ -405,7 +405,7 @@ def test_a_row_planned_after_a_burst_that_ended_early_counts_for_nothing():
     b = sched.plan(max_burst=4)[0]                             # planned on from a's full length
     assert b.rows[0].start == 21
     assert sched.complete(a, [[5, EOG]]) == [(s, 0, [5, EOG])]
-    sched.finish(s, sched.finish_reason_for(s, EOG))
+    sched.finish(s, sched.finish_reason_for(s, EOG, s.n_generated))
     assert sched.complete(b, [[]]) == [] and s.n_generated == 10  # the worker dropped b's row
 
 
