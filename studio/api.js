@@ -52,6 +52,21 @@ export async function getJSON(path, { timeout = 3000 } = {}) {
   return res.json();
 }
 
+// POST a JSON body (same connection pool as telemetry); the answer's JSON, or an ApiError.
+export async function postJSON(path, body, { timeout = 3000 } = {}) {
+  let res;
+  try {
+    res = await fetch(API_BASE + path, {
+      method: 'POST', credentials: 'omit', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify(body), signal: AbortSignal.timeout(timeout),
+    });
+  } catch (e) {
+    throw new ApiError(`Cannot reach the server (${e.name === 'TimeoutError' ? 'timeout' : e.message})`);
+  }
+  if (!res.ok) throw await errorFromResponse(res);
+  return res.json();
+}
+
 // Returns 'ok' (200), 'loading' (503) or 'down' (unreachable / other status).
 export async function getHealth() {
   try {
@@ -134,28 +149,30 @@ export async function* streamChat(body, signal, credentials = 'same-origin') {
 }
 
 // Runs one streaming generation and keeps `run` (a reactive object) up to date:
-// text, timing (TTFT, tok/s), usage and final state. Text updates are batched
-// per animation frame so a fast stream does not re-render on every token.
+// text, the thinking section apart from it (`reasoning_content`), timing (TTFT,
+// tok/s), usage and final state. Text updates are batched per animation frame
+// so a fast stream does not re-render on every token.
 // `credentials` picks the browser's connection pool (see parallel mode).
 export async function runGeneration(body, run, signal, credentials = 'same-origin') {
   Object.assign(run, {
-    text: '', state: 'waiting', error: null, usage: null, finish: null,
+    text: '', reasoning: '', state: 'waiting', error: null, usage: null, finish: null,
     startedAt: performance.now(), firstAt: null, lastAt: null, endedAt: null,
     chunks: 0, ttftMs: null, tps: null,
   });
-  let pending = '';
+  const pending = { text: '', reasoning: '' };
   let frame = 0;
   const flush = () => {
     frame = 0;
-    if (pending) { run.text += pending; pending = ''; }
+    for (const k in pending) if (pending[k]) { run[k] += pending[k]; pending[k] = ''; }
     updateRate(run);
   };
   try {
     for await (const chunk of streamChat(body, signal, credentials)) {
       if (chunk.usage) run.usage = chunk.usage;
       for (const choice of chunk.choices || []) {
-        const piece = choice.delta?.content;
-        if (piece) {
+        const content = choice.delta?.content;
+        const reasoning = choice.delta?.reasoning_content;
+        if (content || reasoning) {
           const now = performance.now();
           if (run.firstAt === null) {
             run.firstAt = now;
@@ -164,7 +181,8 @@ export async function runGeneration(body, run, signal, credentials = 'same-origi
           }
           run.lastAt = now;
           run.chunks += 1;
-          pending += piece;
+          if (content) pending.text += content;
+          if (reasoning) pending.reasoning += reasoning;
           if (!frame) frame = requestAnimationFrame(flush);
         }
         if (choice.finish_reason) run.finish = choice.finish_reason;

@@ -5,13 +5,14 @@ import { server, startTelemetry } from './telemetry.js';
 import { load, save } from './storage.js';
 import ChatView from './components/ChatView.js';
 import ParallelView from './components/ParallelView.js';
+import ModelPanel from './components/ModelPanel.js';
 import ContextPanel from './components/ContextPanel.js';
 import ParamsPanel from './components/ParamsPanel.js';
 import TelemetryPanel from './components/TelemetryPanel.js';
 
 const App = {
   name: 'App',
-  components: { ChatView, ParallelView, ContextPanel, ParamsPanel, TelemetryPanel },
+  components: { ChatView, ParallelView, ModelPanel, ContextPanel, ParamsPanel, TelemetryPanel },
   setup() {
     const tab = ref(load('tab', 'chat') === 'parallel' ? 'parallel' : 'chat');
     watch(tab, (t) => save('tab', t));
@@ -36,6 +37,7 @@ const App = {
       </header>
       <div class="sidebars">
         <aside class="sidebar left">
+          <ModelPanel />
           <ContextPanel />
           <ParamsPanel />
         </aside>

@@ -1,6 +1,6 @@
 // User settings shared by the chat and parallel views, kept in localStorage.
 import { persisted } from './storage.js';
-import { DEFAULT_PARAMS } from './params.js';
+import { DEFAULT_PARAMS, buildRequest } from './params.js';
 
 // The studio starts from the server's own sampling defaults (GET /v1/models), so what it sends
 // by default is what any client leaving the fields out gets; DEFAULT_PARAMS until they arrive.
@@ -22,9 +22,19 @@ export function useServerDefaults(sampling) {
 }
 
 export const systemPrompt = persisted('systemPrompt', '');
+// The LoRA adapter every request asks for ('' = the base model), and its scale.
+export const adapter = persisted('adapter', { name: '', scale: 1 });
 export const ragContext = persisted('ragContext', '');
 export const ragFileName = persisted('ragFileName', '');
 
 export function resetParams() {
   params.value = { ...defaults };
+}
+
+// The request body for a conversation with the current settings, on `model`.
+export function chatRequest(messages, model) {
+  return buildRequest({
+    messages, model, params: params.value, systemPrompt: systemPrompt.value, ragContext: ragContext.value,
+    adapter: adapter.value,
+  });
 }

@@ -64,15 +64,18 @@ async function pollStats() {
   setTimeout(pollStats, delay);
 }
 
+// The active model's id and sampling defaults (the first entry of GET /v1/models); after a switch too.
+export async function refreshModel() {
+  try {
+    const models = await getJSON('/v1/models');
+    server.model = models?.data?.[0]?.id ?? null;
+    useServerDefaults(models?.data?.[0]?.meta?.sampling_defaults);
+  } catch { /* shown as "–" */ }
+}
+
 async function pollHealth() {
   server.health = await getHealth();
-  if (server.health === 'ok' && !server.model) {
-    try {
-      const models = await getJSON('/v1/models');
-      server.model = models?.data?.[0]?.id ?? null;
-      useServerDefaults(models?.data?.[0]?.meta?.sampling_defaults);
-    } catch { /* shown as "–" */ }
-  }
+  if (server.health === 'ok' && !server.model) await refreshModel();
   setTimeout(pollHealth, server.health === 'ok' ? 2000 : 1000);
 }
 

@@ -110,3 +110,20 @@ def start_server(tmp_path_factory):
 def server(start_server):
     """The service on the default model in its default KV layout (split): 8 sequences of 4096 KV cells, 2 threads."""
     return start_server("--parallel", "8", "--ctx-size", "32768", "--max-n", "4")
+
+
+# thinks first: the generation prompt opens the section, as DeepSeek-R1 distills' templates do
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n"
+                     "{% if reasoning_effort %}Effort: {{ reasoning_effort }}\n{% endif %}"
+                     "{% if persona %}Persona: {{ persona }}\n{% endif %}{% endif %}")
+# the answer shape is forced by a grammar, so the 135M model writes a thinking section and an answer
+THOUGHT = {"grammar": 'root ::= [a-z ]{8,40} "\\n</think>\\n\\n" [A-Z] [a-z ]{4,30} "."', "temperature": 0}
+
+
+@pytest.fixture(scope="session")
+def thinking_service(start_server, tmp_path_factory):
+    """A service whose chat template opens a thinking section (THINKING_TEMPLATE)."""
+    path = tmp_path_factory.mktemp("template") / "thinking.jinja"
+    path.write_text(THINKING_TEMPLATE)
+    return start_server("--parallel", "2", "--ctx-size", "2048", "--chat-template-file", str(path))

@@ -8,6 +8,7 @@ Screenshots go to tests/artifacts/.
 Set-up: npm ci --prefix studio; apt-get install -y chromium; pip install playwright
 """
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import THOUGHT
+from loadtest.lora_files import make_adapters
+from engine.model_files import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -61,17 +66,25 @@ class Console:
         page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
 
 
-@pytest.fixture
-def studio_page(chromium_browser, studio_server):
-    """A fresh browser context (empty localStorage) with the studio loaded and ready."""
-    context = chromium_browser.new_context(viewport={"width": 1440, "height": 900})
+@contextlib.contextmanager
+def open_studio(browser, base_url):
+    """A fresh browser context (empty localStorage) with the studio of `base_url` loaded and ready."""
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
     context.set_default_timeout(30_000)
     pg = context.new_page()
     pg.console = Console(pg)
-    pg.goto(studio_server + "/")
+    pg.goto(base_url + "/")
     pg.wait_for_selector("[data-testid=health-dot][data-state=ok]", timeout=60_000)
-    yield pg
-    context.close()
+    try:
+        yield pg
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def studio_page(chromium_browser, studio_server):
+    with open_studio(chromium_browser, studio_server) as pg:
+        yield pg
 
 
 # ---------------------------------------------------------------- helpers
@@ -321,3 +334,70 @@ def test_missing_packages_page_says_what_to_run(chromium_browser, start_server, 
         page.close()
     assert "packages are missing" in text and f"npm ci --prefix {bare}" in text and "vue" in text
     assert service.log().count("the studio's npm packages are missing") == 1
+
+
+def test_thinking_is_shown_apart_from_the_answer(chromium_browser, thinking_service):
+    """A thinking model's reasoning_content streams into its own block, the answer below it; the next
+    request's history carries the answer only."""
+    def force_thought(route):  # the grammar makes the 135M model write a thinking section, then an answer
+        route.continue_(post_data=json.dumps({**route.request.post_data_json, **THOUGHT}))
+
+    with open_studio(chromium_browser, thinking_service.base_url) as page:
+        page.route("**/v1/chat/completions", force_thought)
+        set_param(page, "max_tokens", 80)
+        answer = ask(page, "Is the sky blue?")
+        thinking = page.locator("[data-testid=msg-reasoning]")
+        assert thinking.count() == 1 and thinking.get_attribute("open") is None  # folded once the answer came
+        reasoning = thinking.locator(".plain").text_content()  # folded: not rendered as text
+        assert reasoning.strip() and "think>" not in reasoning and "think>" not in answer
+        assert answer[0].isupper() and answer.endswith(".")
+        with page.expect_request("**/v1/chat/completions") as request_info:
+            ask(page, "Why?")
+        sent = request_info.value.post_data_json["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant", "user"] and sent[1]["content"] == answer
+        screenshot(page, "studio-thinking.png")
+        assert page.console.errors == []
+
+
+PROFILES = """
+active = "first"
+[profiles.first]
+display_name = "first-model"
+[profiles.second]
+display_name = "second-model"
+ctx_size = 2048
+"""
+
+
+def test_model_panel_switches_profile_and_chooses_an_adapter(chromium_browser, start_server, tmp_path):
+    (tmp_path / "profiles.toml").write_text(PROFILES)
+    (tmp_path / "lora").mkdir()
+    make_adapters(resolve_model(None), tmp_path / "lora", ["pirate"])
+    service = start_server("--profiles", str(tmp_path / "profiles.toml"), "--lora-dir", str(tmp_path / "lora"),
+                           "--parallel", "2", "--grpc-port", "0")
+    with open_studio(chromium_browser, service.base_url) as page:
+        page.wait_for_selector("[data-testid=profile-active]:has-text('first')")
+        assert page.locator("[data-testid=profile-select] option").count() == 2
+        page.select_option("[data-testid=profile-select]", "second")
+        page.click("[data-testid=profile-switch]")
+        page.wait_for_selector("[data-testid=profile-active]:has-text('second')", timeout=120_000)
+        with urllib.request.urlopen(service.base_url + "/v1/profiles", timeout=5) as r:
+            assert json.load(r)["active_profile"] == "second"
+        page.wait_for_function("() => document.querySelector('[data-testid=model-name]').textContent"
+                               ".includes('second-model')")
+
+        page.select_option("[data-testid=adapter-select]", "pirate")
+        page.fill("[data-testid=adapter-scale]", "0.5")
+        set_param(page, "max_tokens", 8)
+        with page.expect_request("**/v1/chat/completions") as request_info:
+            ask(page, "Hello!")
+        body = request_info.value.post_data_json
+        assert body["lora"] == [{"name": "pirate", "scale": 0.5}] and body["model"] == "second-model"
+        with urllib.request.urlopen(service.base_url + "/v1/lora-adapters", timeout=5) as r:
+            assert json.load(r)["data"][0]["loaded_in_workers"] == [0]
+        page.select_option("[data-testid=adapter-select]", "")
+        with page.expect_request("**/v1/chat/completions") as request_info:
+            ask(page, "Hello again!")
+        assert "lora" not in request_info.value.post_data_json
+        screenshot(page, "studio-model-panel.png")
+        assert page.console.errors == []

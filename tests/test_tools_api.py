@@ -10,6 +10,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from server.proto import llama_pb2, llama_pb2_grpc
+from conftest import THOUGHT
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -21,11 +22,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": TIME}}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
-# thinks first: the generation prompt opens the section, as DeepSeek-R1 distills' templates do
-THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-                     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n"
-                     "{% if reasoning_effort %}Effort: {{ reasoning_effort }}\n{% endif %}"
-                     "{% if persona %}Persona: {{ persona }}\n{% endif %}{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -191,19 +187,8 @@ def test_bad_tool_input_is_a_400(client, body, param):
 
 
 @pytest.fixture(scope="module")
-def thinking_service(start_server, tmp_path_factory):
-    path = tmp_path_factory.mktemp("template") / "thinking.jinja"
-    path.write_text(THINKING_TEMPLATE)
-    return start_server("--parallel", "2", "--ctx-size", "2048", "--chat-template-file", str(path))
-
-
-@pytest.fixture(scope="module")
 def thinker(thinking_service):
     return openai.OpenAI(base_url=thinking_service.base_url + "/v1", api_key="none", max_retries=0)
-
-
-# the answer shape is forced by a grammar, so the 135M model writes a thinking section and an answer
-THOUGHT = {"grammar": 'root ::= [a-z ]{8,40} "\\n</think>\\n\\n" [A-Z] [a-z ]{4,30} "."', "temperature": 0}
 
 
 def test_reasoning_is_split_from_content_in_streams_and_whole(thinker):

@@ -2,8 +2,8 @@
 // stateless: every request carries the whole conversation kept in the browser.
 import { ref, computed, watch, nextTick, onMounted, onBeforeUnmount } from 'vue';
 import { runGeneration } from '../api.js';
-import { buildRequest, curlCommand } from '../params.js';
-import { params, systemPrompt, ragContext } from '../settings.js';
+import { curlCommand } from '../params.js';
+import { params, systemPrompt, ragContext, adapter, chatRequest } from '../settings.js';
 import { persisted, load, save } from '../storage.js';
 import { server } from '../telemetry.js';
 import Markdown from './Markdown.js';
@@ -37,13 +37,8 @@ export default {
       .filter((m) => m.role === 'user' || (m.text && m.state !== 'error'))
       .map((m) => ({ role: m.role, content: m.text }));
 
-    const request = () => buildRequest({
-      messages: history(), params: params.value,
-      systemPrompt: systemPrompt.value, ragContext: ragContext.value, model: server.model,
-    });
-
     async function generate() {
-      const body = request();
+      const body = chatRequest(history(), server.model);
       messages.value.push({ id: uid(), role: 'assistant', text: '', state: 'waiting' });
       const msg = messages.value[messages.value.length - 1]; // the reactive proxy
       controller = new AbortController();
@@ -90,10 +85,12 @@ export default {
         system_prompt: systemPrompt.value,
         rag_context: ragContext.value,
         params: params.value,
+        lora_adapter: adapter.value.name ? adapter.value : null,
         messages: messages.value.map((m) => ({
           role: m.role,
           content: m.text,
           ...(m.role === 'assistant' ? {
+            reasoning_content: m.reasoning || null,
             state: m.state, finish_reason: m.finish ?? null, usage: m.usage ?? null,
             ttft_ms: m.ttftMs ?? null, tokens_per_second: m.tps ?? null, error: m.error ?? null,
           } : {}),
@@ -122,10 +119,8 @@ export default {
     }
 
     function copyCurl() {
-      const body = buildRequest({
-        messages: [...history(), ...(input.value.trim() ? [{ role: 'user', content: input.value }] : [])],
-        params: params.value, systemPrompt: systemPrompt.value, ragContext: ragContext.value, model: server.model,
-      });
+      const body = chatRequest([...history(), ...(input.value.trim() ? [{ role: 'user', content: input.value }] : [])],
+        server.model);
       copy(curlCommand(body), 'curl command');
     }
 
@@ -190,8 +185,13 @@ export default {
           </header>
           <div v-if="m.role === 'user'" class="plain" data-testid="msg-text">{{ m.text }}</div>
           <template v-else>
+            <details v-if="m.reasoning" class="thinking" :open="m.state === 'streaming' && !m.text"
+                     data-testid="msg-reasoning">
+              <summary>Thinking <span class="muted">reasoning_content · {{ m.reasoning.length.toLocaleString() }} chars</span></summary>
+              <div class="plain">{{ m.reasoning }}</div>
+            </details>
             <Markdown v-if="m.text" :text="m.text" :class="{ cursor: m.state === 'streaming' }" data-testid="msg-text" />
-            <div v-else-if="m.state === 'done'" class="muted">(empty answer)</div>
+            <div v-else-if="m.state === 'done'" class="muted">{{ m.reasoning ? '(no answer after the thinking)' : '(empty answer)' }}</div>
             <div v-if="m.error" class="error-box" data-testid="msg-error">{{ m.error }}</div>
             <AnswerMeta :run="m" />
           </template>

@@ -2,8 +2,7 @@
 // batching work (batch size and aggregate tokens/s rise with N).
 import { reactive, ref, computed, onBeforeUnmount } from 'vue';
 import { runGeneration } from '../api.js';
-import { buildRequest } from '../params.js';
-import { params, systemPrompt, ragContext } from '../settings.js';
+import { chatRequest } from '../settings.js';
 import { persisted } from '../storage.js';
 import { server, pollFast, resetPeaks } from '../telemetry.js';
 import AnswerMeta from './AnswerMeta.js';
@@ -31,10 +30,7 @@ export default {
     async function start() {
       if (busy.value || !prompt.value.trim()) return;
       const n = Math.max(1, Math.min(16, Number(count.value) || 1));
-      const body = buildRequest({
-        messages: [{ role: 'user', content: prompt.value }], params: params.value,
-        systemPrompt: systemPrompt.value, ragContext: ragContext.value, model: server.model,
-      });
+      const body = chatRequest([{ role: 'user', content: prompt.value }], server.model);
       controller = new AbortController();
       runs.value = Array.from({ length: n }, (_, i) => reactive({ id: i + 1, text: '', state: 'waiting' }));
       busy.value = true;
