@@ -36,6 +36,7 @@ import orjson
 from engine import logs, worker as worker_module
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
+from engine.core_turns import CoreTurns
 from engine.detokenizer import TextStream
 from engine.llama import Model, SamplerChain, SamplingParams
 from engine.request import EngineError, Output, Request, TokenLogprob
@@ -181,9 +182,10 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, *, generation: bool = True):
+    def __init__(self, config: EngineConfig, *, generation: bool = True, turns: CoreTurns | None = None):
         self.config = config
         self.generation = generation  # False (--embeddings-only): the tokenizer only, no worker processes
+        self._turns = turns  # shared with embedding processes on the same cores (engine/core_turns.py)
         self.vocab_model: Model | None = None
         self.template: ChatTemplate | None = None
         self._workers: list[_Worker] = []
@@ -211,6 +213,9 @@ class AsyncEngine:
         for w in self._workers:
             self._watch(w)
         self._tick = self._loop.call_later(_TICK_S, self._on_tick)
+        if self._turns is not None:
+            self._turns.join(self, lambda: bool(self._streams),
+                             lambda: self._loop.call_soon_threadsafe(self._pump_later))
         self.ready = True
 
     def _start_blocking(self) -> None:
@@ -251,6 +256,8 @@ class AsyncEngine:
 
     async def shutdown(self) -> None:
         self._stopping = True
+        if self._turns is not None:
+            self._turns.leave(self)
         if self._tick is not None:
             self._tick.cancel()
         for w in self._workers:
@@ -351,14 +358,17 @@ class AsyncEngine:
             self._loop.call_soon(self._pump)
 
     def _pump(self) -> None:
-        """Plan, write and ring steps until two are in flight (one without overlap) or nothing is left."""
+        """Plan, write and ring steps until two are in flight (one without overlap), nothing is left, or
+        an embedding decode has the cores."""
         self._pump_soon = False
         depth = 2 if self.config.overlap else 1
         try:
             while not self._stopping and len(self._in_flight) < depth:
+                if self._turns is not None and not self._turns.may_step(self):
+                    break
                 plans = self._plan()
                 if not plans:
-                    return
+                    break
                 t0 = time.perf_counter()
                 sent = []
                 for plan in plans:
@@ -369,6 +379,8 @@ class AsyncEngine:
                 self._parent_s += time.perf_counter() - t0
         except Exception:
             self._engine_failed()
+        if self._turns is not None and not self._in_flight:
+            self._turns.idle(self)
 
     def _plan(self) -> list[StepPlan]:
         """The next steps; [] when there is nothing to plan."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import logs
+from engine.core_turns import CoreTurns
 
 log = logging.getLogger("sentiric.embedder")
 MAX_BATCH_INPUTS = 2048          # inputs sent to a process in one message (a bigger request goes alone)
@@ -36,6 +37,9 @@ MAX_BATCH_INPUTS = 2048          # inputs sent to a process in one message (a bi
 # computes logits for every token of an embedding batch, n_vocab floats each, and its compute buffers
 # follow the batch (SmolLM2-135M: ~370 MiB RSS at 512, ~1 GiB at 2048); short inputs embed as fast.
 DEFAULT_CTX = 512
+# The tokens an embedding decode packs while generation waits for its turn on the cores: a stream
+# stalls for one such decode (~0.25 s for SmolLM2-135M on 2 cores) instead of a full one (~1 s).
+SHARED_DECODE_TOKENS = 64
 POOLINGS = ("mean", "cls", "last")  # one vector per input; a model that declares another pools by mean
 _STARTUP_TIMEOUT_S = 300
 
@@ -68,27 +72,28 @@ class EmbedderInfo:
 
 # --- the child process ----------------------------------------------------------------------------
 
-def embed_batch(ctx, batch, lengths: np.ndarray, tokens: np.ndarray, tick=lambda: None) -> np.ndarray:
+def embed_batch(ctx, batch, lengths: np.ndarray, tokens: np.ndarray, turn=lambda: 0) -> np.ndarray:
     """One L2-normalised pooled vector per input, the inputs packed into as few decodes as fit the
-    batch (each input whole: llama.cpp pools a sequence within one ubatch); tick() after each decode."""
+    batch (each input whole: llama.cpp pools a sequence within one ubatch). Before each decode turn()
+    says how many tokens it may pack (0: as many as fit; at least one input goes)."""
     out = np.empty((len(lengths), ctx.model.n_embd_out), np.float32)
     starts = np.concatenate(([0], np.cumsum(lengths)))
     i = 0
     while i < len(lengths):
+        limit = turn() or batch.capacity
+        if lengths[i] > batch.capacity:
+            raise ValueError(f"input of {lengths[i]} tokens does not fit the embedding batch of {batch.capacity}")
         j = k = 0
-        while i + j < len(lengths) and j < ctx.n_seq_max and k + lengths[i + j] <= batch.capacity:
+        while i + j < len(lengths) and j < ctx.n_seq_max and (not j or k + lengths[i + j] <= limit):
             n, at = int(lengths[i + j]), int(starts[i + j])
             batch.token[k:k + n] = tokens[at:at + n]
             batch.pos[k:k + n] = np.arange(n, dtype=np.int32)
             batch.seq[k:k + n] = j
             k, j = k + n, j + 1
-        if not j:
-            raise ValueError(f"input of {lengths[i]} tokens does not fit the embedding batch of {batch.capacity}")
         batch.logits[:k] = 1
         batch.n_tokens = k
         ctx.seq_rm(-1)  # forget the previous decode's cells (metadata only)
         ctx.decode(batch)
-        tick()
         for s in range(j):
             out[i + s] = ctx.seq_embedding(s)
         i += j
@@ -98,8 +103,8 @@ def embed_batch(ctx, batch, lengths: np.ndarray, tokens: np.ndarray, tick=lambda
 
 def child_main(config: dict, conn, log_settings: dict) -> None:
     """Process entry point: load, say hello, then answer each (lengths, tokens) message with the vectors'
-    bytes (or an error string) until None or EOF. It sends None after each decode, so the parent's
-    watchdog times decodes, not whole batches."""
+    bytes (or an error string) until None or EOF. Before each decode it sends None and waits for the
+    parent's go: the parent gives it its turn on the cores, and its watchdog times decodes, not batches."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when it stops
     logs.setup_logging(**log_settings, process="embedder ")
     from engine.llama import Batch, Context, ContextParams, LlamaError, Model, max_parallel_sequences
@@ -122,7 +127,7 @@ def child_main(config: dict, conn, log_settings: dict) -> None:
         while (msg := conn.recv()) is not None:
             lengths, tokens = np.frombuffer(msg[0], np.int32), np.frombuffer(msg[1], np.int32)
             try:
-                reply = embed_batch(ctx, batch, lengths, tokens, tick=lambda: conn.send(None)).tobytes()
+                reply = embed_batch(ctx, batch, lengths, tokens, turn=lambda: conn.send(None) or conn.recv()).tobytes()
             except (LlamaError, ValueError) as exc:  # a bad batch fails its requests, not the process
                 reply = f"{type(exc).__name__}: {exc}"
             conn.send(reply)
@@ -138,8 +143,8 @@ def child_main(config: dict, conn, log_settings: dict) -> None:
 class _Process:
     """The parent's handle on one embedding process; its methods block (run them in a thread)."""
 
-    def __init__(self, index: int, config: EmbedderConfig):
-        self.index, self.config = index, config
+    def __init__(self, index: int, config: EmbedderConfig, turns: CoreTurns | None):
+        self.index, self.config, self.turns = index, config, turns
         self.process = None
         self.conn = None
         self.busy = False
@@ -181,16 +186,27 @@ class _Process:
     def call(self, lengths: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """The vectors of one batch; EmbedderError if the process dies, hangs or fails the batch."""
         self.busy = True
+        holding = False  # the turn on the cores, while a decode runs
         try:
             self.conn.send((lengths.tobytes(), tokens.tobytes()))
-            reply = None
-            while reply is None:  # None: one decode done
+            while True:
                 if self.config.timeout and not self.conn.poll(self.config.timeout):
                     self.process.kill()
                     self._reap()
                     raise EmbedderError(f"the embedding process finished no decode in {self.config.timeout:g} s "
                                         "and was killed; retry: the next request starts a new one")
                 reply = self.conn.recv()
+                if holding:
+                    self.turns.give()
+                    holding = False
+                if reply is not None:
+                    break
+                limit = 0  # None: the process is ready to pack and run a decode
+                if self.turns is not None:
+                    holding = True
+                    if self.turns.take(give_up=lambda: self.stopping):  # short decodes: generation waits
+                        limit = SHARED_DECODE_TOKENS
+                self.conn.send(limit)
         except (EOFError, OSError):
             self._reap()
             if self.stopping:
@@ -198,6 +214,8 @@ class _Process:
             raise EmbedderError(f"the embedding process crashed (exit code {self.process.exitcode}); "
                                 "retry: the next request starts a new one") from None
         finally:
+            if holding:
+                self.turns.give()
             self.busy = False
         if isinstance(reply, str):
             raise EmbedderError(f"embedding failed: {reply}")
@@ -235,10 +253,11 @@ class _Job:
 class Embedder:
     """`await embedder.embed([[token, ...], ...])` -> float32 [n, n_embd], rows L2-normalised."""
 
-    def __init__(self, config: EmbedderConfig):
+    def __init__(self, config: EmbedderConfig, turns: CoreTurns | None = None):
+        """`turns`: shared with the generation engine when both decode on the same cores."""
         self.config = config
         self.info: EmbedderInfo | None = None
-        self._processes = [_Process(i, config) for i in range(config.processes)]
+        self._processes = [_Process(i, config, turns) for i in range(config.processes)]
         self._pending: collections.deque[_Job] = collections.deque()
         self._wake = asyncio.Event()
         self._idle: asyncio.Queue | None = None
@@ -297,10 +316,18 @@ class Embedder:
     def stats(self) -> dict:
         info = self.info
         return {"processes": len(self._processes), "alive": sum(p.alive for p in self._processes),
+                "turns": self._turns_stats(),
                 "busy": len(self._running), "pids": self.pids, "restarts": self.restarts, "batches": self.batches,
                 "waiting_inputs": sum(len(j.inputs) for j in self._pending),
                 "n_embd": info.n_embd if info else None, "n_ctx": info.n_ctx if info else None,
                 "pooling": info.pooling if info else None}
+
+    def _turns_stats(self) -> dict | None:
+        """Turns on the cores shared with generation (None: not shared): decodes run, and those that
+        generation's requests waited for."""
+        turns = self._processes[0].turns
+        return None if turns is None else {"embedding_decodes": turns.embedding_turns,
+                                           "while_generating": turns.embedding_turns_while_generating}
 
     # --- batching ---
     async def _batch_loop(self) -> None:

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.core_turns import CoreTurns
 from engine.embedder import Embedder, EmbedderConfig
 from engine.llama import Model, SamplingParams
 from engine.logs import event, setup_logging
@@ -161,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(0 = --threads)", type=int)
     _option(emb, "--embeddings-workers", "EMBEDDINGS_WORKERS", 1, "embedding processes (a batch goes to a free one)",
             type=int)
+    _option(emb, "--embeddings-turns", "EMBEDDINGS_TURNS", "auto", "embedding decodes and generation steps take "
+                                                                   "turns on the cores, fairly in time (decoding at "
+                                                                   "once, llama.cpp's spinning threads slow both down "
+                                                                   "several times over); auto: when generation runs "
+                                                                   "on the CPU and the two sides' threads together "
+                                                                   "exceed the cores", choices=("auto", "on", "off"))
     d = SamplingDefaults()
     smp = p.add_argument_group("sampling defaults", "for every field a request leaves out, HTTP and gRPC alike: "
                                "a flag wins, else what the model's GGUF recommends (general.sampling.*), else the "
@@ -234,8 +241,10 @@ def serve(argv: list[str] | None = None) -> int:
         if args.max_models < 1:
             raise ValueError("--max-models must be at least 1")
 
+        turns = CoreTurns()  # one per process: every profile's engine and embedder share the machine's cores
+
         def build(profile: Profile) -> Served:
-            return _build(profile, args, settings)
+            return _build(profile, args, settings, turns)
         try:
             models = Models(profiles, build(profiles[active]), build, args.switch_timeout, args, args.max_models)
         except (OSError, RuntimeError, ValueError) as exc:
@@ -260,7 +269,7 @@ def _alias(args) -> str:
     return args.model_alias or (DEFAULT_ALIAS if not args.model else Path(args.model).name.removesuffix(".gguf"))
 
 
-def _build(profile: Profile, flags, settings: ServerSettings) -> Served:
+def _build(profile: Profile, flags, settings: ServerSettings, turns: CoreTurns) -> Served:
     """A profile's engine, embedder and shaper, not started yet (blocking: it may fetch the default model and
     reads the GGUF's recommended sampling); ValueError or OSError says what is wrong with the profile."""
     args = profile.apply(flags)
@@ -288,9 +297,19 @@ def _build(profile: Profile, flags, settings: ServerSettings) -> Served:
     if from_model:
         log.info("sampling defaults from the model's GGUF: %s", ", ".join(from_model),
                  extra=event("SAMPLING_DEFAULTS_FROM_MODEL", fields=from_model))
-    engine = AsyncEngine(engine_config, generation=not args.embeddings_only)
+    if args.embeddings_only or not _take_turns(args.embeddings_turns, engine_config, embedder_config):
+        turns = None
+    engine = AsyncEngine(engine_config, generation=not args.embeddings_only, turns=turns)
     shaper = settings.shaper(engine, defaults, rag_template=args.rag_template, system_prompt=args.system_prompt)
-    return Served(profile, engine, Embedder(embedder_config), shaper, _alias(args), args.embeddings_only)
+    return Served(profile, engine, Embedder(embedder_config, turns), shaper, _alias(args), args.embeddings_only)
+
+
+def _take_turns(mode: str, engine: EngineConfig, embedder: EmbedderConfig) -> bool:
+    """--embeddings-turns: whether embedding decodes and generation steps share the cores by turns."""
+    if mode != "auto":
+        return mode == "on"
+    threads = engine.threads * engine.workers + embedder.threads * embedder.processes
+    return not engine.gpu and threads > (os.cpu_count() or 1)
 
 
 def _sampling_defaults(args, model_path: Path) -> tuple[SamplingDefaults, dict[str, str]]:

@@ -105,6 +105,34 @@ def test_concurrent_requests_share_batches(server):
     assert batches < len(replies), "concurrent requests should be merged into fewer batches"
 
 
+def test_embeddings_and_a_chat_stream_take_turns_on_the_cores(server):
+    """On 2 cores the two sides take turns (engine/core_turns.py): both answer in full, the vectors are
+    those computed alone, and some embedding decodes ran short while the stream waited for its turn."""
+    texts = [f"{t} ({i})" for i in range(24) for t in TEXTS]
+    alone = vectors(embed(server.base_url, {"input": texts}))
+    turns = server.stats()["embeddings"]["turns"]
+    assert turns is not None, "2 threads each on 2 cores: the sides should take turns"
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0,
+                                      timeout=120) as client:
+            stream = await client.chat.completions.create(
+                model="x", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=160,
+                stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+
+            async def read():
+                return [c async for c in stream]
+            reading = asyncio.create_task(read())
+            await asyncio.sleep(0.3)  # the stream is decoding
+            reply = await client.embeddings.create(model="x", input=texts)
+            return await reading, reply
+    chunks, reply = asyncio.run(run())
+    assert chunks[-1].usage.completion_tokens == 160
+    assert all(cos(d.embedding, v) > 0.999 for d, v in zip(reply.data, alone))
+    after = server.stats()["embeddings"]["turns"]
+    assert after["while_generating"] > turns["while_generating"]
+
+
 @pytest.mark.parametrize("body, param, words", [
     ({}, "input", ["required"]),
     ({"input": ""}, "input", ["input[0]", "empty"]),
@@ -167,6 +195,7 @@ def test_embeddings_only(start_server):
     assert health["capacity"] == {"active": 0, "total": 1, "available": 1, "has_capacity": True}
     stats = service.stats()
     assert stats["worker_pids"] == [] and stats["embeddings"]["alive"] == 1  # started at once
+    assert stats["embeddings"]["turns"] is None  # no generation to take turns with
     for path in ("/v1/chat/completions", "/v1/completions"):
         assert_error(post(service.base_url, path, {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}),
                      400, "invalid_request_error", "--embeddings-only")

@@ -1,12 +1,16 @@
 """Engine settings resolved as plain data: the GPU choices (offloaded layers, batch size, flash
-attention, KV cache on the GPU) checked on a machine without a GPU."""
+attention, KV cache on the GPU) checked on a machine without a GPU; when embeddings and generation
+take turns on the cores."""
+
+import os
 
 import pytest
 
 from engine.config import EngineConfig
+from engine.embedder import EmbedderConfig
 from engine.llama import Batch, Context, ContextParams, Model, supports_gpu_offload
 from engine.model_files import ensure_default_model
-from server.cli import build_parser
+from server.cli import _take_turns, build_parser
 
 
 def config(**kw) -> EngineConfig:
@@ -95,3 +99,18 @@ def test_the_default_model_reports_its_kv_size_and_training_context_without_its_
         assert model.n_ctx_train == 8192
     finally:
         model.close()
+
+
+def test_embeddings_take_turns_with_generation_when_their_threads_exceed_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    emb = EmbedderConfig(model_path="model.gguf", threads=2)
+    assert _take_turns("auto", config(gpu=False, threads=2), emb)
+    assert not _take_turns("auto", config(gpu=False, threads=1), EmbedderConfig(model_path="m", threads=1))
+    assert not _take_turns("auto", config(gpu=True, threads=2), emb)  # generation on a GPU: its cores are free
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert _take_turns("auto", config(gpu=False, threads=4, workers=4), emb)
+    assert not _take_turns("auto", config(gpu=False, threads=7, workers=2), emb)
+    assert _take_turns("on", config(gpu=True), emb) and not _take_turns("off", config(gpu=False, threads=2), emb)
+    assert build_parser().parse_args(["--embeddings-turns", "off"]).embeddings_turns == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--embeddings-turns", "sometimes"])
