@@ -36,7 +36,7 @@ import orjson
 from engine import logs, worker as worker_module
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
-from engine.core_turns import CoreTurns
+from engine.cpu_turns import CpuTurns
 from engine.detokenizer import TextStream
 from engine.llama import Model, SamplerChain, SamplingParams
 from engine.request import EngineError, Output, Request, TokenLogprob
@@ -182,10 +182,10 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, *, generation: bool = True, turns: CoreTurns | None = None):
+    def __init__(self, config: EngineConfig, *, generation: bool = True, turns: CpuTurns | None = None):
         self.config = config
         self.generation = generation  # False (--embeddings-only): the tokenizer only, no worker processes
-        self._turns = turns  # shared with embedding processes on the same cores (engine/core_turns.py)
+        self.cpu_turns = turns  # decodes on the same cores take turns (engine/cpu_turns.py); None: not shared
         self.vocab_model: Model | None = None
         self.template: ChatTemplate | None = None
         self._workers: list[_Worker] = []
@@ -213,8 +213,8 @@ class AsyncEngine:
         for w in self._workers:
             self._watch(w)
         self._tick = self._loop.call_later(_TICK_S, self._on_tick)
-        if self._turns is not None:
-            self._turns.join(self, lambda: bool(self._streams),
+        if self.cpu_turns is not None:
+            self.cpu_turns.join(self, lambda: bool(self._streams),
                              lambda: self._loop.call_soon_threadsafe(self._pump_later))
         self.ready = True
 
@@ -256,8 +256,8 @@ class AsyncEngine:
 
     async def shutdown(self) -> None:
         self._stopping = True
-        if self._turns is not None:
-            self._turns.leave(self)
+        if self.cpu_turns is not None:
+            self.cpu_turns.leave(self)
         if self._tick is not None:
             self._tick.cancel()
         for w in self._workers:
@@ -359,12 +359,12 @@ class AsyncEngine:
 
     def _pump(self) -> None:
         """Plan, write and ring steps until two are in flight (one without overlap), nothing is left, or
-        an embedding decode has the cores."""
+        another model or an embedding decode has the cores' turn."""
         self._pump_soon = False
         depth = 2 if self.config.overlap else 1
         try:
             while not self._stopping and len(self._in_flight) < depth:
-                if self._turns is not None and not self._turns.may_step(self):
+                if self.cpu_turns is not None and not self.cpu_turns.may_step(self):
                     break
                 plans = self._plan()
                 if not plans:
@@ -379,8 +379,8 @@ class AsyncEngine:
                 self._parent_s += time.perf_counter() - t0
         except Exception:
             self._engine_failed()
-        if self._turns is not None and not self._in_flight:
-            self._turns.idle(self)
+        if self.cpu_turns is not None and not self._in_flight:
+            self.cpu_turns.idle(self)
 
     def _plan(self) -> list[StepPlan]:
         """The next steps; [] when there is nothing to plan."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import logs
-from engine.core_turns import CoreTurns
+from engine.cpu_turns import CpuTurns
 
 log = logging.getLogger("sentiric.embedder")
 MAX_BATCH_INPUTS = 2048          # inputs sent to a process in one message (a bigger request goes alone)
@@ -143,7 +143,7 @@ def child_main(config: dict, conn, log_settings: dict) -> None:
 class _Process:
     """The parent's handle on one embedding process; its methods block (run them in a thread)."""
 
-    def __init__(self, index: int, config: EmbedderConfig, turns: CoreTurns | None):
+    def __init__(self, index: int, config: EmbedderConfig, turns: CpuTurns | None):
         self.index, self.config, self.turns = index, config, turns
         self.process = None
         self.conn = None
@@ -186,7 +186,7 @@ class _Process:
     def call(self, lengths: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """The vectors of one batch; EmbedderError if the process dies, hangs or fails the batch."""
         self.busy = True
-        holding = False  # the turn on the cores, while a decode runs
+        turn = None  # the turn on the cores, while a decode runs
         try:
             self.conn.send((lengths.tobytes(), tokens.tobytes()))
             while True:
@@ -196,15 +196,15 @@ class _Process:
                     raise EmbedderError(f"the embedding process finished no decode in {self.config.timeout:g} s "
                                         "and was killed; retry: the next request starts a new one")
                 reply = self.conn.recv()
-                if holding:
-                    self.turns.give()
-                    holding = False
+                if turn is not None:
+                    self.turns.give(turn)
+                    turn = None
                 if reply is not None:
                     break
                 limit = 0  # None: the process is ready to pack and run a decode
                 if self.turns is not None:
-                    holding = True
-                    if self.turns.take(give_up=lambda: self.stopping):  # short decodes: generation waits
+                    turn = self.turns.take(give_up=lambda: self.stopping)
+                    if turn.generating:  # chat requests wait for the cores: a short decode
                         limit = SHARED_DECODE_TOKENS
                 self.conn.send(limit)
         except (EOFError, OSError):
@@ -214,8 +214,8 @@ class _Process:
             raise EmbedderError(f"the embedding process crashed (exit code {self.process.exitcode}); "
                                 "retry: the next request starts a new one") from None
         finally:
-            if holding:
-                self.turns.give()
+            if turn is not None:
+                self.turns.give(turn)
             self.busy = False
         if isinstance(reply, str):
             raise EmbedderError(f"embedding failed: {reply}")
@@ -253,7 +253,7 @@ class _Job:
 class Embedder:
     """`await embedder.embed([[token, ...], ...])` -> float32 [n, n_embd], rows L2-normalised."""
 
-    def __init__(self, config: EmbedderConfig, turns: CoreTurns | None = None):
+    def __init__(self, config: EmbedderConfig, turns: CpuTurns | None = None):
         """`turns`: shared with the generation engine when both decode on the same cores."""
         self.config = config
         self.info: EmbedderInfo | None = None
@@ -316,18 +316,10 @@ class Embedder:
     def stats(self) -> dict:
         info = self.info
         return {"processes": len(self._processes), "alive": sum(p.alive for p in self._processes),
-                "turns": self._turns_stats(),
                 "busy": len(self._running), "pids": self.pids, "restarts": self.restarts, "batches": self.batches,
                 "waiting_inputs": sum(len(j.inputs) for j in self._pending),
                 "n_embd": info.n_embd if info else None, "n_ctx": info.n_ctx if info else None,
                 "pooling": info.pooling if info else None}
-
-    def _turns_stats(self) -> dict | None:
-        """Turns on the cores shared with generation (None: not shared): decodes run, and those that
-        generation's requests waited for."""
-        turns = self._processes[0].turns
-        return None if turns is None else {"embedding_decodes": turns.embedding_turns,
-                                           "while_generating": turns.embedding_turns_while_generating}
 
     # --- batching ---
     async def _batch_loop(self) -> None:

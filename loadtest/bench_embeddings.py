@@ -41,6 +41,7 @@ import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from loadtest import report, servers  # noqa: E402
+from loadtest.clients import story  # noqa: E402
 from loadtest.servers import ManagedServer  # noqa: E402
 
 SUBJECTS = ["The customer", "Our support team", "A new invoice", "The phone number", "The mobile app",
@@ -79,40 +80,21 @@ async def run_shape(session, base_url: str, shape: str, texts: list[str]) -> flo
     return len(texts) / (time.perf_counter() - t0)
 
 
-async def stream_rate(session, base_url: str, max_tokens: int) -> tuple[float, float]:
-    """Tokens per second of one streamed chat answer, request to last token (a chunk may carry several
-    tokens, so they are counted from the usage), ignore_eos; and the longest gap between its chunks (s)."""
-    body = {"model": "x", "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
-            "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start, last, tokens, gap = time.perf_counter(), None, 0, 0.0
-    async with session.post(base_url + "/v1/chat/completions", json=body) as r:
-        async for line in r.content:
-            if line.startswith(b"data: {"):
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    now = time.perf_counter()
-                    gap = max(gap, now - last) if last else gap
-                    last = now
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-    return (tokens / (last - start) if last else 0.0), gap
-
-
 async def stream_under_load(session, base_url: str, texts: list[str], max_tokens: int, batches: int = 2) -> dict:
     """The service's stream alone; then streams back to back while `batches` 1x256 requests run: the
     streams' median tok/s (those that ran wholly inside the embeddings), the median of their longest gaps
     between chunks, and the embeddings/s meanwhile."""
-    alone, alone_gap = await stream_rate(session, base_url, max_tokens)
+    alone = await story(session, base_url, max_tokens)
     done = asyncio.Event()
     during: list[float] = []
     gaps: list[float] = []
 
     async def streams() -> None:
         while not done.is_set():
-            rate, gap = await stream_rate(session, base_url, max_tokens)
+            r = await story(session, base_url, max_tokens)
             if not done.is_set():
-                during.append(rate)
-                gaps.append(gap)
+                during.append(r.tokens_per_s)
+                gaps.append(r.longest_gap)
 
     streaming = asyncio.create_task(streams())
     await asyncio.sleep(0.3)  # a stream runs before the embeddings start
@@ -123,11 +105,11 @@ async def stream_under_load(session, base_url: str, texts: list[str], max_tokens
     done.set()
     await streaming
     loaded = statistics.median(during) if during else None
-    return {"stream_tok_s_alone": round(alone, 1),
+    return {"stream_tok_s_alone": round(alone.tokens_per_s, 1),
             "stream_tok_s_during_embeddings": round(loaded, 1) if loaded is not None else None,
-            "stream_ratio": round(loaded / alone, 2) if loaded and alone else None,
+            "stream_ratio": round(loaded / alone.tokens_per_s, 2) if loaded and alone.ok else None,
             "streams_during": len(during), "embeddings_s_during_streams": round(batches * len(texts) / elapsed, 1),
-            "longest_chunk_gap_ms_alone": round(alone_gap * 1000),
+            "longest_chunk_gap_ms_alone": round(alone.longest_gap * 1000),
             "longest_chunk_gap_ms_during": round(statistics.median(gaps) * 1000) if gaps else None}
 
 

@@ -4,6 +4,7 @@ one GenerateStream call over gRPC, and the target's /metrics and model id."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import time
@@ -51,8 +52,25 @@ class RequestResult:
     usage_seen: bool = False       # the server counted the tokens (usage chunk / finish_details)
     error: str | None = None
 
+    @property
+    def tokens_per_s(self) -> float:
+        """The server's count of tokens over the time from sending to the last byte."""
+        return self.completion_tokens / self.e2e if self.ok and self.e2e else 0.0
+
+    @property
+    def longest_gap(self) -> float:
+        return max(self.gaps, default=0.0)
+
 
 Send = Callable[[list[dict], str], Awaitable[RequestResult]]
+
+
+async def story(session: aiohttp.ClientSession, base_url: str, max_tokens: int, model: str = "default") -> RequestResult:
+    """One streamed ignore_eos story of max_tokens tokens: the steady stream the CPU-sharing benchmarks
+    watch while something else runs."""
+    args = argparse.Namespace(max_tokens=max_tokens, no_ignore_eos=False, temperature=None, request_timeout=600)
+    return await stream_http(session, Target(model, base_url, "ours", model_id=model),
+                             [{"role": "user", "content": "Tell me a long story about a lighthouse."}], "story", args)
 
 
 @asynccontextmanager

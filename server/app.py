@@ -131,7 +131,8 @@ class ServiceRoutes:
         served = self.models.current
         return json_response({"model": served.alias, "profile": served.profile.name, "ready": served.engine.ready,
                               "worker_pids": served.engine.worker_pids(), **served.engine.stats(),
-                              "embeddings": served.embedder.stats()})
+                              "embeddings": served.embedder.stats(),
+                              "cpu_turns": served.engine.cpu_turns.stats() if served.engine.cpu_turns else None})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return _prometheus(self.metrics)

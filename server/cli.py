@@ -22,7 +22,7 @@ from aiohttp import web
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.core_turns import CoreTurns
+from engine.cpu_turns import CpuTurns
 from engine.embedder import Embedder, EmbedderConfig
 from engine.llama import Model, SamplingParams
 from engine.logs import event, setup_logging
@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "concurrent arrivals on a CPU, a little less "
                                                                 "throughput)", choices=["all", "halves"])
     _option(eng, "--flash-attn", "FLASH_ATTN", "auto", "flash attention", choices=["auto", "on", "off"])
+    _option(eng, "--cpu-turns", "CPU_TURNS", "auto", "the decodes of each resident model and of embeddings take "
+                                                     "turns on the cores, fairly in time (at once, llama.cpp's "
+                                                     "spinning threads slow each other down many times over); "
+                                                     "auto: when generation runs on the CPU and the threads of "
+                                                     "the models and embeddings together can exceed the cores",
+            choices=["auto", "on", "off"])
     _option(eng, "--kv-unified", "KV_UNIFIED", False, "one KV buffer shared by all sequences (any one may use "
                                                       "all of it; every sequence attends over every used cell) "
                                                       "instead of a stream of ctx-size / parallel cells each",
@@ -162,12 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(0 = --threads)", type=int)
     _option(emb, "--embeddings-workers", "EMBEDDINGS_WORKERS", 1, "embedding processes (a batch goes to a free one)",
             type=int)
-    _option(emb, "--embeddings-turns", "EMBEDDINGS_TURNS", "auto", "embedding decodes and generation steps take "
-                                                                   "turns on the cores, fairly in time (decoding at "
-                                                                   "once, llama.cpp's spinning threads slow both down "
-                                                                   "several times over); auto: when generation runs "
-                                                                   "on the CPU and the two sides' threads together "
-                                                                   "exceed the cores", choices=("auto", "on", "off"))
     d = SamplingDefaults()
     smp = p.add_argument_group("sampling defaults", "for every field a request leaves out, HTTP and gRPC alike: "
                                "a flag wins, else what the model's GGUF recommends (general.sampling.*), else the "
@@ -241,7 +241,7 @@ def serve(argv: list[str] | None = None) -> int:
         if args.max_models < 1:
             raise ValueError("--max-models must be at least 1")
 
-        turns = CoreTurns()  # one per process: every profile's engine and embedder share the machine's cores
+        turns = CpuTurns()  # one per process: every profile's engine and embedder share the machine's cores
 
         def build(profile: Profile) -> Served:
             return _build(profile, args, settings, turns)
@@ -269,7 +269,7 @@ def _alias(args) -> str:
     return args.model_alias or (DEFAULT_ALIAS if not args.model else Path(args.model).name.removesuffix(".gguf"))
 
 
-def _build(profile: Profile, flags, settings: ServerSettings, turns: CoreTurns) -> Served:
+def _build(profile: Profile, flags, settings: ServerSettings, turns: CpuTurns) -> Served:
     """A profile's engine, embedder and shaper, not started yet (blocking: it may fetch the default model and
     reads the GGUF's recommended sampling); ValueError or OSError says what is wrong with the profile."""
     args = profile.apply(flags)
@@ -297,18 +297,19 @@ def _build(profile: Profile, flags, settings: ServerSettings, turns: CoreTurns) 
     if from_model:
         log.info("sampling defaults from the model's GGUF: %s", ", ".join(from_model),
                  extra=event("SAMPLING_DEFAULTS_FROM_MODEL", fields=from_model))
-    if args.embeddings_only or not _take_turns(args.embeddings_turns, engine_config, embedder_config):
+    if args.embeddings_only or not _take_turns(args.cpu_turns, engine_config, embedder_config, args.max_models):
         turns = None
     engine = AsyncEngine(engine_config, generation=not args.embeddings_only, turns=turns)
     shaper = settings.shaper(engine, defaults, rag_template=args.rag_template, system_prompt=args.system_prompt)
     return Served(profile, engine, Embedder(embedder_config, turns), shaper, _alias(args), args.embeddings_only)
 
 
-def _take_turns(mode: str, engine: EngineConfig, embedder: EmbedderConfig) -> bool:
-    """--embeddings-turns: whether embedding decodes and generation steps share the cores by turns."""
+def _take_turns(mode: str, engine: EngineConfig, embedder: EmbedderConfig, max_models: int) -> bool:
+    """--cpu-turns: whether this model's decodes take turns on the cores with the other models' and the
+    embeddings'."""
     if mode != "auto":
         return mode == "on"
-    threads = engine.threads * engine.workers + embedder.threads * embedder.processes
+    threads = engine.threads * engine.workers * max_models + embedder.threads * embedder.processes
     return not engine.gpu and threads > (os.cpu_count() or 1)
 
 

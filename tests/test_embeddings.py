@@ -106,11 +106,11 @@ def test_concurrent_requests_share_batches(server):
 
 
 def test_embeddings_and_a_chat_stream_take_turns_on_the_cores(server):
-    """On 2 cores the two sides take turns (engine/core_turns.py): both answer in full, the vectors are
+    """On 2 cores the two sides take turns (engine/cpu_turns.py): both answer in full, the vectors are
     those computed alone, and some embedding decodes ran short while the stream waited for its turn."""
     texts = [f"{t} ({i})" for i in range(24) for t in TEXTS]
     alone = vectors(embed(server.base_url, {"input": texts}))
-    turns = server.stats()["embeddings"]["turns"]
+    turns = server.stats()["cpu_turns"]
     assert turns is not None, "2 threads each on 2 cores: the sides should take turns"
 
     async def run():
@@ -129,8 +129,8 @@ def test_embeddings_and_a_chat_stream_take_turns_on_the_cores(server):
     chunks, reply = asyncio.run(run())
     assert chunks[-1].usage.completion_tokens == 160
     assert all(cos(d.embedding, v) > 0.999 for d, v in zip(reply.data, alone))
-    after = server.stats()["embeddings"]["turns"]
-    assert after["while_generating"] > turns["while_generating"]
+    after = server.stats()["cpu_turns"]
+    assert after["embedding_decodes_while_generating"] > turns["embedding_decodes_while_generating"]
 
 
 @pytest.mark.parametrize("body, param, words", [
@@ -195,7 +195,7 @@ def test_embeddings_only(start_server):
     assert health["capacity"] == {"active": 0, "total": 1, "available": 1, "has_capacity": True}
     stats = service.stats()
     assert stats["worker_pids"] == [] and stats["embeddings"]["alive"] == 1  # started at once
-    assert stats["embeddings"]["turns"] is None  # no generation to take turns with
+    assert stats["cpu_turns"] is None  # no generation to take turns with
     for path in ("/v1/chat/completions", "/v1/completions"):
         assert_error(post(service.base_url, path, {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}),
                      400, "invalid_request_error", "--embeddings-only")

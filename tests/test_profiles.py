@@ -2,6 +2,7 @@
 streams run (they finish on the old model, later requests run on the new one), a switch to a model that
 cannot load (the old one keeps serving), /v1/hardware/config through the same path, bad files exit 2."""
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -249,6 +250,15 @@ def test_max_models_routes_by_model_and_unloads_the_least_recently_used(start_se
         ask("four")
     assert err.value.body["code"] == "model_not_found" and "three" in err.value.body["message"]
     assert ask("two").model == "two-model" and loaded() == {"one-model": 512, "two-model": 768}
+
+    # both resident models answering at once take turns on the 2 cores (engine/cpu_turns.py): at once
+    # they would run at a few per cent of their speed
+    handovers = call(service, "GET", "/stats")[1]["cpu_turns"]["handovers"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda model: routed.chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=64, extra_body={"ignore_eos": True}), ["one", "two"]))
+    assert [a.usage.completion_tokens for a in answers] == [64, 64]
+    assert call(service, "GET", "/stats")[1]["cpu_turns"]["handovers"] > handovers
 
 
 def test_requests_wait_for_a_switch_at_most_the_switch_timeout(start_server):

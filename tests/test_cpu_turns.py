@@ -1,0 +1,119 @@
+"""CpuTurns: the decodes of several models and of embeddings taking turns on shared cores
+(engine/cpu_turns.py), driven from threads as the engines' event loop and the embedding threads
+drive it."""
+
+import threading
+import time
+
+from engine.cpu_turns import QUANTUM_S, CpuTurns
+
+
+class Engine:
+    """An engine as the turns see it: requests or not, and how often it was resumed."""
+
+    def __init__(self, turns: CpuTurns, busy: bool = True):
+        self.busy, self.resumed = busy, 0
+        turns.join(self, lambda: self.busy, self.resume)
+
+    def resume(self):
+        self.resumed += 1
+
+
+def take_in_thread(turns: CpuTurns, give_up=lambda: False):
+    """take() in a thread, as an embedding process's caller does: (set once it has the turn, [the turn])."""
+    got = []
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (got.append(turns.take(give_up)), done.set()), daemon=True)
+    thread.start()
+    return done, got
+
+
+def test_an_embedding_decode_waits_for_the_steps_in_flight():
+    turns = CpuTurns()
+    engine = Engine(turns)
+    assert turns.may_step(engine)  # a step is rung
+    done, got = take_in_thread(turns)
+    time.sleep(0.05)
+    assert not done.is_set(), "an embedding decode ran while a generation step was in flight"
+    time.sleep(QUANTUM_S)
+    assert not turns.may_step(engine), "generation rang another step while an embedding waited past its slice"
+    turns.idle(engine)  # the steps in flight answered
+    assert done.wait(2) and got[0].generating  # chat requests wait: the decode is told to be short
+    assert not turns.may_step(engine)  # the cores are the embedding's now
+    turns.give(got[0])
+    assert engine.resumed == 1 and turns.may_step(engine)
+
+
+def test_generation_steps_for_as_long_as_the_embedding_decode_took():
+    turns = CpuTurns()
+    engine = Engine(turns)
+    turn = turns.take()
+    time.sleep(0.3)  # the decode
+    turns.give(turn)
+    assert turns.may_step(engine)
+    done, got = take_in_thread(turns)  # the next decode of the same batch
+    time.sleep(0.2)
+    assert not done.is_set(), "the next embedding decode took generation's slice"
+    assert turns.may_step(engine)  # still within the 0.3 s slice
+    time.sleep(0.15)
+    assert not turns.may_step(engine)
+    turns.idle(engine)
+    assert done.wait(2)
+    turns.give(got[0])
+    assert engine.resumed == 1  # it yielded to the second decode, so its turn came back after it
+
+
+def test_two_engines_alternate_while_both_have_work():
+    turns = CpuTurns()
+    a, b = Engine(turns), Engine(turns)
+    assert turns.may_step(a)
+    assert not turns.may_step(b) and b.resumed == 0  # queued behind a
+    time.sleep(QUANTUM_S)
+    assert not turns.may_step(a)  # a's slice is over: it rings no more ...
+    turns.idle(a)  # ... and hands over once its steps answered
+    assert b.resumed == 1 and turns.may_step(b) and not turns.may_step(a)
+    time.sleep(QUANTUM_S)
+    assert not turns.may_step(b)
+    turns.idle(b)
+    assert a.resumed == 1 and turns.may_step(a)  # a queued again when it yielded
+    b.busy = False  # b's requests ended meanwhile: it is passed over
+    time.sleep(QUANTUM_S)
+    assert turns.may_step(a)  # nobody waits
+    assert turns.stats()["handovers"] == 2
+
+
+def test_alone_each_side_runs_freely():
+    turns = CpuTurns()
+    idle_engine = Engine(turns, busy=False)
+    started = time.monotonic()
+    for _ in range(2):
+        turn = turns.take()
+        assert not turn.generating  # no requests: full-size decodes
+        turns.give(turn)
+    assert time.monotonic() - started < 0.05
+    assert all(turns.may_step(idle_engine) for _ in range(3))  # no embedding waits: generation steps on
+    turns.idle(idle_engine)
+    assert turns.stats()["embedding_decodes"] == 2 and turns.stats()["embedding_decodes_while_generating"] == 0
+
+
+def test_a_stopping_embedding_process_gives_up_waiting():
+    turns = CpuTurns()
+    engine = Engine(turns)
+    assert turns.may_step(engine)
+    stopping = threading.Event()
+    done, got = take_in_thread(turns, give_up=stopping.is_set)
+    time.sleep(0.05)
+    stopping.set()
+    assert done.wait(2)
+    turns.give(got[0])  # it never had the cores: nothing changes
+    assert turns.may_step(engine) and turns.stats()["waiting"] == 0
+
+
+def test_an_engine_that_leaves_hands_over():
+    turns = CpuTurns()
+    engine = Engine(turns)
+    assert turns.may_step(engine)
+    done, _ = take_in_thread(turns)
+    time.sleep(0.05)
+    turns.leave(engine)  # its shutdown: the steps in flight will never be reported
+    assert done.wait(2)
