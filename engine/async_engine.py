@@ -365,6 +365,7 @@ class AsyncEngine:
         try:
             while not self._stopping and len(self._in_flight) < depth:
                 if self.cpu_turns is not None and not self.cpu_turns.may_step(self):
+                    self._cut_bursts()  # another's turn: hand over within one decode
                     break
                 plans = self._plan()
                 if not plans:
