@@ -20,18 +20,14 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 QUANTUM_S = 0.1    # an engine's slice while others wait: two 50 ms decode bursts
 _RECHECK_S = 0.1   # a waiting embedding decode looks again this often (its process may be stopping)
 
 
-@dataclass(eq=False)
 class Turn:
-    """An embedding decode's place in the turns; `generating`: chat requests wait while it runs."""
-
-    generating: bool = False
+    """An embedding decode's place in the turns."""
 
 
 class CpuTurns:
@@ -104,9 +100,8 @@ class CpuTurns:
                     self._queue.remove(turn)
                     return turn
                 self._cond.wait(_RECHECK_S)
-            turn.generating = any(has_work() for has_work, _ in self._engines.values())
             self.embedding_decodes += 1
-            self.embedding_decodes_while_generating += turn.generating
+            self.embedding_decodes_while_generating += any(has_work() for has_work, _ in self._engines.values())
             return turn
 
     def give(self, turn: Turn) -> None:
