@@ -44,6 +44,31 @@ CASES = {"alone": [["model-a"], ["model-b"]], "two models at once": [["model-a",
          "one model, two streams": [["model-a", "model-a"]]}
 
 
+def measure(args, profiles: str) -> dict:
+    """Per mode and case, per run, the (tok/s, longest gap ms) of each stream."""
+    model = servers.resolve_model(None)
+    runs = {mode: {case: [] for case in CASES} for mode in MODES}
+    order = list(MODES)
+    for rep in range(args.repeat):
+        for mode in order:
+            port, grpc_port = servers.free_ports(2)
+            argv = servers.service_command(servers.DEFAULT_SERVICE_CMD, port=port, grpc_port=grpc_port, model=model,
+                                           threads=args.threads, parallel=4, ctx_size=4096) + [
+                "--profiles", profiles, "--max-models", "2", "--cpu-turns", mode]
+            srv = ManagedServer(f"cpu-turns-{mode}", argv, port, Path(args.log_dir))
+            try:
+                srv.wait_ready(args.ready_timeout)
+                got = asyncio.run(run_cases(srv.base_url, args.max_tokens))
+            finally:
+                srv.stop()
+            for case, results in got.items():
+                runs[mode][case].append(results)
+                shown = ", ".join(f"{tps:.1f} tok/s (gap {gap:.0f} ms)" for tps, gap in results)
+                print(f"[bench] run {rep + 1} --cpu-turns {mode:4s} {case:24s} {shown}", flush=True)
+        order.reverse()  # who goes first alternates
+    return runs
+
+
 async def run_cases(base_url: str, max_tokens: int) -> dict[str, list[tuple[float, float]]]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         await story(session, base_url, 8, "model-b")  # loads the second model
@@ -68,29 +93,11 @@ def main(argv=None) -> int:
     p.add_argument("--log-dir", default=str(servers.LOADTEST / "results" / "logs"))
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = p.parse_args(argv)
-    model = servers.resolve_model(None)
-    profiles = Path(tempfile.mkdtemp(prefix="cpu-turns-")) / "profiles.toml"
-    profiles.write_text(PROFILES)
-    runs = {mode: {case: [] for case in CASES} for mode in MODES}
-    order = list(MODES)
     print(f"[bench] machine: {report.machine_info()['cpu']}; load average {report.loadavg()}", flush=True)
-    for rep in range(args.repeat):
-        for mode in order:
-            port, grpc_port = servers.free_ports(2)
-            argv_ = servers.service_command(servers.DEFAULT_SERVICE_CMD, port=port, grpc_port=grpc_port, model=model,
-                                            threads=args.threads, parallel=4, ctx_size=4096) + [
-                "--profiles", str(profiles), "--max-models", "2", "--cpu-turns", mode]
-            srv = ManagedServer(f"cpu-turns-{mode}", argv_, port, Path(args.log_dir))
-            try:
-                srv.wait_ready(args.ready_timeout)
-                got = asyncio.run(run_cases(srv.base_url, args.max_tokens))
-            finally:
-                srv.stop()
-            for case, results in got.items():
-                runs[mode][case].append(results)
-                shown = ", ".join(f"{tps:.1f} tok/s (gap {gap:.0f} ms)" for tps, gap in results)
-                print(f"[bench] run {rep + 1} --cpu-turns {mode:4s} {case:24s} {shown}", flush=True)
-        order.reverse()  # who goes first alternates
+    with tempfile.TemporaryDirectory(prefix="cpu-turns-") as tmp:
+        profiles = Path(tmp) / "profiles.toml"
+        profiles.write_text(PROFILES)
+        runs = measure(args, str(profiles))
     print("\n| case | tok/s per stream, turns | `--cpu-turns off` | longest gap ms, turns | off |\n|---|---|---|---|---|")
     summary = {}
     for case in CASES:
