@@ -253,7 +253,7 @@ class Embedder:
     """`await embedder.embed([[token, ...], ...])` -> float32 [n, n_embd], rows L2-normalised."""
 
     def __init__(self, config: EmbedderConfig, turns: CpuTurns | None = None):
-        """`turns`: shared with the generation engine when both decode on the same cores."""
+        """`turns`: shared with the generation engines that decode on the same cores (engine/cpu_turns.py)."""
         self.config = config
         self.info: EmbedderInfo | None = None
         self._processes = [_Process(i, config, turns) for i in range(config.processes)]
