@@ -87,6 +87,16 @@ class _EngineCollector:
         buckets.append(("+Inf", total))
         yield HistogramMetricFamily("sentiric_batch_size", "Sequences carried by one decode step",
                                     buckets=buckets, sum_value=sum(size * n for size, n in counts.items()))
+        turns = self.engine().cpu_turns
+        if turns is not None:  # decoders taking turns on shared cores (engine/cpu_turns.py)
+            t = turns.stats()
+            yield CounterMetricFamily("sentiric_cpu_turn_handovers", "The cores handed from one decoder (a "
+                                      "model's steps, an embedding decode) to another", value=t["handovers"])
+            yield CounterMetricFamily("sentiric_cpu_turn_embedding_decodes_while_generating", "Embedding decodes "
+                                      "run while chat requests waited for the cores",
+                                      value=t["embedding_decodes_while_generating"])
+            yield GaugeMetricFamily("sentiric_cpu_turn_waiting", "Decoders waiting for their turn on the cores",
+                                    value=t["waiting"])
 
 
 class _EmbedderCollector:

@@ -131,6 +131,8 @@ def test_embeddings_and_a_chat_stream_take_turns_on_the_cores(server):
     assert all(cos(d.embedding, v) > 0.999 for d, v in zip(reply.data, alone))
     after = server.stats()["cpu_turns"]
     assert after["embedding_decodes_while_generating"] > turns["embedding_decodes_while_generating"]
+    assert (f"sentiric_cpu_turn_embedding_decodes_while_generating_total "
+            f"{float(after['embedding_decodes_while_generating'])}") in server.metrics()
 
 
 @pytest.mark.parametrize("body, param, words", [
