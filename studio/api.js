@@ -149,13 +149,14 @@ export async function* streamChat(body, signal, credentials = 'same-origin') {
 }
 
 // Runs one streaming generation and keeps `run` (a reactive object) up to date:
-// text, the thinking section apart from it (`reasoning_content`), timing (TTFT,
+// text, the thinking section apart from it (`reasoning_content`), the tool
+// calls (`{id, name, arguments}`), timing (TTFT,
 // tok/s), usage and final state. Text updates are batched per animation frame
 // so a fast stream does not re-render on every token.
 // `credentials` picks the browser's connection pool (see parallel mode).
 export async function runGeneration(body, run, signal, credentials = 'same-origin') {
   Object.assign(run, {
-    text: '', reasoning: '', state: 'waiting', error: null, usage: null, finish: null,
+    text: '', reasoning: '', toolCalls: [], state: 'waiting', error: null, usage: null, finish: null,
     startedAt: performance.now(), firstAt: null, lastAt: null, endedAt: null,
     chunks: 0, ttftMs: null, tps: null,
   });
@@ -172,7 +173,14 @@ export async function runGeneration(body, run, signal, credentials = 'same-origi
       for (const choice of chunk.choices || []) {
         const content = choice.delta?.content;
         const reasoning = choice.delta?.reasoning_content;
-        if (content || reasoning) {
+        const calls = choice.delta?.tool_calls;
+        for (const c of calls || []) {  // a call's id and name come first, its arguments in pieces
+          const call = (run.toolCalls[c.index] ??= { id: '', name: '', arguments: '' });
+          if (c.id) call.id = c.id;
+          call.name += c.function?.name || '';
+          call.arguments += c.function?.arguments || '';
+        }
+        if (content || reasoning || calls?.length) {
           const now = performance.now();
           if (run.firstAt === null) {
             run.firstAt = now;

@@ -7,12 +7,13 @@ import ChatView from './components/ChatView.js';
 import ParallelView from './components/ParallelView.js';
 import ModelPanel from './components/ModelPanel.js';
 import ContextPanel from './components/ContextPanel.js';
+import ToolsPanel from './components/ToolsPanel.js';
 import ParamsPanel from './components/ParamsPanel.js';
 import TelemetryPanel from './components/TelemetryPanel.js';
 
 const App = {
   name: 'App',
-  components: { ChatView, ParallelView, ModelPanel, ContextPanel, ParamsPanel, TelemetryPanel },
+  components: { ChatView, ParallelView, ModelPanel, ContextPanel, ToolsPanel, ParamsPanel, TelemetryPanel },
   setup() {
     const tab = ref(load('tab', 'chat') === 'parallel' ? 'parallel' : 'chat');
     watch(tab, (t) => save('tab', t));
@@ -39,6 +40,7 @@ const App = {
         <aside class="sidebar left">
           <ModelPanel />
           <ContextPanel />
+          <ToolsPanel />
           <ParamsPanel />
         </aside>
         <aside class="sidebar right">

@@ -25,9 +25,10 @@ export function parseStops(text) {
     .map((s) => s.replace(/\\n/g, '\n').replace(/\\t/g, '\t'));
 }
 
-export function buildRequest({ messages, params, systemPrompt, ragContext, model, adapter }) {
+export function buildRequest({ messages, params, systemPrompt, ragContext, model, adapter, tools }) {
   const body = { messages };
   if (model) body.model = model;
+  if (tools) Object.assign(body, { tools: tools.list, tool_choice: tools.choice });
   if (adapter?.name) body.lora = [{ name: adapter.name, scale: isNum(adapter.scale) ? Number(adapter.scale) : 1 }];
   for (const k of NUMERIC) if (isNum(params[k])) body[k] = Number(params[k]);
   if (isNum(params.seed)) body.seed = Math.trunc(Number(params.seed));

@@ -24,6 +24,27 @@ export function useServerDefaults(sampling) {
 export const systemPrompt = persisted('systemPrompt', '');
 // The LoRA adapter every request asks for ('' = the base model), and its scale.
 export const adapter = persisted('adapter', { name: '', scale: 1 });
+
+// The functions offered to the model (OpenAI's `tools`), as the JSON the user edits, and `tool_choice`.
+export const TOOLS_EXAMPLE = JSON.stringify([{
+  type: 'function',
+  function: {
+    name: 'get_weather', description: 'Current weather in a city',
+    parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] },
+  },
+}], null, 2);
+export const tools = persisted('tools', { enabled: false, json: TOOLS_EXAMPLE, choice: 'auto' });
+
+// The tools list, or why the JSON is not one.
+export function parseTools(json) {
+  try {
+    const list = JSON.parse(json);
+    if (!Array.isArray(list) || !list.length) return { error: 'tools must be a non-empty JSON array' };
+    return { list };
+  } catch (e) {
+    return { error: `not JSON: ${e.message}` };
+  }
+}
 export const ragContext = persisted('ragContext', '');
 export const ragFileName = persisted('ragFileName', '');
 
@@ -33,8 +54,9 @@ export function resetParams() {
 
 // The request body for a conversation with the current settings, on `model`.
 export function chatRequest(messages, model) {
+  const offered = tools.value.enabled ? parseTools(tools.value.json).list : null;
   return buildRequest({
     messages, model, params: params.value, systemPrompt: systemPrompt.value, ragContext: ragContext.value,
-    adapter: adapter.value,
+    adapter: adapter.value, tools: offered && { list: offered, choice: tools.value.choice },
   });
 }

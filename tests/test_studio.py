@@ -116,6 +116,11 @@ def deterministic(page, max_tokens):
 
 def ask(page, text, timeout=90_000):
     """Sends a chat message and returns the finished answer's text."""
+    return answer_to(page, text, timeout).locator("[data-testid=msg-text]").inner_text()
+
+
+def answer_to(page, text, timeout=90_000):
+    """Sends a chat message and returns the finished answer (its element)."""
     before = page.locator("[data-testid=msg-assistant]").count()
     page.fill("[data-testid=chat-input]", text)
     page.press("[data-testid=chat-input]", "Enter")
@@ -128,7 +133,7 @@ def ask(page, text, timeout=90_000):
     error = answer.locator("[data-testid=msg-error]")
     assert error.count() == 0, f"the server answered with an error: {error.inner_text()}"
     assert answer.get_attribute("data-state") == "done"
-    return answer.locator("[data-testid=msg-text]").inner_text()
+    return answer
 
 
 def screenshot(page, name):
@@ -401,3 +406,39 @@ def test_model_panel_switches_profile_and_chooses_an_adapter(chromium_browser, s
         assert "lora" not in request_info.value.post_data_json
         screenshot(page, "studio-model-panel.png")
         assert page.console.errors == []
+
+
+def test_tool_calls_show_and_take_a_result(studio_page):
+    """The example tool offered with tool_choice required: the call shows with its arguments, the result
+    typed for it goes back as a `tool` message after the assistant's tool_calls, and the answer goes on."""
+    page = studio_page
+    deterministic(page, 64)
+    page.check("[data-testid=tools-enabled]")
+    page.select_option("[data-testid=tools-choice]", "required")
+    with page.expect_request("**/v1/chat/completions") as request_info:
+        answer_to(page, "What is the weather like in Paris?")
+    body = request_info.value.post_data_json
+    assert body["tools"][0]["function"]["name"] == "get_weather" and body["tool_choice"] == "required"
+    call = page.locator("[data-testid=msg-tool-call]")
+    assert call.count() >= 1 and call.first.locator("code").inner_text().startswith("get_weather(")
+    arguments = call.first.locator("code").inner_text()[len("get_weather("):-1]
+    assert "city" in json.loads(arguments)
+
+    page.select_option("[data-testid=tools-choice]", "none")  # the answer after the result is text
+    for i in range(call.count()):
+        page.locator("[data-testid=tool-result]").first.fill('{"temp_c": 21, "sky": "clear"}')
+        if i < call.count() - 1:
+            page.locator("[data-testid=tool-result-send]").first.click()
+    with page.expect_request("**/v1/chat/completions") as request_info:
+        page.locator("[data-testid=tool-result-send]").first.click()
+    sent = request_info.value.post_data_json["messages"]
+    assert [m["role"] for m in sent][:2] == ["user", "assistant"] and sent[-1]["role"] == "tool"
+    calls = sent[1]["tool_calls"]
+    assert calls[0]["function"]["name"] == "get_weather" and sent[-1]["tool_call_id"] == calls[-1]["id"]
+    answer = page.locator("[data-testid=msg-assistant]").nth(1)
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=msg-assistant]')[1]?.dataset.state"
+                           " === 'done'", timeout=90_000)
+    assert answer.locator("[data-testid=msg-error]").count() == 0
+    assert page.locator("[data-testid=msg-tool]").count() == call.count()
+    screenshot(page, "studio-tools.png")
+    assert page.console.errors == []

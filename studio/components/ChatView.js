@@ -1,6 +1,6 @@
 // Chat: streaming answers, stop, regenerate, clear, export. The service is
 // stateless: every request carries the whole conversation kept in the browser.
-import { ref, computed, watch, nextTick, onMounted, onBeforeUnmount } from 'vue';
+import { ref, reactive, computed, watch, nextTick, onMounted, onBeforeUnmount } from 'vue';
 import { runGeneration } from '../api.js';
 import { curlCommand } from '../params.js';
 import { params, systemPrompt, ragContext, adapter, chatRequest } from '../settings.js';
@@ -33,9 +33,33 @@ export default {
     let controller = null;
     let stick = true;
 
+    // The conversation as the API takes it: an answer with its tool calls, each call's result a `tool` turn.
     const history = () => messages.value
-      .filter((m) => m.role === 'user' || (m.text && m.state !== 'error'))
-      .map((m) => ({ role: m.role, content: m.text }));
+      .filter((m) => m.role !== 'assistant' || ((m.text || m.toolCalls?.length) && m.state !== 'error'))
+      .map(toApi);
+
+    function toApi(m) {
+      if (m.role === 'tool') return { role: 'tool', tool_call_id: m.callId, content: m.text };
+      if (m.role === 'assistant' && m.toolCalls?.length) {
+        return {
+          role: 'assistant', content: m.text || null,
+          tool_calls: m.toolCalls.map((c) => ({ id: c.id, type: 'function', function: { name: c.name, arguments: c.arguments } })),
+        };
+      }
+      return { role: m.role, content: m.text };
+    }
+
+    // A tool call's result, typed by the user; the answer goes on once every call of the turn has one.
+    const drafts = reactive({});
+    const answered = (id) => messages.value.some((m) => m.role === 'tool' && m.callId === id);
+    const lastAnswer = computed(() => messages.value.findLast((m) => m.role === 'assistant'));
+    function sendResult(turn, call) {
+      const text = (drafts[call.id] ?? '').trim();
+      if (!text || busy.value) return;
+      messages.value.push({ id: uid(), role: 'tool', callId: call.id, name: call.name, text });
+      delete drafts[call.id];
+      if (turn.toolCalls.every((c) => answered(c.id))) generate();
+    }
 
     async function generate() {
       const body = chatRequest(history(), server.model);
@@ -68,7 +92,7 @@ export default {
     function regenerate() {
       if (busy.value) return;
       if (messages.value.at(-1)?.role === 'assistant') messages.value.pop();
-      if (messages.value.at(-1)?.role === 'user') generate();
+      if (['user', 'tool'].includes(messages.value.at(-1)?.role)) generate();
     }
 
     function clear() {
@@ -87,8 +111,7 @@ export default {
         params: params.value,
         lora_adapter: adapter.value.name ? adapter.value : null,
         messages: messages.value.map((m) => ({
-          role: m.role,
-          content: m.text,
+          ...toApi(m),
           ...(m.role === 'assistant' ? {
             reasoning_content: m.reasoning || null,
             state: m.state, finish_reason: m.finish ?? null, usage: m.usage ?? null,
@@ -162,8 +185,8 @@ export default {
     onBeforeUnmount(() => removeEventListener('keydown', onGlobalKey));
 
     return {
-      messages, input, busy, notice, scroller, textarea, EXAMPLES, canRegenerate,
-      send, stop, regenerate, clear, exportJson, copy, copyCurl, onKey, onScroll,
+      messages, input, busy, notice, scroller, textarea, EXAMPLES, canRegenerate, drafts, answered, lastAnswer,
+      send, stop, regenerate, clear, exportJson, copy, copyCurl, onKey, onScroll, sendResult,
     };
   },
   template: `
@@ -180,10 +203,10 @@ export default {
         <article v-for="(m, i) in messages" :key="m.id" class="msg" :class="[m.role, m.state]"
                  :data-testid="'msg-' + m.role" :data-state="m.state || 'done'">
           <header>
-            <span class="who">{{ m.role === 'user' ? 'You' : 'Assistant' }}</span>
+            <span class="who">{{ { user: 'You', assistant: 'Assistant', tool: 'Tool result · ' + m.name }[m.role] }}</span>
             <button type="button" class="link" v-if="m.text" @click="copy(m.text, 'message')">copy</button>
           </header>
-          <div v-if="m.role === 'user'" class="plain" data-testid="msg-text">{{ m.text }}</div>
+          <div v-if="m.role !== 'assistant'" class="plain" data-testid="msg-text">{{ m.text }}</div>
           <template v-else>
             <details v-if="m.reasoning" class="thinking" :open="m.state === 'streaming' && !m.text"
                      data-testid="msg-reasoning">
@@ -191,7 +214,15 @@ export default {
               <div class="plain">{{ m.reasoning }}</div>
             </details>
             <Markdown v-if="m.text" :text="m.text" :class="{ cursor: m.state === 'streaming' }" data-testid="msg-text" />
-            <div v-else-if="m.state === 'done'" class="muted">{{ m.reasoning ? '(no answer after the thinking)' : '(empty answer)' }}</div>
+            <div v-else-if="m.state === 'done' && !m.toolCalls?.length" class="muted">{{ m.reasoning ? '(no answer after the thinking)' : '(empty answer)' }}</div>
+            <div v-for="c in m.toolCalls || []" :key="c.id" class="tool-call" data-testid="msg-tool-call">
+              <code>{{ c.name }}({{ c.arguments }})</code>
+              <form v-if="m === lastAnswer && m.state === 'done' && !answered(c.id)" class="row"
+                    @submit.prevent="sendResult(m, c)">
+                <input v-model="drafts[c.id]" placeholder='its result, e.g. {"temp_c": 21}' data-testid="tool-result">
+                <button type="submit" :disabled="busy || !drafts[c.id]?.trim()" data-testid="tool-result-send">Send result</button>
+              </form>
+            </div>
             <div v-if="m.error" class="error-box" data-testid="msg-error">{{ m.error }}</div>
             <AnswerMeta :run="m" />
           </template>
