@@ -13,17 +13,25 @@ long as the embedding decode before it took) and hands over when its steps in fl
 an embedding decode hands over when it is done. Engines run on the event loop and never block: they
 ask before each step and are resumed when their turn comes. Embedding callers are threads and block
 in take().
+
+A holder that hangs (a stopped process: its watchdog kills it only after --step-timeout) must not
+stall everybody else that long: a party that has waited longer than the stall limit (STALL_S, or four
+times the longest hold that others waited for, whichever is longer) decodes alongside it, as without
+turns, until the holder hands over.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from typing import Callable
 
 QUANTUM_S = 0.1    # an engine's slice while others wait: two 50 ms decode bursts
+STALL_S = 10.0     # the least a party waits before it decodes alongside a holder that does not hand over
 _RECHECK_S = 0.1   # a waiting embedding decode looks again this often (its process may be stopping)
+log = logging.getLogger("sentiric.cpu_turns")
 
 
 class Turn:
@@ -31,7 +39,11 @@ class Turn:
 
 
 class CpuTurns:
-    def __init__(self):
+    def __init__(self, stall_s: float = STALL_S):
+        self.stall_s = stall_s
+        self._longest_hold = 0.0   # the longest hold that others waited for
+        self._queued_at: dict = {}  # queued engine or Turn -> when it began to wait
+        self._warned = None        # the holder a stall was logged for
         self._cond = threading.Condition()
         self._holder = None        # the engine or Turn that has the cores; None: nobody
         self._since = 0.0          # when the holder got them
@@ -57,6 +69,7 @@ class CpuTurns:
     def leave(self, engine) -> None:
         with self._cond:
             self._engines.pop(engine, None)
+            self._queued_at.pop(engine, None)
             if engine in self._queue:
                 self._queue.remove(engine)
             if self._holder is engine:
@@ -75,7 +88,8 @@ class CpuTurns:
                 return True
             if engine not in self._queue:
                 self._queue.append(engine)
-            return False
+                self._queued_at[engine] = time.monotonic()
+            return self._stalled(self._queued_at[engine])
 
     def idle(self, engine) -> None:
         """`engine` has no step in flight: if it held the cores, the next in line gets them (and an engine
@@ -84,20 +98,23 @@ class CpuTurns:
             if self._holder is engine:
                 if self._yielded is engine:
                     self._queue.append(engine)
+                    self._queued_at[engine] = time.monotonic()
                 self._hand_over()
 
     # --- embedding decodes (a thread each; block) ---
     def take(self, give_up: Callable[[], bool] = lambda: False) -> Turn:
         """Wait for the cores (returns at once, holding nothing, when give_up() turns true)."""
-        turn = Turn()
+        turn, since = Turn(), time.monotonic()
         with self._cond:
             if self._holder is None:
                 self._grant(turn)
             else:
                 self._queue.append(turn)
+                self._queued_at[turn] = since
             while self._holder is not turn:
-                if give_up():
+                if give_up() or self._stalled(since):
                     self._queue.remove(turn)
+                    self._queued_at.pop(turn, None)
                     return turn
                 self._cond.wait(_RECHECK_S)
             self.embedding_decodes += 1
@@ -117,6 +134,7 @@ class CpuTurns:
         """Somebody waits for the cores (queued engines whose requests have all ended are let go)."""
         for party in [p for p in self._queue if not isinstance(p, Turn) and not self._wants(p)]:
             self._queue.remove(party)
+            self._queued_at.pop(party, None)
         return bool(self._queue)
 
     def _wants(self, engine) -> bool:
@@ -130,11 +148,27 @@ class CpuTurns:
             self._slice_end = now + max(QUANTUM_S, self._owed)
             self._owed = 0.0
 
+    def _stalled(self, waiting_since: float) -> bool:
+        """A party waiting since then has waited past the stall limit: it goes on alongside the holder."""
+        waited = time.monotonic() - waiting_since
+        if waited < max(self.stall_s, 4 * self._longest_hold):
+            return False
+        if self._warned is not self._holder:
+            self._warned = self._holder
+            log.warning("the cores' holder (%s) has not handed over in %.0f s; decoding alongside it",
+                        "an embedding decode" if isinstance(self._holder, Turn) else "a model's steps", waited)
+        return True
+
     def _hand_over(self) -> None:
         """The holder is done: the oldest waiting party that still wants the cores gets them."""
+        if self._queue:  # others waited for this hold: from when the first of them began
+            now = time.monotonic()
+            waited_from = min(self._queued_at.get(p, now) for p in self._queue)
+            self._longest_hold = max(self._longest_hold, now - max(self._since, waited_from))
         self._holder = None
         while self._queue:
             party = self._queue.popleft()
+            self._queued_at.pop(party, None)
             if isinstance(party, Turn):
                 self._grant(party)
                 self._cond.notify_all()

@@ -115,3 +115,36 @@ def test_an_engine_that_leaves_hands_over():
     time.sleep(0.05)
     turns.leave(engine)  # its shutdown: the steps in flight will never be reported
     assert done.wait(2)
+
+
+def test_a_holder_that_hangs_stalls_the_others_only_up_to_the_limit():
+    """A stopped embedding process holds its turn until its watchdog kills it (--step-timeout): past the
+    stall limit the engine decodes alongside it, as without turns, and turns resume when it hands over."""
+    turns = CpuTurns(stall_s=0.2)
+    engine = Engine(turns)
+    stuck = turns.take()
+    assert not turns.may_step(engine)  # queued behind the embedding decode
+    time.sleep(0.25)
+    assert turns.may_step(engine) and turns.may_step(engine)  # stalled: it goes on alongside
+    turns.idle(engine)  # (not the holder: nothing changes)
+    turns.give(stuck)  # the killed process's turn ends
+    assert engine.resumed == 1 and turns.may_step(engine)  # the queued engine holds the cores again
+    done, _ = take_in_thread(turns)  # an engine stuck with steps in flight: the embedding goes on too
+    assert done.wait(2)
+
+
+def test_the_stall_limit_grows_with_the_holds_others_waited_for():
+    turns = CpuTurns(stall_s=0.1)
+    engine = Engine(turns)
+    turn = turns.take()
+    assert not turns.may_step(engine)
+    time.sleep(0.06)
+    turns.give(turn)  # a 60 ms hold that the engine waited for: the limit is now 4 x 60 ms
+    turns.idle(engine)
+    turn = turns.take()
+    assert not turns.may_step(engine)
+    time.sleep(0.15)
+    assert not turns.may_step(engine), "a hold within 4x the longest seen is not a stall"
+    time.sleep(0.15)
+    assert turns.may_step(engine)
+    turns.give(turn)
