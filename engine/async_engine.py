@@ -471,11 +471,14 @@ class AsyncEngine:
         self._parent_s = 0.0
 
     def _on_tick(self) -> None:
-        """Now and then: the step watchdog, and respawned workers that have loaded their model."""
+        """Now and then: the step watchdog, respawned workers that have loaded their model, and a turn on
+        the cores waited for (its holder may hang: past the stall limit this engine goes on alongside)."""
         try:
             for w in self._workers:
                 w.check_hung()
             self._poll_respawns()
+            if self.cpu_turns is not None and self._streams and not self._in_flight:
+                self._pump_later()
         except Exception:
             self._engine_failed()
         if not self._stopping:

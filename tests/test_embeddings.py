@@ -135,6 +135,30 @@ def test_embeddings_and_a_chat_stream_take_turns_on_the_cores(server):
             f"{float(after['embedding_decodes_while_generating'])}") in server.metrics()
 
 
+def test_a_stopped_embedding_process_stalls_chat_only_up_to_the_limit(server):
+    """A stopped embedding process keeps its turn on the cores until its watchdog (--step-timeout, 120 s)
+    replaces it; a chat stream waits at most the stall limit (10 s), then decodes alongside it."""
+    embed(server.base_url, {"input": "warm"})
+    pid = server.stats()["embeddings"]["pids"][0]
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    embedding = threading.Thread(target=lambda: embed(server.base_url, {"input": [f"{t} {i}" for i in range(50)
+                                                                                  for t in TEXTS]}))
+    stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Tell me a story."}],
+                                            max_tokens=200, stream=True, extra_body={"ignore_eos": True})
+    next(stream)
+    embedding.start()
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        chunks = list(stream)  # finishes while the embedding process is still stopped
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert "decoding alongside it" in server.log()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        embedding.join(60)
+    assert not embedding.is_alive()
+
+
 @pytest.mark.parametrize("body, param, words", [
     ({}, "input", ["required"]),
     ({"input": ""}, "input", ["input[0]", "empty"]),
