@@ -45,7 +45,7 @@ from loadtest.openai_stream import StreamAccumulator, dumps  # noqa: E402
 from loadtest.stats import percentile  # noqa: E402
 from server.proto import llama_pb2_grpc  # noqa: E402
 
-DEFAULT_MIX = "chat-stream:3,chat:2,shared:3,long:1,n2:1,json:1,cancel:1,grpc:3"
+DEFAULT_MIX = "chat-stream:3,chat:2,shared:3,long:1,n2:1,json:1,cancel:1,grpc:3,embed:1"
 FAULTS = ("kill", "stop", "flood", "drop", "slowloris")
 # fds and threads may legitimately grow by a few after the warm-up (the event loop's default
 # executor and gRPC's pools start threads lazily); more than this is reported as growth
@@ -203,6 +203,8 @@ class Soak:
     async def _send(self, kind: str, rng: random.Random) -> dict:
         self.counter += 1
         i = self.counter
+        if kind == "embed":
+            return await self._embed([f"[{self.tag}-{i}] {q}" for q in rng.sample(prompts.RAG_QUESTIONS, 4)] * 4)
         body = {"model": self.model_id, "max_tokens": rng.randint(32, 64), "stream": True,
                 "stream_options": {"include_usage": True}}
         cancel_after = None
@@ -238,6 +240,21 @@ class Soak:
             if wrong:
                 return {"status": "error", "error": "wrong answer", "detail": wrong}
         return r
+
+    async def _embed(self, texts: list[str]) -> dict:
+        """One /v1/embeddings request: a unit vector per input."""
+        try:
+            async with self.session.post(self.base_url + "/v1/embeddings", data=dumps({"input": texts}),
+                                         headers={"Content-Type": "application/json"}) as resp:
+                if resp.status != 200:
+                    return {"status": "error", "error": f"HTTP {resp.status}", "detail": (await resp.text())[:200]}
+                data = (await resp.json())["data"]
+        except (aiohttp.ClientError, OSError, ValueError, KeyError) as e:
+            return {"status": "error", "error": f"client: {type(e).__name__}", "detail": str(e)[:200]}
+        norms = [sum(x * x for x in d["embedding"]) for d in data]
+        if len(data) != len(texts) or any(abs(n - 1) > 1e-3 for n in norms):
+            return {"status": "error", "error": "wrong answer", "detail": f"{len(data)} vectors for {len(texts)}"}
+        return {"status": "ok"}
 
     async def client(self, index: int) -> None:
         """One of --concurrency clients: requests back to back until the traffic stops."""
@@ -682,7 +699,7 @@ def parse_args(argv=None):
     w.add_argument("--mix", default=DEFAULT_MIX,
                    help="kinds and weights: chat-stream, chat (not streamed), shared (shared system prompt + RAG "
                         "context), long (~1,200-token prompt), n2, json (json_schema), cancel (closed after a "
-                        "few tokens), grpc (GenerateStream)")
+                        "few tokens), grpc (GenerateStream), embed (/v1/embeddings, 16 inputs)")
     w.add_argument("--seed", type=int, default=1, help="seeds the mix and the faults")
     w.add_argument("--hang-after", type=float, default=60.0,
                    help="a request without an answer or an error after this many seconds is hung")
