@@ -203,9 +203,11 @@ class _Process:
                     turn = None
                 if reply is not None:
                     break
-                if self.turns is not None:  # None: the process is ready to pack and run a decode
+                limit = 0  # None: the process is ready to pack and run a decode (0: as many tokens as fit)
+                if self.turns is not None:
                     turn = self.turns.take(give_up=lambda: self.stopping)
-                self.conn.send(TURN_DECODE_TOKENS if self.turns is not None else 0)
+                    limit = TURN_DECODE_TOKENS
+                self.conn.send(limit)
         except (EOFError, OSError):
             self._reap()
             if self.stopping:
