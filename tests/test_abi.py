@@ -7,6 +7,8 @@ import pytest
 
 from engine import llama_cpp
 
+pytestmark = pytest.mark.model
+
 PROBE = llama_cpp.library_path().parent / "abi_probe"
 
 

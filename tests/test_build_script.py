@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "native" / "build" / "bin"
 
@@ -25,6 +27,7 @@ def cmake_cache(build_dir: Path) -> dict[str, str]:
     return dict(re.match(r"([^:#/]+):[A-Z]+=(.*)", line).groups() for line in lines if re.match(r"[^:#/]+:[A-Z]+=", line))
 
 
+@pytest.mark.unit
 def test_plain_and_server_builds_in_any_order_redo_nothing():
     build("--server")  # the tests' set-up already built everything: a no-op, or whatever was missing
     library = (BIN / "libllama.so").resolve().stat().st_mtime_ns
@@ -34,11 +37,13 @@ def test_plain_and_server_builds_in_any_order_redo_nothing():
     assert (BIN / "libllama.so").resolve().stat().st_mtime_ns == library
 
 
+@pytest.mark.unit
 def test_help_names_the_backends():
     done = subprocess.run(["./build_llama.sh", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "--cuda" in done.stdout and "--server" in done.stdout
 
 
+@pytest.mark.unit
 def test_cuda_from_pip_configures_without_a_gpu(tmp_path):
     """The CUDA options reach CMake and its configure accepts the toolkit made of NVIDIA's wheels (installed
     once into the cache, ~570 MB). Compiling the CUDA backend takes 18 min of this machine's 2 cores (README), so

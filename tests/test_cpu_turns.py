@@ -5,7 +5,11 @@ drive it."""
 import threading
 import time
 
+import pytest
+
 from engine.cpu_turns import QUANTUM_S, CpuTurns
+
+pytestmark = pytest.mark.unit
 
 
 class Engine:

@@ -74,10 +74,12 @@ def kubernetes_schema_errors(resources: list[dict]) -> list[str]:
     return errors
 
 
+@pytest.mark.unit
 def test_manifests_match_the_kubernetes_api_schema():
     assert kubernetes_schema_errors(base_resources()) == []
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl (kustomize) is not installed")
 def test_the_gpu_overlay_builds_and_matches_the_schema():
     resources = kustomized(DEPLOY / "kubernetes" / "gpu")
@@ -89,6 +91,7 @@ def test_the_gpu_overlay_builds_and_matches_the_schema():
     assert one(resources, "ConfigMap")["data"]["LLM_LLAMA_SERVICE_GPU_LAYERS"] == "-1"
 
 
+@pytest.mark.unit
 def test_the_config_map_says_only_what_the_service_reads(monkeypatch):
     config = one(base_resources(), "ConfigMap")["data"]
     options = environment_options()
@@ -102,6 +105,7 @@ def test_the_config_map_says_only_what_the_service_reads(monkeypatch):
             assert settings[action.dest] == want, key
 
 
+@pytest.mark.service
 def test_ports_probes_and_drain_match_the_service(monkeypatch, server):
     resources = base_resources()
     config = one(resources, "ConfigMap")["data"]
@@ -130,6 +134,7 @@ def test_ports_probes_and_drain_match_the_service(monkeypatch, server):
     assert settings["threads"] * settings["workers"] <= int(container["resources"]["requests"]["cpu"])
 
 
+@pytest.mark.unit
 def test_services_secret_and_volumes_fit_the_deployment(monkeypatch):
     resources = base_resources()
     deployment = one(resources, "Deployment")
@@ -169,6 +174,7 @@ def test_services_secret_and_volumes_fit_the_deployment(monkeypatch):
     assert callable(getattr(importlib.import_module(module), function))
 
 
+@pytest.mark.service
 def test_the_service_monitor_and_the_autoscaler_read_metrics_the_service_exports(server):
     resources = load(*BASE.glob("*.yaml"))
     monitor = one(resources, "ServiceMonitor")
@@ -187,11 +193,13 @@ def test_the_service_monitor_and_the_autoscaler_read_metrics_the_service_exports
     assert [rule["name"]["as"] for rule in adapter["rules"]["custom"]] == [metric]
 
 
+@pytest.mark.unit
 def test_the_dockerfile_passes_hadolint():
     done = subprocess.run(["hadolint", str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy is not installed (.ci/setup.sh --test installs it)")
 def test_the_haproxy_config_and_its_loopback_form_are_valid(tmp_path):
     env = {**os.environ, "LB_HTTP_BIND": "127.0.0.1:1", "LB_GRPC_BIND": "127.0.0.1:2", "LB_STATS_BIND": "127.0.0.1:3",

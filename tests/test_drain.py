@@ -20,6 +20,8 @@ from conftest import ServiceProcess
 from loadtest.servers import tree_pids
 from server.proto import llama_pb2, llama_pb2_grpc
 
+pytestmark = pytest.mark.service
+
 QUESTION = "Tell me a long story about a lighthouse keeper."
 
 

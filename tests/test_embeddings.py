@@ -18,6 +18,8 @@ import pytest
 from loadtest.servers import DEFAULT_LLAMA_SERVER, ManagedServer, free_ports, resolve_model
 from test_server_errors import assert_error, post
 
+pytestmark = pytest.mark.service
+
 CAT, CAT2, TAX = "The cat sat on the mat.", "A cat was sitting on a rug.", "Quarterly tax filing deadlines"
 TEXTS = [CAT, CAT2, TAX, "Berlin is the capital of Germany.",
          "Customers can bring existing phone numbers to Northwind Cloud; a porting request needs a signed letter "

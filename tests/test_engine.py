@@ -16,6 +16,8 @@ from engine.llama import SamplingParams
 from engine.model_files import ensure_default_model
 from engine.request import Overloaded, Request
 
+pytestmark = pytest.mark.model
+
 QUESTIONS = [f"Give me one fact about the number {i}." for i in range(12)] + [
     "What is the capital of Germany?", "Name three fruits.", "What colour is the sky?", "Count to five."]
 

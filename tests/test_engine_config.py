@@ -17,11 +17,13 @@ def config(**kw) -> EngineConfig:
     return EngineConfig(model_path="model.gguf", **kw)
 
 
+@pytest.mark.model
 def test_gpu_offload_resolves_from_the_loaded_library_and_the_layer_count():
     assert config().gpu == supports_gpu_offload()
     assert config(n_gpu_layers=0).gpu is False  # no layer on the GPU: a CPU engine even in a CUDA build
 
 
+@pytest.mark.unit
 def test_gpu_choices():
     gpu = config(gpu=True)
     assert gpu.batch_size == 1024  # a GPU prefills bigger chunks at little extra cost
@@ -36,6 +38,7 @@ def test_gpu_choices():
     assert config(gpu=True, batch_size=384).batch_size == 384  # an explicit size wins
 
 
+@pytest.mark.unit
 def test_cpu_choices():
     cpu = config(gpu=False)
     assert cpu.batch_size == 256  # shorter prefill chunks stall the decoding streams less
@@ -45,6 +48,7 @@ def test_cpu_choices():
     assert cpu.worker_config()["n_gpu_layers"] == 0
 
 
+@pytest.mark.unit
 def test_serve_flags_reach_the_config(monkeypatch):
     args = build_parser().parse_args(["--n-gpu-layers", "20", "--no-kv-offload", "--flash-attn", "on",
                                       "--prompt-batching", "halves"])
@@ -54,6 +58,7 @@ def test_serve_flags_reach_the_config(monkeypatch):
     assert build_parser().parse_args([]).kv_offload is False
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("kv_offload", [True, False])
 def test_worker_context_from_the_config_decodes(kv_offload):
     """What a worker does with the plain data: a real model and context that decode (the KV cache
@@ -69,6 +74,7 @@ def test_worker_context_from_the_config_decodes(kv_offload):
         assert model.vocab.detokenize([int(ctx.logits_row(len(tokens) - 1).argmax())]).strip() == "Berlin"
 
 
+@pytest.mark.unit
 def test_auto_context_gives_each_split_sequence_its_share_within_the_memory():
     gib = 1 << 30
     small = config()  # the default: split, 16 sequences, ctx_size 0 = auto
@@ -91,6 +97,7 @@ def test_auto_context_gives_each_split_sequence_its_share_within_the_memory():
     assert explicit.ctx_size == 3000
 
 
+@pytest.mark.model
 def test_the_default_model_reports_its_kv_size_and_training_context_without_its_layers():
     model = Model(str(ensure_default_model()), vocab_only=True)
     try:
@@ -101,6 +108,7 @@ def test_the_default_model_reports_its_kv_size_and_training_context_without_its_
         model.close()
 
 
+@pytest.mark.unit
 def test_cpu_turns_when_the_threads_of_models_and_embeddings_can_exceed_the_cores(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     emb = EmbedderConfig(model_path="model.gguf", threads=2)

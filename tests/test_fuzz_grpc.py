@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from server.proto import llama_pb2
 
+pytestmark = pytest.mark.service
+
 METHOD = "/sentiric.llm.v1.LlamaService/GenerateStream"
 MAX_TOKENS = 8  # a fuzzed max_new_tokens may be 2**31-1 with ignore_eos: each would run to the end of the context
 ANSWERS = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,  # NOT_FOUND: lora

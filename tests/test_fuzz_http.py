@@ -9,6 +9,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                                status_code_conformance)
 
+pytestmark = pytest.mark.service
+
 MAX_TOKENS = 8  # fuzzed bodies may ask for 10**9 tokens with ignore_eos: each would run to the end of the context
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 

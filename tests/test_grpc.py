@@ -23,6 +23,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from server.proto import llama_pb2, llama_pb2_grpc
 from conftest import ROOT, free_port
 
+pytestmark = pytest.mark.service
+
 CAPITAL = "What is the capital of Germany?"
 Params = llama_pb2.GenerationParams
 

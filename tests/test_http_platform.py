@@ -9,6 +9,8 @@ import pytest
 
 from conftest import free_port
 
+pytestmark = pytest.mark.service
+
 HELLO = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 2}
 
 

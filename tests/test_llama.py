@@ -14,6 +14,8 @@ from engine.chat_template import ChatTemplate
 from engine.llama import Batch, Context, ContextParams, LlamaError, Model, SamplerChain, SamplingParams
 from engine.model_files import ensure_default_model
 
+pytestmark = pytest.mark.model
+
 QUESTION = [{"role": "user", "content": "What is the capital of Germany?"}]
 CONVERSATIONS = {
     "one-turn": [{"role": "user", "content": "Hi"}],
@@ -107,6 +109,7 @@ def llama_server(model):
         proc.wait()
 
 
+@pytest.mark.service  # starts llama.cpp's llama-server
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_chat_template_matches_llama_server(template, llama_server, name):
     req = urllib.request.Request(llama_server + "/apply-template",

@@ -21,6 +21,8 @@ from loadtest.stats import (BATCH_SIZE_METRIC, Histogram, batch_report, decode_r
                             parse_prometheus, percentile, ratio, scalar, spread, summarize)
 from server.proto import llama_pb2  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 # ---------------------------------------------------------------- statistics
 
 

@@ -16,6 +16,8 @@ from engine.model_files import resolve_model
 from loadtest.lora_files import make_adapters
 from server.proto import llama_pb2, llama_pb2_grpc
 
+pytestmark = pytest.mark.service
+
 QUESTION = "Describe the city of Paris in two sentences."
 NAMES = ["legal", "medical", "tone"]
 

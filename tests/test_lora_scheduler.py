@@ -3,8 +3,12 @@ turns fairly, and KV computed under one set is never reused under another."""
 
 import collections
 
+import pytest
+
 from engine.request import Request
 from engine.scheduler import OP_ADAPTERS, OP_COPY, OP_START, OP_TRIM, Scheduler, WorkerState
+
+pytestmark = pytest.mark.unit
 
 BASE, LEGAL, MEDICAL = (), (("legal", 1.0),), (("medical", 0.5),)
 

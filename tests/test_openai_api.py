@@ -7,6 +7,8 @@ import jsonschema
 import openai
 import pytest
 
+pytestmark = pytest.mark.service
+
 CAPITAL = [{"role": "user", "content": "What is the capital of Germany?"}]
 
 

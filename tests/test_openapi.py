@@ -11,6 +11,8 @@ from referencing.jsonschema import DRAFT202012
 
 from test_server_errors import HELLO, post
 
+pytestmark = pytest.mark.service
+
 VALID = [
     ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 4, "temperature": 0}),
     ("/v1/chat/completions", {"model": "x", "messages": [{"role": "system", "content": "Be brief."},

@@ -20,6 +20,8 @@ from conftest import ROOT, free_port
 from loadtest.servers import tree_pids
 from server.proto import llama_pb2, llama_pb2_grpc
 
+pytestmark = pytest.mark.service
+
 KEY = "profiles-test-key"
 PERSONA = "You are Captain Byte, a pirate. Speak like a pirate in every answer and mention your ship."
 PROFILES = f"""

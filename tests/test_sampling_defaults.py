@@ -6,7 +6,11 @@ import argparse
 import json
 import urllib.request
 
+import pytest
+
 from loadtest import score_defaults
+
+pytestmark = pytest.mark.service
 
 
 def test_the_service_scores_at_least_as_well_as_llama_server():

@@ -7,6 +7,8 @@ from engine.request import Overloaded, Request
 from engine.scheduler import (OP_COPY, OP_FREE, OP_START, OP_TRIM, MIN_CACHED_PREFIX, PENDING_TOKEN, Scheduler,
                               WorkerState)
 
+pytestmark = pytest.mark.unit
+
 EOG = 0
 
 

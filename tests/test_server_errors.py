@@ -13,6 +13,8 @@ import urllib.request
 import openai
 import pytest
 
+pytestmark = pytest.mark.service
+
 HELLO = [{"role": "user", "content": "Hello!"}]
 DEEP_SCHEMA = json.loads('{"items": ' * 500 + "{}" + "}" * 500)
 

@@ -47,6 +47,7 @@ def rendered(source: str, messages) -> str:
     return engine.model.vocab.detokenize(shaper.tokens(shaper.render(messages)))
 
 
+@pytest.mark.model
 def test_mid_conversation_system_turns_merge_into_the_leading_one():
     with pytest.raises(ValueError, match="alternate"):
         ChatTemplate(ALTERNATING).render(CONVERSATION)
@@ -55,12 +56,14 @@ def test_mid_conversation_system_turns_merge_into_the_leading_one():
                     "[user] Capital of Germany?\n\nThanks.\n")
 
 
+@pytest.mark.model
 def test_templates_without_a_system_role_get_it_in_the_first_user_turn():
     text = rendered(NO_SYSTEM, CONVERSATION)
     assert text == ("<user>Be brief.\n\nAnswer in French.\n\nHi\n<assistant>Hello!\n"
                     "<user>Capital of Germany?\n\nThanks.\n")
 
 
+@pytest.mark.model
 def test_a_conversation_the_template_accepts_is_rendered_unchanged():
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "Bye"}]
@@ -68,6 +71,7 @@ def test_a_conversation_the_template_accepts_is_rendered_unchanged():
     assert next(strict_shapes(messages)) == messages
 
 
+@pytest.mark.model
 def test_a_template_that_rejects_every_shape_names_its_reason():
     engine = TemplateEngine("{{ raise_exception('this template takes no conversation') }}")
     with pytest.raises(InvalidRequest) as info:
@@ -75,6 +79,7 @@ def test_a_template_that_rejects_every_shape_names_its_reason():
     assert info.value.param == "messages" and "takes no conversation" in info.value.message
 
 
+@pytest.mark.unit
 def test_fields_name_each_field_as_the_client_spelled_it():
     f = Fields({"max_tokens": 0, "seed": 2**70}, lambda name: {"max_tokens": "params.max_new_tokens"}.get(name, name))
     with pytest.raises(InvalidRequest) as info:
@@ -97,6 +102,7 @@ TOOL_HISTORY = [{"role": "user", "content": "Weather in Paris?"},
                 {"role": "tool", "tool_call_id": "c1", "content": "21 C"}]
 
 
+@pytest.mark.model
 def test_a_template_with_tools_shows_them_itself():
     engine = TemplateEngine(TOOLS_TEMPLATE)
     assert engine.template.supports_tools
@@ -107,6 +113,7 @@ def test_a_template_with_tools_shows_them_itself():
     assert gen.requests[0].sampling.grammar_triggers == ["<tool_call>"]  # auto: a lazy grammar
 
 
+@pytest.mark.model
 def test_a_template_without_tools_gets_the_generic_preamble_and_tags():
     engine = TemplateEngine(NO_SYSTEM)
     assert not engine.template.supports_tools
@@ -121,6 +128,7 @@ def test_a_template_without_tools_gets_the_generic_preamble_and_tags():
     assert none.answer.tool_names is None and none.requests[0].sampling.grammar is None
 
 
+@pytest.mark.model
 def test_profile_system_prompt_comes_first():
     """The profile's persona, then the request's system_prompt, then the conversation's own system message."""
     shaper = Shaper(TemplateEngine(NO_SYSTEM), system_prompt="Persona.")

@@ -6,10 +6,14 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtest.soak import (COUNT_SLACK, Outcome, check_answer, errors_by_fault, format_verdict,  # noqa: E402
                            parse_mix, process_growth, svg_plot, verdict)
+
+pytestmark = pytest.mark.unit
 
 
 def proc(pid, pss, fds=10, threads=5):

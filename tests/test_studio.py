@@ -22,6 +22,8 @@ from conftest import THOUGHT
 from loadtest.lora_files import make_adapters
 from engine.model_files import resolve_model
 
+pytestmark = [pytest.mark.browser, pytest.mark.service]
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = os.environ.get("STUDIO_CHROMIUM", "/usr/bin/chromium")

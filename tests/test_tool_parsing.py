@@ -59,6 +59,7 @@ def parse(text: str, piece: int | None) -> tuple[str, list, list]:
     return content, [(name, json.loads(args)) for name, args, _ in calls.values()], [c[2] for c in calls.values()]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("piece", [None, 1, 2, 3, 7])
 @pytest.mark.parametrize("case", list(OUTPUTS))
 def test_native_formats_parse_the_same_whole_and_streamed(case, piece):
@@ -68,6 +69,7 @@ def test_native_formats_parse_the_same_whole_and_streamed(case, piece):
     assert len(set(ids)) == len(ids) and all(i.startswith("call_") for i in ids)
 
 
+@pytest.mark.unit
 def test_a_call_cut_off_keeps_what_was_written():
     content, _, _ = parse('<tool_call>{"name": "add", "argu', None)
     assert content == '<tool_call>{"name": "add", "argu'  # no head: not a call
@@ -88,6 +90,7 @@ THINKING = {  # (prompt opened the section, output, reasoning, content)
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("piece", [None, 1, 4])
 @pytest.mark.parametrize("case", list(THINKING))
 def test_thinking_sections_split_whole_and_streamed(case, piece):
@@ -99,12 +102,14 @@ def test_thinking_sections_split_whole_and_streamed(case, piece):
     assert "".join(t for k, t in pieces if k == "content") == content
 
 
+@pytest.mark.unit
 def test_prompt_that_opens_a_section():
     assert opened_by_prompt("<|im_start|>assistant\n<think>\n") == "</think>"
     assert opened_by_prompt("<|im_start|>assistant\n<think>\n\n</think>\n\n") is None
     assert opened_by_prompt("<|im_start|>assistant\n") is None
 
 
+@pytest.mark.unit
 def test_chat_answer_streamed_deltas_rebuild_the_whole_message():
     text = "<think>Need weather.</think>\n" + OUTPUTS["hermes parallel, text before"][0]
     whole = ChatAnswer(AnswerFormat(tool_names=frozenset(TOOLS)))
@@ -134,6 +139,7 @@ def test_chat_answer_streamed_deltas_rebuild_the_whole_message():
     assert len(deltas) < len(text) / 3  # pieces of the same kind are joined
 
 
+@pytest.mark.unit
 def test_answer_without_tools_or_reasoning_is_content_only():
     answer = ChatAnswer(AnswerFormat(tool_names=None, reasoning=False))
     assert answer.feed('<think>x</think><tool_call>{"name": "add", "arguments": {}}</tool_call>') == \
@@ -154,6 +160,7 @@ SCHEMAS = [("get_weather", {"type": "object", "properties": {"city": {"type": "s
                     "$defs": {"n": {"type": "number"}}})]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("lazy", [False, True])
 def test_tool_grammars_are_accepted_by_llama_cpp(vocab, fmt, lazy):
@@ -165,6 +172,7 @@ def test_tool_grammars_are_accepted_by_llama_cpp(vocab, fmt, lazy):
         assert len(chain) >= 1
 
 
+@pytest.mark.unit
 def test_named_tool_grammar_allows_only_that_tool():
     grammar = tool_calls_grammar([SCHEMAS[0]], opener="<tool_call>", closer="</tool_call>", list_form=False,
                                  arguments_key="arguments", several=False)
@@ -172,6 +180,7 @@ def test_named_tool_grammar_allows_only_that_tool():
     assert "root ::= ws tagged-call ws" in grammar  # one call only
 
 
+@pytest.mark.unit
 def test_call_format_follows_the_template():
     assert call_format(None) == "tag"
     assert call_format("{% if tools %}<tool_call>{% endif %}") == "tag"

@@ -12,6 +12,8 @@ from google.protobuf import struct_pb2
 from server.proto import llama_pb2, llama_pb2_grpc
 from conftest import THOUGHT
 
+pytestmark = pytest.mark.service
+
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
            "required": ["city", "unit"], "additionalProperties": False}
