@@ -107,6 +107,7 @@ def test_concurrent_requests_share_batches(server):
     assert batches < len(replies), "concurrent requests should be merged into fewer batches"
 
 
+@pytest.mark.slow
 def test_embeddings_and_a_chat_stream_take_turns_on_the_cores(server):
     """On 2 cores the two sides take turns (engine/cpu_turns.py): both answer in full, the vectors are
     those computed alone, and some embedding decodes ran short while the stream waited for its turn."""
@@ -137,6 +138,7 @@ def test_embeddings_and_a_chat_stream_take_turns_on_the_cores(server):
             f"{float(after['embedding_decodes_while_generating'])}") in server.metrics()
 
 
+@pytest.mark.slow
 def test_a_stopped_embedding_process_stalls_chat_only_up_to_the_limit(server):
     """A stopped embedding process keeps its turn on the cores until its watchdog (--step-timeout, 120 s)
     replaces it; a chat stream waits at most the stall limit (10 s), then decodes alongside it."""

@@ -48,6 +48,7 @@ def restarts(fuzzed):
 schema = schemathesis.pytest.from_fixture("api").exclude(path="/v1/hardware/config", method="POST")
 
 
+@pytest.mark.slow
 @schema.parametrize()
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_every_operation_answers_as_documented(case, fuzzed, restarts):

@@ -13,6 +13,7 @@ from loadtest import score_defaults
 pytestmark = pytest.mark.service
 
 
+@pytest.mark.slow
 def test_the_service_scores_at_least_as_well_as_llama_server():
     args = argparse.Namespace(candidate=None, seeds=5, max_tokens=96, concurrency=8, threads=2, model=None,
                               llama_server=str(score_defaults.DEFAULT_LLAMA_SERVER), no_reference=False)
