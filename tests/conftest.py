@@ -16,6 +16,16 @@ import pytest
 from loadtest.servers import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("unit", "model", "service", "browser")  # what a test needs (pyproject.toml's markers)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Every test carries its kind, so `-m unit` (the quick lane) and the others select the whole suite."""
+    unmarked = [item.nodeid for item in items if not any(item.get_closest_marker(kind) for kind in KINDS)]
+    if unmarked:
+        raise pytest.UsageError(f"{len(unmarked)} tests carry no kind ({', '.join(KINDS)}; a module's "
+                                f"`pytestmark`): {', '.join(unmarked[:5])}")
 
 
 def free_port() -> int:
