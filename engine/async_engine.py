@@ -26,159 +26,29 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import multiprocessing as mp
-import os
 import time
 
 import numpy as np
 import orjson
 
-from engine import logs, worker as worker_module
+from engine import logs
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.cpu_turns import CpuTurns
-from engine.detokenizer import TextStream
-from engine.llama import Model, SamplerChain, SamplingParams
-from engine.request import EngineError, Output, Request, TokenLogprob
-from engine.scheduler import (OP_ADAPTERS, OP_COPY, OP_FREE, OP_START, OP_TRIM, Scheduler, Sequence, StepPlan,
-                              WorkerState)
-from engine.transport import OP_ADAPTERS as T_ADAPTERS, OP_COPY as T_COPY, OP_FREE as T_FREE
-from engine.transport import OP_START as T_START, OP_TRIM as T_TRIM
-from engine.transport import STATUS_OK, StepBuffer
+from engine.llama import Model, SamplerChain
+from engine.output_processor import OutputProcessor, Stream, final_output
+from engine.request import EngineError, Output, Request
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.step import OpKind, StepPlan
+from engine.transport import StepBuffer
+from engine.worker_handle import WorkerHandle
+from engine.worker_state import WorkerState
 
 log = logging.getLogger("sentiric.engine")
 batch_log = logging.getLogger("sentiric.batch")
-_OPS = {OP_START: T_START, OP_FREE: T_FREE, OP_COPY: T_COPY, OP_TRIM: T_TRIM, OP_ADAPTERS: T_ADAPTERS}
-_STARTUP_TIMEOUT_S = 300
 _TICK_S = 0.1  # how often respawning workers and the step watchdog are looked at
-
-
-class _Worker:
-    """The parent's handle on one worker process and its two step buffers (steps alternate
-    between them, so one can be written while the worker runs the other)."""
-
-    def __init__(self, index: int, config: EngineConfig):
-        self.index, self.config = index, config
-        self.buffers = (StepBuffer.create(config.batch_size), StepBuffer.create(config.batch_size))
-        self.process = None
-        self.restarts = 0
-        self.step_id = 0
-        self.rung = 0      # steps rung since this process was spawned: picks the next buffer
-        self.answered = 0  # steps it has answered since it was spawned
-        self.gone = False  # its end of the answer pipe closed: it died
-        self.watched = False  # the event loop reads its answer pipe
-        self.progress_at = 0.0  # when it last answered a step, or was rung while idle (the watchdog's clock)
-        self.epoch = 0     # incremented at every spawn: steps sent to a dead process are dropped
-        self.hung = False  # killed by the step watchdog (not crashed)
-        self.adapters_loaded = b"[]"  # JSON: the LoRA adapters the process holds, as it last reported them
-
-    def spawn(self) -> None:
-        ctx = mp.get_context("spawn")
-        self.to_worker_r, self.to_worker = ctx.Pipe(duplex=False)
-        self.from_worker, self.from_worker_w = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(
-            target=worker_module.run, name=f"sentiric-worker-{self.index}", daemon=True,
-            args=(self.index, self.config.worker_config(), tuple(b.spec() for b in self.buffers),
-                  self.to_worker_r, self.from_worker_w, logs.current_settings()))
-        self.process.start()
-        self.to_worker_r.close()
-        self.from_worker_w.close()  # so the worker's death reads as EOF
-        self.started_at = time.monotonic()
-        self.rung = self.answered = 0
-        self.gone = False
-        self.epoch += 1
-        self.hung = False
-        self.adapters_loaded = b"[]"
-        self.answer_fd = self.from_worker.fileno()
-
-    @property
-    def next_buffer(self) -> StepBuffer:
-        """The buffer the worker reads its next step from."""
-        return self.buffers[self.rung & 1]
-
-    def poll_ready(self) -> dict | None:
-        """The worker's hello once it has loaded the model; raises if it failed or died."""
-        if self.from_worker.poll():
-            try:
-                msg = self.from_worker.recv()
-            except EOFError:
-                raise EngineError(f"worker {self.index} exited while loading (exit code {self.process.exitcode})")
-            if "error" in msg:
-                raise EngineError(f"worker {self.index} failed to start: {msg['error']}")
-            return msg
-        if not self.process.is_alive():
-            raise EngineError(f"worker {self.index} exited while loading (exit code {self.process.exitcode})")
-        if time.monotonic() - self.started_at > _STARTUP_TIMEOUT_S:
-            raise EngineError(f"worker {self.index} did not load the model in {_STARTUP_TIMEOUT_S} s")
-        return None
-
-    def ring(self) -> int:
-        """Send the step written to next_buffer; returns its number (answered once `answered` reaches it)."""
-        if self.rung == self.answered:
-            self.progress_at = time.monotonic()
-        self.rung += 1
-        try:
-            os.write(self.to_worker.fileno(), b"s")
-        except OSError:  # the worker is dead: its answer pipe reads as end of file
-            pass
-        return self.rung
-
-    def read_answers(self) -> None:
-        """Count the answers waiting on the pipe (called when it is readable, so this does not block).
-        Only the worker holds the pipe's other end, so a dead worker reads as end of file: `gone`."""
-        try:
-            answers = os.read(self.answer_fd, 256)
-        except OSError:
-            answers = b""
-        if answers:
-            self.answered += len(answers)
-            self.progress_at = time.monotonic()
-        else:
-            self.gone = True
-
-    def check_hung(self) -> None:
-        """Kill a worker that has owed an answer for longer than the step timeout (a decode that never
-        returns, a stopped process); its pipe then reads as end of file like any death."""
-        timeout = self.config.step_timeout
-        if (timeout and self.rung > self.answered and not self.gone and not self.hung
-                and time.monotonic() - self.progress_at > timeout):
-            self.hung = True
-            log.error("worker %d answered no step in %g s; killing it", self.index, timeout,
-                      extra=logs.event("WORKER_HUNG", worker=self.index, step_timeout_s=timeout))
-            self.process.kill()
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.is_alive():
-            self.next_buffer.header[0] = -1
-            self.ring()
-            self.process.join(5)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(5)
-        for conn in (self.to_worker, self.from_worker):
-            conn.close()
-
-    def kill_for_respawn(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(5)
-        for conn in (self.to_worker, self.from_worker):
-            conn.close()
-
-
-class _Stream:
-    """A request's way back to its caller."""
-
-    __slots__ = ("request", "queue", "text", "seq", "finished", "rerun")
-
-    def __init__(self, request: Request, queue: asyncio.Queue):
-        self.request, self.queue = request, queue
-        self.text = TextStream(request.stop)
-        self.seq: Sequence | None = None
-        self.finished = False
-        self.rerun = False  # run again once after its worker died
 
 
 class AsyncEngine:
@@ -188,9 +58,10 @@ class AsyncEngine:
         self.cpu_turns = turns  # decodes on the same cores take turns (engine/cpu_turns.py); None: not shared
         self.vocab_model: Model | None = None
         self.template: ChatTemplate | None = None
-        self._workers: list[_Worker] = []
+        self._workers: list[WorkerHandle] = []
         self._scheduler: Scheduler | None = None
-        self._streams: dict[Sequence, _Stream] = {}
+        self._streams: dict[Sequence, Stream] = {}
+        self._outputs: OutputProcessor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # steps in flight, oldest first: per step, (plan, buffer, the worker's epoch, the step's number)
         self._in_flight: collections.deque[list[tuple[StepPlan, StepBuffer, int, int]]] = collections.deque()
@@ -198,13 +69,11 @@ class AsyncEngine:
         self._tick: asyncio.TimerHandle | None = None
         self._stopping = False
         self.ready = False
-        self._stats = collections.Counter()
+        self._worker_restarts = 0
         self._batch_sizes = collections.Counter()
-        self._recent = collections.deque(maxlen=512)  # (time, tokens) per step, for tokens/s
         self._last_batch = 0
         self._parent_us = collections.deque(maxlen=256)
         self._parent_s = 0.0  # the step loop's time on the current step (planning, writing, completing)
-        self._decode_s: float | None = None  # how long one decode of a decode-only step takes (moving average)
 
     # --- lifecycle ---
     async def start(self) -> None:
@@ -223,8 +92,8 @@ class AsyncEngine:
         self.vocab_model = Model(cfg.model_path, vocab_only=True)
         vocab = self.vocab_model.vocab
         # the per-token lookups of the step loop, as plain Python data (a ctypes call each costs more)
-        self._pieces = [vocab.token_to_piece(t) for t in range(vocab.n_tokens)]
-        self._eog = frozenset(t for t in range(vocab.n_tokens) if vocab.is_eog(t))
+        pieces = [vocab.token_to_piece(t) for t in range(vocab.n_tokens)]
+        eog = frozenset(t for t in range(vocab.n_tokens) if vocab.is_eog(t))
         self.template = ChatTemplate(cfg.chat_template or self.vocab_model.chat_template(),
                                      bos_token=vocab.token_to_piece(vocab.bos, special=True).decode("utf-8", "replace") if vocab.bos >= 0 else "",
                                      eos_token=vocab.token_to_piece(vocab.eos, special=True).decode("utf-8", "replace") if vocab.eos >= 0 else "")
@@ -235,7 +104,7 @@ class AsyncEngine:
         states = []
         try:
             for i in range(cfg.workers if self.generation else 0):
-                w = _Worker(i, cfg)
+                w = WorkerHandle(i, cfg)
                 self._workers.append(w)
                 w.spawn()
             for w in self._workers:
@@ -251,8 +120,9 @@ class AsyncEngine:
             self._stop_workers()
             raise
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
-                                    reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=self._eog.__contains__,
+                                    reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=eog.__contains__,
                                     kv_unified=cfg.kv_unified, prompt_halves=cfg.prompt_halves)
+        self._outputs = OutputProcessor(self._scheduler, pieces, eog, self._streams)
 
     async def shutdown(self) -> None:
         self._stopping = True
@@ -306,7 +176,7 @@ class AsyncEngine:
         return min((w.n_ctx_seq for w in self._scheduler.workers), default=self.config.ctx_size)
 
     # --- requests ---
-    def submit(self, request: Request) -> "_Stream":
+    def submit(self, request: Request) -> Stream:
         """Admit a request now (raises Overloaded, ValueError, EngineError); read it with `next_output`."""
         if not self.ready or self._stopping:
             raise EngineError("the engine is not running")
@@ -316,19 +186,19 @@ class AsyncEngine:
             raise ValueError("the prompt is empty")
         if len(request.prompt) >= self.n_ctx:
             raise ValueError(f"the prompt has {len(request.prompt)} tokens but the context holds {self.n_ctx}")
-        stream = _Stream(request, asyncio.Queue())
+        stream = Stream(request, asyncio.Queue())
         stream.seq = self._scheduler.add(request)  # raises Overloaded
         self._streams[stream.seq] = stream
         self._cut_bursts()
         self._pump_later()
         return stream
 
-    async def next_output(self, stream: "_Stream") -> Output:
+    async def next_output(self, stream: Stream) -> Output:
         out = await stream.queue.get()
         stream.finished = out.finish_reason is not None
         return out
 
-    def cancel(self, stream: "_Stream") -> None:
+    def cancel(self, stream: Stream) -> None:
         """Stop a request that has not finished; its KV cells are freed at the next step. Idempotent."""
         if stream.finished:
             return
@@ -374,8 +244,9 @@ class AsyncEngine:
                 sent = []
                 for plan in plans:
                     w = self._workers[plan.worker.index]
-                    buf = self._write_step(plan)
-                    sent.append((plan, buf, w.epoch, w.ring()))
+                    buf, number = w.send(plan)
+                    self._count_batch(plan.batch_size)
+                    sent.append((plan, buf, w.epoch, number))
                 self._in_flight.append(sent)
                 self._parent_s += time.perf_counter() - t0
         except Exception:
@@ -387,7 +258,7 @@ class AsyncEngine:
         """The next steps; [] when there is nothing to plan."""
         while True:
             plans = self._scheduler.plan(self._max_burst())
-            ended = [(self._streams.get(s), self._final(s)) for s in self._scheduler.ended]
+            ended = [(self._streams.get(s), final_output(s)) for s in self._scheduler.ended]
             if ended:
                 self._scheduler.ended.clear()
                 self._deliver(ended)
@@ -397,9 +268,10 @@ class AsyncEngine:
 
     def _max_burst(self) -> int:
         """Decodes a burst may run: as many as take config.burst_ms, by the decode time measured last."""
-        if not self.config.burst_ms or self._decode_s is None:
+        decode_s = self._outputs.decode_s
+        if not self.config.burst_ms or decode_s is None:
             return 1
-        return max(1, int(self.config.burst_ms / 1000 / max(self._decode_s, 1e-4)))
+        return max(1, int(self.config.burst_ms / 1000 / max(decode_s, 1e-4)))
 
     def _cut_bursts(self) -> None:
         """A request arrived or left: end each worker's newest step early if it is a burst, so the
@@ -414,7 +286,7 @@ class AsyncEngine:
                 buf.cut[0] = 1
                 self._scheduler.cut(plan)
 
-    def _on_answers(self, w: _Worker) -> None:
+    def _on_answers(self, w: WorkerHandle) -> None:
         """A worker's answer pipe is readable: finish the steps that are complete, plan the next."""
         try:
             epoch = w.epoch
@@ -436,12 +308,12 @@ class AsyncEngine:
             return
         self._pump()
 
-    def _watch(self, w: _Worker) -> None:
+    def _watch(self, w: WorkerHandle) -> None:
         if not w.watched:
             self._loop.add_reader(w.answer_fd, self._on_answers, w)
             w.watched = True
 
-    def _unwatch(self, w: _Worker) -> None:
+    def _unwatch(self, w: WorkerHandle) -> None:
         """Stop reading a worker's answers (before its pipe is closed: the fd number may be reused)."""
         if w.watched:
             self._loop.remove_reader(w.answer_fd)
@@ -462,7 +334,9 @@ class AsyncEngine:
         deliveries = []
         for (plan, buf, _, _), state in zip(sent, states):
             if state == "done":
-                self._complete_step(plan, buf, deliveries)
+                if plan.ops and any(op.kind == OpKind.ADAPTERS for op in plan.ops):
+                    self._workers[plan.worker.index].adapters_loaded = buf.adapters_loaded_json()
+                self._outputs.process(plan, buf, deliveries)
             elif state == "died":
                 self._worker_died(plan.worker, deliveries)
         self._deliver(deliveries)
@@ -490,36 +364,7 @@ class AsyncEngine:
         self._deliver([(s, Output(finish_reason="error", error="internal engine error"))
                        for s in list(self._streams.values())])
 
-    def _write_step(self, plan: StepPlan) -> StepBuffer:
-        w = self._workers[plan.worker.index]
-        buf = w.next_buffer
-        blob_used = 0
-        for i, (kind, seq_id, a, b, item) in enumerate(plan.ops):
-            raw = _op_data(kind, item)
-            if raw is not None:
-                buf.blob[blob_used:blob_used + len(raw)] = np.frombuffer(raw, np.uint8)
-                a, b = blob_used, len(raw)
-                blob_used += len(raw)
-            buf.ops[i] = (_OPS[kind], seq_id, a, b)
-        k = 0
-        for row in plan.rows:
-            seq, n = row.seq, row.count
-            if n == 1:
-                buf.token[k] = seq.token_at(row.start)
-                buf.pos[k] = row.start
-                buf.seq[k] = seq.seq_id
-                buf.logits[k] = row.output
-            else:
-                buf.token[k:k + n] = seq.tokens[row.start:row.start + n]
-                buf.pos[k:k + n] = np.arange(row.start, row.start + n, dtype=np.int32)
-                buf.seq[k:k + n] = seq.seq_id
-                buf.logits[k:k + n] = 0
-                buf.logits[k + n - 1] = row.output
-            k += n
-        w.step_id += 1
-        buf.header[:] = (k, len(plan.ops), blob_used, w.step_id, plan.burst)
-        buf.cut[0] = 0
-        size = plan.batch_size
+    def _count_batch(self, size: int) -> None:
         if size:
             self._last_batch = size
             self._batch_sizes[size] += 1
@@ -527,76 +372,6 @@ class AsyncEngine:
                 batch_log.info("Processing batch of size: %d", size, extra=logs.event("DECODE_STEP", batch_size=size))
             elif batch_log.isEnabledFor(logging.DEBUG):
                 batch_log.debug("Processing batch of size: %d", size, extra=logs.event("DECODE_STEP", batch_size=size))
-        return buf
-
-    def _complete_step(self, plan: StepPlan, buf: StepBuffer, deliveries: list) -> None:
-        sched = self._scheduler
-        status, n_out = int(buf.out_header[0]), int(buf.out_header[1])
-        failed_starts = {plan.ops[i][1] for i in np.flatnonzero(buf.op_status[:len(plan.ops)])
-                         if plan.ops[i][0] == OP_START} if plan.ops else ()
-        if any(op[0] == OP_ADAPTERS for op in plan.ops):
-            self._workers[plan.worker.index].adapters_loaded = buf.adapters_loaded_json()
-        if status != STATUS_OK:
-            plan.worker.adapters = None  # unknown now: the next step sends its set again
-            message = buf.message_text()
-            log.error("worker %d step failed: %s", plan.worker.index, message,
-                      extra=logs.event("STEP_FAILED", worker=plan.worker.index))
-            for seq in sched.step_failed(plan):
-                deliveries.append((self._streams.get(seq), self._final(seq, error=message)))
-            return
-        burst = plan.burst
-        if plan.rows and all(row.count == 1 for row in plan.rows):  # decode-only: how long one decode takes
-            decode_s = int(buf.out_header[4]) / 1e6
-            self._decode_s = decode_s if self._decode_s is None else 0.8 * self._decode_s + 0.2 * decode_s
-        rows = buf.out_token[:n_out * burst].reshape(n_out, burst).tolist()
-        sampled = sched.complete(plan, [row[:n] for row, n in zip(rows, buf.out_count[:n_out].tolist())])
-        n_sampled = sum(len(got) for _, _, got in sampled)
-        self._stats["steps"] += 1
-        self._stats["prompt_tokens_computed"] += plan.n_tokens - n_out
-        self._stats["generated_tokens"] += n_sampled
-        self._recent.append((time.monotonic(), n_sampled))
-        pieces, eog = self._pieces, self._eog
-        for seq, j, got in sampled:
-            stream = self._streams.get(seq)
-            if seq.seq_id in failed_starts:
-                sched.finish(seq, "error", keep_prefix=False)
-                deliveries.append((stream, self._final(seq, error=buf.message_text() or "could not start sampling")))
-                continue
-            out, reason = Output(token_ids=got), None
-            generated = seq.n_generated - len(got)
-            for s, token in enumerate(got):
-                reason = sched.finish_reason_for(seq, token, generated + s + 1)
-                if stream is not None:
-                    if reason != "stop" or token not in eog:
-                        out.text += stream.text.push(pieces[token])
-                    if stream.request.top_logprobs >= 0:
-                        out.logprobs.append(self._logprob(buf, j * burst + s, token, stream.request.top_logprobs))
-                    if stream.text.stopped:
-                        reason = "stop"
-                if reason is not None:  # a burst may have gone on past the end
-                    sched.discard(seq, len(got) - s - 1)
-                    del got[s + 1:]
-                    break
-            if reason is None:
-                deliveries.append((stream, out))
-                continue
-            sched.finish(seq, reason)
-            if stream is not None:
-                out.text += stream.text.flush()
-            final = self._final(seq)
-            final.text, final.token_ids, final.logprobs = out.text, out.token_ids, out.logprobs
-            deliveries.append((stream, final))
-
-    def _logprob(self, buf: StepBuffer, j: int, token: int, k: int) -> TokenLogprob:
-        piece = self.vocab_model.vocab.token_to_piece
-        top = [(int(t), piece(int(t)).decode("utf-8", "replace"), float(lp))
-               for t, lp in zip(buf.out_top_id[j, :k], buf.out_top_logprob[j, :k])]
-        return TokenLogprob(token, piece(token).decode("utf-8", "replace"), float(buf.out_logprob[j]), top)
-
-    def _final(self, seq: Sequence, error: str | None = None) -> Output:
-        reason = "error" if error else (seq.finish_reason or "error")
-        return Output(finish_reason=reason, error=error, prompt_tokens=seq.n_prompt,
-                      completion_tokens=seq.n_generated, cached_tokens=seq.cached_tokens)
 
     def _worker_died(self, state: WorkerState, deliveries: list) -> None:
         w = self._workers[state.index]
@@ -617,10 +392,10 @@ class AsyncEngine:
                 stream.seq = self._scheduler.add(stream.request, front=True)
                 self._streams[stream.seq] = stream
             else:
-                deliveries.append((stream, self._final(
+                deliveries.append((stream, final_output(
                     seq, error=f"the worker process running this request {what}, please retry")))
         w.restarts += 1
-        self._stats["worker_restarts"] += 1
+        self._worker_restarts += 1
         w.spawn()
 
     def _poll_respawns(self) -> None:
@@ -649,11 +424,7 @@ class AsyncEngine:
     # --- numbers ---
     def stats(self) -> dict:
         """Call on the event loop (the step loop changes these numbers there)."""
-        sched = self._scheduler
-        now = time.monotonic()
-        window = [(t, n) for t, n in self._recent if now - t <= 10]
-        span = (now - window[0][0]) if len(window) > 1 else 0
-        tps = sum(n for _, n in window[1:]) / span if span > 0 else 0.0
+        sched, outputs = self._scheduler, self._outputs
         return {
             "running": sched.running if sched else 0,
             "waiting": len(sched.waiting) if sched else 0,
@@ -665,13 +436,13 @@ class AsyncEngine:
             "free_slots": sum(w.parallel - len(w.running) for w in sched.workers if w.alive) if sched else 0,
             "workers": len(self._workers),
             "workers_alive": sum(w.alive for w in sched.workers) if sched else 0,
-            "worker_restarts": self._stats["worker_restarts"],
-            "steps": self._stats["steps"],
-            "generated_tokens": self._stats["generated_tokens"],
-            "prompt_tokens_computed": self._stats["prompt_tokens_computed"],
+            "worker_restarts": self._worker_restarts,
+            "steps": outputs.steps if outputs else 0,
+            "generated_tokens": outputs.generated_tokens if outputs else 0,
+            "prompt_tokens_computed": outputs.prompt_tokens_computed if outputs else 0,
             "last_batch_size": self._last_batch if sched and sched.running else 0,
             "batch_size_counts": dict(self._batch_sizes),
-            "tokens_per_second": round(tps, 1),
+            "tokens_per_second": round(outputs.tokens_per_second(), 1) if outputs else 0.0,
             "parent_us_per_step": round(float(np.median(self._parent_us)), 1) if self._parent_us else 0.0,
             "adapters_loaded": self.adapters_loaded(),
         }
@@ -682,15 +453,4 @@ class AsyncEngine:
 
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process is not None]
-
-
-def _op_data(kind: str, item) -> bytes | None:
-    """What an op carries in the step's blob: a new sequence's sampling parameters, a LoRA adapter set."""
-    if kind == OP_START:
-        p = item.request.sampling
-        return orjson.dumps({**p.__dict__, "logit_bias": {str(k): v for k, v in (p.logit_bias or {}).items()},
-                             "top_logprobs": item.request.top_logprobs, "ignore_eos": item.request.ignore_eos})
-    if kind == OP_ADAPTERS:
-        return orjson.dumps(item)
-    return None
 

@@ -85,20 +85,17 @@ class EngineConfig:
         self._cache_cells_default()
 
     def auto_batch_size(self) -> int:
-        """256 on a CPU: a step carrying a prefill chunk stalls every decoding stream, and on the
-        2-core machine 256-token chunks prefill as fast as 512 while halving that stall (long-prompt
-        bench: ITL p99 1.6 s -> 0.9 s, short requests' TTFT p90 4.4 s -> 1.9 s at 16 streams).
-        A GPU prefills bigger chunks at little extra cost."""
+        """256 on a CPU: a step carrying a prefill chunk stalls every decoding stream, and on a CPU
+        256-token chunks prefill about as fast as 512 while halving that stall. A GPU prefills bigger
+        chunks at little extra cost (docs: the engine settings' figures)."""
         return 1024 if self.gpu else 256
 
     @property
     def prompt_halves(self) -> bool:
         """A step finishes only the shorter half of the prompts waiting for their first token. A CPU step's
-        time grows with its tokens, so of 8 prompts arriving together the shortest 4 get their first token
-        after 4 prefills, 2 more after 6 and the last 2 (a prompt waits at most two steps in a row) after
-        8, where all together all wait for 8. Measured on 2 cores against all (README, "Prompts arriving
-        together"): TTFT p50 -8..-27 % at 4 and 8 streams, but up to +16 % at 16 and tok/s 0-9 % lower, so it
-        is a choice for bursty, latency-bound traffic, not the default."""
+        time grows with its tokens, so the shortest prompts get their first token sooner while the longest
+        wait at most two steps in a row more; it lowers TTFT for bursty, latency-bound traffic at some
+        throughput, so it is a choice, not the default."""
         return self.prompt_batching == "halves"
 
     def worker_config(self) -> dict:

@@ -18,6 +18,7 @@ from engine.llama_cpp import (
     FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, LLAMA_DEFAULT_SEED, POOLING_TYPES,
     lib, llama_batch, llama_chat_message, llama_logit_bias, llama_token, take_errors,
 )
+from engine.sampling import SamplingParams
 
 
 _POOLING_NAMES = {value: name for name, value in POOLING_TYPES.items()}
@@ -32,14 +33,6 @@ _DECODE_ERRORS = {
     2: "decode aborted",
     -1: "invalid input batch (token id out of range, bad position or sequence id)",
 }
-
-
-def version() -> str:
-    return lib.llama_version().decode()
-
-
-def system_info() -> str:
-    return lib.llama_print_system_info().decode()
 
 
 def supports_gpu_offload() -> bool:
@@ -165,14 +158,6 @@ class Model(_Owner):
         value = self.meta(f"{self.meta('general.architecture')}.pooling_type")
         return _POOLING_NAMES.get(int(value)) if value is not None and value.lstrip("-").isdigit() else None
 
-    @property
-    def n_params(self) -> int:
-        return lib.llama_model_n_params(self.ptr)
-
-    def description(self) -> str:
-        buf = C.create_string_buffer(256)
-        lib.llama_model_desc(self.ptr, buf, len(buf))
-        return buf.value.decode()
 
 
 class LoraAdapter(_Owner):
@@ -301,7 +286,6 @@ class Context(_Owner):
         p.flash_attn_type = {"auto": FLASH_ATTN_AUTO, "on": FLASH_ATTN_ENABLED, "off": FLASH_ATTN_DISABLED}[params.flash_attn]
         p.embeddings = params.embeddings
         p.pooling_type = POOLING_TYPES[params.pooling]
-        p.no_perf = False
         super().__init__(lib.llama_init_from_model(model.ptr, p),
                          f"llama.cpp could not create a context ({params}); see its log for why (often: out of memory)")
         self.model = model
@@ -357,8 +341,6 @@ class Context(_Owner):
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         lib.llama_memory_seq_cp(self._memory_ptr(), src, dst, p0, p1)
 
-    def seq_keep(self, seq: int) -> None:
-        lib.llama_memory_seq_keep(self._memory_ptr(), seq)
 
     def seq_pos_max(self, seq: int) -> int:
         return lib.llama_memory_seq_pos_max(self._memory_ptr(), seq)
@@ -381,10 +363,6 @@ class Context(_Owner):
         if lib.llama_state_seq_set_data(self.ptr, state, len(state), seq) == 0:
             raise LlamaError(f"could not restore the state of sequence {seq} (not enough KV cells, or another model)")
 
-    def perf(self) -> dict:
-        d = lib.llama_perf_context(self.ptr)
-        return {"prompt_ms": d.t_p_eval_ms, "prompt_tokens": d.n_p_eval,
-                "eval_ms": d.t_eval_ms, "eval_tokens": d.n_eval}
 
 
 class Batch:
@@ -426,7 +404,7 @@ class Batch:
         self.struct.n_tokens = n
 
     def set(self, tokens, seq: int, start_pos: int, *, output_last: bool = True) -> None:
-        """Fill the batch with one sequence's tokens (convenience for tests and the CLI)."""
+        """Fill the batch with one sequence's tokens (one prompt, one sequence: tests, simple callers)."""
         n = len(tokens)
         self.n_tokens = n
         self.token[:n] = tokens
@@ -435,31 +413,6 @@ class Batch:
         self.logits[:n] = 0
         if output_last:
             self.logits[n - 1] = 1
-
-
-@dataclass
-class SamplingParams:
-    """Per-sequence sampling settings (OpenAI names where they exist)."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_last_n: int = 64
-    seed: int | None = None
-    logit_bias: dict[int, float] | None = None
-    grammar: str | None = None
-    grammar_triggers: list[str] | None = None  # regexes: the grammar applies from the first match on (lazy)
-
-    @property
-    def greedy(self) -> bool:
-        """Plain argmax: no temperature, penalty, bias or grammar to apply."""
-        return (self.temperature <= 0 and self.repeat_penalty == 1.0 and not self.presence_penalty
-                and not self.frequency_penalty and not self.logit_bias and not self.grammar)
 
 
 class SamplerChain(_Owner):
@@ -496,7 +449,7 @@ class SamplerChain(_Owner):
             else:
                 self._add(lib.llama_sampler_init_grammar(vocab.ptr, p.grammar.encode(), b"root"), why)
         # top-k before the penalties: llama.cpp's penalty sampler looks every candidate up in a hash map,
-        # 95 us per token over the whole 49k vocabulary against ~1 us over 40 candidates
+        # so over the whole vocabulary it costs ~100x what it does over top-k's few candidates
         if p.top_k > 0:
             self._add(lib.llama_sampler_init_top_k(p.top_k), "top_k")
         if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
@@ -519,8 +472,6 @@ class SamplerChain(_Owner):
         """Sample the token for batch row `row` and record it in the chain's history."""
         return lib.llama_sampler_sample(self.ptr, ctx.ptr, row)
 
-    def accept(self, token: int) -> None:
-        lib.llama_sampler_accept(self.ptr, token)
 
     def __len__(self) -> int:
         return lib.llama_sampler_chain_n(self.ptr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from engine.llama import SamplingParams
+from engine.sampling import SamplingParams
 
 _ids = itertools.count(1)
 

@@ -5,8 +5,8 @@ contributes its next token (decode), waiting requests are admitted as slots
 and KV budget allow, and prompts are prefilled in chunks under a per-step
 token budget, mixed with the decodes. `complete()` takes the sampled tokens
 back. KV cells of common prompt prefixes are shared inside a worker (running
-sequences and finished ones kept as a prefix cache, evicted least recently
-used). Nothing here touches a model, a process or the event loop.
+sequences and finished ones kept as a prefix cache: engine/prefix_cache.py).
+Nothing here touches a model, a process or the event loop.
 
 Planning runs one step ahead of completion (overlap scheduling): step N+1 is
 planned while the worker decodes step N, so positions and KV cells are
@@ -28,7 +28,7 @@ LoRA adapters: llama.cpp applies adapters to a whole context, so a step carries
 the rows of one adapter set only (the base model is the empty set). When a
 worker runs sequences of several sets, each step serves the set whose turn is
 oldest, so the sets take turns and none starves; the others' sequences simply
-get their rows in a later step. An OP_ADAPTERS op tells the worker when the set
+get their rows in a later step. An ADAPTERS op tells the worker when the set
 changes. KV cells computed under one set are never shared with a sequence of
 another: running sources and prefix cache entries match by set too.
 """
@@ -36,207 +36,15 @@ another: running sources and prefix cache entries match by set too.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
 
-import numpy as np
-
-from engine.kv_ledger import KvLedger, Span
+from engine.kv_ledger import KvLedger
+from engine.prefix_cache import WAIT, CacheEntry
 from engine.request import Overloaded, Request
+from engine.sequence import Sequence
+from engine.step import Op, OpKind, Row, SamplerSpec, StepPlan
+from engine.worker_state import WorkerState
 
-MIN_SHARED_PREFIX = 16   # fewer common tokens than this are not worth a copy or a wait
-MIN_CACHED_PREFIX = 32   # shorter finished sequences are not kept in the prefix cache
 MAX_PASSED_OVER = 2      # steps in a row a prompt may wait for shorter ones (Scheduler.prompt_halves)
-
-OP_START, OP_FREE, OP_COPY, OP_TRIM, OP_ADAPTERS = "start", "free", "copy", "trim", "adapters"
-PENDING_TOKEN = -1       # a decode row's input: the token the worker sampled last for this sequence
-
-
-class Sequence:
-    """One request's state inside the scheduler."""
-
-    def __init__(self, request: Request):
-        self.request = request
-        self.prompt = np.asarray(request.prompt, dtype=np.int32)
-        self.adapters = request.adapters
-        self.tokens: list[int] = list(request.prompt)  # prompt + generated
-        self.n_prompt = len(request.prompt)
-        self.worker: WorkerState | None = None
-        self.seq_id = -1
-        self.span: Span | None = None
-        self.n_computed = 0       # positions in the KV cache (steps completed)
-        self.n_scheduled = 0      # positions planned, including steps in flight
-        self.outputs_planned = 0  # rows planned that sample a token
-        self.reserve = 0          # KV positions this sequence may hold without asking again
-        self.cached_tokens = 0    # prompt tokens reused from the prefix cache
-        self.passed_over = 0      # steps in a row its prompt waited for shorter ones (Scheduler.prompt_halves)
-        self.finish_reason: str | None = None
-
-    @property
-    def n_generated(self) -> int:
-        return len(self.tokens) - self.n_prompt
-
-    @property
-    def prefilling(self) -> bool:
-        """Prompt positions are still to be planned."""
-        return self.n_scheduled < self.n_prompt
-
-    @property
-    def in_flight(self) -> bool:
-        return self.n_scheduled > self.n_computed
-
-    @property
-    def has_work(self) -> bool:
-        """Rows can be planned for it: prompt left to prefill, or tokens left to sample."""
-        max_tokens = self.request.max_tokens
-        return self.prefilling or max_tokens is None or self.outputs_planned < max_tokens
-
-    def token_at(self, pos: int) -> int:
-        """The input token of position `pos`, or PENDING_TOKEN if a step in flight is sampling it."""
-        return self.tokens[pos] if pos < len(self.tokens) else PENDING_TOKEN
-
-
-@dataclass
-class CacheEntry:
-    seq_id: int
-    tokens: np.ndarray
-    span: Span
-    adapters: tuple = ()  # the LoRA set its KV was computed under
-
-
-@dataclass
-class Row:
-    """A run of one sequence's tokens in a step; the last asks for output if `output`."""
-
-    seq: Sequence
-    start: int
-    count: int
-    output: bool
-
-
-@dataclass
-class StepPlan:
-    worker: "WorkerState"
-    ops: list[tuple] = field(default_factory=list)   # (OP_*, seq_id, a, b, Sequence | adapter set | None)
-    rows: list[Row] = field(default_factory=list)
-    adapters: tuple | None = None                    # the LoRA set of every row; None: not chosen yet
-    burst: int = 1                                   # decodes the worker runs (see the module docstring)
-    cut: bool = False                                # the burst was asked to end early
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(r.count for r in self.rows)
-
-    @property
-    def batch_size(self) -> int:
-        """Distinct sequences carried by this step."""
-        return len(self.rows)
-
-
-class WorkerState:
-    """The scheduler's view of one worker: sequence ids, KV ledger, prefix cache.
-
-    `n_ctx` cells in all; one sequence may use `n_ctx_seq` of them (all of them
-    in a unified cache, its own share when llama.cpp splits the cache per sequence).
-    """
-
-    def __init__(self, index: int, n_ctx: int, parallel: int, cache_slots: int, n_ctx_seq: int | None = None,
-                 cache_cells: int | None = None, n_ids: int | None = None):
-        self.index, self.parallel, self.cache_slots = index, parallel, cache_slots
-        self.cache_cells = n_ctx if cache_cells is None else cache_cells
-        self.n_ctx = n_ctx
-        self.n_ctx_seq = n_ctx_seq or n_ctx
-        self.n_ids = n_ids or parallel + cache_slots  # sequence ids: running sequences and cache entries
-        self.alive = False
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything (the worker process is new)."""
-        self.ledger = KvLedger(self.n_ctx)
-        self.free_ids = list(range(self.n_ids))
-        self.running: list[Sequence] = []
-        self.cache: collections.OrderedDict[int, CacheEntry] = collections.OrderedDict()
-        self.pending_ops: list[tuple] = []
-        self.adapters: tuple | None = ()  # the LoRA set the worker applies as of the last step planned; None: unknown
-        self.turns: dict[tuple, float] = {}  # LoRA set -> the step it last got a turn (or started waiting for one)
-        self.steps = 0                       # steps planned, the clock of `turns`
-        self.unsettled = False               # a cut burst is in flight: plan nothing until it completes
-
-    def join(self, adapters: tuple) -> None:
-        """A sequence of this LoRA set starts here: a set new to the worker waits for a turn from now on
-        (before the set this step serves)."""
-        self.turns.setdefault(adapters, self.steps - 0.5)
-
-    def take_turn(self) -> tuple | None:
-        """The LoRA set this step serves: of the sets whose sequences have work, the one that has waited
-        longest for a turn. None: no sequence has work."""
-        self.steps += 1
-        sets = {s.adapters for s in self.running}
-        if len(sets) <= 1:  # one set (the usual case): it has every turn
-            only = next(iter(sets), None)
-            self.turns = {} if only is None else {only: self.steps}
-            return only
-        for gone in self.turns.keys() - sets:
-            del self.turns[gone]
-        ready = {s.adapters for s in self.running if s.has_work}
-        if not ready:
-            return None
-        chosen = min(ready, key=lambda a: (self.turns.setdefault(a, self.steps - 0.5), a))
-        self.turns[chosen] = self.steps
-        return chosen
-
-    @property
-    def reserved(self) -> int:
-        """Cells promised to running sequences but not yet used."""
-        return sum(max(0, s.reserve - s.span.length) for s in self.running)
-
-    @property
-    def free_cells(self) -> int:
-        return self.n_ctx - self.ledger.used - self.reserved
-
-    @property
-    def cached_only_cells(self) -> int:
-        """Cells held only by the prefix cache. With a unified KV every token attends over all used
-        cells, so what the cache holds makes every prefill chunk and decode step dearer."""
-        return self.ledger.used - KvLedger.cells_of(s.span for s in self.running)
-
-    def take_id(self, seq_id: int | None = None) -> int:
-        """A free sequence id: `seq_id`, else the lowest."""
-        seq_id = min(self.free_ids) if seq_id is None else seq_id
-        self.free_ids.remove(seq_id)
-        return seq_id
-
-    def lowest_idle_id(self) -> int:
-        """The lowest id no running sequence holds (free, or a cache entry's). A split cache gives every
-        newcomer this id: llama.cpp decodes split streams in one pass only while the ids in the batch
-        follow each other (0, 1, 2, ...), so running ids are kept dense and a gap never splits a step."""
-        busy = {s.seq_id for s in self.running}
-        return next(i for i in range(self.n_ids) if i not in busy)
-
-    def evict_one(self, keep: int | None = None) -> bool:
-        """Drop the least recently used cache entry (never `keep`, the source a new sequence copies)."""
-        victim = next((sid for sid in self.cache if sid != keep), None)
-        if victim is None:
-            return False
-        self.evict(victim)
-        return True
-
-    def evict(self, seq_id: int) -> None:
-        entry = self.cache.pop(seq_id)
-        self.ledger.release(entry.span)
-        self.pending_ops.append((OP_FREE, entry.seq_id, 0, 0, None))
-        self.free_ids.append(entry.seq_id)
-
-    def make_room(self, cells: int, keep: int | None = None) -> bool:
-        while self.free_cells < cells:
-            if not self.evict_one(keep):
-                return False
-        return True
-
-
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
 
 
 class Scheduler:
@@ -276,18 +84,7 @@ class Scheduler:
         if seq.worker is None:
             self.waiting.remove(seq)
             return
-        w = seq.worker
-        w.running.remove(seq)
-        if keep_prefix and w.cache_slots and seq.n_computed >= MIN_CACHED_PREFIX:
-            w.cache[seq.seq_id] = CacheEntry(seq.seq_id, np.asarray(seq.tokens[:seq.n_computed], np.int32), seq.span,
-                                             seq.adapters)
-            # the newest entry stays even beyond the cell budget: a long shared prefix must survive its last user
-            while len(w.cache) > 1 and (len(w.cache) > w.cache_slots or w.cached_only_cells > w.cache_cells):
-                w.evict_one()
-        else:
-            w.ledger.release(seq.span)
-            w.pending_ops.append((OP_FREE, seq.seq_id, 0, 0, None))
-            w.free_ids.append(seq.seq_id)
+        seq.worker.retire(seq, keep_prefix)
 
     def worker_lost(self, w: WorkerState) -> list[Sequence]:
         """A worker died: forget its state and hand back the sequences it was running."""
@@ -314,7 +111,7 @@ class Scheduler:
             p.ops[:0] = w.pending_ops
             w.pending_ops = []
             if p.rows and p.adapters != w.adapters:
-                p.ops.append((OP_ADAPTERS, -1, 0, 0, p.adapters))
+                p.ops.append(Op(OpKind.ADAPTERS, payload=p.adapters))
                 w.adapters = p.adapters
             if not self.kv_unified:  # in id order, or llama.cpp splits the step into several passes (lowest_idle_id)
                 p.rows.sort(key=lambda r: r.seq.seq_id)
@@ -327,7 +124,7 @@ class Scheduler:
         set waiting for a turn) a burst, as long as every row has tokens and KV room left for it and
         the worker's output slots (step_tokens) hold all of its tokens."""
         w = plan.worker
-        if not plan.rows or len(plan.rows) != len(w.running) or any(op[0] == OP_START for op in plan.ops):
+        if not plan.rows or len(plan.rows) != len(w.running) or any(op.kind == OpKind.START for op in plan.ops):
             return
         burst = min(max_burst, self.step_tokens // len(plan.rows))
         for row in plan.rows:
@@ -413,36 +210,21 @@ class Scheduler:
             choice = self._place(seq, plans)
             if choice is None:
                 continue
-            w, source, shared, seq_id = choice
+            w, source, seq_id = choice
             self.waiting.remove(seq)
-            self._start(plans[w.index], seq, source, shared, seq_id)
+            self._start(plans[w.index], seq, source, seq_id)
 
     def _place(self, seq: Sequence, plans: dict):
-        """(worker, prefix source, shared length, sequence id or None for any) for a waiting sequence,
-        or None to keep it waiting."""
-        # prompt tokens a prefix may give: all but the last, which is always computed for its logits
-        limit = seq.n_prompt - 1
-        best = None  # (shared, -load, worker, source)
+        """(worker, prefix source, sequence id or None for any) for a waiting sequence, or None to keep
+        it waiting."""
+        best = None  # ((shared, -load, free cells), worker, source)
         for w in self.workers:
             if w.index not in plans or len(w.running) >= w.parallel:
                 continue
-            # KV computed under another LoRA set is never reused
-            peers = [r for r in w.running if r.adapters == seq.adapters]
-            for r in peers:
-                c = min(common_prefix(r.prompt, seq.prompt), limit)
-                if c >= MIN_SHARED_PREFIX and r.n_computed < c:
-                    return None  # its prefill is computing our prefix (or a step in flight is): wait for it
-            # the longest shared prefix; on a tie a cache entry (a split cache may adopt an idle stream
-            # instead of copying a busy one), then the lowest id (split: see lowest_idle_id)
-            cands = [(min(common_prefix(e.tokens, seq.prompt), limit), True, -e.seq_id, e.span)
-                     for e in w.cache.values() if e.adapters == seq.adapters]
-            cands += [(min(common_prefix(r.prompt, seq.prompt), limit, r.n_computed), False, -r.seq_id, r.span)
-                      for r in peers]
-            shared, src = 0, None
-            top = max(cands, key=lambda c: c[:3], default=None)
-            if top is not None and top[0] >= MIN_SHARED_PREFIX:
-                shared, src = top[0], (-top[2], top[3])
-            key = (shared, -len(w.running), w.free_cells)
+            src = w.cache.find_source(seq.prompt, seq.adapters, w.running)
+            if src is WAIT:
+                return None  # its prefill is computing our prefix (or a step in flight is): wait for it
+            key = (src.shared if src else 0, -len(w.running), w.free_cells)
             if best is None or key > best[0]:
                 best = (key, w, src)
         if best is None:
@@ -452,50 +234,50 @@ class Scheduler:
             return None
         want = seq.n_prompt + min(seq.request.max_tokens or w.n_ctx_seq, self.reserve_cap)
         seq_reserve = min(want, w.n_ctx_seq)
-        keep = src[0] if src is not None else None
-        if keep in w.cache:
-            w.cache.move_to_end(keep)  # the source is used now: evicted last, and never for this sequence
+        keep = src.seq_id if src is not None else None
+        w.cache.touch(keep)  # the source is used now: evicted last, and never for this sequence
         # split: the newcomer's stream is the lowest idle one; a cache entry there is adopted when it is
         # the source, else evicted (another source's stream is copied into it)
         seq_id = None if self.kv_unified else w.lowest_idle_id()
         adopts = seq_id is not None and seq_id == keep
         if seq_id in w.cache and not adopts:
-            w.evict(seq_id)
+            w.cache.evict(seq_id)
         # cells the sequence needs beyond those it gets from its source (a copy of a stream counts again)
         gets = shared if self.kv_unified or adopts else 0
         if not w.make_room(seq_reserve - gets, keep):
             return None
-        if self.kv_unified and not w.free_ids and not w.evict_one(keep):
+        if self.kv_unified and not w.free_ids and not w.cache.evict_lru(keep):
             return None
         seq.reserve = seq_reserve
-        return w, src, shared, seq_id
+        return w, src, seq_id
 
-    def _start(self, plan: StepPlan, seq: Sequence, source, shared: int, seq_id: int | None) -> None:
+    def _start(self, plan: StepPlan, seq: Sequence, source, seq_id: int | None) -> None:
         w = plan.worker
         seq.worker = w
         if source is None:
             seq.seq_id, seq.span = w.take_id(seq_id), w.ledger.new_span()
         else:
-            src_id, src_span = source
+            shared = source.shared
             if self.kv_unified:  # the copy references the source's cells
-                seq.seq_id, seq.span = w.take_id(), w.ledger.share(src_span, shared)
-                plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
-            elif src_id == seq_id:  # split: the finished sequence's stream becomes this one's
-                seq.seq_id, seq.span = src_id, w.cache.pop(src_id).span
+                seq.seq_id, seq.span = w.take_id(), w.ledger.share(source.span, shared)
+                plan.ops.append(Op(OpKind.COPY, seq.seq_id, source.seq_id, shared))
+            elif source.seq_id == seq_id:  # split: the finished sequence's stream becomes this one's
+                seq.seq_id, seq.span = seq_id, w.cache.adopt(seq_id).span
                 w.ledger.truncate(seq.span, shared)
-                plan.ops.append((OP_TRIM, seq.seq_id, shared, 0, None))
+                plan.ops.append(Op(OpKind.TRIM, seq.seq_id, n=shared))
             else:  # split: another stream (running or idle), copied whole, then trimmed
                 seq.seq_id, seq.span = w.take_id(seq_id), w.ledger.new_span()
                 w.ledger.grow(seq.span, shared)
-                plan.ops.append((OP_COPY, seq.seq_id, src_id, shared, None))
+                plan.ops.append(Op(OpKind.COPY, seq.seq_id, source.seq_id, shared))
             seq.n_computed = seq.n_scheduled = seq.cached_tokens = shared
             self.prefix_hit_tokens += shared
-        plan.ops.append((OP_START, seq.seq_id, 0, 0, seq))
+        r = seq.request
+        plan.ops.append(Op(OpKind.START, seq.seq_id, payload=SamplerSpec(r.sampling, r.top_logprobs, r.ignore_eos)))
         w.running.append(seq)
         w.join(seq.adapters)
-        entry = w.cache.get(source[0]) if source is not None and self.kv_unified else None
-        if entry is not None and len(entry.tokens) > shared and w.cached_only_cells > w.cache_cells:
-            self._trim_entry(plan, entry, shared)
+        entry = w.cache.get(source.seq_id) if source is not None and self.kv_unified else None
+        if entry is not None and len(entry.tokens) > source.shared and w.cached_only_cells > w.cache_cells:
+            self._trim_entry(plan, entry, source.shared)
 
     @staticmethod
     def _trim_entry(plan: StepPlan, entry: CacheEntry, n: int) -> None:
@@ -505,7 +287,7 @@ class Scheduler:
         step. Only when the cache is over its cell budget: a conversation's next turn reuses it all."""
         plan.worker.ledger.truncate(entry.span, n)
         entry.tokens = entry.tokens[:n]
-        plan.ops.append((OP_TRIM, entry.seq_id, n, 0, None))
+        plan.ops.append(Op(OpKind.TRIM, entry.seq_id, n=n))
 
     # --- results ---
     def complete(self, plan: StepPlan, samples: list[list[int]]) -> list[tuple[Sequence, int, list[int]]]:

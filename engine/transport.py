@@ -1,7 +1,7 @@
 """The shared-memory step buffer between the scheduler and one worker.
 
 One preallocated region per worker holds a step's input (token rows, control
-ops, a small blob for sampling parameters) and its output (sampled tokens,
+ops (engine/step.py), a small blob for their payloads) and its output (sampled tokens,
 logprobs, op results). Both processes map the same file under /dev/shm and see
 it through numpy views; a one-byte message on a pipe is the doorbell. Nothing
 on the per-step path is pickled or allocated.
@@ -22,14 +22,9 @@ import uuid
 import numpy as np
 import orjson
 
-MAX_TOP_LOGPROBS = 20
+from engine.step import Op, StepPlan
 
-# control ops, applied by the worker in order before it decodes the step
-OP_START = 1  # (seq, blob offset, blob length): new sampler chain from JSON params
-OP_FREE = 2   # (seq, -, -): drop the sequence's KV cells and sampler
-OP_COPY = 3   # (dst, src, n): dst's KV = the first n positions of src
-OP_TRIM = 4   # (seq, n, -): drop the sequence's positions from n on
-OP_ADAPTERS = 5  # (-, blob offset, blob length): the LoRA adapters of the step's rows, JSON [[name, scale], ...]
+MAX_TOP_LOGPROBS = 20
 
 SHM_DIR = "/dev/shm"
 
@@ -51,7 +46,7 @@ class StepBuffer:
             ("pos", np.int32, (n_batch,)),
             ("seq", np.int32, (n_batch,)),
             ("logits", np.int8, (n_batch,)),
-            ("ops", np.int32, (max_ops, 4)),         # kind, seq, a, b
+            ("ops", np.int32, (max_ops, 4)),         # kind, seq, src or blob offset, n or blob length
             ("blob", np.uint8, (blob_size,)),
             ("out_header", np.int32, (5,)),          # status, n_out, message length, step id, us per decode
             ("out_count", np.int32, (n_batch,)),     # tokens sampled per output row (up to the burst)
@@ -61,7 +56,7 @@ class StepBuffer:
             ("out_top_logprob", np.float32, (n_batch, MAX_TOP_LOGPROBS)),
             ("op_status", np.int32, (max_ops,)),
             ("message", np.uint8, (4096,)),
-            ("adapters_loaded", np.uint8, (4096,)),  # after an OP_ADAPTERS: JSON of the worker's adapter cache
+            ("adapters_loaded", np.uint8, (4096,)),  # after an ADAPTERS op: JSON of the worker's adapter cache
         ]
         offsets, size = [], 0
         for _, dtype, shape in fields:
@@ -110,9 +105,49 @@ class StepBuffer:
         path, n_batch, max_ops, blob_size = spec
         return cls(path, n_batch, max_ops, blob_size, create=False)
 
+    # --- the parent's side ---
+    def write(self, plan: StepPlan, step_id: int) -> None:
+        """Write a planned step: its ops (payloads into the blob) and its rows' tokens, positions,
+        sequence ids and output flags."""
+        blob_used = 0
+        for i, op in enumerate(plan.ops):
+            a, b = op.src, op.n
+            raw = op.encode_payload()
+            if raw is not None:
+                self.blob[blob_used:blob_used + len(raw)] = np.frombuffer(raw, np.uint8)
+                a, b = blob_used, len(raw)
+                blob_used += len(raw)
+            self.ops[i] = (op.kind, op.seq, a, b)
+        k = 0
+        for row in plan.rows:
+            seq, n = row.seq, row.count
+            if n == 1:
+                self.token[k] = seq.token_at(row.start)
+                self.pos[k] = row.start
+                self.seq[k] = seq.seq_id
+                self.logits[k] = row.output
+            else:
+                self.token[k:k + n] = seq.tokens[row.start:row.start + n]
+                self.pos[k:k + n] = np.arange(row.start, row.start + n, dtype=np.int32)
+                self.seq[k:k + n] = seq.seq_id
+                self.logits[k:k + n] = 0
+                self.logits[k + n - 1] = row.output
+            k += n
+        self.header[:] = (k, len(plan.ops), blob_used, step_id, plan.burst)
+        self.cut[0] = 0
+
     def message_text(self) -> str:
         n = int(self.out_header[2])
         return bytes(self.message[:n]).decode("utf-8", "replace")
+
+    def adapters_loaded_json(self) -> bytes:
+        n = int.from_bytes(bytes(self.adapters_loaded[:4]), "little")
+        return bytes(self.adapters_loaded[4:4 + n])
+
+    # --- the worker's side ---
+    def read_op(self, i: int) -> Op:
+        kind, seq, a, b = (int(x) for x in self.ops[i])
+        return Op.decode(kind, seq, a, b, self.blob)
 
     def set_message(self, text: str) -> None:
         raw = text.encode("utf-8")[: len(self.message)]
@@ -128,10 +163,6 @@ class StepBuffer:
             raw = orjson.dumps(names)
         self.adapters_loaded[:4] = np.frombuffer(len(raw).to_bytes(4, "little"), np.uint8)
         self.adapters_loaded[4:4 + len(raw)] = np.frombuffer(raw, np.uint8)
-
-    def adapters_loaded_json(self) -> bytes:
-        n = int.from_bytes(bytes(self.adapters_loaded[:4]), "little")
-        return bytes(self.adapters_loaded[4:4 + n])
 
     def unlink(self) -> None:
         try:

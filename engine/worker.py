@@ -23,11 +23,10 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-import orjson
 
 from engine.logs import setup_logging
-from engine.transport import (MAX_TOP_LOGPROBS, OP_ADAPTERS, OP_COPY, OP_FREE, OP_START, OP_TRIM,
-                              STATUS_ADAPTERS_FAILED, STATUS_DECODE_FAILED, STATUS_OK, StepBuffer)
+from engine.step import Op, OpKind
+from engine.transport import MAX_TOP_LOGPROBS, STATUS_ADAPTERS_FAILED, STATUS_DECODE_FAILED, STATUS_OK, StepBuffer
 
 log = logging.getLogger("sentiric.worker")
 
@@ -90,41 +89,141 @@ class _Adapters:
         self.loaded.clear()
 
 
-def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_out, log_settings: dict) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    setup_logging(**log_settings, process=f"worker{index} ")
-    from engine.llama import Batch, Context, ContextParams, LlamaError, Model, SamplerChain, SamplingParams, log_softmax
+class Worker:
+    """One model, one context, the two step buffers, and what it keeps per sequence between steps."""
 
-    try:
-        model = Model(config["model_path"], n_gpu_layers=config["n_gpu_layers"])
-        ctx = Context(model, ContextParams(**config["context"]))
-        buffers = [StepBuffer.attach(spec) for spec in specs]
-    except Exception as exc:  # tell the parent why, then exit
-        doorbell_out.send({"error": f"{type(exc).__name__}: {exc}"})
-        return
-    # steps alternate between the two buffers; a batch and a scratch mask per buffer, made once
-    batches = [Batch(b.n_batch, token=b.token, pos=b.pos, seq=b.seq, logits=b.logits) for b in buffers]
-    pending = np.zeros(buffers[0].n_batch, bool)
-    out_rows = np.zeros(buffers[0].n_batch, np.int32)  # per batch row: its output row (scratch)
-    last_sampled = np.zeros(ctx.n_seq_max, np.int32)  # per sequence: the input of a PENDING_TOKEN row
-    # per sequence: it sampled its end in a burst, so rows planned for it after that do not follow on
-    # from its KV positions (llama.cpp refuses such a batch); they are dropped
-    ended = np.zeros(ctx.n_seq_max, bool)
-    vocab = model.vocab
-    kv_unified = config["context"]["kv_unified"]
-    sampling: dict[int, _SeqSampling] = {}
-    adapters = _Adapters(model, config["lora_dir"], config["lora_cache"])
-    doorbell_out.send({"ready": True, "pid": os.getpid(), "n_ctx": ctx.n_ctx, "n_ctx_seq": ctx.n_ctx_seq,
-                       "n_seq_max": ctx.n_seq_max})
+    def __init__(self, config: dict, buffers: list[StepBuffer]):
+        from engine import llama  # libllama loads in the worker after its logging is set up
+        self.llama = llama
+        self.model = llama.Model(config["model_path"], n_gpu_layers=config["n_gpu_layers"])
+        self.ctx = llama.Context(self.model, llama.ContextParams(**config["context"]))
+        self.vocab = self.model.vocab
+        self.kv_unified = config["context"]["kv_unified"]
+        self.buffers = buffers
+        # steps alternate between the two buffers; a batch and the scratch arrays per buffer, made once
+        self.batches = [llama.Batch(b.n_batch, token=b.token, pos=b.pos, seq=b.seq, logits=b.logits) for b in buffers]
+        self.pending = np.zeros(buffers[0].n_batch, bool)
+        self.out_rows = np.zeros(buffers[0].n_batch, np.int32)  # per batch row: its output row (scratch)
+        self.last_sampled = np.zeros(self.ctx.n_seq_max, np.int32)  # per sequence: the input of a PENDING_TOKEN row
+        # per sequence: it sampled its end in a burst, so rows planned for it after that do not follow on
+        # from its KV positions (llama.cpp refuses such a batch); they are dropped
+        self.ended = np.zeros(self.ctx.n_seq_max, bool)
+        self.sampling: dict[int, _SeqSampling] = {}
+        self.adapters = _Adapters(self.model, config["lora_dir"], config["lora_cache"])
 
-    def drop(seq: int) -> None:
-        ended[seq] = False
-        s = sampling.pop(seq, None)
+    def hello(self) -> dict:
+        return {"ready": True, "pid": os.getpid(), "n_ctx": self.ctx.n_ctx, "n_ctx_seq": self.ctx.n_ctx_seq,
+                "n_seq_max": self.ctx.n_seq_max}
+
+    def serve(self, ring_in: int, ring_out: int) -> None:
+        """Run the steps the parent rings for (one raw byte per step each way) until it says stop or is gone."""
+        steps = 0
+        while True:
+            try:
+                if not os.read(ring_in, 1):  # the parent is gone
+                    break
+            except OSError:
+                break
+            buf, batch = self.buffers[steps & 1], self.batches[steps & 1]
+            steps += 1
+            if buf.header[0] < 0:  # shutdown
+                break
+            self.step(buf, batch)
+            try:
+                os.write(ring_out, b"d")
+            except OSError:
+                break
+
+    def step(self, buf: StepBuffer, batch) -> None:
+        n_tokens, n_ops, _, step_id, burst = (int(x) for x in buf.header)
+        status, message = STATUS_OK, ""
+        for i in range(n_ops):
+            buf.op_status[i] = 0
+            try:
+                self.apply(buf, buf.read_op(i))
+            except Exception as exc:  # one bad op fails its sequence, not the worker
+                buf.op_status[i] = 1
+                message = f"{type(exc).__name__}: {exc}"
+        n_out = 0
+        if n_tokens and self.adapters.applied is None:  # the step's adapters could not be loaded: decode nothing
+            status, message = STATUS_ADAPTERS_FAILED, self.adapters.failure
+        elif n_tokens:
+            mask = np.less(buf.token[:n_tokens], 0, out=self.pending[:n_tokens])  # PENDING_TOKEN rows
+            if mask.any():
+                buf.token[:n_tokens][mask] = self.last_sampled[buf.seq[:n_tokens][mask]]
+            try:
+                n_out, decode_s = self.decode(buf, batch, n_tokens, burst)
+            except self.llama.LlamaError as exc:
+                status, message = STATUS_DECODE_FAILED, str(exc)
+            else:
+                buf.out_header[4] = int(decode_s * 1e6)
+        buf.out_header[0], buf.out_header[1], buf.out_header[3] = status, n_out, step_id
+        buf.set_message(message)
+
+    def apply(self, buf: StepBuffer, op: Op) -> None:
+        ctx, seq = self.ctx, op.seq
+        if op.kind == OpKind.START:
+            self.drop(seq)
+            spec = op.payload
+            chain = None if spec.params.greedy else self.llama.SamplerChain(self.vocab, spec.params)
+            self.sampling[seq] = _SeqSampling(chain, spec.top_logprobs, spec.ignore_eos)
+        elif op.kind == OpKind.FREE:
+            self.drop(seq)
+            ctx.seq_rm(seq)
+        elif op.kind == OpKind.COPY:
+            ctx.seq_rm(seq)
+            if self.kv_unified:  # the cells gain a sequence: nothing is copied
+                ctx.seq_cp(op.src, seq, 0, op.n)
+            else:  # streams are copied whole (at the next decode); keep the first n positions
+                ctx.seq_cp(op.src, seq)
+                ctx.seq_rm(seq, op.n, -1)
+        elif op.kind == OpKind.TRIM:
+            ctx.seq_rm(seq, op.n, -1)
+        elif op.kind == OpKind.ADAPTERS:
+            try:
+                self.adapters.apply(ctx, list(op.payload))
+            finally:
+                buf.set_adapters_loaded(list(self.adapters.loaded))
+
+    def drop(self, seq: int) -> None:
+        self.ended[seq] = False
+        s = self.sampling.pop(seq, None)
         if s is not None and s.chain is not None:
             s.chain.close()
 
-    def sample(buf, n: int, out_row: np.ndarray, burst: int, s: int) -> None:
+    def decode(self, buf: StepBuffer, batch, n: int, burst: int) -> tuple[int, float]:
+        """Run the step's rows (`burst` times for a burst) and sample; returns the number of output
+        rows and the seconds one decode took. Raises LlamaError."""
+        ended, last_sampled = self.ended, self.last_sampled
+        out_row = np.cumsum(buf.logits[:n], dtype=np.int32, out=self.out_rows[:n])
+        out_row -= 1
+        n_out = int(out_row[-1]) + 1
+        buf.out_count[:n_out] = 0
+        t0, runs = time.perf_counter(), 0
+        for s in range(burst):
+            if s and buf.cut[0]:
+                break
+            if ended.any() and ended[buf.seq[:n]].any():  # rare: a burst ended a sequence
+                keep = np.flatnonzero(~ended[buf.seq[:n]])
+                n = len(keep)
+                for a in (buf.token, buf.pos, buf.seq, buf.logits):
+                    a[:n] = a[keep]
+                out_row = out_row[keep]
+                if not n:
+                    break
+            if s:  # a burst's rows all decode: each goes on from its own last sample
+                np.take(last_sampled, buf.seq[:n], out=buf.token[:n])
+                buf.pos[:n] += 1
+            batch.n_tokens = n
+            self.ctx.decode(batch)
+            self.sample(buf, n, out_row, burst, s)
+            runs += 1
+        return n_out, (time.perf_counter() - t0) / max(1, runs)
+
+    def sample(self, buf: StepBuffer, n: int, out_row: np.ndarray, burst: int, s: int) -> None:
         """Sample every output row of the decode just run (the s-th of the step) into its slots."""
+        ctx, sampling, vocab, ended, last_sampled = self.ctx, self.sampling, self.vocab, self.ended, self.last_sampled
+        log_softmax = self.llama.log_softmax
         logits = ctx.logits(int(np.count_nonzero(buf.logits[:n])))
         for k, row in enumerate(np.flatnonzero(buf.logits[:n])):
             seq, j = int(buf.seq[row]), int(out_row[row])
@@ -153,111 +252,28 @@ def worker_main(index: int, config: dict, specs: tuple, doorbell_in, doorbell_ou
                     buf.out_top_id[at, :top_k] = top
                     buf.out_top_logprob[at, :top_k] = lp[top]
 
-    def decode(buf, batch, n: int, burst: int) -> tuple[int, float]:
-        """Run the step's rows (`burst` times for a burst) and sample; returns the number of output
-        rows and the seconds one decode took. Raises LlamaError."""
-        out_row = np.cumsum(buf.logits[:n], dtype=np.int32, out=out_rows[:n])
-        out_row -= 1
-        n_out = int(out_row[-1]) + 1
-        buf.out_count[:n_out] = 0
-        t0, runs = time.perf_counter(), 0
-        for s in range(burst):
-            if s and buf.cut[0]:
-                break
-            if ended.any() and ended[buf.seq[:n]].any():  # rare: a burst ended a sequence
-                keep = np.flatnonzero(~ended[buf.seq[:n]])
-                n = len(keep)
-                for a in (buf.token, buf.pos, buf.seq, buf.logits):
-                    a[:n] = a[keep]
-                out_row = out_row[keep]
-                if not n:
-                    break
-            if s:  # a burst's rows all decode: each goes on from its own last sample
-                np.take(last_sampled, buf.seq[:n], out=buf.token[:n])
-                buf.pos[:n] += 1
-            batch.n_tokens = n
-            ctx.decode(batch)
-            sample(buf, n, out_row, burst, s)
-            runs += 1
-        return n_out, (time.perf_counter() - t0) / max(1, runs)
-
-    ring_in, ring_out = doorbell_in.fileno(), doorbell_out.fileno()  # one raw byte per step each way
-    steps = 0
-    while True:
-        try:
-            if not os.read(ring_in, 1):  # the parent is gone
-                break
-        except OSError:
-            break
-        buf, batch = buffers[steps & 1], batches[steps & 1]
-        steps += 1
-        n_tokens, n_ops, _, step_id, burst = (int(x) for x in buf.header)
-        if n_tokens < 0:  # shutdown
-            break
-        status, message = STATUS_OK, ""
-        for i in range(n_ops):
-            kind, seq, a, b = (int(x) for x in buf.ops[i])
-            buf.op_status[i] = 0
-            try:
-                if kind == OP_START:
-                    drop(seq)
-                    p = orjson.loads(bytes(buf.blob[a:a + b]))
-                    top, ignore_eos = p.pop("top_logprobs"), p.pop("ignore_eos")
-                    params = SamplingParams(**p)
-                    if params.logit_bias:
-                        params.logit_bias = {int(t): v for t, v in params.logit_bias.items()}
-                    sampling[seq] = _SeqSampling(None if params.greedy else SamplerChain(vocab, params), top,
-                                                 ignore_eos)
-                elif kind == OP_FREE:
-                    drop(seq)
-                    ctx.seq_rm(seq)
-                elif kind == OP_COPY:
-                    ctx.seq_rm(seq)
-                    if kv_unified:  # the cells gain a sequence: nothing is copied
-                        ctx.seq_cp(a, seq, 0, b)
-                    else:  # streams are copied whole (at the next decode); keep the first b positions
-                        ctx.seq_cp(a, seq)
-                        ctx.seq_rm(seq, b, -1)
-                elif kind == OP_TRIM:
-                    ctx.seq_rm(seq, a, -1)
-                elif kind == OP_ADAPTERS:
-                    try:
-                        adapters.apply(ctx, [(name, scale) for name, scale in orjson.loads(bytes(buf.blob[a:a + b]))])
-                    finally:
-                        buf.set_adapters_loaded(list(adapters.loaded))
-            except Exception as exc:  # one bad op fails its sequence, not the worker
-                buf.op_status[i] = 1
-                message = f"{type(exc).__name__}: {exc}"
-        n_out = 0
-        if n_tokens and adapters.applied is None:  # the step's adapters could not be loaded: decode nothing
-            status, message = STATUS_ADAPTERS_FAILED, adapters.failure
-        elif n_tokens:
-            mask = np.less(buf.token[:n_tokens], 0, out=pending[:n_tokens])  # PENDING_TOKEN rows
-            if mask.any():
-                buf.token[:n_tokens][mask] = last_sampled[buf.seq[:n_tokens][mask]]
-            try:
-                n_out, decode_s = decode(buf, batch, n_tokens, burst)
-            except LlamaError as exc:
-                status, message = STATUS_DECODE_FAILED, str(exc)
-            else:
-                buf.out_header[4] = int(decode_s * 1e6)
-        buf.out_header[0], buf.out_header[1], buf.out_header[3] = status, n_out, step_id
-        buf.set_message(message)
-        try:
-            os.write(ring_out, b"d")
-        except OSError:
-            break
-    for seq in list(sampling):
-        drop(seq)
-    ctx.close()
-    adapters.close()
-    model.close()
+    def close(self) -> None:
+        for seq in list(self.sampling):
+            self.drop(seq)
+        self.ctx.close()
+        self.adapters.close()
+        self.model.close()
 
 
 def run(index: int, config: dict, specs: tuple, doorbell_in, doorbell_out, log_settings: dict) -> None:
-    """Process entry point: any unexpected exception is reported, not swallowed."""
+    """Process entry point: load, say hello (or why not), serve steps; any unexpected exception is
+    reported, not swallowed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    setup_logging(**log_settings, process=f"worker{index} ")  # before libllama loads (its log goes there)
     try:
-        worker_main(index, config, specs, doorbell_in, doorbell_out, log_settings)
+        try:
+            worker = Worker(config, [StepBuffer.attach(spec) for spec in specs])
+        except Exception as exc:  # tell the parent why, then exit
+            doorbell_out.send({"error": f"{type(exc).__name__}: {exc}"})
+            return
+        doorbell_out.send(worker.hello())
+        worker.serve(doorbell_in.fileno(), doorbell_out.fileno())
+        worker.close()
     except Exception:
         traceback.print_exc()
         raise

@@ -52,7 +52,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere, and in the spawn
 
 from engine.async_engine import AsyncEngine  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.llama import Model, SamplingParams  # noqa: E402
+from engine.llama import Model  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
 from engine.model_files import resolve_model  # noqa: E402
 from engine.request import Request  # noqa: E402
 

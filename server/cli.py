@@ -24,7 +24,8 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.cpu_turns import CpuTurns
 from engine.embedder import Embedder, EmbedderConfig
-from engine.llama import Model, SamplingParams
+from engine.llama import Model
+from engine.sampling import SamplingParams
 from engine.logs import event, setup_logging
 from engine.model_files import DEFAULT_ALIAS, resolve_model
 from engine.request import Request

@@ -17,7 +17,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 from engine.chat_template import TemplateError
-from engine.llama import LlamaError, SamplingParams
+from engine.llama import LlamaError
+from engine.sampling import SamplingParams
 from engine.request import Request
 from server.answers import AnswerFormat
 from server.json_grammar import SchemaError, json_object_grammar, json_schema_grammar

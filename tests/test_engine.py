@@ -12,7 +12,7 @@ import pytest
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.llama import SamplingParams
+from engine.sampling import SamplingParams
 from engine.model_files import ensure_default_model
 from engine.request import Overloaded, Request
 

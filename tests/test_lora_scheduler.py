@@ -6,7 +6,11 @@ import collections
 import pytest
 
 from engine.request import Request
-from engine.scheduler import OP_ADAPTERS, OP_COPY, OP_START, OP_TRIM, Scheduler, WorkerState
+from engine.scheduler import Scheduler
+from engine.step import OpKind
+from engine.worker_state import WorkerState
+
+OP_ADAPTERS, OP_COPY, OP_START, OP_TRIM = OpKind.ADAPTERS, OpKind.COPY, OpKind.START, OpKind.TRIM
 
 pytestmark = pytest.mark.unit
 
@@ -38,7 +42,7 @@ def test_a_step_carries_one_adapter_set_and_says_when_it_changes():
         for p in step(sched):
             sets = {r.seq.adapters for r in p.rows}
             assert sets == {p.adapters}
-            changes = [op[4] for op in p.ops if op[0] == OP_ADAPTERS]
+            changes = [op.payload for op in p.ops if op.kind == OP_ADAPTERS]
             assert changes == ([] if p.adapters == applied else [p.adapters])
             applied = p.adapters
     assert all(s.n_generated >= 9 for s in seqs)
@@ -71,8 +75,8 @@ def test_one_set_alone_is_served_every_step():
     a, b = add(sched, LEGAL), add(sched, LEGAL)
     plans = [step(sched)[0] for _ in range(5)]
     assert all(len(p.rows) == 2 for p in plans)
-    assert [op[4] for op in plans[0].ops if op[0] == OP_ADAPTERS] == [LEGAL]
-    assert not any(op[0] == OP_ADAPTERS for p in plans[1:] for op in p.ops)
+    assert [op.payload for op in plans[0].ops if op.kind == OP_ADAPTERS] == [LEGAL]
+    assert not any(op.kind == OP_ADAPTERS for p in plans[1:] for op in p.ops)
     assert a.n_generated == b.n_generated == 5
 
 
@@ -101,10 +105,10 @@ def test_the_prefix_cache_never_crosses_adapter_sets():
     assert [e.adapters for e in w.cache.values()] == [LEGAL]
     base = add(sched, BASE, prompt + [2], max_tokens=2)
     plans = step(sched)
-    assert base.cached_tokens == 0 and not any(op[0] == OP_COPY for op in plans[0].ops)
+    assert base.cached_tokens == 0 and not any(op.kind == OP_COPY for op in plans[0].ops)
     same = add(sched, LEGAL, prompt + [3], max_tokens=2)
     plans = sched.plan()
-    copies = [op for op in plans[0].ops if op[0] == OP_COPY]
+    copies = [op for op in plans[0].ops if op.kind == OP_COPY]
     assert copies and copies[0][2] == first.seq_id and same.cached_tokens == 100
 
 
@@ -118,8 +122,8 @@ def test_running_sequences_share_a_prefix_only_within_their_set():
     assert b.worker is not None and c.worker is None
     while a.prefilling or b.prefilling or c.worker is None:
         plans += step(sched)
-    copies = [op for p in plans for op in p.ops if op[0] == OP_COPY]
-    assert [(op[1], op[2]) for op in copies] == [(c.seq_id, a.seq_id)]
+    copies = [op for p in plans for op in p.ops if op.kind == OP_COPY]
+    assert [(op.seq, op.src) for op in copies] == [(c.seq_id, a.seq_id)]
     assert b.cached_tokens == 0 and c.cached_tokens == 200
 
 
@@ -132,8 +136,8 @@ def test_split_cache_evicts_a_stream_of_another_set_instead_of_adopting_it():
     b = add(sched, LEGAL, prompt + [2], max_tokens=2)
     plans = step(sched)
     assert b.seq_id == a.seq_id and b.cached_tokens == 0           # the lowest idle stream, emptied
-    assert not any(op[0] in (OP_TRIM, OP_COPY) for op in plans[0].ops)
-    assert [op[0] for op in plans[0].ops][:2] == ["free", OP_START]
+    assert not any(op.kind in (OP_TRIM, OP_COPY) for op in plans[0].ops)
+    assert [op.kind for op in plans[0].ops][:2] == [OpKind.FREE, OP_START]
 
 
 def test_after_a_failed_step_the_set_is_sent_again():
@@ -142,7 +146,7 @@ def test_after_a_failed_step_the_set_is_sent_again():
     step(sched)
     sched.workers[0].adapters = None  # what the engine records when a step failed
     plans = step(sched)
-    assert [op[4] for op in plans[0].ops if op[0] == OP_ADAPTERS] == [LEGAL]
+    assert [op.payload for op in plans[0].ops if op.kind == OP_ADAPTERS] == [LEGAL]
 
 
 def test_a_set_joining_a_worker_that_serves_one_set_gets_the_next_turn():

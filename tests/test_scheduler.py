@@ -4,8 +4,12 @@ import pytest
 
 from engine.kv_ledger import KvLedger
 from engine.request import Overloaded, Request
-from engine.scheduler import (OP_COPY, OP_FREE, OP_START, OP_TRIM, MIN_CACHED_PREFIX, PENDING_TOKEN, Scheduler,
-                              WorkerState)
+from engine.prefix_cache import MIN_CACHED_PREFIX
+from engine.scheduler import Scheduler
+from engine.step import PENDING_TOKEN, Op, OpKind
+from engine.worker_state import WorkerState
+
+OP_START, OP_FREE, OP_COPY, OP_TRIM = OpKind.START, OpKind.FREE, OpKind.COPY, OpKind.TRIM
 
 pytestmark = pytest.mark.unit
 
@@ -137,7 +141,7 @@ def test_shared_prefix_waits_for_the_first_prefill_then_copies():
     while a.prefilling:
         run_step(sched)
     plans = sched.plan()
-    copy = [op for op in plans[0].ops if op[0] == OP_COPY]
+    copy = [op for op in plans[0].ops if op.kind == OP_COPY]
     assert copy and copy[0][1] == b.seq_id and copy[0][2] == a.seq_id and copy[0][3] == 200
     assert b.cached_tokens == 200 and sched.prefix_hit_tokens == 200
     for p in plans:
@@ -156,13 +160,13 @@ def test_finished_sequence_becomes_prefix_cache_and_is_evicted_lru():
     assert a.seq_id in w.cache
     b = sched.add(Request(prompt=prompt[:-1] + [999], max_tokens=1))
     plans = sched.plan()
-    assert any(op[0] == OP_COPY and op[2] == a.seq_id for op in plans[0].ops)
-    assert any(op[0] == OP_START and op[1] == b.seq_id for op in plans[0].ops)
+    assert any(op.kind == OP_COPY and op.src == a.seq_id for op in plans[0].ops)
+    assert any(op.kind == OP_START and op.seq == b.seq_id for op in plans[0].ops)
     for p in plans:
         sched.complete(p, [[5]])
     sched.finish(b, "length")  # only one cache slot: a's entry is evicted
     assert list(w.cache) == [b.seq_id]
-    assert any(op[:2] == (OP_FREE, a.seq_id) for op in w.pending_ops)
+    assert any((op.kind, op.seq) == (OP_FREE, a.seq_id) for op in w.pending_ops)
 
 
 def test_kv_budget_limits_admission():
@@ -202,15 +206,15 @@ def test_split_kv_shares_prefixes_by_stream():
     plans, _ = run_step(sched)
     assert [r.seq for r in plans[0].rows] == [a]  # b waits: a is computing the common prefix
     plans, _ = run_step(sched)
-    copy = [op for op in plans[0].ops if op[0] == OP_COPY]
+    copy = [op for op in plans[0].ops if op.kind == OP_COPY]
     assert copy and copy[0][1:4] == (b.seq_id, a.seq_id, 200) and b.seq_id != a.seq_id
     assert state.ledger.used == a.n_computed + b.n_computed  # the copy is counted again
     sched.finish(a, "length")                    # a's stream stays as a cache entry
     c = sched.add(Request(prompt=system + [5, 6, 7], max_tokens=4))
     plans, _ = run_step(sched)
-    trim = [op for op in plans[0].ops if op[0] == OP_TRIM]
-    assert trim and trim[0][1:3] == (a.seq_id, 200) and c.seq_id == a.seq_id and c.cached_tokens == 200
-    assert not any(op[0] in (OP_COPY, OP_FREE) and op[1] == c.seq_id for op in plans[0].ops)
+    trim = [op for op in plans[0].ops if op.kind == OP_TRIM]
+    assert trim and (trim[0].seq, trim[0].n) == (a.seq_id, 200) and c.seq_id == a.seq_id and c.cached_tokens == 200
+    assert not any(op.kind in (OP_COPY, OP_FREE) and op.seq == c.seq_id for op in plans[0].ops)
     assert a.seq_id not in state.cache and state.ledger.used == c.n_computed + b.n_computed
 
 
@@ -229,7 +233,7 @@ def test_split_kv_keeps_running_ids_dense():
     d = sched.add(Request(prompt=[4] * 80, max_tokens=8))
     plans, _ = run_step(sched)
     assert d.seq_id == 0 and 0 not in state.cache  # not the free id 3: that would leave a gap at 0
-    assert (OP_FREE, 0) in [op[:2] for op in plans[0].ops]
+    assert (OP_FREE, 0) in [(op.kind, op.seq) for op in plans[0].ops]
     assert [r.seq.seq_id for r in plans[0].rows] == [0, 2]
 
 
@@ -420,7 +424,7 @@ def test_cancelling_with_a_step_in_flight_frees_before_the_id_is_reused():
     t = sched.add(Request(prompt=list(range(50, 60)), max_tokens=5))
     nxt = sched.plan()[0]
     assert sched.complete(in_flight, [[5]]) == []
-    kinds = [(op[0], op[1]) for op in nxt.ops]
+    kinds = [(op.kind, op.seq) for op in nxt.ops]
     assert kinds == [(OP_FREE, s.seq_id), (OP_START, t.seq_id)] and t.seq_id == s.seq_id  # free, then reuse
 
 
@@ -445,9 +449,9 @@ def test_a_partly_reused_cache_entry_is_cut_to_the_shared_part_when_over_budget(
     """A finished long answer is attended over by every running sequence in a unified cache; a newcomer
     sharing only its first positions (a common template) trims it, when the cache is over its cell budget."""
     state, first, second, ops = answer_then_newcomer(cache_cells=64)
-    copy = (OP_COPY, second.seq_id, first.seq_id, len(TEMPLATE), None)
-    trims = [op for op in ops if op[0] == OP_TRIM]
-    assert copy in ops and trims == [(OP_TRIM, first.seq_id, len(TEMPLATE), 0, None)]
+    copy = Op(OP_COPY, second.seq_id, first.seq_id, len(TEMPLATE))
+    trims = [op for op in ops if op.kind == OP_TRIM]
+    assert copy in ops and trims == [Op(OP_TRIM, first.seq_id, n=len(TEMPLATE))]
     assert ops.index(trims[0]) > ops.index(copy)
     assert len(state.cache[first.seq_id].tokens) == len(TEMPLATE)
     assert state.cached_only_cells == 0
@@ -456,5 +460,5 @@ def test_a_partly_reused_cache_entry_is_cut_to_the_shared_part_when_over_budget(
 
 def test_a_cache_entry_within_the_budget_is_kept_whole_for_the_next_turn():
     state, first, _, ops = answer_then_newcomer(cache_cells=1024)
-    assert not [op for op in ops if op[0] == OP_TRIM]
+    assert not [op for op in ops if op.kind == OP_TRIM]
     assert len(state.cache[first.seq_id].tokens) == 340

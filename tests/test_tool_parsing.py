@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from engine.llama import Model, SamplerChain, SamplingParams
+from engine.llama import Model, SamplerChain
+from engine.sampling import SamplingParams
 from engine.model_files import ensure_default_model
 from server.answers import AnswerFormat, ChatAnswer
 from server.json_grammar import tool_calls_grammar

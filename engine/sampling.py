@@ -1,0 +1,30 @@
+"""How a sequence picks its tokens, as plain data (no libllama: the scheduler and requests use it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplingParams:
+    """Per-sequence sampling settings (OpenAI names where they exist)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+    grammar: str | None = None
+    grammar_triggers: list[str] | None = None  # regexes: the grammar applies from the first match on (lazy)
+
+    @property
+    def greedy(self) -> bool:
+        """Plain argmax: no temperature, penalty, bias or grammar to apply."""
+        return (self.temperature <= 0 and self.repeat_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty and not self.logit_bias and not self.grammar)

@@ -1,0 +1,105 @@
+"""What one step is: the rows the scheduler plans and the control ops that go before them.
+
+One definition of the ops, shared by the scheduler (which plans them), the transport (which writes
+them into shared memory and reads them back) and the worker (which applies them in order before it
+decodes the step's rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import NamedTuple
+
+import orjson
+
+from engine.sampling import SamplingParams
+
+PENDING_TOKEN = -1  # a decode row's input: the token the worker sampled last for this sequence
+
+
+class OpKind(IntEnum):
+    START = 1     # seq gets a new sampler chain (payload: its SamplerSpec)
+    FREE = 2      # drop seq's KV cells and sampler
+    COPY = 3      # seq's KV = the first n positions of src's
+    TRIM = 4      # drop seq's positions from n on
+    ADAPTERS = 5  # the LoRA adapters of the step's rows (payload: ((name, scale), ...); seq unused)
+
+
+class SamplerSpec(NamedTuple):
+    """What a worker needs to sample a new sequence's tokens."""
+
+    params: SamplingParams
+    top_logprobs: int  # -1: no logprobs
+    ignore_eos: bool
+
+    def to_json(self) -> bytes:
+        p = self.params
+        return orjson.dumps({**p.__dict__, "logit_bias": {str(k): v for k, v in (p.logit_bias or {}).items()},
+                             "top_logprobs": self.top_logprobs, "ignore_eos": self.ignore_eos})
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "SamplerSpec":
+        p = orjson.loads(raw)
+        top, ignore_eos = p.pop("top_logprobs"), p.pop("ignore_eos")
+        params = SamplingParams(**p)
+        if params.logit_bias:
+            params.logit_bias = {int(t): v for t, v in params.logit_bias.items()}
+        return cls(params, top, ignore_eos)
+
+
+class Op(NamedTuple):
+    """One control op; the fields a kind does not use keep their defaults."""
+
+    kind: OpKind
+    seq: int = -1
+    src: int = -1
+    n: int = 0
+    payload: SamplerSpec | tuple | None = None
+
+    def encode_payload(self) -> bytes | None:
+        """The bytes the op carries in the step's blob (START, ADAPTERS), else None."""
+        if self.kind == OpKind.START:
+            return self.payload.to_json()
+        if self.kind == OpKind.ADAPTERS:
+            return orjson.dumps(self.payload)
+        return None
+
+    @classmethod
+    def decode(cls, kind: int, seq: int, a: int, b: int, blob) -> "Op":
+        """The op a row of the step's op table holds (a, b: src and n, or the payload's place in `blob`)."""
+        kind = OpKind(kind)
+        if kind == OpKind.START:
+            return cls(kind, seq, payload=SamplerSpec.from_json(bytes(blob[a:a + b])))
+        if kind == OpKind.ADAPTERS:
+            return cls(kind, seq, payload=tuple((name, scale) for name, scale in orjson.loads(bytes(blob[a:a + b]))))
+        return cls(kind, seq, a, b)
+
+
+@dataclass
+class Row:
+    """A run of one sequence's tokens in a step; the last asks for output if `output`."""
+
+    seq: "Sequence"  # noqa: F821 (engine.sequence)
+    start: int
+    count: int
+    output: bool
+
+
+@dataclass
+class StepPlan:
+    worker: "WorkerState"  # noqa: F821 (engine.worker_state)
+    ops: list[Op] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    adapters: tuple | None = None  # the LoRA set of every row; None: not chosen yet
+    burst: int = 1                 # decodes the worker runs (see engine/scheduler.py)
+    cut: bool = False              # the burst was asked to end early
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(r.count for r in self.rows)
+
+    @property
+    def batch_size(self) -> int:
+        """Distinct sequences carried by this step."""
+        return len(self.rows)
