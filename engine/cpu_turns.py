@@ -39,8 +39,12 @@ class Turn:
 
 
 class CpuTurns:
-    def __init__(self, stall_s: float = STALL_S):
+    def __init__(self, stall_s: float = STALL_S, *, clock: Callable[[], float] = time.monotonic,
+                 recheck_s: float = _RECHECK_S):
+        """`clock`: seconds (monotonic) for slices, holds and stalls; `recheck_s`: how often a waiting
+        take() looks again at the clock and give_up() (tests drive both)."""
         self.stall_s = stall_s
+        self._clock, self._recheck_s = clock, recheck_s
         self._longest_hold = 0.0   # the longest hold that others waited for
         self._queued_at: dict = {}  # queued engine or Turn -> when it began to wait
         self._warned = None        # the holder a stall was logged for
@@ -80,7 +84,7 @@ class CpuTurns:
         and resumed at its turn), or its slice is over while others wait (it rings no more)."""
         with self._cond:
             if self._holder is engine:
-                over = time.monotonic() >= self._slice_end
+                over = self._clock() >= self._slice_end
                 self._yielded = engine if over and self._others_wait() else None
                 return self._yielded is None
             if self._holder is None:
@@ -88,7 +92,7 @@ class CpuTurns:
                 return True
             if engine not in self._queue:
                 self._queue.append(engine)
-                self._queued_at[engine] = time.monotonic()
+                self._queued_at[engine] = self._clock()
             return self._stalled(self._queued_at[engine])
 
     def idle(self, engine) -> None:
@@ -98,13 +102,13 @@ class CpuTurns:
             if self._holder is engine:
                 if self._yielded is engine:
                     self._queue.append(engine)
-                    self._queued_at[engine] = time.monotonic()
+                    self._queued_at[engine] = self._clock()
                 self._hand_over()
 
     # --- embedding decodes (a thread each; block) ---
     def take(self, give_up: Callable[[], bool] = lambda: False) -> Turn:
         """Wait for the cores (returns at once, holding nothing, when give_up() turns true)."""
-        turn, since = Turn(), time.monotonic()
+        turn, since = Turn(), self._clock()
         with self._cond:
             if self._holder is None:
                 self._grant(turn)
@@ -116,7 +120,7 @@ class CpuTurns:
                     self._queue.remove(turn)
                     self._queued_at.pop(turn, None)
                     return turn
-                self._cond.wait(_RECHECK_S)
+                self._cond.wait(self._recheck_s)
             self.embedding_decodes += 1
             self.embedding_decodes_while_generating += any(has_work() for has_work, _ in self._engines.values())
             return turn
@@ -126,7 +130,7 @@ class CpuTurns:
         as the decode took."""
         with self._cond:
             if self._holder is turn:
-                self._owed = time.monotonic() - self._since
+                self._owed = self._clock() - self._since
                 self._hand_over()
 
     # --- under the lock ---
@@ -142,7 +146,7 @@ class CpuTurns:
         return has_work()
 
     def _grant(self, party) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._holder, self._since, self._yielded = party, now, None
         if not isinstance(party, Turn):
             self._slice_end = now + max(QUANTUM_S, self._owed)
@@ -150,7 +154,7 @@ class CpuTurns:
 
     def _stalled(self, waiting_since: float) -> bool:
         """A party waiting since then has waited past the stall limit: it goes on alongside the holder."""
-        waited = time.monotonic() - waiting_since
+        waited = self._clock() - waiting_since
         if waited < max(self.stall_s, 4 * self._longest_hold):
             return False
         if self._warned is not self._holder:
@@ -162,7 +166,7 @@ class CpuTurns:
     def _hand_over(self) -> None:
         """The holder is done: the oldest waiting party that still wants the cores gets them."""
         if self._queue:  # others waited for this hold: from when the first of them began
-            now = time.monotonic()
+            now = self._clock()
             waited_from = min(self._queued_at.get(p, now) for p in self._queue)
             self._longest_hold = max(self._longest_hold, now - max(self._since, waited_from))
         self._holder = None

@@ -35,15 +35,16 @@ class SamplerSpec(NamedTuple):
 
     def to_json(self) -> bytes:
         p = self.params
-        return orjson.dumps({**p.__dict__, "logit_bias": {str(k): v for k, v in (p.logit_bias or {}).items()},
-                             "top_logprobs": self.top_logprobs, "ignore_eos": self.ignore_eos})
+        bias = None if p.logit_bias is None else {str(k): v for k, v in p.logit_bias.items()}  # JSON keys are strings
+        return orjson.dumps({**p.__dict__, "logit_bias": bias, "top_logprobs": self.top_logprobs,
+                             "ignore_eos": self.ignore_eos})
 
     @classmethod
     def from_json(cls, raw: bytes) -> "SamplerSpec":
         p = orjson.loads(raw)
         top, ignore_eos = p.pop("top_logprobs"), p.pop("ignore_eos")
         params = SamplingParams(**p)
-        if params.logit_bias:
+        if params.logit_bias is not None:
             params.logit_bias = {int(t): v for t, v in params.logit_bias.items()}
         return cls(params, top, ignore_eos)
 
