@@ -35,9 +35,10 @@ from engine import logs
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.cpu_turns import CpuTurns
-from engine.llama import Model, SamplerChain
+from engine.llama import Model
 from engine.output_processor import OutputProcessor, Stream, final_output
 from engine.request import EngineError, Output, Request
+from engine.sampler_chain import SamplerChain
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -142,9 +143,7 @@ class AsyncEngine:
 
     def _stop_workers(self) -> None:
         for w in self._workers:
-            w.stop()
-            for buf in w.buffers:
-                buf.unlink()
+            w.close()
 
     # --- text helpers (parent side) ---
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -294,7 +293,8 @@ class AsyncEngine:
             if w.gone:
                 self._unwatch(w)
             while self._in_flight:
-                states = [self._step_state(entry) for entry in self._in_flight[0]]
+                states = [self._workers[plan.worker.index].step_state(epoch, number)
+                          for plan, _, epoch, number in self._in_flight[0]]
                 if "pending" in states:
                     break
                 self._finish_step(self._in_flight.popleft(), states)
@@ -318,15 +318,6 @@ class AsyncEngine:
         if w.watched:
             self._loop.remove_reader(w.answer_fd)
             w.watched = False
-
-    def _step_state(self, entry) -> str:
-        plan, _, epoch, number = entry
-        w = self._workers[plan.worker.index]
-        if w.epoch != epoch:
-            return "dropped"  # sent to a process that has been replaced since
-        if w.answered >= number:
-            return "done"
-        return "died" if w.gone else "pending"
 
     def _finish_step(self, sent: list, states: list[str]) -> None:
         """Take the results of a step every worker it went to has answered (or died during)."""
@@ -368,10 +359,9 @@ class AsyncEngine:
         if size:
             self._last_batch = size
             self._batch_sizes[size] += 1
-            if self.config.log_batches:
-                batch_log.info("Processing batch of size: %d", size, extra=logs.event("DECODE_STEP", batch_size=size))
-            elif batch_log.isEnabledFor(logging.DEBUG):
-                batch_log.debug("Processing batch of size: %d", size, extra=logs.event("DECODE_STEP", batch_size=size))
+            level = logging.INFO if self.config.log_batches else logging.DEBUG
+            if batch_log.isEnabledFor(level):
+                batch_log.log(level, "Processing batch of size: %d", size, extra=logs.event("DECODE_STEP", batch_size=size))
 
     def _worker_died(self, state: WorkerState, deliveries: list) -> None:
         w = self._workers[state.index]

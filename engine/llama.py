@@ -1,4 +1,5 @@
-"""Python owners of llama.cpp's native objects: Model, Vocab, LoraAdapter, Context, Batch, SamplerChain.
+"""Python owners of llama.cpp's native objects: Model, Vocab, LoraAdapter, Context, Batch
+(SamplerChain: engine/sampler_chain.py).
 
 Each class frees its native resource exactly once (close() is idempotent and
 the classes are context managers) and turns llama.cpp's sentinel return values
@@ -8,17 +9,15 @@ into exceptions that say what went wrong.
 from __future__ import annotations
 
 import ctypes as C
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from engine.llama_cpp import (
-    FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, LLAMA_DEFAULT_SEED, POOLING_TYPES,
-    lib, llama_batch, llama_chat_message, llama_logit_bias, llama_token, take_errors,
+    FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, POOLING_TYPES, lib, llama_batch, llama_chat_message,
+    llama_token, take_errors,
 )
-from engine.sampling import SamplingParams
 
 
 _POOLING_NAMES = {value: name for name, value in POOLING_TYPES.items()}
@@ -413,72 +412,3 @@ class Batch:
         self.logits[:n] = 0
         if output_last:
             self.logits[n - 1] = 1
-
-
-class SamplerChain(_Owner):
-    """One llama.cpp sampler chain built from SamplingParams."""
-
-    _free = lib.llama_sampler_free
-
-    def __init__(self, vocab: Vocab, params: SamplingParams):
-        super().__init__(lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params()),
-                         "llama_sampler_chain_init failed")
-        try:
-            self._build(vocab, params)
-        except BaseException:
-            self.close()
-            raise
-
-    def _add(self, smpl: int | None, what: str) -> None:
-        if not smpl:
-            raise LlamaError(what)
-        lib.llama_sampler_chain_add(self._ptr, smpl)  # the chain owns it from here
-
-    def _build(self, vocab: Vocab, p: SamplingParams) -> None:
-        n_vocab = vocab.n_tokens
-        if p.logit_bias:
-            items = list(p.logit_bias.items())
-            arr = (llama_logit_bias * len(items))(*[llama_logit_bias(t, b) for t, b in items])
-            self._add(lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr), "bad logit_bias")
-        if p.grammar:
-            why = "invalid GBNF grammar (llama.cpp could not parse it, or it has no 'root' rule)"
-            if p.grammar_triggers:
-                patterns = (C.c_char_p * len(p.grammar_triggers))(*[t.encode() for t in p.grammar_triggers])
-                self._add(lib.llama_sampler_init_grammar_lazy_patterns(
-                    vocab.ptr, p.grammar.encode(), b"root", patterns, len(patterns), None, 0), why)
-            else:
-                self._add(lib.llama_sampler_init_grammar(vocab.ptr, p.grammar.encode(), b"root"), why)
-        # top-k before the penalties: llama.cpp's penalty sampler looks every candidate up in a hash map,
-        # so over the whole vocabulary it costs ~100x what it does over top-k's few candidates
-        if p.top_k > 0:
-            self._add(lib.llama_sampler_init_top_k(p.top_k), "top_k")
-        if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            self._add(lib.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty,
-                                                       p.frequency_penalty, p.presence_penalty), "bad penalties")
-        if p.temperature <= 0:
-            self._add(lib.llama_sampler_init_greedy(), "greedy sampler")
-            return
-        if p.typical_p < 1.0:
-            self._add(lib.llama_sampler_init_typical(p.typical_p, 1), "typical_p")
-        if p.top_p < 1.0:
-            self._add(lib.llama_sampler_init_top_p(p.top_p, 1), "top_p")
-        if p.min_p > 0.0:
-            self._add(lib.llama_sampler_init_min_p(p.min_p, 1), "min_p")
-        self._add(lib.llama_sampler_init_temp(p.temperature), "temperature")
-        seed = LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
-        self._add(lib.llama_sampler_init_dist(seed), "dist")
-
-    def sample(self, ctx: Context, row: int) -> int:
-        """Sample the token for batch row `row` and record it in the chain's history."""
-        return lib.llama_sampler_sample(self.ptr, ctx.ptr, row)
-
-
-    def __len__(self) -> int:
-        return lib.llama_sampler_chain_n(self.ptr)
-
-
-def log_softmax(row: np.ndarray) -> np.ndarray:
-    """Log-probabilities of one row of logits (float64 for stable small values)."""
-    x = row.astype(np.float64)
-    m = x.max()
-    return x - (m + math.log(np.exp(x - m).sum()))

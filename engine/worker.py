@@ -93,8 +93,8 @@ class Worker:
     """One model, one context, the two step buffers, and what it keeps per sequence between steps."""
 
     def __init__(self, config: dict, buffers: list[StepBuffer]):
-        from engine import llama  # libllama loads in the worker after its logging is set up
-        self.llama = llama
+        from engine import llama, sampler_chain  # libllama loads in the worker after its logging is set up
+        self.llama, self.sampler_chain = llama, sampler_chain
         self.model = llama.Model(config["model_path"], n_gpu_layers=config["n_gpu_layers"])
         self.ctx = llama.Context(self.model, llama.ContextParams(**config["context"]))
         self.vocab = self.model.vocab
@@ -165,7 +165,7 @@ class Worker:
         if op.kind == OpKind.START:
             self.drop(seq)
             spec = op.payload
-            chain = None if spec.params.greedy else self.llama.SamplerChain(self.vocab, spec.params)
+            chain = None if spec.params.greedy else self.sampler_chain.SamplerChain(self.vocab, spec.params)
             self.sampling[seq] = _SeqSampling(chain, spec.top_logprobs, spec.ignore_eos)
         elif op.kind == OpKind.FREE:
             self.drop(seq)
@@ -223,7 +223,7 @@ class Worker:
     def sample(self, buf: StepBuffer, n: int, out_row: np.ndarray, burst: int, s: int) -> None:
         """Sample every output row of the decode just run (the s-th of the step) into its slots."""
         ctx, sampling, vocab, ended, last_sampled = self.ctx, self.sampling, self.vocab, self.ended, self.last_sampled
-        log_softmax = self.llama.log_softmax
+        log_softmax = self.sampler_chain.log_softmax
         logits = ctx.logits(int(np.count_nonzero(buf.logits[:n])))
         for k, row in enumerate(np.flatnonzero(buf.logits[:n])):
             seq, j = int(buf.seq[row]), int(out_row[row])

@@ -109,6 +109,15 @@ class WorkerHandle:
         else:
             self.gone = True
 
+    def step_state(self, epoch: int, number: int) -> str:
+        """What became of step `number`, sent in `epoch`: done, pending, died, or dropped (sent to a
+        process that has been replaced since)."""
+        if self.epoch != epoch:
+            return "dropped"
+        if self.answered >= number:
+            return "done"
+        return "died" if self.gone else "pending"
+
     def check_hung(self) -> None:
         """Kill a worker that has owed an answer for longer than the step timeout (a decode that never
         returns, a stopped process); its pipe then reads as end of file like any death."""
@@ -132,6 +141,12 @@ class WorkerHandle:
                 self.process.join(5)
         for conn in (self.to_worker, self.from_worker):
             conn.close()
+
+    def close(self) -> None:
+        """Stop the process and remove its step buffers."""
+        self.stop()
+        for buf in self.buffers:
+            buf.unlink()
 
     def kill_for_respawn(self) -> None:
         if self.process.is_alive():

@@ -11,7 +11,8 @@ import pytest
 from conftest import free_port
 from engine import llama_cpp
 from engine.chat_template import ChatTemplate
-from engine.llama import Batch, Context, ContextParams, LlamaError, Model, SamplerChain
+from engine.llama import Batch, Context, ContextParams, LlamaError, Model
+from engine.sampler_chain import SamplerChain
 from engine.sampling import SamplingParams
 from engine.model_files import ensure_default_model
 

@@ -4,7 +4,8 @@ roles that must alternate, no system role), with the real tokenizer and real Jin
 import pytest
 
 from engine.chat_template import ChatTemplate
-from engine.llama import Model, SamplerChain
+from engine.llama import Model
+from engine.sampler_chain import SamplerChain
 from engine.model_files import ensure_default_model
 from server.shaping import Fields, InvalidRequest, Shaper, strict_shapes
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from engine.llama import Model, SamplerChain
+from engine.llama import Model
+from engine.sampler_chain import SamplerChain
 from engine.sampling import SamplingParams
 from engine.model_files import ensure_default_model
 from server.answers import AnswerFormat, ChatAnswer
