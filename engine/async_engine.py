@@ -293,8 +293,8 @@ class AsyncEngine:
             if w.gone:
                 self._unwatch(w)
             while self._in_flight:
-                states = [self._workers[plan.worker.index].step_state(epoch, number)
-                          for plan, _, epoch, number in self._in_flight[0]]
+                states = [self._workers[plan.worker.index].step_state(sent_epoch, number)
+                          for plan, _, sent_epoch, number in self._in_flight[0]]
                 if "pending" in states:
                     break
                 self._finish_step(self._in_flight.popleft(), states)

@@ -263,9 +263,9 @@ class Worker:
 def run(index: int, config: dict, specs: tuple, doorbell_in, doorbell_out, log_settings: dict) -> None:
     """Process entry point: load, say hello (or why not), serve steps; any unexpected exception is
     reported, not swallowed."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    setup_logging(**log_settings, process=f"worker{index} ")  # before libllama loads (its log goes there)
     try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+        setup_logging(**log_settings, process=f"worker{index} ")  # before libllama loads (its log goes there)
         try:
             worker = Worker(config, [StepBuffer.attach(spec) for spec in specs])
         except Exception as exc:  # tell the parent why, then exit
