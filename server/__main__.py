@@ -2,7 +2,7 @@
 
 import sys
 
-from server.cli import serve
+from server.serve import serve
 
 if __name__ == "__main__":
     sys.exit(serve())

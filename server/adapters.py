@@ -1,6 +1,6 @@
 """LoRA adapters as requests name them: the --lora-dir catalogue (GGUF files, named without .gguf),
-the request fields that choose an adapter set, read here once for both doors (HTTP `lora_adapter` or
-llama-server's `lora` list, gRPC `lora_adapter_id`), and GET /v1/lora-adapters.
+and the request fields that choose an adapter set, read here once for every door (HTTP `lora_adapter` or
+llama-server's `lora` list, gRPC `lora_adapter_id`); GET /v1/lora-adapters lists them (server/web/model_routes.py).
 
 A set is ((name, scale), ...) sorted by name; () is the base model. Workers load adapters when a step
 first needs them (engine/worker.py); the scheduler never mixes sets in one decode (engine/scheduler.py).
@@ -11,21 +11,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from aiohttp import web
-
-from server.openai_routes import json_response
-from server.shaping import Fields, InvalidRequest
+from server.fields import Fields
+from server.refusal import Refusal
 
 LORA_ROUTE = "/v1/lora-adapters"
 MAX_SCALE = 4.0   # llama-server takes any float; past a few the model only writes noise
 _SHOWN = 20       # names an error lists before "and N more"
 
 
-class AdapterNotFound(InvalidRequest):
-    """A request named an adapter the directory does not hold: HTTP 404, gRPC NOT_FOUND."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message, param, "adapter_not_found")
+def _not_found(message: str, param: str) -> Refusal:
+    """A request named an adapter the directory does not hold."""
+    return Refusal("not_found", message, param=param, code="adapter_not_found")
 
 
 class AdapterDir:
@@ -88,14 +84,14 @@ class AdapterDir:
             return self._known(f, f"{where}.name", entry["name"], names), scale
         index = e.number("id", None, lo=0, integer=True)
         if index is None or index >= len(names):
-            raise AdapterNotFound(f"'{e.label('id')}' is {entry['id']!r}, but there is no adapter with that id "
+            raise _not_found(f"'{e.label('id')}' is {entry['id']!r}, but there is no adapter with that id "
                                   f"(ids count the adapters in name order from 0); {self._available(names)}",
                                   e.label("id"))
         return names[index], scale
 
     def _known(self, f: Fields, field: str, name: str, names: list[str]) -> str:
         if name not in names:
-            raise AdapterNotFound(f"LoRA adapter {name!r} is not available; {self._available(names)}",
+            raise _not_found(f"LoRA adapter {name!r} is not available; {self._available(names)}",
                                   f.label(field))
         return name
 
@@ -106,24 +102,3 @@ class AdapterDir:
             return "the adapter directory holds none"
         more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
         return f"available: {', '.join(names[:_SHOWN])}{more} (GET {LORA_ROUTE} lists them)"
-
-
-class AdapterRoutes:
-    """GET /v1/lora-adapters: the directory's adapters (id, name, file size) and which worker holds
-    which loaded."""
-
-    def __init__(self, models, adapters: AdapterDir):
-        self.models, self.adapters = models, adapters
-
-    def add_to(self, app: web.Application) -> None:
-        app.router.add_get(LORA_ROUTE, self.lora_adapters)
-
-    async def lora_adapters(self, request: web.Request) -> web.Response:
-        engine = self.models.current.engine
-        loaded = engine.adapters_loaded()
-        data = [{"id": i, "name": name, "object": "lora_adapter", "file": f"{name}.gguf", "size_bytes": size,
-                 "loaded_in_workers": [w for w, held in enumerate(loaded) if name in held]}
-                for i, (name, size) in enumerate(self.adapters.listing())]
-        workers = [{"worker": w, "loaded": held} for w, held in enumerate(loaded)]
-        return json_response({"object": "list", "data": data, "directory": str(self.adapters.path or "") or None,
-                              "cache_size": engine.config.lora_cache, "workers": workers})

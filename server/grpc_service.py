@@ -3,11 +3,12 @@ platform's llm-gateway-service calls the service, with the standard health
 service and server reflection beside it.
 
 It runs on the HTTP door's event loop and feeds the same engine, so requests
-from both doors share decode steps. A call is translated into the shared
-shaping's names (server/shaping.py), answered as token messages (whole UTF-8
+from every door share decode steps. A call is translated into the shared
+shaping's names (server/shaping.py), goes through the shared admission
+(server/admission.py), and is answered as token messages (whole UTF-8
 characters of the answer, read as the HTTP door reads it: stop strings held
-back, a thinking section left out) and exactly one finish_details; every
-failure ends the call with a status code and a message a person can act on.
+back, a thinking section left out) and exactly one finish_details; a refusal
+ends the call with its kind's status code (CODES) and its message.
 """
 
 from __future__ import annotations
@@ -25,14 +26,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine import logs
-from engine.request import EngineError, Overloaded
-from server.adapters import AdapterNotFound
+from server.admission import Admission
 from server.answers import ChatAnswer
-from server.drain import REFUSAL, Drain
-from server.metrics import Metrics, RequestTracker
-from server.models import Models, SwitchTimeout
 from server.proto import llama_pb2, llama_pb2_grpc
-from server.shaping import InvalidRequest
+from server.refusal import INTERNAL_MESSAGE, Refusal, invalid
 
 log = logging.getLogger("sentiric.grpc")
 SERVICE = llama_pb2.DESCRIPTOR.services_by_name["LlamaService"].full_name
@@ -48,13 +45,13 @@ _FIELDS = {"max_tokens": "params.max_new_tokens", "temperature": "params.tempera
            "messages": "history", "response_format.json_schema": "params.engine_specific_params.json_schema",
            "lora_adapter": "lora_adapter_id"}
 
-
-class Refused(Exception):
-    """A call ends with this status code and message."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
+# each refusal kind's status code
+CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+         "not_found": grpc.StatusCode.NOT_FOUND, "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+         "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED, "unprocessable": grpc.StatusCode.FAILED_PRECONDITION,
+         "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED, "loading": grpc.StatusCode.UNAVAILABLE,
+         "switching": grpc.StatusCode.UNAVAILABLE, "draining": grpc.StatusCode.UNAVAILABLE,
+         "unavailable": grpc.StatusCode.UNAVAILABLE, "internal": grpc.StatusCode.INTERNAL}
 
 
 def chat_body(request: llama_pb2.GenerateStreamRequest) -> tuple[dict, callable]:
@@ -65,8 +62,8 @@ def chat_body(request: llama_pb2.GenerateStreamRequest) -> tuple[dict, callable]
     if request.user_prompt:
         turns.append({"role": "user", "content": request.user_prompt})
     elif not turns or turns[-1]["role"] != "user":
-        raise InvalidRequest("'user_prompt' is empty and 'history' does not end with a user turn: there is "
-                             "nothing to answer", "user_prompt")
+        raise invalid("'user_prompt' is empty and 'history' does not end with a user turn: there is "
+                      "nothing to answer", "user_prompt")
     body = {"messages": turns, "system_prompt": request.system_prompt,
             "rag_context": request.rag_context if request.HasField("rag_context") else None,
             "lora_adapter": request.lora_adapter_id if request.HasField("lora_adapter_id") else None}
@@ -94,8 +91,8 @@ def _params(p: llama_pb2.GenerationParams) -> dict:
         try:
             extra = json_format.MessageToDict(p.engine_specific_params)
         except ValueError as exc:  # a Struct number that JSON cannot carry
-            raise InvalidRequest(f"'params.engine_specific_params' holds NaN or infinity, which no parameter "
-                                 f"accepts ({exc})", "params.engine_specific_params") from None
+            raise invalid(f"'params.engine_specific_params' holds NaN or infinity, which no parameter "
+                          f"accepts ({exc})", "params.engine_specific_params") from None
         unknown = sorted(k for k in extra if k not in ENGINE_SPECIFIC)
         if unknown:
             log.warning("ignoring unknown engine_specific_params: %s (known: %s)", ", ".join(unknown),
@@ -125,49 +122,36 @@ def parse_request(data: bytes) -> llama_pb2.GenerateStreamRequest | DecodeError:
 
 
 class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
-    def __init__(self, models: Models, metrics: Metrics, drain: Drain, *, require_tenant: bool = False):
-        self.models, self.metrics, self.drain = models, metrics, drain
-        self.require_tenant = require_tenant
+    def __init__(self, admission: Admission):
+        self.admission = admission
 
     async def GenerateStream(self, request, context):
-        with self.drain.track():
-            await self._generate(request, context)
-
-    async def _generate(self, request, context):
         start = time.perf_counter()
-        metadata = dict(context.invocation_metadata() or ())
-        logs.bind_request(metadata.get("x-tenant-id"), metadata.get("x-trace-id"), metadata.get("x-span-id"))
         code, message, final = grpc.StatusCode.OK, "", None
         try:
-            self._check(request, metadata)
-            async with self.models.use() as served:  # during a model switch this waits for the new model
-                engine = served.engine
-                prompt_tokens, handle, answer = self._admit(served, request)
-                tracker = RequestTracker(self.metrics, adapters=handle.request.adapters, profile=served.profile.name)
-                try:
-                    while True:
-                        out = await engine.next_output(handle)
-                        tracker.seen(0, out)
-                        if out.error:
-                            raise Refused(grpc.StatusCode.UNAVAILABLE, out.error)
+            self.admission.identify(dict(context.invocation_metadata() or ()), carrier="metadata")
+            if isinstance(request, DecodeError):
+                raise invalid("The request is not a valid GenerateStreamRequest (string fields must be UTF-8, "
+                              f"Structs nest at most 100 deep): {request}")
+            async with self.admission.serve() as served:  # during a model switch this waits for the new model
+                gen = served.shaper.chat(*chat_body(request))
+                async with self.admission.submit(served, gen) as run:
+                    answer = ChatAnswer(gen.answer)
+                    async for _, out in run:
                         text = spoken(answer.feed(out.text) if out.text else [])
                         if out.finish_reason:
+                            final = out
                             text += spoken(answer.finish())
                         if text:
                             await context.write(llama_pb2.GenerateStreamResponse(token=text.encode()))
-                        if out.finish_reason:
-                            final = out
-                            tracker.usage(prompt_tokens, [out])
+                        if final is not None:
+                            run.usage([final])
                             await context.write(llama_pb2.GenerateStreamResponse(
                                 finish_details=llama_pb2.FinishDetails(
-                                    finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
-                                    completion_tokens=out.completion_tokens)))
-                            break
-                finally:
-                    engine.cancel(handle)  # a cancelled call or an expired deadline frees the sequence now
-        except (Refused, SwitchTimeout) as exc:
-            code, message = (exc.code, exc.message) if isinstance(exc, Refused) else \
-                (grpc.StatusCode.UNAVAILABLE, str(exc))
+                                    finish_reason=final.finish_reason, prompt_tokens=final.prompt_tokens,
+                                    completion_tokens=final.completion_tokens)))
+        except Refusal as exc:
+            code, message = CODES[exc.kind], exc.message
             context.set_code(code)
             context.set_details(message)
         except asyncio.CancelledError:  # the caller went away, or its deadline passed (give or take the clocks)
@@ -176,7 +160,7 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
                 else grpc.StatusCode.CANCELLED
             raise
         except Exception:
-            code, message = grpc.StatusCode.INTERNAL, "Internal server error; it has been logged."
+            code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
             log.exception("internal error while serving GenerateStream", extra=logs.event("INTERNAL_ERROR",
                                                                                          door="grpc"))
             context.set_code(code)
@@ -184,39 +168,9 @@ class LlamaService(llama_pb2_grpc.LlamaServiceServicer):
         finally:
             self._finished(code, message, final, start)
 
-    def _check(self, request, metadata: dict) -> None:
-        """Refused for a call that cannot be served whichever model is active."""
-        if isinstance(request, DecodeError):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "The request is not a valid GenerateStreamRequest "
-                          f"(string fields must be UTF-8, Structs nest at most 100 deep): {request}")
-        if self.require_tenant and not metadata.get("x-tenant-id"):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "This service requires the 'x-tenant-id' metadata.")
-        if self.drain.draining:
-            raise Refused(grpc.StatusCode.UNAVAILABLE, REFUSAL)
-
-    @staticmethod
-    def _admit(served, request):
-        """(prompt tokens, engine handle, the answer's reader) for a call on the model `served`, or Refused."""
-        if not served.engine.ready:
-            raise Refused(grpc.StatusCode.UNAVAILABLE, "The model is still loading; retry in a few seconds.")
-        try:
-            gen = served.shaper.chat(*chat_body(request))
-            return len(gen.prompt), served.engine.submit(gen.requests[0]), ChatAnswer(gen.answer)
-        except AdapterNotFound as exc:
-            raise Refused(grpc.StatusCode.NOT_FOUND, exc.message) from None
-        except InvalidRequest as exc:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, exc.message) from None
-        except Overloaded:
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          "The server is at capacity (its waiting queue is full); retry shortly.") from None
-        except EngineError as exc:
-            raise Refused(grpc.StatusCode.UNAVAILABLE, f"The model is not ready: {exc}") from None
-        except ValueError as exc:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-
     def _finished(self, code: grpc.StatusCode, message: str, final, start: float) -> None:
         ms = (time.perf_counter() - start) * 1000
-        self.metrics.grpc_requests.labels(METHOD, code.name).inc()
+        self.admission.metrics.grpc_requests.labels(METHOD, code.name).inc()
         attributes = {"door": "grpc", "method": METHOD, "code": code.name, "duration_ms": round(ms, 1)}
         if final is not None:
             attributes.update(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,

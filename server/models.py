@@ -1,4 +1,4 @@
-"""The active model: its profile, engine, embedder and shaper, which both doors read per request, and the
+"""The active model: its profile, engine, embedder and shaper, which every door reads per request, and the
 switch to another profile at run time (POST /v1/models/switch, POST /v1/hardware/config).
 
 Prompts are tokenized and rendered before a request reaches the engine, with the engine's own vocabulary and
@@ -23,34 +23,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from aiohttp import web
-
 from engine.async_engine import AsyncEngine
 from engine.embedder import Embedder
 from engine.logs import event
-from server.errors import ApiError
-from server.openai_routes import json_response, read_json
-from server.profiles import HARDWARE, Profile, check_hardware
+from server.profiles import Profile
+from server.refusal import Refusal
 from server.shaping import Shaper
 
 log = logging.getLogger("sentiric.server")
-PROFILES_ROUTE, SWITCH_ROUTE, HARDWARE_ROUTE = "/v1/profiles", "/v1/models/switch", "/v1/hardware/config"
-
-
-class SwitchTimeout(Exception):
-    """A request waited longer than the switch timeout for a switch to end."""
-
-
-class SwitchFailed(Exception):
-    """The profile's model could not be loaded; the old one still serves."""
-
-
-class ModelNotFound(Exception):
-    """With --max-models above 1: a request's `model` names no profile."""
-
-
-class ModelLoadFailed(Exception):
-    """With --max-models above 1: the profile a request names could not be loaded."""
 
 
 @dataclass(eq=False)
@@ -100,14 +80,17 @@ class Models:
     @asynccontextmanager
     async def use(self, model: str | None = None):
         """The model a request runs on, from before it is shaped to its last byte: the active profile, or
-        with --max-models above 1 the profile its `model` names (loaded now if it is not)."""
+        with --max-models above 1 the profile its `model` names (loaded now if it is not). Refusals: switching
+        (the switch did not end within the switch timeout), not_found (no such profile), unavailable (the
+        profile could not be loaded)."""
         if not self._open.is_set():
             self.waiting += 1
             try:
                 await asyncio.wait_for(self._open.wait(), self.switch_timeout)
             except asyncio.TimeoutError:
-                raise SwitchTimeout(f"The model is being switched to profile {self.switching!r} and did not "
-                                    f"become ready within {self.switch_timeout:g} s; retry shortly.") from None
+                raise Refusal("switching", f"The model is being switched to profile {self.switching!r} and did "
+                              f"not become ready within {self.switch_timeout:g} s; retry shortly.", code="switching",
+                              retry_after=2) from None
             finally:
                 self.waiting -= 1
         served = self.current if self.max_models == 1 or not model else await self._resident(model)
@@ -125,8 +108,9 @@ class Models:
         name = next((n for n, s in self.resident.items() if model in (n, s.alias)), None) or next(
             (n for n, p in self.profiles.items() if model in (n, p.apply(self.flags).model_alias)), None)
         if name is None:
-            raise ModelNotFound(f"The model {model!r} does not exist; models: {', '.join(self.profiles)} "
-                                f"(loaded: {', '.join(s.alias for s in self.resident.values())}).")
+            raise Refusal("not_found", f"The model {model!r} does not exist; models: {', '.join(self.profiles)} "
+                          f"(loaded: {', '.join(s.alias for s in self.resident.values())}).", param="model",
+                          code="model_not_found")
         async with self._loading.setdefault(name, asyncio.Lock()):  # one load per profile at a time
             if name not in self.resident:
                 log.info("loading profile %s on demand", name, extra=event("MODEL_LOADING", profile=name))
@@ -138,7 +122,8 @@ class Models:
                         await new.shutdown()
                         raise
                 except (OSError, RuntimeError, ValueError) as exc:
-                    raise ModelLoadFailed(f"Profile {name!r} could not be loaded: {exc}") from None
+                    raise Refusal("unavailable", f"Profile {name!r} could not be loaded: {exc}", param="model",
+                                  code="model_load_failed") from None
                 self.resident[name] = new
                 self._unload_beyond_limit()
         self.resident.move_to_end(name)
@@ -156,10 +141,11 @@ class Models:
 
     async def switch(self, choose: Callable[[Profile], Profile]) -> Profile:
         """Load the profile `choose` makes of the active one (after any switch under way) and make it the active
-        one; nothing happens when that is the active profile as it is. SwitchFailed says why it could not load."""
+        one; nothing happens when that is the active profile as it is. Refusal("unprocessable") says why it
+        could not load."""
         async with self._lock:
             if self._closed:
-                raise SwitchFailed("The server is shutting down.")
+                raise _switch_failed("The server is shutting down.")
             old = self.current
             profile = choose(old.profile)
             if profile == old.profile:
@@ -178,8 +164,8 @@ class Models:
             except Exception as exc:
                 log.error("profile %s could not be loaded, %s goes on serving: %s", profile.name,
                           old.profile.name, exc, extra=event("MODEL_SWITCH_FAILED", profile=profile.name))
-                raise SwitchFailed(f"Profile {profile.name!r} could not be loaded ({exc}); "
-                                   f"profile {old.profile.name!r} goes on serving.") from None
+                raise _switch_failed(f"Profile {profile.name!r} could not be loaded ({exc}); "
+                                     f"profile {old.profile.name!r} goes on serving.") from None
             else:
                 self.current = new
                 self.profiles[profile.name] = profile
@@ -218,67 +204,6 @@ class Models:
                 "switch_waiting": self.waiting}
 
 
-class ModelRoutes:
-    """GET /v1/profiles, POST /v1/models/switch, GET and POST /v1/hardware/config."""
-
-    def __init__(self, models: Models):
-        self.models = models
-
-    def add_to(self, app: web.Application) -> None:
-        app.router.add_get(PROFILES_ROUTE, self.profiles)
-        app.router.add_post(SWITCH_ROUTE, self.switch)
-        app.router.add_get(HARDWARE_ROUTE, self.hardware)
-        app.router.add_post(HARDWARE_ROUTE, self.change_hardware)
-
-    async def profiles(self, request: web.Request) -> web.Response:
-        m = self.models
-        data = [{**p.describe(m.flags), "active": p.name == m.current.profile.name} for p in m.profiles.values()]
-        return json_response({"object": "list", "data": data, "active_profile": m.current.profile.name,
-                              "switching": m.switching})
-
-    async def switch(self, request: web.Request) -> web.Response:
-        """{"profile": NAME}: the answer comes once NAME serves (at once when it already does)."""
-        name = (await read_json(request)).get("profile")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "'profile' must be the name of a profile (GET /v1/profiles lists them)",
-                           param="profile", code="invalid_type")
-        profile = self.models.profiles.get(name)
-        if profile is None:
-            raise ApiError(404, f"There is no profile {name!r}; profiles: {', '.join(self.models.profiles)}.",
-                           param="profile", code="profile_not_found")
-        await self._switch(lambda active: active if active.name == name else profile)
-        return json_response({"status": "success", "active_profile": name})
-
-    async def hardware(self, request: web.Request) -> web.Response:
-        """The active profile's settings (0 = automatic) and what the running engine made of them."""
-        served = self.models.current
-        cfg = served.engine.config
-        return json_response({"profile": served.profile.name, **served.profile.hardware(self.models.flags),
-                              "effective": {"gpu_layers": cfg.n_gpu_layers if cfg.gpu else 0, "threads": cfg.threads,
-                                            "ctx_size": cfg.ctx_size, "batch_size": cfg.batch_size}})
-
-    async def change_hardware(self, request: web.Request) -> web.Response:
-        """Some of gpu_layers, threads, ctx_size, batch_size: the active profile reloads with them (through the
-        same path as a switch); the answer holds the settings in force."""
-        body = await read_json(request)
-        unknown = sorted(set(body) - set(HARDWARE))
-        if unknown or not body:
-            raise ApiError(400, f"Send some of {', '.join(HARDWARE)}"
-                                + (f"; {unknown[0]!r} is not one of them" if unknown else ""),
-                           param=unknown[0] if unknown else None)
-        for key, value in body.items():
-            check_hardware(key, value, lambda problem: ApiError(400, f"'{key}' {problem}", param=key))
-        def choose(active: Profile) -> Profile:
-            # a setting equal to what applies now changes nothing (no reload for a repeated or no-op change)
-            now = active.hardware(self.models.flags)
-            return active.with_hardware({k: v for k, v in body.items() if now[k] != v})
-
-        changed = await self._switch(choose)
-        return json_response({"status": "success", "active_profile": changed.name,
-                              **changed.hardware(self.models.flags)})
-
-    async def _switch(self, choose: Callable[[Profile], Profile]) -> Profile:
-        try:
-            return await self.models.switch(choose)
-        except SwitchFailed as exc:
-            raise ApiError(422, str(exc), param="profile", code="model_load_failed") from None
+def _switch_failed(message: str) -> Refusal:
+    """The profile's model could not be loaded; the old one still serves."""
+    return Refusal("unprocessable", message, param="profile", code="model_load_failed")

@@ -98,7 +98,7 @@ def call_format(template_source: str | None) -> str:
 
 def parse_tools(f, template) -> ToolUse | None:
     """The request's tools, or None when it has none or says tool_choice "none" (then the model sees
-    no tools and its text is never read as calls). `f` is the request's shaping.Fields."""
+    no tools and its text is never read as calls). `f` is the request's server.fields.Fields."""
     raw = f.get("tools")
     choice = f.get("tool_choice")
     if raw is None or raw == []:

@@ -1,5 +1,5 @@
 """deploy/ against the Kubernetes API schema and against what the service really serves: its flags and
-environment variables (server.cli.build_parser), its routes and metrics (the running service), the drain
+environment variables (server.flags.build_parser), its routes and metrics (the running service), the drain
 on SIGTERM; the image's Dockerfile through hadolint, the HAProxy config through `haproxy -c`."""
 
 import importlib
@@ -15,7 +15,7 @@ import yaml
 
 from conftest import ROOT
 from loadtest.fleet_bench import HAPROXY_CFG, loopback_config
-from server.cli import build_parser
+from server.flags import build_parser
 
 DEPLOY = ROOT / "deploy"
 BASE = DEPLOY / "kubernetes" / "base"

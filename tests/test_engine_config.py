@@ -10,7 +10,8 @@ from engine.config import EngineConfig
 from engine.embedder import EmbedderConfig
 from engine.llama import Batch, Context, ContextParams, Model, supports_gpu_offload
 from engine.model_files import ensure_default_model
-from server.cli import _take_turns, build_parser
+from server.assembly import take_turns
+from server.flags import build_parser
 
 
 def config(**kw) -> EngineConfig:
@@ -112,15 +113,15 @@ def test_the_default_model_reports_its_kv_size_and_training_context_without_its_
 def test_cpu_turns_when_the_threads_of_models_and_embeddings_can_exceed_the_cores(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     emb = EmbedderConfig(model_path="model.gguf", threads=2)
-    assert _take_turns("auto", config(gpu=False, threads=2), emb, 1)
-    assert not _take_turns("auto", config(gpu=False, threads=1), EmbedderConfig(model_path="m", threads=1), 1)
-    assert _take_turns("auto", config(gpu=False, threads=1), EmbedderConfig(model_path="m", threads=1), 2)
-    assert not _take_turns("auto", config(gpu=True, threads=2), emb, 2)  # generation on a GPU: its cores are free
+    assert take_turns("auto", config(gpu=False, threads=2), emb, 1)
+    assert not take_turns("auto", config(gpu=False, threads=1), EmbedderConfig(model_path="m", threads=1), 1)
+    assert take_turns("auto", config(gpu=False, threads=1), EmbedderConfig(model_path="m", threads=1), 2)
+    assert not take_turns("auto", config(gpu=True, threads=2), emb, 2)  # generation on a GPU: its cores are free
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert _take_turns("auto", config(gpu=False, threads=4, workers=4), emb, 1)
-    assert not _take_turns("auto", config(gpu=False, threads=7, workers=2), emb, 1)
-    assert _take_turns("auto", config(gpu=False, threads=7, workers=2), emb, 2)
-    assert _take_turns("on", config(gpu=True), emb, 1) and not _take_turns("off", config(gpu=False, threads=2), emb, 2)
+    assert take_turns("auto", config(gpu=False, threads=4, workers=4), emb, 1)
+    assert not take_turns("auto", config(gpu=False, threads=7, workers=2), emb, 1)
+    assert take_turns("auto", config(gpu=False, threads=7, workers=2), emb, 2)
+    assert take_turns("on", config(gpu=True), emb, 1) and not take_turns("off", config(gpu=False, threads=2), emb, 2)
     assert build_parser().parse_args(["--cpu-turns", "off"]).cpu_turns == "off"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--cpu-turns", "sometimes"])

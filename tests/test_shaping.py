@@ -7,7 +7,10 @@ from engine.chat_template import ChatTemplate
 from engine.llama import Model
 from engine.sampler_chain import SamplerChain
 from engine.model_files import ensure_default_model
-from server.shaping import Fields, InvalidRequest, Shaper, strict_shapes
+from server.conversation import messages, render, strict_shapes
+from server.fields import Fields
+from server.refusal import Refusal
+from server.shaping import Shaper
 
 ALTERNATING = (  # a system message only first, then user/assistant strictly alternating (Mistral-like)
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
@@ -45,7 +48,7 @@ class TemplateEngine:
 def rendered(source: str, messages) -> str:
     engine = TemplateEngine(source)
     shaper = Shaper(engine)
-    return engine.model.vocab.detokenize(shaper.tokens(shaper.render(messages)))
+    return engine.model.vocab.detokenize(shaper.tokens(render(engine, messages)))
 
 
 @pytest.mark.model
@@ -75,19 +78,19 @@ def test_a_conversation_the_template_accepts_is_rendered_unchanged():
 @pytest.mark.model
 def test_a_template_that_rejects_every_shape_names_its_reason():
     engine = TemplateEngine("{{ raise_exception('this template takes no conversation') }}")
-    with pytest.raises(InvalidRequest) as info:
-        Shaper(engine).render([{"role": "user", "content": "Hi"}])
+    with pytest.raises(Refusal) as info:
+        render(engine, [{"role": "user", "content": "Hi"}])
     assert info.value.param == "messages" and "takes no conversation" in info.value.message
 
 
 @pytest.mark.unit
 def test_fields_name_each_field_as_the_client_spelled_it():
     f = Fields({"max_tokens": 0, "seed": 2**70}, lambda name: {"max_tokens": "params.max_new_tokens"}.get(name, name))
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(Refusal) as info:
         f.number("max_tokens", None, lo=1, integer=True)
     assert info.value.param == "params.max_new_tokens"
     assert info.value.message == "'params.max_new_tokens' is 0, but it must be >= 1"
-    with pytest.raises(InvalidRequest, match="64-bit"):
+    with pytest.raises(Refusal, match="64-bit"):
         f.number("seed", None, integer=True)
 
 
@@ -132,9 +135,9 @@ def test_a_template_without_tools_gets_the_generic_preamble_and_tags():
 @pytest.mark.model
 def test_profile_system_prompt_comes_first():
     """The profile's persona, then the request's system_prompt, then the conversation's own system message."""
-    shaper = Shaper(TemplateEngine(NO_SYSTEM), system_prompt="Persona.")
     body = {"messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": "Hi"}],
             "system_prompt": "Field."}
-    assert shaper.conversation(Fields(body))[0] == {"role": "system", "content": "Persona.\n\nField.\n\nOwn."}
-    assert shaper.conversation(Fields({"messages": [{"role": "user", "content": "Hi"}]}))[0] == \
+    assert messages(Fields(body), system_prompt="Persona.")[0] == \
+        {"role": "system", "content": "Persona.\n\nField.\n\nOwn."}
+    assert messages(Fields({"messages": [{"role": "user", "content": "Hi"}]}), system_prompt="Persona.")[0] == \
         {"role": "system", "content": "Persona."}

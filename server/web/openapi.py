@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 
 from server.profiles import MAX_CTX
-from server.shaping import SamplingDefaults
+from server.sampling_defaults import SamplingDefaults
 
 
 def _ref(name: str) -> dict:

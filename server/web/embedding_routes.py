@@ -11,25 +11,29 @@ import orjson
 from aiohttp import web
 
 from engine.embedder import EmbedderError
-from server.errors import ApiError, invalid
-from server.openai_routes import read_json
+from server.admission import Admission
+from server.refusal import Refusal, invalid
+from server.web.errors import read_json
 
 EMBEDDINGS_ROUTE = "/v1/embeddings"
 MAX_INPUTS = 2048  # OpenAI's limit per request
 
 
 class EmbeddingRoutes:
-    """A request runs on the model the gate gave it (request["served"]: its vocabulary, embedder and id)."""
+    """A request runs on the model the admission's gate gives it (its vocabulary, embedder and id)."""
 
-    def __init__(self, metrics, *, truncate: bool = False):
-        self.metrics, self.truncate = metrics, truncate
+    def __init__(self, admission: Admission, *, truncate: bool = False):
+        self.admission, self.metrics, self.truncate = admission, admission.metrics, truncate
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post(EMBEDDINGS_ROUTE, self.embeddings)
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        served = request["served"]
+        async with self.admission.serve(body.get("model"), generation=False) as served:
+            return await self._embed(body, served)
+
+    async def _embed(self, body: dict, served) -> web.Response:
         inputs = self._inputs(body.get("input"), served.engine.vocab_model.vocab)
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
@@ -47,9 +51,9 @@ class EmbeddingRoutes:
         for i, tokens in enumerate(inputs):
             if len(tokens) > info.n_ctx:
                 if not self.truncate:
-                    raise ApiError(400, f"input[{i}] has {len(tokens)} tokens but an embedding input holds at "
-                                        f"most {info.n_ctx}; shorten it (or start the server with --truncate)",
-                                   param="input", code="context_length_exceeded")
+                    raise invalid(f"input[{i}] has {len(tokens)} tokens but an embedding input holds at most "
+                                  f"{info.n_ctx}; shorten it (or start the server with --truncate)", "input",
+                                  "context_length_exceeded")
                 inputs[i] = tokens[:info.n_ctx]  # keep the start, as embedding models are trained
         vectors = await self._call(served.embedder.embed(inputs))
         n_tokens = sum(map(len, inputs))
@@ -100,7 +104,7 @@ class EmbeddingRoutes:
         try:
             return await awaitable
         except EmbedderError as exc:
-            raise ApiError(503, str(exc), code="embeddings_unavailable") from None
+            raise Refusal("unavailable", str(exc), code="embeddings_unavailable") from None
 
 
 def _is_token(value) -> bool:

@@ -14,7 +14,6 @@ from aiohttp import web
 
 from engine.logs import event
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "studio"
 log = logging.getLogger("sentiric.server")
 
 _MISSING_PAGE = """<!doctype html>

@@ -1,0 +1,146 @@
+"""The service put together from the `serve` flags: settings, profiles, and for
+each profile its engine, embedder and shaper (nothing started yet)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.cpu_turns import CpuTurns
+from engine.embedder import Embedder, EmbedderConfig
+from engine.llama import Model
+from engine.logs import event
+from engine.model_files import DEFAULT_ALIAS, resolve_model
+from server.adapters import AdapterDir
+from server.drain import Drain
+from server.grpc_service import GrpcSettings
+from server.models import Models, Served
+from server.profiles import Profile, ProfileError, load_profiles
+from server.sampling_defaults import SamplingDefaults
+from server.settings import ServerSettings
+
+log = logging.getLogger("sentiric.server")
+
+
+@dataclass
+class Service:
+    """What `serve` runs."""
+
+    host: str
+    port: int
+    metrics_port: int              # 0: /metrics on the HTTP port
+    grpc: GrpcSettings | None      # None: no gRPC door
+    models: Models
+    settings: ServerSettings
+    drain: Drain
+
+
+def assemble(args) -> Service:
+    """The service the flags describe; OSError, RuntimeError or ValueError say what is wrong with them."""
+    grpc_settings = GrpcSettings(host=args.host, port=args.grpc_port, tls_cert=args.grpc_tls_cert,
+                                 tls_key=args.grpc_tls_key, tls_ca=args.grpc_tls_ca,
+                                 max_message_bytes=int(args.max_body_mb * 2**20))
+    if args.grpc_port and not grpc_settings.tls and os.environ.get("ENV", "").lower() in ("production", "prod"):
+        raise ValueError("ENV=production: the gRPC door needs TLS (--grpc-tls-cert and --grpc-tls-key, with "
+                         "--grpc-tls-ca for mutual TLS), or --grpc-port 0 to turn it off")
+    grpc_settings.credentials()  # unreadable files stop the start here, before the model loads
+    if args.lora_dir and not Path(args.lora_dir).is_dir():
+        raise ValueError(f"--lora-dir {args.lora_dir} is not a directory")
+    if args.embeddings_ctx_size < 0 or args.embeddings_threads < 0 or args.embeddings_workers < 1:
+        raise ValueError("--embeddings-ctx-size and --embeddings-threads must be 0 (auto) or more, "
+                         "--embeddings-workers at least 1")
+    profiles, active = load_profiles(args.profiles, _alias(args))
+    if args.profile is not None and args.profile not in profiles:
+        raise ProfileError(f"--profile {args.profile}: no such profile in {args.profiles or 'the flags'} "
+                           f"(profiles: {', '.join(profiles)})")
+    active = args.profile or active
+    metrics_port = args.metrics_port if args.metrics_port not in (0, args.port) else 0
+    settings = ServerSettings(api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
+                              body_timeout=args.body_timeout, max_n=args.max_n, truncate=args.truncate,
+                              reasoning_format=args.reasoning_format, require_tenant=args.require_tenant,
+                              cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+                              metrics_on_http_port=not metrics_port,
+                              studio_dir=Path(args.studio_dir), embeddings_only=args.embeddings_only,
+                              adapters=AdapterDir(args.lora_dir, args.lora_cache))
+    if args.max_models < 1:
+        raise ValueError("--max-models must be at least 1")
+
+    turns = CpuTurns()  # one per process: every profile's engine and embedder share the machine's cores
+
+    def build(profile: Profile) -> Served:
+        return _build(profile, args, settings, turns)
+    try:
+        models = Models(profiles, build(profiles[active]), build, args.switch_timeout, args, args.max_models)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not args.profiles:
+            raise
+        raise ProfileError(f"profiles file {args.profiles}: profile {active!r}: {exc}") from None
+    with_grpc = args.grpc_port and not args.embeddings_only
+    return Service(args.host, args.port, metrics_port, grpc_settings if with_grpc else None, models, settings,
+                   Drain(args.drain_timeout))
+
+
+def _alias(args) -> str:
+    """The model id clients see: --model-alias (a profile's display_name), else the file name."""
+    return args.model_alias or (DEFAULT_ALIAS if not args.model else Path(args.model).name.removesuffix(".gguf"))
+
+
+def _build(profile: Profile, flags, settings: ServerSettings, turns: CpuTurns) -> Served:
+    """A profile's engine, embedder and shaper, not started yet (blocking: it may fetch the default model and
+    reads the GGUF's recommended sampling); ValueError or OSError says what is wrong with the profile."""
+    args = profile.apply(flags)
+    if "{context}" not in args.rag_template or "{question}" not in args.rag_template:
+        raise ValueError("--rag-template must contain {context} and {question}")
+    model_path = resolve_model(args.model)
+    engine_config = EngineConfig(
+        model_path=str(model_path), workers=args.workers, parallel=args.parallel, ctx_size=args.ctx_size,
+        batch_size=args.batch_size, ubatch_size=args.ubatch_size, prompt_batching=args.prompt_batching,
+        threads=args.threads,
+        flash_attn=args.flash_attn, kv_unified=args.kv_unified, cache_slots=args.cache_slots,
+        cache_cells=args.cache_cells,
+        max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, kv_offload=args.kv_offload,
+        log_batches=args.log_batches,
+        overlap=args.overlap, burst_ms=args.burst_ms, step_timeout=args.step_timeout, lora_dir=args.lora_dir,
+        lora_cache=args.lora_cache,
+        chat_template=Path(args.chat_template_file).read_text() if args.chat_template_file else None)
+    embedder_config = EmbedderConfig(
+        model_path=str(model_path), ctx_size=args.embeddings_ctx_size,
+        threads=args.embeddings_threads or engine_config.threads, processes=args.embeddings_workers,
+        n_gpu_layers=engine_config.n_gpu_layers if engine_config.gpu else 0, flash_attn=args.flash_attn,
+        timeout=args.step_timeout)
+    defaults, sources = _sampling_defaults(args, model_path)
+    from_model = [name for name, source in sources.items() if source == "model"]
+    if from_model:
+        log.info("sampling defaults from the model's GGUF: %s", ", ".join(from_model),
+                 extra=event("SAMPLING_DEFAULTS_FROM_MODEL", fields=from_model))
+    if args.embeddings_only or not take_turns(args.cpu_turns, engine_config, embedder_config, args.max_models):
+        turns = None
+    engine = AsyncEngine(engine_config, generation=not args.embeddings_only, turns=turns)
+    shaper = settings.shaper(engine, defaults, rag_template=args.rag_template, system_prompt=args.system_prompt)
+    return Served(profile, engine, Embedder(embedder_config, turns), shaper, _alias(args), args.embeddings_only)
+
+
+def take_turns(mode: str, engine: EngineConfig, embedder: EmbedderConfig, max_models: int) -> bool:
+    """--cpu-turns: whether this model's decodes take turns on the cores with the other models' and the
+    embeddings'."""
+    if mode != "auto":
+        return mode == "on"
+    threads = engine.threads * engine.workers * max_models + embedder.threads * embedder.processes
+    return not engine.gpu and threads > (os.cpu_count() or 1)
+
+
+def _sampling_defaults(args, model_path: Path) -> tuple[SamplingDefaults, dict[str, str]]:
+    """The flags given, else the GGUF's recommendations, else the built-in values."""
+    flags = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+             "repeat_penalty": args.repeat_penalty, "repeat_last_n": args.repeat_last_n,
+             "max_tokens": args.max_tokens}
+    with Model(model_path, vocab_only=True) as model:
+        recommended = model.recommended_sampling()
+    defaults, sources = SamplingDefaults.choose(flags, recommended)
+    if defaults.max_tokens == 0:
+        defaults = replace(defaults, max_tokens=None)
+    return defaults, sources

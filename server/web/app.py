@@ -1,0 +1,169 @@
+"""The aiohttp application: middleware (CORS, errors in OpenAI's format and
+request metrics, tenant and trace ids in logs, API key, body deadline, the
+loading check) and the route families. Generation, embedding and tokenizer
+routes go through the shared admission (server/admission.py) themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+
+from aiohttp import web
+
+from engine import logs
+from server.admission import Admission
+from server.refusal import INTERNAL_MESSAGE, Refusal
+from server.settings import ServerSettings
+from server.web.embedding_routes import EmbeddingRoutes
+from server.web.errors import refusal_response, status_response
+from server.web.model_routes import ModelRoutes
+from server.web.openai_routes import OpenAIRoutes
+from server.web.service_routes import ServiceRoutes, prometheus
+from server.web.studio import add_studio
+
+log = logging.getLogger("sentiric.server")
+access_log = logging.getLogger("sentiric.access")
+ENGINE_PREFIXES = ("/v1/", "/tokenize", "/detokenize")  # need the model; also the ones an API key protects
+
+
+def create_app(admission: Admission, settings: ServerSettings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app.middlewares.extend([_cors(app, settings.cors_origins), _errors(admission.metrics, settings.max_body_bytes),
+                            _request_context(admission), _auth(settings.api_key),
+                            _body_deadline(settings.body_timeout), _loading(admission)])
+    OpenAIRoutes(admission).add_to(app)
+    EmbeddingRoutes(admission, truncate=settings.truncate).add_to(app)
+    ModelRoutes(admission, settings.adapters).add_to(app)
+    ServiceRoutes(admission, settings.embeddings_only).add_to(app, with_metrics=settings.metrics_on_http_port)
+    add_studio(app, settings.studio_dir)
+    return app
+
+
+def create_metrics_app(metrics) -> web.Application:
+    """/metrics alone, for --metrics-port."""
+    app = web.Application()
+    app.router.add_get("/metrics", lambda _: prometheus(metrics))
+    return app
+
+
+def _request_context(admission: Admission):
+    @web.middleware
+    async def request_context(request: web.Request, handler):
+        """Tenant, trace and span ids from the headers go into every log line of this request;
+        with --require-tenant a /v1 request without a tenant is refused."""
+        admission.identify(request.headers, carrier="header on /v1 requests",
+                           tenant_scope=request.path.startswith("/v1/"))
+        return await handler(request)
+    return request_context
+
+
+def _cors(app: web.Application, origins: tuple[str, ...]):
+    """Browser clients from --cors-origins ('*' = any) may call every route: their responses,
+    streams included, carry the CORS headers; preflights (OPTIONS) are answered 204 on every route."""
+    any_origin = "*" in origins
+
+    def allowed(request: web.Request) -> dict:
+        origin = request.headers.get("Origin")
+        if not origin or not (any_origin or origin in origins):
+            return {}
+        return {"Access-Control-Allow-Origin": "*" if any_origin else origin, "Vary": "Origin",
+                "Access-Control-Expose-Headers": "Retry-After"}
+
+    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(allowed(request))
+
+    @web.middleware
+    async def preflight(request: web.Request, handler):
+        if request.method != "OPTIONS":
+            return await handler(request)
+        headers = {}
+        if allowed(request):
+            headers = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600",
+                       "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
+                                                                           "Authorization, Content-Type")}
+        return web.Response(status=204, headers=headers)
+
+    app.on_response_prepare.append(add_headers)
+    return preflight
+
+
+def _errors(metrics, max_body_bytes: int):
+    @web.middleware
+    async def errors(request: web.Request, handler):
+        """Every refusal and failure becomes an OpenAI error object; an unexpected one is a logged 500."""
+        start = time.perf_counter()
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        try:
+            response = await handler(request)
+        except Refusal as exc:
+            response = refusal_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            response = refusal_response(Refusal("too_large", f"The request body is larger than the limit of "
+                                                f"{max_body_bytes} bytes.", code="request_too_large"))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = status_response(exc.status, exc.reason if exc.status != 404 else f"No route for {request.path}",
+                                       exc.reason.lower().replace(" ", "_"))
+        except (ConnectionResetError, asyncio.CancelledError):
+            ms = (time.perf_counter() - start) * 1000
+            metrics.requests.labels(route, "499").inc()  # nginx's code for "client closed the request"
+            access_log.info("%s %s client disconnected after %.1f ms; its generation was cancelled", request.method,
+                            request.path, ms, extra=logs.event("CLIENT_DISCONNECTED", door="http",
+                                                               method=request.method, path=request.path,
+                                                               status=499, duration_ms=round(ms, 1)))
+            raise
+        except Exception:
+            log.exception("internal error while serving %s %s", request.method, request.path,
+                          extra=logs.event("INTERNAL_ERROR", door="http", method=request.method, path=request.path))
+            response = refusal_response(Refusal("internal", INTERNAL_MESSAGE, code="internal_error"))
+        ms = (time.perf_counter() - start) * 1000
+        metrics.requests.labels(route, str(response.status)).inc()
+        access_log.info("%s %s %d %.1f ms", request.method, request.path, response.status, ms,
+                        extra=logs.event("REQUEST_FINISHED", door="http", method=request.method, path=request.path,
+                                         status=response.status, duration_ms=round(ms, 1)))
+        return response
+    return errors
+
+
+def _loading(admission: Admission):
+    @web.middleware
+    async def loading(request: web.Request, handler):
+        """Routes that need the model answer 503 until it is loaded."""
+        if request.path.startswith(ENGINE_PREFIXES):
+            admission.refuse_while_loading()
+        return await handler(request)
+    return loading
+
+
+def _body_deadline(timeout: float):
+    @web.middleware
+    async def body_deadline(request: web.Request, handler):
+        """The body is read here, within `timeout`: a client that sends it slowly or never (slow loris) gets
+        a 408 instead of holding a connection and a handler for as long as it likes. Handlers then read the
+        body aiohttp keeps."""
+        if request.can_read_body:
+            try:
+                await asyncio.wait_for(request.read(), timeout)
+            except asyncio.TimeoutError:
+                raise Refusal("timeout", f"The request body did not arrive within {timeout:g} s.",
+                              code="body_timeout") from None
+        return await handler(request)
+    return body_deadline
+
+
+def _auth(api_key: str | None):
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if expected and request.path.startswith(ENGINE_PREFIXES):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                what = "is missing" if not given else "is not valid"
+                raise Refusal("unauthenticated", f"The API key {what}: send 'Authorization: Bearer <key>'.",
+                              code="invalid_api_key")
+        return await handler(request)
+    return auth
