@@ -1,0 +1,42 @@
+"""The two mappings of a refusal (server/refusal.py): each kind's HTTP status and OpenAI error object
+(server/web/errors.py), and its gRPC status code (server/grpc_service.py)."""
+
+import orjson
+import pytest
+
+from server.grpc_service import CODES
+from server.refusal import KINDS, Refusal
+from server.web.errors import STATUS, refusal_response
+
+pytestmark = pytest.mark.unit
+CAPACITY = "The server is at capacity (its waiting queue is full); retry shortly."
+
+
+def test_every_kind_has_an_http_status_and_a_grpc_code():
+    assert set(STATUS) == set(KINDS) == set(CODES)
+    expected = {"invalid": (400, "INVALID_ARGUMENT"), "unauthenticated": (401, "UNAUTHENTICATED"),
+                "not_found": (404, "NOT_FOUND"), "timeout": (408, "DEADLINE_EXCEEDED"),
+                "too_large": (413, "RESOURCE_EXHAUSTED"), "unprocessable": (422, "FAILED_PRECONDITION"),
+                "overloaded": (429, "RESOURCE_EXHAUSTED"), "loading": (503, "UNAVAILABLE"),
+                "switching": (503, "UNAVAILABLE"), "draining": (503, "UNAVAILABLE"),
+                "unavailable": (503, "UNAVAILABLE"), "internal": (500, "INTERNAL")}
+    assert {kind: (STATUS[kind], CODES[kind].name) for kind in KINDS} == expected
+
+
+def test_a_refusal_is_an_openai_error_object_over_http():
+    response = refusal_response(Refusal("overloaded", CAPACITY, code="overloaded", retry_after=1))
+    assert response.status == 429 and response.headers["Retry-After"] == "1"
+    assert orjson.loads(response.body) == {"error": {"message": CAPACITY, "type": "rate_limit_error",
+                                                     "param": None, "code": "overloaded"}}
+    bad = refusal_response(Refusal("invalid", "'top_k' must be an integer", param="top_k", code="invalid_type"))
+    assert bad.status == 400 and "Retry-After" not in bad.headers
+    assert orjson.loads(bad.body)["error"] == {"message": "'top_k' must be an integer", "param": "top_k",
+                                               "type": "invalid_request_error", "code": "invalid_type"}
+    types = {kind: orjson.loads(refusal_response(Refusal(kind, "m")).body)["error"]["type"] for kind in KINDS}
+    assert types["not_found"] == "not_found_error" and types["unauthenticated"] == "authentication_error"
+    assert types["draining"] == types["loading"] == "server_unavailable_error" and types["internal"] == "server_error"
+
+
+def test_a_refusal_kind_is_checked():
+    with pytest.raises(ValueError, match="unknown refusal kind"):
+        Refusal("busy", "no")
