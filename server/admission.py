@@ -8,20 +8,26 @@ metrics kept and the engine requests cancelled however the door leaves.
 
 Anything that says no raises server.refusal.Refusal; a door only maps its
 kind to its wire format (server/web/errors.py STATUS, grpc_service.CODES).
-A new door looks like this:
+A new HTTP door is a route in server/web/ (the middleware there has already
+identified the caller, and turns any Refusal into an OpenAI error object):
 
-    async def handle(self, wire_request):
-        self.admission.identify(wire_request.headers, carrier="header")  # HTTP doors: the middleware does it
-        body = translate(wire_request)           # the door's fields -> OpenAI / llama.cpp names
-        async with self.admission.serve(body.get("model")) as served:   # drain, loading, the model gate
-            gen = served.shaper.chat(body)       # Refusal("invalid") names the bad field
-            async with self.admission.submit(served, gen) as run:        # all choices in, or Refusal("overloaded")
-                answers = [ChatAnswer(gen.answer) for _ in run.handles]   # server/answers.py reads the text
-                async for i, out in run:         # (choice, engine Output); a failed one is Refusal("unavailable")
-                    send(answers[i].feed(out.text))
-                    if out.finish_reason: send(answers[i].finish()); finals[i] = out
-                usage = run.usage(finals)        # counted in the metrics once
-    # and where the door catches Refusal: its status, its error shape.
+    async def messages(self, request):
+        body = to_openai_names(await read_json(request))   # the door's fields -> OpenAI / llama.cpp names
+        async with self.admission.serve(body.get("model")) as served:  # drain, loading, the model gate
+            gen = served.shaper.chat(body, label)    # Refusal("invalid") names the field as `label` spells it
+            async with self.admission.submit(served, gen) as run:      # every choice in, or Refusal("overloaded")
+                answers = [ChatAnswer(gen.answer) for _ in run.handles]  # server/answers.py
+                finals = [None] * len(run.handles)
+                async for i, out in run:             # (choice, engine Output) as they come
+                    write(answers[i].feed(out.text))
+                    if out.finish_reason:
+                        write(answers[i].finish())
+                        finals[i] = out
+                usage = run.usage(finals)            # counted in the metrics here, once
+
+A door with its own error shape catches Refusal and answers with its form of
+`refusal.kind`; a door outside aiohttp calls `admission.identify(headers,
+carrier=...)` first (server/grpc_service.py does both).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import json_format
@@ -26,10 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine import logs
-from server.admission import Admission
 from server.answers import ChatAnswer
 from server.proto import llama_pb2, llama_pb2_grpc
 from server.refusal import INTERNAL_MESSAGE, Refusal, invalid
+
+if TYPE_CHECKING:  # the door gets its admission from server/serve.py; its status codes stay importable alone
+    from server.admission import Admission
 
 log = logging.getLogger("sentiric.grpc")
 SERVICE = llama_pb2.DESCRIPTOR.services_by_name["LlamaService"].full_name
