@@ -14,6 +14,7 @@ import pytest
 
 from server.proto import llama_pb2, llama_pb2_grpc
 
+pytestmark = pytest.mark.service
 CAPACITY = "The server is at capacity (its waiting queue is full); retry shortly."
 DRAINING = "The server is shutting down (draining); retry the request, another replica will answer it."
 TENANT = [("x-tenant-id", "acme")]
