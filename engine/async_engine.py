@@ -35,6 +35,7 @@ from engine import logs
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.cpu_turns import CpuTurns
+from engine.kv_store import KvStore
 from engine.llama import Model
 from engine.output_processor import OutputProcessor, Stream, final_output
 from engine.request import EngineError, Output, Request
@@ -75,6 +76,8 @@ class AsyncEngine:
         self._last_batch = 0
         self._parent_us = collections.deque(maxlen=256)
         self._parent_s = 0.0  # the step loop's time on the current step (planning, writing, completing)
+        self.store: KvStore | None = None  # prefixes evicted from the KV buffer, in RAM and on disk
+        self.kv_bytes_per_cell = 0
 
     # --- lifecycle ---
     async def start(self) -> None:
@@ -99,7 +102,9 @@ class AsyncEngine:
                                      bos_token=vocab.token_to_piece(vocab.bos, special=True).decode("utf-8", "replace") if vocab.bos >= 0 else "",
                                      eos_token=vocab.token_to_piece(vocab.eos, special=True).decode("utf-8", "replace") if vocab.eos >= 0 else "")
         self.n_ctx_train = self.vocab_model.n_ctx_train
-        cfg.resolve_ctx_size(self.n_ctx_train, self.vocab_model.kv_bytes_per_cell)
+        self.kv_bytes_per_cell = self.vocab_model.kv_bytes_per_cell(cfg.cache_type_k, cfg.cache_type_v)
+        cfg.resolve_ctx_size(self.n_ctx_train, self.kv_bytes_per_cell)
+        self.store = KvStore.for_config(cfg) if cfg.store_on and self.generation else None
         if orphans := StepBuffer.remove_orphans():
             log.info("removed %d step buffers left in /dev/shm by services that were killed", len(orphans))
         states = []
@@ -112,7 +117,7 @@ class AsyncEngine:
                 while (hello := w.poll_ready()) is None:
                     time.sleep(0.02)
                 state = WorkerState(w.index, hello["n_ctx"], cfg.parallel, cfg.cache_slots, hello["n_ctx_seq"],
-                                    cfg.cache_cells, hello["n_seq_max"])
+                                    cfg.cache_cells, hello["n_seq_max"], store=self.store)
                 state.alive = True
                 states.append(state)
                 log.info("worker %d ready (pid %d, %d KV cells, %d sequences)", w.index, hello["pid"],
@@ -122,10 +127,12 @@ class AsyncEngine:
             raise
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
                                     reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=eog.__contains__,
-                                    kv_unified=cfg.kv_unified, prompt_halves=cfg.prompt_halves)
+                                    kv_unified=cfg.kv_unified, prompt_halves=cfg.prompt_halves, store=self.store)
         self._outputs = OutputProcessor(self._scheduler, pieces, eog, self._streams)
 
     async def shutdown(self) -> None:
+        if self.store is not None and self._scheduler is not None and not self._stopping:
+            await self._save_cache()
         self._stopping = True
         if self.cpu_turns is not None:
             self.cpu_turns.leave(self)
@@ -139,7 +146,20 @@ class AsyncEngine:
         self._streams.clear()
         if self.vocab_model is not None:
             self.vocab_model.close()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
         self.ready = False
+
+    async def _save_cache(self, timeout_s: float = 10.0) -> None:
+        """Before the workers stop, the prefix cache's entries go to the KV store (SAVE ops in one more step)."""
+        for w in self._scheduler.workers:
+            if w.alive:
+                w.save_cache()
+        self._pump_later()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and (self._in_flight or any(
+                w.pending_ops for w in self._scheduler.workers if w.alive)):
+            await asyncio.sleep(0.01)
 
     def _stop_workers(self) -> None:
         for w in self._workers:
@@ -327,6 +347,8 @@ class AsyncEngine:
             if state == "done":
                 if plan.ops and any(op.kind == OpKind.ADAPTERS for op in plan.ops):
                     self._workers[plan.worker.index].adapters_loaded = buf.adapters_loaded_json()
+                if self.store is not None and plan.ops:  # a restore that failed computed its tokens
+                    self._outputs.prompt_tokens_computed += self.store.step_done(plan.ops, buf.op_status, buf.op_us)
                 self._outputs.process(plan, buf, deliveries)
             elif state == "died":
                 self._worker_died(plan.worker, deliveries)
@@ -435,6 +457,10 @@ class AsyncEngine:
             "tokens_per_second": round(outputs.tokens_per_second(), 1) if outputs else 0.0,
             "parent_us_per_step": round(float(np.median(self._parent_us)), 1) if self._parent_us else 0.0,
             "adapters_loaded": self.adapters_loaded(),
+            "kv_cache_type": {"k": self.config.cache_type_k, "v": self.config.cache_type_v},
+            "kv_bytes_per_cell": self.kv_bytes_per_cell,
+            "kv_bytes": self.kv_bytes_per_cell * sum(w.n_ctx for w in sched.workers) if sched else 0,
+            "kv_store": self.store.stats() if self.store is not None else None,
         }
 
     def adapters_loaded(self) -> list[list[str]]:

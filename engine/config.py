@@ -38,6 +38,11 @@ class EngineConfig:
     step_timeout: float = 120.0       # a worker that answers no step for this long is killed and replaced; 0 = never
     lora_dir: str | None = None       # GGUF LoRA adapters requests name (file name without .gguf)
     lora_cache: int = 8               # LoRA adapters a worker keeps loaded (least recently used ones go)
+    cache_type_k: str = "f16"         # KV cache types (f16, q8_0, q4_0, ...: engine.llama.KV_CACHE_TYPES)
+    cache_type_v: str = "f16"         # a quantized V needs flash attention
+    kv_ram_mb: int = 0                # KV store: evicted prefixes kept in host RAM (tmpfs), MiB; 0 = no RAM tier
+    kv_store: str | None = None       # KV store: a directory for the disk tier (survives restarts, shareable)
+    kv_store_mb: int = 10240          # the disk tier's bound, MiB
 
     def __post_init__(self):
         if self.threads <= 0:
@@ -64,6 +69,24 @@ class EngineConfig:
             raise ValueError("ctx_size must be 0 (auto) or more")
         if self.flash_attn not in ("auto", "on", "off"):
             raise ValueError("flash_attn must be auto, on or off")
+        self._check_kv_types()
+        if self.kv_ram_mb < 0 or self.kv_store_mb < 0:
+            raise ValueError("--kv-ram-mb and --kv-store-mb must be 0 or more")
+
+    def _check_kv_types(self) -> None:
+        """Refuse at start what llama.cpp would refuse when the worker makes its context."""
+        from engine.llama import KV_CACHE_TYPES
+        for flag, name in (("--cache-type-k", self.cache_type_k), ("--cache-type-v", self.cache_type_v)):
+            if name not in KV_CACHE_TYPES:
+                raise ValueError(f"{flag} {name}: not a KV cache type (one of {', '.join(KV_CACHE_TYPES)})")
+        if KV_CACHE_TYPES[self.cache_type_v][2] > 1 and self.flash_attn == "off":
+            raise ValueError(f"--cache-type-v {self.cache_type_v} (a quantized V cache) needs flash attention: "
+                             "use --flash-attn auto or on, or an unquantized --cache-type-v")
+
+    @property
+    def store_on(self) -> bool:
+        """A KV store below the KV buffer (engine/kv_store.py)."""
+        return bool(self.kv_ram_mb or self.kv_store)
 
     def _cache_cells_default(self) -> None:
         if self.cache_cells < 0:  # in a unified cache every cached cell slows attention; streams do not
@@ -108,6 +131,7 @@ class EngineConfig:
                 "n_ctx": self.ctx_size, "n_batch": self.batch_size, "n_ubatch": min(self.ubatch_size, self.batch_size),
                 "n_seq_max": self.n_seq_max, "n_threads": self.threads,
                 "kv_unified": self.kv_unified, "flash_attn": self.flash_attn, "offload_kqv": self.kv_offload,
+                "type_k": self.cache_type_k, "type_v": self.cache_type_v,
             },
         }
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.llama_cpp import (
-    FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, POOLING_TYPES, lib, llama_batch, llama_chat_message,
-    llama_token, take_errors,
+    FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, KV_CACHE_TYPES, POOLING_TYPES, lib, llama_batch,
+    llama_chat_message, llama_token, take_errors,
 )
 
 
@@ -138,14 +138,14 @@ class Model(_Owner):
     def n_embd(self) -> int:
         return lib.llama_model_n_embd(self.ptr)
 
-    @property
-    def kv_bytes_per_cell(self) -> int:
-        """What one KV cell costs in an F16 cache: a key and a value per layer, as wide as the model's
-        KV heads, from the GGUF's header (a vocab-only model has no layers to ask)."""
+    def kv_bytes_per_cell(self, type_k: str = "f16", type_v: str = "f16") -> int:
+        """What one KV cell costs with these cache types: a key and a value per layer, as wide as the
+        model's KV heads, from the GGUF's header (a vocab-only model has no layers to ask)."""
         n_head = max(1, self._arch_number("attention.head_count", 1))
         n_head_kv = self._arch_number("attention.head_count_kv", n_head)
         head = self._arch_number("attention.key_length", self._arch_number("embedding_length", 0) // n_head)
-        return self._arch_number("block_count", 1) * 2 * n_head_kv * head * 2
+        width = n_head_kv * head
+        return self._arch_number("block_count", 1) * (kv_type_bytes(type_k, width) + kv_type_bytes(type_v, width))
 
     @property
     def n_embd_out(self) -> int:
@@ -157,6 +157,12 @@ class Model(_Owner):
         value = self.meta(f"{self.meta('general.architecture')}.pooling_type")
         return _POOLING_NAMES.get(int(value)) if value is not None and value.lstrip("-").isdigit() else None
 
+
+
+def kv_type_bytes(name: str, n: int) -> int:
+    """Bytes that n values take in a KV cache of this type (a KV_CACHE_TYPES name)."""
+    _, block_bytes, block_values = KV_CACHE_TYPES[name]
+    return -(-n // block_values) * block_bytes
 
 
 class LoraAdapter(_Owner):
@@ -266,6 +272,8 @@ class ContextParams:
     kv_unified: bool = True
     flash_attn: str = "auto"  # auto | on | off
     offload_kqv: bool = True  # the KV cache and attention of GPU layers on the GPU
+    type_k: str = "f16"       # KV cache types (KV_CACHE_TYPES names); a quantized V needs flash attention
+    type_v: str = "f16"
     embeddings: bool = False  # output embeddings (pooled per sequence unless pooling is "none")
     pooling: str = "unspecified"  # a POOLING_TYPES name; unspecified = what the model declares
 
@@ -283,6 +291,7 @@ class Context(_Owner):
         p.kv_unified = params.kv_unified
         p.offload_kqv = params.offload_kqv
         p.flash_attn_type = {"auto": FLASH_ATTN_AUTO, "on": FLASH_ATTN_ENABLED, "off": FLASH_ATTN_DISABLED}[params.flash_attn]
+        p.type_k, p.type_v = KV_CACHE_TYPES[params.type_k][0], KV_CACHE_TYPES[params.type_v][0]
         p.embeddings = params.embeddings
         p.pooling_type = POOLING_TYPES[params.pooling]
         super().__init__(lib.llama_init_from_model(model.ptr, p),

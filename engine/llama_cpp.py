@@ -32,6 +32,9 @@ progress_callback = C.CFUNCTYPE(C.c_bool, C.c_float, C.c_void_p)
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED = -1, 0, 1
+# what a KV cache may hold (llama-server's --cache-type-k/-v): name -> (enum ggml_type, bytes per block, values per block)
+KV_CACHE_TYPES = {"f32": (0, 4, 1), "f16": (1, 2, 1), "bf16": (30, 2, 1), "q8_0": (8, 34, 32), "q4_0": (2, 18, 32),
+                  "q4_1": (3, 20, 32), "iq4_nl": (20, 18, 32), "q5_0": (6, 22, 32), "q5_1": (7, 24, 32)}
 POOLING_TYPES = {"unspecified": -1, "none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}  # enum llama_pooling_type
 GGML_LOG_LEVEL_DEBUG, GGML_LOG_LEVEL_INFO, GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 1, 2, 3, 4, 5
 

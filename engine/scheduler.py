@@ -31,14 +31,21 @@ oldest, so the sets take turns and none starves; the others' sequences simply
 get their rows in a later step. An ADAPTERS op tells the worker when the set
 changes. KV cells computed under one set are never shared with a sequence of
 another: running sources and prefix cache entries match by set too.
+
+Below the KV buffer, an optional KV store (engine/kv_store.py) keeps evicted entries in RAM and on disk:
+a waiting request whose prompt begins with a stored prefix longer than what the buffer offers has its
+first positions restored from the store (a RESTORE op) instead of prefilled.
 """
 
 from __future__ import annotations
 
 import collections
 
+from typing import NamedTuple
+
+from engine import kv_store
 from engine.kv_ledger import KvLedger
-from engine.prefix_cache import WAIT, CacheEntry
+from engine.prefix_cache import WAIT, CacheEntry, Source
 from engine.request import Overloaded, Request
 from engine.sequence import Sequence
 from engine.step import Op, OpKind, Row, SamplerSpec, StepPlan
@@ -47,11 +54,19 @@ from engine.worker_state import WorkerState
 MAX_PASSED_OVER = 2      # steps in a row a prompt may wait for shorter ones (Scheduler.prompt_halves)
 
 
+class Restore(NamedTuple):
+    """A newcomer's first `shared` positions come from a stored prefix (engine/kv_store.py)."""
+
+    shared: int
+    stored: kv_store.Stored
+
+
 class Scheduler:
     def __init__(self, workers: list[WorkerState], *, max_waiting: int, step_tokens: int,
                  reserve_cap: int, is_eog=lambda token: False, kv_unified: bool = True,
-                 prompt_halves: bool = False):
+                 prompt_halves: bool = False, store: kv_store.KvStore | None = None):
         self.workers = workers
+        self.store = store
         # a step ends the prefill of the shorter half (rounded up) of the prompts still prefilling, so of
         # 8 arriving together 4 start first, then 2, then the last 2, which have waited MAX_PASSED_OVER
         # steps (see EngineConfig.prompt_halves)
@@ -218,6 +233,7 @@ class Scheduler:
         """(worker, prefix source, sequence id or None for any) for a waiting sequence, or None to keep
         it waiting."""
         best = None  # ((shared, -load, free cells), worker, source)
+        stored = self.store.find(seq.prompt, seq.adapters) if self.store is not None else None
         for w in self.workers:
             if w.index not in plans or len(w.running) >= w.parallel:
                 continue
@@ -234,7 +250,9 @@ class Scheduler:
             return None
         want = seq.n_prompt + min(seq.request.max_tokens or w.n_ctx_seq, self.reserve_cap)
         seq_reserve = min(want, w.n_ctx_seq)
-        keep = src.seq_id if src is not None else None
+        if stored is not None and stored[1] >= shared + kv_store.MIN_TOKENS and len(stored[0].tokens) <= w.n_ctx_seq:
+            src, shared = Restore(stored[1], stored[0]), stored[1]
+        keep = src.seq_id if src is not None and not isinstance(src, Restore) else None
         w.cache.touch(keep)  # the source is used now: evicted last, and never for this sequence
         # split: the newcomer's stream is the lowest idle one; a cache entry there is adopted when it is
         # the source, else evicted (another source's stream is copied into it)
@@ -243,8 +261,10 @@ class Scheduler:
         if seq_id in w.cache and not adopts:
             w.cache.evict(seq_id)
         # cells the sequence needs beyond those it gets from its source (a copy of a stream counts again)
-        gets = shared if self.kv_unified or adopts else 0
-        if not w.make_room(seq_reserve - gets, keep):
+        gets = shared if (self.kv_unified or adopts) and not isinstance(src, Restore) else 0
+        # a restore loads the stored sequence whole before trimming it: a unified cache needs room for all of it
+        needs = max(seq_reserve, len(src.stored.tokens)) if isinstance(src, Restore) and self.kv_unified else seq_reserve
+        if not w.make_room(needs - gets, keep):
             return None
         if self.kv_unified and not w.free_ids and not w.cache.evict_lru(keep):
             return None
@@ -256,6 +276,12 @@ class Scheduler:
         seq.worker = w
         if source is None:
             seq.seq_id, seq.span = w.take_id(seq_id), w.ledger.new_span()
+        elif isinstance(source, Restore):
+            seq.seq_id, seq.span = w.take_id(seq_id), w.ledger.new_span()
+            w.ledger.grow(seq.span, source.shared)
+            plan.ops.append(Op(OpKind.RESTORE, seq.seq_id,
+                               payload=self.store.restore_source(source.stored, seq.prompt, source.shared)))
+            seq.n_computed = seq.n_scheduled = seq.cached_tokens = source.shared
         else:
             shared = source.shared
             if self.kv_unified:  # the copy references the source's cells
@@ -275,7 +301,7 @@ class Scheduler:
         plan.ops.append(Op(OpKind.START, seq.seq_id, payload=SamplerSpec(r.sampling, r.top_logprobs, r.ignore_eos)))
         w.running.append(seq)
         w.join(seq.adapters)
-        entry = w.cache.get(source.seq_id) if source is not None and self.kv_unified else None
+        entry = w.cache.get(source.seq_id) if isinstance(source, Source) and self.kv_unified else None
         if entry is not None and len(entry.tokens) > source.shared and w.cached_only_cells > w.cache_cells:
             self._trim_entry(plan, entry, source.shared)
 

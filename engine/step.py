@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NamedTuple
 
+import numpy as np
 import orjson
 
 from engine.sampling import SamplingParams
@@ -24,6 +25,9 @@ class OpKind(IntEnum):
     COPY = 3      # seq's KV = the first n positions of src's
     TRIM = 4      # drop seq's positions from n on
     ADAPTERS = 5  # the LoRA adapters of the step's rows (payload: ((name, scale), ...); seq unused)
+    SAVE = 6      # write seq's KV to a store file (payload: its StoreFile) before it is freed
+    RESTORE = 7   # seq's KV = the first n positions of a store file's (payload: its StoreFile); computed
+                  # from the tokens instead when the file cannot be used (the op then reports failure)
 
 
 class SamplerSpec(NamedTuple):
@@ -49,6 +53,24 @@ class SamplerSpec(NamedTuple):
         return cls(params, top, ignore_eos)
 
 
+class StoreFile(NamedTuple):
+    """A stored prefix's file as a SAVE or RESTORE op carries it (engine/kv_file.py)."""
+
+    path: str
+    key: str
+    adapters: tuple
+    tokens: np.ndarray  # SAVE: the KV's tokens; RESTORE: the prompt's first n, which the file must begin with
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"path": self.path, "key": self.key, "adapters": self.adapters,
+                             "tokens": np.asarray(self.tokens, np.int32)}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "StoreFile":
+        p = orjson.loads(raw)
+        return cls(p["path"], p["key"], tuple((a, s) for a, s in p["adapters"]), np.asarray(p["tokens"], np.int32))
+
+
 class Op(NamedTuple):
     """One control op; the fields a kind does not use keep their defaults."""
 
@@ -56,11 +78,11 @@ class Op(NamedTuple):
     seq: int = -1
     src: int = -1
     n: int = 0
-    payload: SamplerSpec | tuple | None = None
+    payload: SamplerSpec | StoreFile | tuple | None = None
 
     def encode_payload(self) -> bytes | None:
-        """The bytes the op carries in the step's blob (START, ADAPTERS), else None."""
-        if self.kind == OpKind.START:
+        """The bytes the op carries in the step's blob (START, ADAPTERS, SAVE, RESTORE), else None."""
+        if self.kind in (OpKind.START, OpKind.SAVE, OpKind.RESTORE):
             return self.payload.to_json()
         if self.kind == OpKind.ADAPTERS:
             return orjson.dumps(self.payload)
@@ -68,8 +90,12 @@ class Op(NamedTuple):
 
     @classmethod
     def decode(cls, kind: int, seq: int, a: int, b: int, blob) -> "Op":
-        """The op a row of the step's op table holds (a, b: src and n, or the payload's place in `blob`)."""
+        """The op a row of the step's op table holds (a, b: src and n, or the payload's place in `blob`;
+        a RESTORE's n is its payload's token count)."""
         kind = OpKind(kind)
+        if kind in (OpKind.SAVE, OpKind.RESTORE):
+            file = StoreFile.from_json(bytes(blob[a:a + b]))
+            return cls(kind, seq, n=len(file.tokens), payload=file)
         if kind == OpKind.START:
             return cls(kind, seq, payload=SamplerSpec.from_json(bytes(blob[a:a + b])))
         if kind == OpKind.ADAPTERS:

@@ -55,6 +55,7 @@ class StepBuffer:
             ("out_top_id", np.int32, (n_batch, MAX_TOP_LOGPROBS)),
             ("out_top_logprob", np.float32, (n_batch, MAX_TOP_LOGPROBS)),
             ("op_status", np.int32, (max_ops,)),
+            ("op_us", np.int32, (max_ops,)),         # microseconds each op took (a store's saves and restores)
             ("message", np.uint8, (4096,)),
             ("adapters_loaded", np.uint8, (4096,)),  # after an ADAPTERS op: JSON of the worker's adapter cache
         ]

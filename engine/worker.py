@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import kv_file
 from engine.logs import setup_logging
 from engine.step import Op, OpKind
 from engine.transport import MAX_TOP_LOGPROBS, STATUS_ADAPTERS_FAILED, STATUS_DECODE_FAILED, STATUS_OK, StepBuffer
@@ -110,6 +111,7 @@ class Worker:
         self.ended = np.zeros(self.ctx.n_seq_max, bool)
         self.sampling: dict[int, _SeqSampling] = {}
         self.adapters = _Adapters(self.model, config["lora_dir"], config["lora_cache"])
+        self.prefill_batch = None  # made when a stored prefix cannot be restored and is computed instead
 
     def hello(self) -> dict:
         return {"ready": True, "pid": os.getpid(), "n_ctx": self.ctx.n_ctx, "n_ctx_seq": self.ctx.n_ctx_seq,
@@ -139,11 +141,13 @@ class Worker:
         status, message = STATUS_OK, ""
         for i in range(n_ops):
             buf.op_status[i] = 0
+            t0 = time.perf_counter()
             try:
                 self.apply(buf, buf.read_op(i))
             except Exception as exc:  # one bad op fails its sequence, not the worker
                 buf.op_status[i] = 1
                 message = f"{type(exc).__name__}: {exc}"
+            buf.op_us[i] = int((time.perf_counter() - t0) * 1e6)
         n_out = 0
         if n_tokens and self.adapters.applied is None:  # the step's adapters could not be loaded: decode nothing
             status, message = STATUS_ADAPTERS_FAILED, self.adapters.failure
@@ -179,11 +183,42 @@ class Worker:
                 ctx.seq_rm(seq, op.n, -1)
         elif op.kind == OpKind.TRIM:
             ctx.seq_rm(seq, op.n, -1)
+        elif op.kind == OpKind.SAVE:
+            f = op.payload
+            ctx.seq_rm(seq, len(f.tokens), -1)  # positions a burst computed past the end are not kept
+            kv_file.write(f.path, f.key, f.adapters, f.tokens, ctx.seq_state(seq))
+        elif op.kind == OpKind.RESTORE:
+            self.restore(seq, op.payload)
         elif op.kind == OpKind.ADAPTERS:
             try:
                 self.adapters.apply(ctx, list(op.payload))
             finally:
                 buf.set_adapters_loaded(list(self.adapters.loaded))
+
+    def restore(self, seq: int, f) -> None:
+        """seq's KV = the first len(f.tokens) positions of a store file's. A file that cannot be used
+        (gone, foreign, damaged: a damaged one is removed) is not trusted: the positions are computed
+        from the tokens instead, and the op fails to say so."""
+        ctx, n = self.ctx, len(f.tokens)
+        ctx.seq_rm(seq)
+        try:
+            try:
+                _, state = kv_file.read(f.path, f.key, f.adapters, f.tokens)
+            except kv_file.StoreFileError:
+                kv_file.remove(f.path)
+                raise
+            ctx.set_seq_state(seq, state)
+            ctx.seq_rm(seq, n, -1)
+        except (OSError, kv_file.StoreFileError, self.llama.LlamaError) as exc:
+            log.warning("KV store: %s; computing its %d tokens instead", exc, n)
+            ctx.seq_rm(seq)
+            if self.prefill_batch is None:
+                self.prefill_batch = self.llama.Batch(self.ctx.n_batch)
+            b = self.prefill_batch
+            for start in range(0, n, b.capacity):
+                b.set(f.tokens[start:start + b.capacity], seq, start, output_last=False)
+                ctx.decode(b)
+            raise
 
     def drop(self, seq: int) -> None:
         self.ended[seq] = False

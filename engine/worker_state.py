@@ -15,7 +15,8 @@ class WorkerState:
     its own share when llama.cpp splits the cache per sequence)."""
 
     def __init__(self, index: int, n_ctx: int, parallel: int, cache_slots: int, n_ctx_seq: int | None = None,
-                 cache_cells: int | None = None, n_ids: int | None = None):
+                 cache_cells: int | None = None, n_ids: int | None = None, store=None):
+        self.store = store  # the KV store evicted cache entries go to (engine/kv_store.py); None: dropped
         self.index, self.parallel, self.cache_slots = index, parallel, cache_slots
         self.cache_cells = n_ctx if cache_cells is None else cache_cells
         self.n_ctx = n_ctx
@@ -29,7 +30,7 @@ class WorkerState:
         self.ledger = KvLedger(self.n_ctx)
         self.free_ids = list(range(self.n_ids))
         self.running: list[Sequence] = []
-        self.cache = PrefixCache(self.cache_slots, on_evict=lambda entry: self._free(entry.seq_id, entry.span))
+        self.cache = PrefixCache(self.cache_slots, on_evict=self._evicted)
         self.pending_ops: list[Op] = []      # ops for the next step planned (frees of what ended meanwhile)
         self.adapters: tuple | None = ()     # the LoRA set the worker applies as of the last step planned; None: unknown
         self.turns: dict[tuple, float] = {}  # LoRA set -> the step it last got a turn (or started waiting for one)
@@ -84,6 +85,19 @@ class WorkerState:
                 self.cache.evict_lru()
         else:
             self._free(seq.seq_id, seq.span)
+
+    def _evicted(self, entry: CacheEntry) -> None:
+        """A cache entry leaves the KV buffer: the store keeps its KV if it is worth keeping (the SAVE op
+        goes before the FREE), then its cells are freed."""
+        target = self.store.save_target(entry) if self.store is not None else None
+        if target is not None:
+            self.pending_ops.append(Op(OpKind.SAVE, entry.seq_id, payload=target))
+        self._free(entry.seq_id, entry.span)
+
+    def save_cache(self) -> None:
+        """Evict every cache entry (the service stops): the store keeps what is worth keeping."""
+        while self.cache.evict_lru():
+            pass
 
     def _free(self, seq_id: int, span: Span) -> None:
         self.ledger.release(span)

@@ -35,6 +35,7 @@ def announce(service) -> None:
         f"{'shared (unified)' if cfg.kv_unified else 'each (split)'}, "
         f"{cfg.threads} threads, batch {cfg.batch_size}" if engine.generation else
         "  engine    no generation workers (--embeddings-only)",
+        f"  KV        {_kv_line(engine)}",
         f"  embeddings {_embeddings_line(embedder)}",
         f"  LoRA      {_adapters_line(settings.adapters, base)}",
         f"  sampling  temperature {d.temperature:g}, top_k {d.top_k}, top_p {d.top_p:g}, min_p {d.min_p:g}, "
@@ -43,6 +44,17 @@ def announce(service) -> None:
         f"health {base}/health",
     ]
     log.info("\n".join(lines), extra=event("SERVICE_READY", http_port=port, grpc_port=grpc.port if grpc else 0))
+
+
+def _kv_line(engine) -> str:
+    """The KV cache's types and size, and the store below it."""
+    cfg, store = engine.config, engine.store
+    tiers = [f"RAM {store.ram_bytes >> 20} MiB" if store and store.ram_dir else "",
+             f"disk {store.disk_dir} ({store.disk_bytes >> 20} MiB, {len(store.entries)} prefixes)"
+             if store and store.disk_dir else ""]
+    return (f"K {cfg.cache_type_k}, V {cfg.cache_type_v}, {engine.kv_bytes_per_cell:,} bytes a cell, "
+            f"{engine.kv_bytes_per_cell * cfg.ctx_size * cfg.workers / 2**20:.0f} MiB; store "
+            + (", ".join(t for t in tiers if t) or "off (--kv-ram-mb, --kv-store)"))
 
 
 def _adapters_line(adapters: AdapterDir, base: str) -> str:

@@ -111,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "cached cell slows attention, a split one keeps entries in "
                                                       "idle streams",
             type=int)
+    _option(eng, "--cache-type-k", "CACHE_TYPE_K", "f16", "KV cache type of keys: f16, q8_0 (half the memory), "
+                                                       "q4_0, ... as llama.cpp allows")
+    _option(eng, "--cache-type-v", "CACHE_TYPE_V", "f16", "KV cache type of values (quantized ones need flash "
+                                                       "attention)")
+    _option(eng, "--kv-ram-mb", "KV_RAM_MB", 0, "KV store: prefixes evicted from the KV buffer kept in host RAM "
+                                               "(/dev/shm), MiB, and restored instead of prefilled (0 = off; "
+                                               "docs/kv-store.md)", type=int)
+    _option(eng, "--kv-store", "KV_STORE", None, "KV store: a directory for its disk tier (survives restarts, "
+                                                 "may be shared by replicas of the same model)")
+    _option(eng, "--kv-store-mb", "KV_STORE_MB", 10240, "the disk tier's bound, MiB", type=int)
     _option(eng, "--max-waiting", "MAX_WAITING", 256, "queued requests beyond this get 429 / RESOURCE_EXHAUSTED",
             type=int)
     _option(eng, "--overlap", "OVERLAP", True, "plan each decode step while the worker runs the one before "

@@ -78,6 +78,9 @@ class _EngineCollector:
                     "prompt_tokens_computed": "Prompt tokens prefilled (not from the cache)"}
         for key, doc in counters.items():
             yield CounterMetricFamily(f"sentiric_{key}", doc, value=s[key])
+        store = s.get("kv_store")
+        if store is not None:  # prefixes kept below the KV buffer (engine/kv_store.py)
+            yield from _kv_store_metrics(store)
         counts = s["batch_size_counts"]
         buckets = []
         for bound in BATCH_BUCKETS:
@@ -97,6 +100,27 @@ class _EngineCollector:
                                       value=t["embedding_decodes_while_generating"])
             yield GaugeMetricFamily("sentiric_cpu_turn_waiting", "Decoders waiting for their turn on the cores",
                                     value=t["waiting"])
+
+
+def _kv_store_metrics(store: dict):
+    hits = CounterMetricFamily("sentiric_kv_store_hits", "Prompts whose prefix was restored from the KV store",
+                               labels=["tier"])
+    for tier in ("ram", "disk"):
+        hits.add_metric([tier], store[f"hits_{tier}"])
+    yield hits
+    stored = GaugeMetricFamily("sentiric_kv_store_bytes", "Bytes the KV store holds", labels=["tier"])
+    for tier in ("ram", "disk"):
+        stored.add_metric([tier], store[f"{tier}_bytes"])
+    yield stored
+    counters = {"restored_tokens": "Prompt tokens restored from the KV store instead of prefilled",
+                "restore_failures": "Restores that failed (file bad or gone) and prefilled instead",
+                "saves": "Prefixes written to the KV store", "bad_files_removed": "Damaged or foreign files removed"}
+    for key, doc in counters.items():
+        yield CounterMetricFamily(f"sentiric_kv_store_{key}", doc, value=store[key])
+    yield CounterMetricFamily("sentiric_kv_store_restore_seconds", "Time spent restoring prefixes",
+                              value=store["restore_ms"] / 1000)
+    yield CounterMetricFamily("sentiric_kv_store_save_seconds", "Time saves added to decode steps",
+                              value=store["save_ms"] / 1000)
 
 
 class _EmbedderCollector:

@@ -103,7 +103,8 @@ def test_the_default_model_reports_its_kv_size_and_training_context_without_its_
     model = Model(str(ensure_default_model()), vocab_only=True)
     try:
         # SmolLM2-135M: 30 layers x (key + value) x 3 KV heads x 64 dims x 2 bytes
-        assert model.kv_bytes_per_cell == 30 * 2 * 3 * 64 * 2
+        assert model.kv_bytes_per_cell() == 30 * 2 * 3 * 64 * 2
+        assert model.kv_bytes_per_cell("q8_0", "q8_0") == 30 * 2 * (3 * 64 // 32) * 34  # blocks of 32 in 34 bytes
         assert model.n_ctx_train == 8192
     finally:
         model.close()

@@ -50,8 +50,8 @@ class ServiceRoutes:
                         "available": s["free_slots"], "has_capacity": s["free_slots"] > 0}
         status = "draining" if self.admission.drain.draining else "healthy" if ready else "unavailable"
         body = {"status": status, "model_ready": ready, "capacity": capacity, **body,
-                **{k: s[k] for k in ("running", "waiting", "free_slots", "kv_used", "kv_total", "workers",
-                                     "workers_alive")}}
+                **{k: s[k] for k in ("running", "waiting", "free_slots", "kv_used", "kv_total", "kv_cache_type",
+                                     "kv_bytes", "workers", "workers_alive")}}
         return json_response(body, status=200 if status == "healthy" else 503)
 
     async def stats(self, request: web.Request) -> web.Response:
