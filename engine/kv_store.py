@@ -89,6 +89,11 @@ class KvStore:
         _remove_orphan_ram_dirs()
         if self.ram_dir:
             self.ram_dir.mkdir(mode=0o700, exist_ok=True)
+            room = shutil.disk_usage(self.ram_dir).free
+            if room < ram_bytes:
+                log.warning("KV store: %s has %d MiB free, less than --kv-ram-mb %d: the RAM tier keeps to %d MiB",
+                            RAM_ROOT, room >> 20, ram_bytes >> 20, room >> 20)
+                self.ram_bytes = room
         if self.disk_dir:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
             self.scan(start=True)
@@ -110,8 +115,6 @@ class KvStore:
         if found is not None and found[1] > len(tokens) - MIN_TOKENS:
             return None
         name = hashlib.blake2b(orjson.dumps(entry.adapters) + tokens.tobytes(), digest_size=16).hexdigest()
-        if name in self.saving:
-            return None
         stored = Stored(name, tokens, entry.adapters, ram=self.ram_dir is not None, disk=self.ram_dir is None)
         self.saving[name] = stored
         return StoreFile(str(self._path(stored)), self.key, entry.adapters, tokens)
