@@ -3,12 +3,14 @@ computed again.
 
 When the prefix cache evicts an entry worth keeping (`MIN_TOKENS` or more, not already stored), the
 worker writes its sequence's state to a file (a SAVE op, engine/kv_file.py) before freeing it: into
-the RAM tier (a tmpfs directory, /dev/shm/sentiric-kv-<pid>, bounded by `ram_bytes`) when there is
+the RAM tier (a tmpfs directory, /dev/shm/sentiric-kv-<pid>-<id>, bounded by `ram_bytes`) when there is
 one, else straight into the disk tier (`disk_dir`, bounded by `disk_bytes`). A RAM file is copied
 to the disk tier as soon as it is written, by a thread of this process (never the step loop), so
 the disk holds every stored prefix: it survives a restart (the index is rebuilt from the files'
 headers) and a replica sharing the directory finds what another wrote (the directory is scanned
-again when it changes). Each tier drops its least recently used files beyond its bound.
+again when it changes). Each tier drops its least recently used files beyond its bound; a file's
+modification time is its last use, so a restart keeps the order, and warms the RAM tier with the
+most recently used files (warm start).
 
 A waiting request whose prompt begins with a stored prefix `MIN_TOKENS` longer than what the KV
 buffer offers gets a RESTORE op (engine/scheduler.py): restoring costs ~0.03 ms a token here
@@ -30,6 +32,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +81,8 @@ class KvStore:
     def __init__(self, key: str, *, ram_bytes: int = 0, disk_dir: str | None = None, disk_bytes: int = 0):
         self.key = key
         self.ram_bytes, self.disk_bytes = ram_bytes, disk_bytes
-        self.ram_dir = Path(RAM_ROOT) / f"sentiric-kv-{os.getpid()}" if ram_bytes else None
+        # one per engine (a process may run several models' engines): removed when the engine stops
+        self.ram_dir = Path(RAM_ROOT) / f"sentiric-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}" if ram_bytes else None
         self.disk_dir = Path(disk_dir) / key[:16] if disk_dir else None
         self.entries: collections.OrderedDict[str, Stored] = collections.OrderedDict()
         self.blocks: dict[bytes, set[str]] = {}  # chained block hash -> the entries beginning with those blocks
@@ -97,6 +101,8 @@ class KvStore:
         if self.disk_dir:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
             self.scan(start=True)
+            if self.ram_dir:
+                self._warm()
 
     @classmethod
     def for_config(cls, cfg) -> "KvStore":
@@ -159,6 +165,8 @@ class KvStore:
         """The RESTORE op's payload for the first `shared` positions of `prompt` (the entry is used now)."""
         self.entries.move_to_end(stored.name)
         stored.hits += 1
+        if stored.disk:  # the file's time is its last use: a restart orders the index by it (and warms by it)
+            self.files.submit(_touch, str(self.disk_dir / f"{stored.name}{kv_file.SUFFIX}"))
         return StoreFile(str(self._path(stored)), self.key, stored.adapters, np.asarray(prompt[:shared], np.int32))
 
     def restored(self, file: StoreFile, ok: bool, us: int) -> None:
@@ -226,6 +234,22 @@ class KvStore:
             log.info("KV store: %d stored prefixes found in %s", len(found), self.disk_dir)
             self._bound()
 
+    def _warm(self) -> None:
+        """Warm start: the most recently used disk files are copied into the RAM tier, as many as it
+        holds (in the background: an entry reads from RAM once its copy is there)."""
+        room = self.ram_bytes
+        for stored in reversed(self.entries.values()):
+            if stored.size > room:
+                break
+            room -= stored.size
+            self.files.submit(self._warm_one, stored)
+
+    def _warm_one(self, stored: Stored) -> None:
+        name = f"{stored.name}{kv_file.SUFFIX}"
+        if _copy(str(self.disk_dir / name), str(self.ram_dir / name)):
+            stored.ram = True
+            self.counters["warmed"] += 1
+
     def _add(self, stored: Stored) -> None:
         self.entries[stored.name] = stored
         for h in _block_hashes(stored.tokens, stored.adapters):
@@ -270,7 +294,7 @@ class KvStore:
             "hits_ram": c["hits_ram"], "hits_disk": c["hits_disk"], "restored_tokens": c["restored_tokens"],
             "restore_ms": round(c["restore_us"] / 1000, 1), "restore_failures": c["restore_failures"],
             "saves": c["saves"], "save_ms": round(c["save_us"] / 1000, 1), "save_failures": c["save_failures"],
-            "bad_files_removed": c["bad_files"],
+            "bad_files_removed": c["bad_files"], "warmed": c["warmed"],
         }
 
     def close(self) -> None:
@@ -290,22 +314,31 @@ def _block_hashes(tokens: np.ndarray, adapters: tuple) -> list[bytes]:
     return out
 
 
-def _copy(src: str, dst: str) -> None:
-    """A RAM file into the disk tier, atomically (a reader never sees half of it)."""
+def _copy(src: str, dst: str) -> bool:
+    """A file from one tier into the other, atomically (a reader never sees half of it)."""
     tmp = f"{dst}.{os.getpid()}.tmp"
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
+        return True
     except OSError as exc:
         kv_file.remove(tmp)
-        log.warning("KV store: could not copy %s to the disk tier: %s", src, exc)
+        log.warning("KV store: could not copy %s to %s: %s", src, dst, exc)
+        return False
+
+
+def _touch(path: str) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _remove_orphan_ram_dirs() -> None:
     """The RAM tiers of services that were killed before they could remove theirs."""
     for name in os.listdir(RAM_ROOT):
-        pid = name.removeprefix("sentiric-kv-")
-        if pid != name and pid.isdigit():
+        pid = name.removeprefix("sentiric-kv-").split("-")[0]
+        if name.startswith("sentiric-kv-") and pid.isdigit():
             try:
                 os.kill(int(pid), 0)
             except ProcessLookupError:

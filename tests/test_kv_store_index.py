@@ -64,16 +64,18 @@ def test_short_covered_and_failed_saves_are_not_kept(disk_store):
     assert len(disk_store.entries) == 1 and disk_store.stats()["save_failures"] == 1
 
 
-def test_the_index_is_rebuilt_from_the_directory_and_bad_files_are_removed(tmp_path):
+def test_the_index_is_rebuilt_from_the_directory_bad_files_removed_and_the_ram_tier_warmed(tmp_path):
     first = KvStore(KEY, disk_dir=str(tmp_path), disk_bytes=1 << 30)
     good, damaged, foreign = (save(first, tokens(200, s)) for s in (1, 2, 3))
     first.close()
     with open(damaged.path, "r+b") as f:
         f.truncate(100)
     kv_file.write(foreign.path, "cd" * 32, (), foreign.tokens, b"other model")
-    again = KvStore(KEY, disk_dir=str(tmp_path), disk_bytes=1 << 30)
+    again = KvStore(KEY, ram_bytes=1 << 20, disk_dir=str(tmp_path), disk_bytes=1 << 30)
     try:
-        assert again.find(np.concatenate([good.tokens, [1]]), ())[1] == 200
+        again.files.shutdown(wait=True)  # the warm start's copies
+        stored, shared = again.find(np.concatenate([good.tokens, [1]]), ())
+        assert shared == 200 and stored.ram and stored.disk and again.stats()["warmed"] == 1
         assert len(again.entries) == 1 and again.stats()["bad_files_removed"] == 2
         assert not any(os.path.exists(f.path) for f in (damaged, foreign))
     finally:
