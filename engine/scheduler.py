@@ -233,7 +233,6 @@ class Scheduler:
         """(worker, prefix source, sequence id or None for any) for a waiting sequence, or None to keep
         it waiting."""
         best = None  # ((shared, -load, free cells), worker, source)
-        stored = self.store.find(seq.prompt, seq.adapters) if self.store is not None else None
         for w in self.workers:
             if w.index not in plans or len(w.running) >= w.parallel:
                 continue
@@ -250,6 +249,7 @@ class Scheduler:
             return None
         want = seq.n_prompt + min(seq.request.max_tokens or w.n_ctx_seq, self.reserve_cap)
         seq_reserve = min(want, w.n_ctx_seq)
+        stored = self.store.find(seq.prompt, seq.adapters) if self.store is not None else None
         if stored is not None and stored[1] >= shared + kv_store.MIN_TOKENS and len(stored[0].tokens) <= w.n_ctx_seq:
             src, shared = Restore(stored[1], stored[0]), stored[1]
         keep = src.seq_id if src is not None and not isinstance(src, Restore) else None
