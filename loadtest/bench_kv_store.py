@@ -68,6 +68,15 @@ def stream(base_url: str, msgs: list[dict], max_tokens: int = 8) -> tuple[float,
     return ttft if ttft is not None else total, total, tokens
 
 
+def stats(server) -> dict:
+    """The server's /stats ({} from llama-server, which has none)."""
+    try:
+        with urllib.request.urlopen(server.base_url + "/stats", timeout=30) as r:
+            return json.loads(r.read())
+    except OSError:
+        return {}
+
+
 class Run:
     def __init__(self, args):
         self.args = args
@@ -105,15 +114,16 @@ class Run:
         finally:
             server.stop()
 
-    def rotation(self, start, n: int) -> tuple[float, float]:
-        """TTFT p50 of the first and second pass over n documents."""
+    def rotation(self, start, n: int) -> tuple[float, float, dict | None]:
+        """TTFT p50 of the first and second pass over n documents, and the KV store's numbers."""
         server = start()
         try:
             passes = [[stream(server.base_url, messages(i, 600, QUESTIONS[0]))[0] for i in range(n)]
                       for _ in range(2)]
+            store = stats(server).get("kv_store")
         finally:
             server.stop()
-        return statistics.median(passes[0]), statistics.median(passes[1])
+        return statistics.median(passes[0]), statistics.median(passes[1]), store
 
     def chat_speed(self, start) -> tuple[float, dict]:
         """Aggregate tokens/s of 4 concurrent 128-token answers, and the service's /stats."""
@@ -132,9 +142,7 @@ class Run:
             for t in threads:
                 t.join()
             seconds = time.perf_counter() - t0
-            with urllib.request.urlopen(server.base_url + "/stats", timeout=30) as r:
-                stats = json.loads(r.read())
-            return sum(r[2] for r in results) / seconds, stats
+            return sum(r[2] for r in results) / seconds, stats(server)
         finally:
             server.stop()
 
@@ -169,7 +177,7 @@ def main() -> int:
             "documents": n, "service_first": round(ours[0], 3), "service_second": round(ours[1], 3),
             "llama_server_first": round(ref[0], 3), "llama_server_second": round(ref[1], 3),
             "service_x_second_vs_first": round(ours[0] / ours[1], 1),
-            "service_second_vs_llama_server_second": round(ours[1] / ref[1], 2)}
+            "service_second_vs_llama_server_second": round(ours[1] / ref[1], 2), "service_kv_store": ours[2]}
         print(json.dumps(out["rotation_ttft_p50_s"]), flush=True)
     if "types" in parts:
         f16 = run.chat_speed(lambda: run.service("service-f16", *base))
