@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import os
@@ -328,10 +329,9 @@ def _copy(src: str, dst: str) -> bool:
 
 
 def _touch(path: str) -> None:
-    try:
+    """Its modification time is now (the file's last use)."""
+    with contextlib.suppress(OSError):
         os.utime(path)
-    except OSError:
-        pass
 
 
 def _remove_orphan_ram_dirs() -> None:
