@@ -119,14 +119,16 @@ def test_a_replica_sharing_the_disk_tier_reads_what_another_wrote_and_refuses_ba
     assert "KV store:" in replica.log()
 
 
-def test_the_disk_tier_keeps_within_its_bound(start_server, tmp_path):
-    bounded = start_server("--parallel", "1", "--ctx-size", "2048", "--kv-store", str(tmp_path),
+def test_the_disk_tier_keeps_within_its_bound_and_restores_into_a_unified_cache(start_server, tmp_path):
+    bounded = start_server("--parallel", "1", "--ctx-size", "2048", "--kv-unified", "--kv-store", str(tmp_path),
                            "--kv-store-mb", "16")
     for i in range(5):  # each evicts the one before: four ~7 MB files for a 16 MiB bound
         ask(bounded, i)
     files = store_files(tmp_path)
     assert files and sum(f.stat().st_size for f in files) <= 16 << 20
     assert bounded.stats()["kv_store"]["disk_bytes"] <= 16 << 20
+    answer, computed = ask(bounded, 3)  # among the newest: still on disk
+    assert CODE in answer and computed < 40 and bounded.stats()["kv_store"]["hits_disk"] == 1
 
 
 def test_q8_0_kv_starts_reports_its_type_and_answers(start_server):
