@@ -4,7 +4,7 @@
 1. Restart: a RAG request on a ~1,000-token document, the server stopped (SIGTERM) and started again,
    then the document's next question: its TTFT for the service with --kv-store, the service without,
    and llama-server (which forgets its prompt cache on restart).
-2. Rotation: N distinct ~600-token documents in turn through --parallel 4, twice: the second pass's
+2. Rotation: N distinct documents (~850 tokens with the chat template) in turn through --parallel 4, twice: the second pass's
    TTFT p50 against the first, for the service with a RAM tier and llama-server with its default
    --cache-ram.
 3. KV types: bytes per cell and sequences of 4,096 cells in the same memory, f16 against q8_0, and
