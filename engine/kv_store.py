@@ -252,7 +252,9 @@ class KvStore:
             self.counters["warmed"] += 1
 
     def _add(self, stored: Stored) -> None:
+        """The newest entry (one written again replaces its old self)."""
         self.entries[stored.name] = stored
+        self.entries.move_to_end(stored.name)
         for h in _block_hashes(stored.tokens, stored.adapters):
             self.blocks.setdefault(h, set()).add(stored.name)
 
