@@ -72,6 +72,13 @@ class EngineConfig:
         self._check_kv_types()
         if self.kv_ram_mb < 0 or self.kv_store_mb < 0:
             raise ValueError("--kv-ram-mb and --kv-store-mb must be 0 or more")
+        if self.kv_store:
+            try:
+                os.makedirs(self.kv_store, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"--kv-store {self.kv_store}: cannot create it ({exc.strerror})") from None
+            if not os.access(self.kv_store, os.W_OK | os.X_OK):
+                raise ValueError(f"--kv-store {self.kv_store}: not writable")
 
     def _check_kv_types(self) -> None:
         """Refuse at start what llama.cpp would refuse when the worker makes its context."""

@@ -146,8 +146,9 @@ def test_q8_0_kv_starts_reports_its_type_and_answers(start_server):
 @pytest.mark.parametrize("flags, named", [
     (("--cache-type-k", "q9_0"), "--cache-type-k q9_0"),
     (("--cache-type-v", "q8_0", "--flash-attn", "off"), "--cache-type-v q8_0"),
+    (("--kv-store", "/proc/kv"), "--kv-store /proc/kv"),
 ])
-def test_bad_kv_types_are_refused_at_start_naming_the_flag(flags, named):
+def test_bad_kv_settings_are_refused_at_start_naming_the_flag(flags, named):
     done = subprocess.run([sys.executable, "-m", "server", "--port", "0", "--grpc-port", "0", *flags], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
