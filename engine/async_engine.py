@@ -460,7 +460,8 @@ class AsyncEngine:
             "kv_cache_type": {"k": self.config.cache_type_k, "v": self.config.cache_type_v},
             "kv_bytes_per_cell": self.kv_bytes_per_cell,
             "kv_bytes": self.kv_bytes_per_cell * sum(w.n_ctx for w in sched.workers) if sched else 0,
-            "kv_store": self.store.stats() if self.store is not None else None,
+            "kv_store": None if self.store is None or outputs is None else
+            self.store.stats(prefill_s_per_token=outputs.prefill_s / max(1, outputs.prompt_tokens_computed)),
         }
 
     def adapters_loaded(self) -> list[list[str]]:

@@ -288,7 +288,9 @@ class KvStore:
         return (self.ram_dir if stored.ram else self.disk_dir) / f"{stored.name}{kv_file.SUFFIX}"
 
     # --- numbers and the end ---
-    def stats(self) -> dict:
+    def stats(self, prefill_s_per_token: float = 0.0) -> dict:
+        """The store's numbers; `prefill_s_per_token` (measured by the engine) estimates the prefill
+        its restores saved."""
         c = self.counters
         return {
             "entries": len(self.entries),
@@ -296,6 +298,7 @@ class KvStore:
             "disk_bytes": sum(s.size for s in self.entries.values() if s.disk), "disk_limit_bytes": self.disk_bytes,
             "hits_ram": c["hits_ram"], "hits_disk": c["hits_disk"], "restored_tokens": c["restored_tokens"],
             "restore_ms": round(c["restore_us"] / 1000, 1), "restore_failures": c["restore_failures"],
+            "prefill_ms_saved": round(c["restored_tokens"] * prefill_s_per_token * 1000, 1),
             "saves": c["saves"], "save_ms": round(c["save_us"] / 1000, 1), "save_failures": c["save_failures"],
             "bad_files_removed": c["bad_files"], "warmed": c["warmed"],
         }

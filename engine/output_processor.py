@@ -55,6 +55,7 @@ class OutputProcessor:
         self.steps = self.prompt_tokens_computed = self.generated_tokens = 0
         self.recent: collections.deque = collections.deque(maxlen=512)  # (time, tokens) per step, for tokens/s
         self.decode_s: float | None = None  # how long one decode of a decode-only step takes (moving average)
+        self.prefill_s = 0.0  # decode time of the steps that carried prompt tokens (what a token's prefill costs)
 
     def process(self, plan: StepPlan, buf: StepBuffer, deliveries: list) -> None:
         """Append (stream or None, Output) for every sequence of a step the worker has answered."""
@@ -78,6 +79,8 @@ class OutputProcessor:
         sampled = sched.complete(plan, [row[:n] for row, n in zip(rows, buf.out_count[:n_out].tolist())])
         n_sampled = sum(len(got) for _, _, got in sampled)
         self.steps += 1
+        if plan.n_tokens > n_out:
+            self.prefill_s += int(buf.out_header[4]) / 1e6 * (plan.n_tokens - n_out) / plan.n_tokens
         self.prompt_tokens_computed += plan.n_tokens - n_out
         self.generated_tokens += n_sampled
         self.recent.append((time.monotonic(), n_sampled))

@@ -121,6 +121,9 @@ def _kv_store_metrics(store: dict):
                               value=store["restore_ms"] / 1000)
     yield CounterMetricFamily("sentiric_kv_store_save_seconds", "Time saves added to decode steps",
                               value=store["save_ms"] / 1000)
+    yield CounterMetricFamily("sentiric_kv_store_prefill_seconds_saved", "Prefill time the restores saved "
+                              "(restored tokens at the measured prefill time per token)",
+                              value=store["prefill_ms_saved"] / 1000)
 
 
 class _EmbedderCollector:

@@ -67,6 +67,7 @@ def test_a_restarted_service_answers_a_stored_document_without_prefilling_it_fro
     store = restarted.stats()["kv_store"]
     # warm start: the disk tier's most recent files were copied into the RAM tier at start
     assert store["warmed"] == 1 and store["hits_ram"] == 1 and store["restored_tokens"] > 250
+    assert store["prefill_ms_saved"] > 10 * store["restore_ms"] > 0
 
 
 def test_documents_evicted_from_the_kv_buffer_come_back_from_the_ram_tier(restarted):
