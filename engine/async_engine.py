@@ -35,11 +35,11 @@ from engine import logs
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.cpu_turns import CpuTurns
+from engine.guidance import check_grammar
 from engine.kv_store import KvStore
 from engine.llama import Model
 from engine.output_processor import OutputProcessor, Stream, final_output
 from engine.request import EngineError, Output, Request
-from engine.sampler_chain import SamplerChain
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -178,13 +178,12 @@ class AsyncEngine:
         return self.template.render(messages, add_generation_prompt=True, tools=tools, variables=variables)
 
     def validate_sampling(self, params: SamplingParams) -> None:
-        """Raise ValueError for settings llama.cpp would reject (bad grammar, bad token ids)."""
+        """Raise ValueError for settings a worker would reject (bad grammar, bad token ids)."""
         for token in (params.logit_bias or {}):
             self.vocab_model.vocab.check_token(int(token))
-        if params.grammar:
-            with SamplerChain(self.vocab_model.vocab, SamplingParams(grammar=params.grammar,
-                                                                     grammar_triggers=params.grammar_triggers)):
-                pass
+        problem = params.grammar and check_grammar(params.grammar)[0]
+        if problem:
+            raise ValueError(f"the grammar cannot be used: {problem}")
 
     @property
     def n_ctx(self) -> int:

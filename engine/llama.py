@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.llama_cpp import (
-    FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, KV_CACHE_TYPES, POOLING_TYPES, lib, llama_batch,
-    llama_chat_message, llama_token, take_errors,
+    FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, KV_CACHE_TYPES, POOLING_TYPES, TOKEN_ATTR_CONTROL, lib,
+    llama_batch, llama_chat_message, llama_token, take_errors,
 )
 
 
@@ -206,6 +206,10 @@ class Vocab:
 
     def is_eog(self, token: int) -> bool:
         return bool(lib.llama_vocab_is_eog(self.ptr, token))
+
+    def is_control(self, token: int) -> bool:
+        """A special token (end of turn, role marker) rather than a piece of text."""
+        return bool(lib.llama_vocab_get_attr(self.ptr, token) & TOKEN_ATTR_CONTROL)
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         raw = text.encode("utf-8")

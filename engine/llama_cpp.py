@@ -36,6 +36,7 @@ FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED = -1, 0, 1
 KV_CACHE_TYPES = {"f32": (0, 4, 1), "f16": (1, 2, 1), "bf16": (30, 2, 1), "q8_0": (8, 34, 32), "q4_0": (2, 18, 32),
                   "q4_1": (3, 20, 32), "iq4_nl": (20, 18, 32), "q5_0": (6, 22, 32), "q5_1": (7, 24, 32)}
 POOLING_TYPES = {"unspecified": -1, "none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}  # enum llama_pooling_type
+TOKEN_ATTR_CONTROL = 1 << 3  # enum llama_token_attr: a special token (end of turn, role markers)
 GGML_LOG_LEVEL_DEBUG, GGML_LOG_LEVEL_INFO, GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 1, 2, 3, 4, 5
 
 
@@ -218,6 +219,7 @@ _PROTOTYPES = {
     "llama_vocab_eot": ([p_vocab], llama_token),
     "llama_vocab_is_eog": ([p_vocab, llama_token], _b),
     "llama_vocab_get_add_bos": ([p_vocab], _b),
+    "llama_vocab_get_attr": ([p_vocab, llama_token], C.c_int),
     "llama_tokenize": ([p_vocab, C.c_char_p, _i32, C.POINTER(llama_token), _i32, _b, _b], _i32),
     "llama_token_to_piece": ([p_vocab, llama_token, C.c_char_p, _i32, _i32, _b], _i32),
     "llama_detokenize": ([p_vocab, C.POINTER(llama_token), _i32, C.c_char_p, _i32, _b, _b], _i32),
@@ -239,9 +241,6 @@ _PROTOTYPES = {
     "llama_sampler_init_temp": ([_f], p_sampler),
     "llama_sampler_init_penalties": ([_i32, _i32, _f, _f, _f], p_sampler),
     "llama_sampler_init_logit_bias": ([_i32, _i32, C.POINTER(llama_logit_bias)], p_sampler),
-    "llama_sampler_init_grammar": ([p_vocab, _s, _s], p_sampler),
-    "llama_sampler_init_grammar_lazy_patterns": ([p_vocab, _s, _s, C.POINTER(_s), _sz, C.POINTER(llama_token), _sz],
-                                                 p_sampler),
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes as C
 import math
 
 import numpy as np
@@ -37,14 +36,6 @@ class SamplerChain(_Owner):
             items = list(p.logit_bias.items())
             arr = (llama_logit_bias * len(items))(*[llama_logit_bias(t, b) for t, b in items])
             self._add(lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr), "bad logit_bias")
-        if p.grammar:
-            why = "invalid GBNF grammar (llama.cpp could not parse it, or it has no 'root' rule)"
-            if p.grammar_triggers:
-                patterns = (C.c_char_p * len(p.grammar_triggers))(*[t.encode() for t in p.grammar_triggers])
-                self._add(lib.llama_sampler_init_grammar_lazy_patterns(
-                    vocab.ptr, p.grammar.encode(), b"root", patterns, len(patterns), None, 0), why)
-            else:
-                self._add(lib.llama_sampler_init_grammar(vocab.ptr, p.grammar.encode(), b"root"), why)
         # top-k before the penalties: llama.cpp's penalty sampler looks every candidate up in a hash map,
         # so over the whole vocabulary it costs ~100x what it does over top-k's few candidates
         if p.top_k > 0:

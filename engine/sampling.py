@@ -20,11 +20,10 @@ class SamplingParams:
     penalty_last_n: int = 64
     seed: int | None = None
     logit_bias: dict[int, float] | None = None
-    grammar: str | None = None
-    grammar_triggers: list[str] | None = None  # regexes: the grammar applies from the first match on (lazy)
+    grammar: str | None = None  # an llguidance grammar (engine/guidance.py): it masks the logits first
 
     @property
     def greedy(self) -> bool:
-        """Plain argmax: no temperature, penalty, bias or grammar to apply."""
+        """Plain argmax (of the grammar's mask, if any): no temperature, penalty or bias to apply."""
         return (self.temperature <= 0 and self.repeat_penalty == 1.0 and not self.presence_penalty
-                and not self.frequency_penalty and not self.logit_bias and not self.grammar)
+                and not self.frequency_penalty and not self.logit_bias)

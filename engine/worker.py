@@ -33,13 +33,13 @@ log = logging.getLogger("sentiric.worker")
 
 
 class _SeqSampling:
-    """How one sequence picks its tokens: a llama.cpp chain, or plain argmax; and whether an
-    end-of-generation token ends it."""
+    """How one sequence picks its tokens: a llama.cpp chain, or plain argmax, over the logits its
+    grammar's guide (engine/guidance.py) allows; and whether an end-of-generation token ends it."""
 
-    __slots__ = ("chain", "top_logprobs", "ignore_eos")
+    __slots__ = ("chain", "top_logprobs", "ignore_eos", "guide")
 
-    def __init__(self, chain, top_logprobs: int, ignore_eos: bool):
-        self.chain, self.top_logprobs, self.ignore_eos = chain, top_logprobs, ignore_eos
+    def __init__(self, chain, top_logprobs: int, ignore_eos: bool, guide=None):
+        self.chain, self.top_logprobs, self.ignore_eos, self.guide = chain, top_logprobs, ignore_eos, guide
 
 
 class _Adapters:
@@ -95,6 +95,7 @@ class Worker:
 
     def __init__(self, config: dict, buffers: list[StepBuffer]):
         from engine import llama, sampler_chain  # libllama loads in the worker after its logging is set up
+        from engine.guidance import Grammars
         self.llama, self.sampler_chain = llama, sampler_chain
         self.model = llama.Model(config["model_path"], n_gpu_layers=config["n_gpu_layers"])
         self.ctx = llama.Context(self.model, llama.ContextParams(**config["context"]))
@@ -112,6 +113,7 @@ class Worker:
         self.sampling: dict[int, _SeqSampling] = {}
         self.adapters = _Adapters(self.model, config["lora_dir"], config["lora_cache"])
         self.prefill_batch = None  # made when a stored prefix cannot be restored and is computed instead
+        self.grammars = Grammars(self.vocab)
 
     def hello(self) -> dict:
         return {"ready": True, "pid": os.getpid(), "n_ctx": self.ctx.n_ctx, "n_ctx_seq": self.ctx.n_ctx_seq,
@@ -170,7 +172,8 @@ class Worker:
             self.drop(seq)
             spec = op.payload
             chain = None if spec.params.greedy else self.sampler_chain.SamplerChain(self.vocab, spec.params)
-            self.sampling[seq] = _SeqSampling(chain, spec.top_logprobs, spec.ignore_eos)
+            guide = self.grammars.guide(spec.params.grammar) if spec.params.grammar else None
+            self.sampling[seq] = _SeqSampling(chain, spec.top_logprobs, spec.ignore_eos, guide)
         elif op.kind == OpKind.FREE:
             self.drop(seq)
             ctx.seq_rm(seq)
@@ -264,12 +267,14 @@ class Worker:
             seq, j = int(buf.seq[row]), int(out_row[row])
             at = j * burst + s
             smp = sampling.get(seq)
-            if smp is None:
+            if smp is None or (smp.guide is not None and not smp.guide.constrain(logits[k])):
                 token = -1
             elif smp.chain is None:
                 token = int(np.argmax(logits[k]))
             else:
                 token = smp.chain.sample(ctx, int(row))
+            if token >= 0 and smp.guide is not None:
+                smp.guide.accept(token)
             buf.out_token[at] = token
             buf.out_count[j] += 1
             if token < 0 or (not smp.ignore_eos and vocab.is_eog(token)):

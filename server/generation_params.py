@@ -1,21 +1,19 @@
 """The generation parameters of a request, checked: sampling (with the server's
 defaults for what it leaves out), stop strings, logit bias and the grammar a
-`grammar` or JSON `response_format` asks for."""
+`grammar` or JSON `response_format` asks for (server/structured.py)."""
 
 from __future__ import annotations
 
 import re
 
-from engine.llama import LlamaError
 from engine.sampling import SamplingParams
 from server.fields import Fields
-from server.json_grammar import SchemaError, json_object_grammar, json_schema_grammar
 from server.sampling_defaults import SamplingDefaults
+from server.structured import GrammarError, compile_grammar
 from server.tools import ToolUse
 
 MAX_STOP = 16
-# llama.cpp parses GBNF recursively on the caller's stack: ~20k nested parentheses or a ~60k-rule chain
-# overflow it and kill the process (the service itself, which checks grammars before admitting them)
+# GBNF is converted by a recursive parser on the event loop: bounded so a hostile grammar is refused quickly
 MAX_GRAMMAR_CHARS = 128 * 1024
 MAX_GRAMMAR_DEPTH = 256
 _GBNF_PARTS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[()]')  # literals, classes, comments, parens
@@ -24,15 +22,15 @@ INT32_MAX = 2**31 - 1
 
 def sampling(f: Fields, defaults: SamplingDefaults, engine, tools: ToolUse | None = None) -> SamplingParams:
     """Sampling settings: the request's values, the server's defaults for the rest; checked by the
-    engine (a grammar llama.cpp cannot parse, a token outside the vocabulary)."""
+    engine (a token outside the vocabulary)."""
     d = defaults
     last_n = f.number("repeat_last_n", d.repeat_last_n, lo=-1, hi=INT32_MAX, integer=True)
-    constraint, triggers = grammar(f), None
+    constraint = grammar(f)
     if tools is not None:
         if constraint:
             raise f.error("tools", "cannot be combined with 'grammar' or a JSON 'response_format' (the tools' "
                                    "own grammar shapes the calls); send one of them, or tool_choice \"none\"")
-        constraint, triggers = tools.grammar
+        constraint = tools.grammar
     # structured output repeats quotes, colons and commas by design: no default penalty for it; tool calls
     # keep it, or a small model repeats its call until max_tokens
     repeat_penalty = 1.0 if constraint and tools is None else d.repeat_penalty
@@ -50,13 +48,9 @@ def sampling(f: Fields, defaults: SamplingDefaults, engine, tools: ToolUse | Non
         seed=f.number("seed", None, integer=True),  # llama.cpp takes 32 bits: each choice's seed is masked
         logit_bias=logit_bias(f),
         grammar=constraint,
-        grammar_triggers=triggers,
     )
     try:
         engine.validate_sampling(params)
-    except LlamaError as exc:  # llama.cpp could not parse the grammar
-        field = "tools" if tools is not None else "grammar" if f.get("grammar") is not None else "response_format"
-        raise f.error(field, f"was rejected: {exc}") from None
     except ValueError as exc:  # a logit_bias token outside the vocabulary
         raise f.error("logit_bias", f"is not valid: {exc}") from None
     return params
@@ -93,17 +87,24 @@ def logit_bias(f: Fields) -> dict[int, float] | None:
 
 
 def grammar(f: Fields) -> str | None:
-    """A GBNF grammar from `grammar`, or compiled from a JSON `response_format`."""
-    given, fmt = f.get("grammar"), f.get("response_format")
+    """The llguidance grammar (server/structured.py) of `grammar` (GBNF), a JSON `response_format`
+    (OpenAI's json_object / json_schema, llama-server's {type: json_object, schema}) or llama-server's
+    top-level `json_schema`."""
+    given, fmt, schema = f.get("grammar"), f.get("response_format"), f.get("json_schema")
+    sent = [name for name, value in (("grammar", given), ("json_schema", schema)) if value is not None]
+    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+        sent.append("response_format")
+    if len(sent) > 1:
+        raise f.error(sent[0], f"cannot be combined with {sent[1]!r}; send one of them")
     if given is not None:
         if not isinstance(given, str) or not given.strip():
             raise f.error("grammar", "must be a non-empty GBNF string", "invalid_type")
-        if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
-            raise f.error("grammar", "cannot be combined with a JSON 'response_format'; send one of them")
         if len(given) > MAX_GRAMMAR_CHARS or _gbnf_depth(given) > MAX_GRAMMAR_DEPTH:
             raise f.error("grammar", f"is too big: at most {MAX_GRAMMAR_CHARS} characters and "
                                      f"{MAX_GRAMMAR_DEPTH} levels of nested parentheses are accepted")
-        return given
+        return _compiled(f, "grammar", "gbnf", given)
+    if schema is not None:
+        return _compiled(f, "json_schema", "json_schema", schema)
     if fmt is None:
         return None
     if not isinstance(fmt, dict):
@@ -112,18 +113,23 @@ def grammar(f: Fields) -> str | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_object_grammar()
+        if fmt.get("schema") is not None:  # llama-server's form
+            return _compiled(f, "response_format.schema", "json_schema", fmt["schema"])
+        return _compiled(f, "response_format", "json_object", None)
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or "schema" not in spec:
             raise f.error("response_format.json_schema", "must be an object with a 'schema'")
-        try:
-            return json_schema_grammar(spec["schema"])
-        except RecursionError:
-            raise f.error("response_format.json_schema", "is nested too deeply to be enforced") from None
-        except (SchemaError, TypeError, ValueError, AttributeError) as exc:  # a malformed schema
-            raise f.error("response_format.json_schema", f"cannot be enforced: {exc}") from None
+        strict = f.nested("response_format").nested("json_schema").flag("strict")
+        return _compiled(f, "response_format.json_schema", "json_schema", spec["schema"], strict=strict)
     raise f.error("response_format.type", f"is {kind!r}, not one of text, json_object, json_schema")
+
+
+def _compiled(f: Fields, name: str, kind: str, source, *, strict: bool = False) -> str:
+    try:
+        return compile_grammar(kind, source, strict=strict)
+    except GrammarError as exc:
+        raise f.error(name, exc.message) from None
 
 
 def _gbnf_depth(text: str) -> int:

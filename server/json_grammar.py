@@ -1,241 +1,196 @@
-"""JSON Schema -> GBNF, so `response_format` can constrain output to valid JSON.
+"""JSON Schema -> llguidance grammar: what a schema means for the answer's JSON.
 
-Covers what structured-output schemas use in practice: object (properties,
-required, additionalProperties), array (items, minItems, maxItems), string
-(enum, const, minLength, maxLength), number, integer, boolean, null, anyOf /
-oneOf, allOf of objects, type lists, $ref into $defs / definitions. Keywords
-that constrain values further (pattern, format, minimum...) are not enforced;
-keywords it cannot honour at all raise SchemaError. Properties are emitted in
-schema order, as OpenAI's structured outputs do.
+llguidance (engine/guidance.py) enforces types, properties, required, additionalProperties,
+items, prefixItems, minItems/maxItems, minLength/maxLength, pattern, format, enum, const,
+minimum/maximum/exclusive*/multipleOf, anyOf/oneOf/allOf and $ref (recursive too). This module
+adds what it leaves to its caller:
+- the layout: `{"a": 1, "b": [2, 3]}`, one space after ':' and ',' and no whitespace elsewhere,
+  none after the root value either, so the answer ends where its JSON does;
+- `uniqueItems` where a grammar can hold it (items from at most MAX_UNIQUE_VALUES values: an enum,
+  a const, booleans), `uniqueItems: false`, and OpenAPI's `nullable`;
+- strict: a keyword that cannot be enforced is refused, naming it; without strict it is ignored
+  and the caller is told which (a warning), never silently; an overlapping oneOf is read as anyOf;
+- bounds that refuse a hostile schema quickly: its size and nesting.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
-_PRIMITIVES = {
-    "ws": r"[ \t\n]{0,16}",
-    "boolean": '"true" | "false"',
-    "null": '"null"',
-    "integer": r'"-"? ("0" | [1-9] [0-9]{0,17})',
-    "number": r'"-"? ("0" | [1-9] [0-9]{0,17}) ("." [0-9]{1,17})? ([eE] [-+]? [0-9]{1,3})?',
-    "char": r'[^"\\\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})',
-    "string": r'"\"" char* "\""',
-    "value": "object | array | string | number | boolean | null",
-    "object": r'"{" ws ( string ws ":" ws value ( ws "," ws string ws ":" ws value )* )? ws "}"',
-    "array": r'"[" ws ( value ( ws "," ws value )* )? ws "]"',
-}
-_EMPTY = '""'
-_DEPENDS = {"string": ["char"], "value": ["object", "array", "string", "number", "boolean", "null"],
-            "object": ["ws", "string", "value"], "array": ["ws", "value"]}
+import llguidance
+
+LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# compiles in ~50 ms at worst (docs/structured-output.md); each sequence carries its grammar to the worker
+# through the step's 1 MiB blob: 16 sequences starting at once with 48 KiB grammars fit
+MAX_SCHEMA_CHARS = 48 * 1024
+MAX_DEPTH = 64
+MAX_UNIQUE_VALUES = 5  # 5 values: 326 arrays without repeats; 6 would be 1,957
+# keywords whose values are schemas, maps of schemas, lists of schemas
+_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+        "additionalItems", "unevaluatedItems", "unevaluatedProperties")
+_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+# counts: a whole float is read as the integer (gRPC's Struct carries every number as a double)
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
 
 
 class SchemaError(ValueError):
-    """The schema cannot be turned into a grammar."""
+    """A schema that cannot be enforced; `keyword` names the keyword at fault when one is."""
+
+    def __init__(self, message: str, keyword: str | None = None):
+        super().__init__(message)
+        self.keyword = keyword
 
 
-def json_object_grammar() -> str:
-    """Any JSON object (response_format {"type": "json_object"})."""
-    g = _Grammar({})
-    g.root(g.primitive("object"))
-    return g.text()
+def schema_grammar(schema, *, strict: bool) -> tuple[str, list[str]]:
+    """The llguidance grammar of the JSON documents `schema` accepts, and the keywords it ignores
+    (none under strict: those raise SchemaError)."""
+    prepared, ignored = prepare(schema, strict=strict)
+    return llguidance.LLMatcher.grammar_from_json_schema(prepared), ignored
 
 
-def json_schema_grammar(schema: dict | bool) -> str:
-    """A grammar whose sentences are the JSON documents `schema` accepts."""
-    g = _Grammar(schema if isinstance(schema, dict) else {})
-    g.root(g.visit(schema, "root-value"))
-    return g.text()
+def schema_lark(schema, *, strict: bool) -> tuple[str, list[str]]:
+    """The same as a Lark rule body (`%json {...}`), for grammars that embed JSON (tool calls)."""
+    prepared, ignored = prepare(schema, strict=strict)
+    return f"%json {json.dumps(prepared, ensure_ascii=False)}", ignored
 
 
-def tool_calls_grammar(tools: list[tuple[str, dict]], *, opener: str | None, closer: str | None,
-                       list_form: bool, arguments_key: str, several: bool) -> str:
-    """Calls to the named tools, each `{"name": ..., "<arguments_key>": <its schema>}`: wrapped in
-    opener/closer per call (`<tool_call>` ... `</tool_call>`), or after the opener as one JSON list
-    (`[TOOL_CALLS][...]`), or bare; one call, or several when `several`."""
-    g = _Grammar({})
-    ws = g.primitive("ws")
-    objects = []
-    for name, schema in tools:
-        g.root_schema, g.refs = schema, {}  # each tool's $refs point into its own schema
-        args = g.visit(schema, f"{name}-args")
-        objects.append(g.add(f"{name}-call", f'"{{" {ws} {_json_literal("name")} {ws} ":" {ws} {_json_literal(name)} '
-                                             f'{ws} "," {ws} {_json_literal(arguments_key)} {ws} ":" {ws} {args} {ws} "}}"'))
-    call = g.add("call", " | ".join(objects))
-    if list_form:
-        items = f'{call} ( {ws} "," {ws} {call} )*' if several else call
-        body = f'"[" {ws} {items} {ws} "]"'
-        g.root(f"{_literal(opener)} {ws} {body}" if opener else body)
-        return g.text()
-    if opener:
-        call = g.add("tagged-call", f"{_literal(opener)} {ws} {call} {ws} {_literal(closer)}")
-    g.root(f"{call} ( {ws} {call} )*" if several else call)
-    return g.text()
+def prepare(schema, *, strict: bool) -> tuple[dict, list[str]]:
+    """`schema` rewritten for llguidance with the layout and strictness in `x-guidance`."""
+    if schema is True:
+        schema = {}
+    if not isinstance(schema, dict):
+        raise SchemaError(f"a schema must be an object or true, not {type(schema).__name__}")
+    if len(json.dumps(schema)) > MAX_SCHEMA_CHARS:
+        raise SchemaError(f"is larger than {MAX_SCHEMA_CHARS // 1024} KiB of JSON")
+    ignored: list[str] = []
+    prepared = _rewrite(schema, strict, ignored, 0)
+    _Depth(prepared).of(prepared, 0)
+    return {**prepared, "x-guidance": {**LAYOUT, "lenient": not strict, "coerce_one_of": not strict}}, ignored
 
 
-def _literal(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-    return f'"{escaped}"'
+def problem(message: str, strict: bool) -> SchemaError:
+    """llguidance's complaint about a prepared schema, as a SchemaError naming the keyword."""
+    keys = re.search(r"Unimplemented keys: \[(.*?)\]", message)
+    if keys:
+        names = [k.strip(' "') for k in keys.group(1).split(",")]
+        return SchemaError(f"uses {', '.join(names)}, which cannot be enforced" +
+                           (" (remove it, or set strict to false to have it ignored)" if strict else ""), names[0])
+    if "oneOf constraints are not supported" in message:
+        return SchemaError("uses oneOf with branches a value could match together, which cannot be enforced "
+                           "(use anyOf, or set strict to false to have it read as anyOf)", "oneOf")
+    fmt = re.search(r"Unknown format: (\S+)", message)
+    if fmt:
+        return SchemaError(f"uses format {fmt.group(1)!r}, which cannot be enforced (enforced: date, time, "
+                           "date-time, duration, uuid, email, hostname, uri, ipv4, ipv6)", "format")
+    if "regex parse error" in message:
+        why = message.strip().splitlines()[-1].removeprefix("error: ")
+        return SchemaError(f"has a pattern that cannot be enforced: {why}", "pattern")
+    pointer = re.search(r"Pointer '(.*?)' does not exist", message)
+    if pointer:
+        return SchemaError(f"cannot be enforced: a $ref points to #{pointer.group(1)}, which does not exist", "$ref")
+    if "recursion limit" in message:
+        return SchemaError(f"is nested too deeply (more than {MAX_DEPTH} levels)")
+    return SchemaError(f"cannot be enforced: {message.strip().splitlines()[0]}")
 
 
-def _json_literal(value) -> str:
-    return _literal(json.dumps(value, ensure_ascii=False))
+def _rewrite(schema, strict: bool, ignored: list[str], depth: int):
+    """A copy of `schema` with its subschemas rewritten (uniqueItems, nullable, counts)."""
+    if depth > MAX_DEPTH:
+        raise SchemaError(f"is nested too deeply (more than {MAX_DEPTH} levels)")
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _ONE:
+            value = _rewrite(value, strict, ignored, depth + 1)
+        elif key in _MAPS and isinstance(value, dict):
+            value = {k: _rewrite(v, strict, ignored, depth + 1) for k, v in value.items()}
+        elif key in _LISTS and isinstance(value, list):
+            value = [_rewrite(v, strict, ignored, depth + 1) for v in value]
+        elif key in _COUNTS and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        out[key] = value
+    if "uniqueItems" in out:
+        out = _unique(out, strict, ignored)
+    nullable = out.pop("nullable", False)
+    return {"anyOf": [out, {"type": "null"}]} if nullable is True else out
 
 
-class _Grammar:
-    def __init__(self, root_schema: dict):
-        self.root_schema = root_schema
-        self.rules: dict[str, str] = {}
-        self.refs: dict[str, str] = {}
+class _Depth:
+    """How deeply a schema nests counting through its $refs: llguidance compiles a chain of refs
+    recursively and ~3,000 levels overflow its stack (the process dies), so more than MAX_DEPTH is
+    refused first. A ref back into the chain being walked (a recursive schema) adds nothing."""
 
-    def text(self) -> str:
-        return "".join(f"{name} ::= {body}\n" for name, body in self.rules.items())
+    def __init__(self, root: dict):
+        self.root, self.done, self.walking = root, {}, set()
 
-    def root(self, rule: str) -> None:
-        self.rules = {"root": f"ws {rule} ws", **self.rules}
-        self.primitive("ws")
-
-    def primitive(self, name: str) -> str:
-        if name not in self.rules:
-            self.rules[name] = _PRIMITIVES[name]
-            for dep in _DEPENDS.get(name, []):
-                self.primitive(dep)
-        return name
-
-    def add(self, hint: str, body: str) -> str:
-        base = re.sub(r"[^a-zA-Z0-9-]+", "-", hint).strip("-").lower() or "rule"
-        name, i = base, 1
-        while name in self.rules or name in _PRIMITIVES:
-            i += 1
-            name = f"{base}{i}"
-        self.rules[name] = body
-        return name
-
-    def visit(self, schema, hint: str) -> str:
-        """The name of a rule matching `schema`."""
-        if schema is True or schema == {}:
-            return self.primitive("value")
+    def of(self, schema, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise SchemaError(f"is nested too deeply (more than {MAX_DEPTH} levels, counting through $refs)")
         if not isinstance(schema, dict):
-            raise SchemaError(f"a schema must be an object or a boolean, not {type(schema).__name__}")
-        if "$ref" in schema:
-            return self.ref(schema["$ref"])
-        if "const" in schema:
-            return self.add(hint, _json_literal(schema["const"]))
-        if "enum" in schema:
-            if not isinstance(schema["enum"], list) or not schema["enum"]:
-                raise SchemaError("enum must be a non-empty list")
-            return self.add(hint, " | ".join(_json_literal(v) for v in schema["enum"]))
-        for key in ("anyOf", "oneOf"):
-            if key in schema:
-                options = schema[key]
-                if not isinstance(options, list) or not options:
-                    raise SchemaError(f"{key} must be a non-empty list of schemas")
-                return self.add(hint, " | ".join(self.visit(s, f"{hint}-{i}") for i, s in enumerate(options)))
-        if "allOf" in schema:
-            return self.visit(self.merge(schema), hint)
-        kind = schema.get("type")
-        if isinstance(kind, list):
-            return self.add(hint, " | ".join(self.visit({**schema, "type": k}, f"{hint}-{k}") for k in kind))
-        if kind is None:
-            kind = "object" if "properties" in schema else "array" if "items" in schema else None
-        if kind is None:
-            return self.primitive("value")
-        if kind == "object":
-            return self.object(schema, hint)
-        if kind == "array":
-            return self.array(schema, hint)
-        if kind == "string":
-            return self.string(schema, hint)
-        if kind in ("number", "integer", "boolean", "null"):
-            return self.primitive(kind)
-        raise SchemaError(f"unsupported type {kind!r}")
+            return 0
+        below = [self.ref(schema["$ref"], depth)] if isinstance(schema.get("$ref"), str) else []
+        for key, value in schema.items():
+            if key in _ONE:
+                below.append(self.of(value, depth + 1))
+            elif key in _MAPS and isinstance(value, dict) and key not in ("$defs", "definitions"):
+                below += [self.of(v, depth + 1) for v in value.values()]
+            elif key in _LISTS and isinstance(value, list):
+                below += [self.of(v, depth + 1) for v in value]
+        return 1 + max(below, default=0)
 
-    def ref(self, ref: str) -> str:
-        if ref in self.refs:
-            return self.refs[ref]
-        match = re.fullmatch(r"#/(\$defs|definitions)/([^/]+)", ref) if isinstance(ref, str) else None
-        if ref == "#":
-            target = self.root_schema
-        elif match and match.group(2) in self.root_schema.get(match.group(1), {}):
-            target = self.root_schema[match.group(1)][match.group(2)]
-        else:
-            raise SchemaError(f"cannot resolve $ref {ref!r} (only '#', '#/$defs/...' and '#/definitions/...')")
-        name = self.add(f"ref-{ref.rsplit('/', 1)[-1]}", "")  # reserve the name first: refs may recurse
-        self.refs[ref] = name
-        self.rules[name] = self.visit(target, f"{name}-body")
-        return name
+    def ref(self, ref: str, depth: int) -> int:
+        if ref in self.walking:
+            return 0
+        if ref not in self.done:
+            target = self.root
+            for part in ref.removeprefix("#").split("/")[1:] if ref.startswith("#") else [None]:
+                part = part and part.replace("~1", "/").replace("~0", "~")
+                target = target.get(part) if isinstance(target, dict) else None
+            self.walking.add(ref)
+            self.done[ref] = self.of(target, depth + 1) if isinstance(target, dict) else 0
+            self.walking.discard(ref)
+        if depth + self.done[ref] > MAX_DEPTH:
+            raise SchemaError(f"is nested too deeply (more than {MAX_DEPTH} levels, counting through $refs)")
+        return self.done[ref]
 
-    def merge(self, schema: dict) -> dict:
-        merged = {k: v for k, v in schema.items() if k != "allOf"}
-        for part in schema["allOf"]:
-            part = self.resolved(part)
-            if part.get("type", "object") != "object":
-                raise SchemaError("allOf is supported for object schemas only")
-            merged["type"] = "object"
-            merged["properties"] = {**merged.get("properties", {}), **part.get("properties", {})}
-            merged["required"] = [*merged.get("required", []), *part.get("required", [])]
-        return merged
 
-    def resolved(self, part):
-        while isinstance(part, dict) and "$ref" in part:
-            name = part["$ref"].rsplit("/", 1)[-1]
-            part = self.root_schema.get("$defs", self.root_schema.get("definitions", {})).get(name)
-            if part is None:
-                raise SchemaError(f"cannot resolve $ref {name!r}")
-        if not isinstance(part, dict):
-            raise SchemaError("allOf must list object schemas")
-        return part
+def _unique(schema: dict, strict: bool, ignored: list[str]) -> dict:
+    """uniqueItems as a grammar: the arrays without repeats over a small finite set of items, listed."""
+    rest = {k: v for k, v in schema.items() if k != "uniqueItems"}
+    if schema["uniqueItems"] is not True:
+        return rest
+    values = _finite_values(rest.get("items"))
+    if values is not None and len(values) <= MAX_UNIQUE_VALUES and "prefixItems" not in rest:
+        lo, hi = rest.get("minItems", 0), rest.get("maxItems", len(values))
+        lo, hi = (lo, hi) if isinstance(lo, int) and isinstance(hi, int) else (1, 0)  # malformed: llguidance says
+        arrays = [list(p) for n in range(lo, min(hi, len(values)) + 1) for p in itertools.permutations(values, n)]
+        if arrays:
+            kept = {k: v for k, v in rest.items() if k in ("title", "description", "$defs", "definitions")}
+            return {**kept, "enum": arrays}
+    if strict:
+        raise SchemaError(f"uses uniqueItems over items that are not one of at most {MAX_UNIQUE_VALUES} values "
+                          "(an enum, a const, booleans), which cannot be enforced (remove it, or set strict to "
+                          "false to have it ignored)", "uniqueItems")
+    ignored.append("uniqueItems")
+    return rest
 
-    def object(self, schema: dict, hint: str) -> str:
-        props = schema.get("properties") or {}
-        if not isinstance(props, dict):
-            raise SchemaError("properties must be an object")
-        if not props:
-            return self.primitive("object")
-        required = set(schema.get("required") or [])
-        unknown = required - set(props)
-        if unknown:
-            raise SchemaError(f"required names properties that are not defined: {sorted(unknown)}")
-        ws = self.primitive("ws")
-        pairs = [(f'{_json_literal(key)} {ws} ":" {ws} {self.visit(sub, f"{hint}-{key}")}', key in required)
-                 for key, sub in props.items()]
-        # first[i]: properties i.. when none was written yet; rest[i]: when one was (needs a comma)
-        first, rest = [""] * (len(pairs) + 1), [""] * (len(pairs) + 1)
-        for i in range(len(pairs) - 1, -1, -1):
-            pair, needed = pairs[i]
-            after = rest[i + 1]
-            with_it = f"{pair} {after}".strip()
-            rest_body = f'{ws} "," {ws} {with_it}'
-            if needed:
-                first[i] = with_it
-            else:
-                first[i] = self.add(f"{hint}-first{i}", f"( {with_it} ) | {first[i + 1] or _EMPTY}")
-                rest_body = f"( {rest_body} ) | {rest[i + 1] or _EMPTY}"
-            if i:  # rest[0] would follow nothing
-                rest[i] = self.add(f"{hint}-rest{i}", rest_body)
-        return self.add(hint, f'"{{" {ws} {first[0]} {ws} "}}"')
 
-    def array(self, schema: dict, hint: str) -> str:
-        item = self.visit(schema.get("items", True), f"{hint}-item")
-        ws = self.primitive("ws")
-        lo, hi = int(schema.get("minItems", 0)), schema.get("maxItems")
-        if hi is not None and int(hi) < lo:
-            raise SchemaError("maxItems is smaller than minItems")
-        more = f'( {ws} "," {ws} {item} )'
-        if hi is None:
-            tail = f"{more}{{{max(lo - 1, 0)},}}"
-        else:
-            tail = f"{more}{{{max(lo - 1, 0)},{max(int(hi) - 1, 0)}}}"
-        body = f"{item} {tail}"
-        if lo == 0:
-            body = f"( {body} )?" if hi != 0 else _EMPTY
-        return self.add(hint, f'"[" {ws} {body} {ws} "]"')
-
-    def string(self, schema: dict, hint: str) -> str:
-        lo, hi = schema.get("minLength"), schema.get("maxLength")
-        if lo is None and hi is None:
-            return self.primitive("string")
-        char = self.primitive("char")
-        reps = f"{{{int(lo or 0)},{'' if hi is None else int(hi)}}}"
-        return self.add(hint, f'"\\"" {char}{reps} "\\""')
+def _finite_values(items) -> list | None:
+    """The values an items schema allows when they are few and listed (enum, const, boolean)."""
+    if not isinstance(items, dict):
+        return None
+    if "const" in items:
+        return [items["const"]]
+    if isinstance(items.get("enum"), list):
+        unique = []
+        for v in items["enum"]:
+            if v not in unique:
+                unique.append(v)
+        return unique
+    if items.get("type") == "boolean":
+        return [True, False]
+    return None

@@ -18,7 +18,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from server.json_grammar import SchemaError, tool_calls_grammar
+from server.json_grammar import SchemaError, schema_lark
+from server.structured import GrammarError, compile_grammar
 
 NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 GENERIC_PREAMBLE = """You can use these tools; each is described by a JSON Schema of its arguments:
@@ -57,20 +58,19 @@ class ToolUse:
                                                        for t in self.tools))
 
     @functools.cached_property
-    def grammar(self) -> tuple[str, list[str] | None]:
-        """A GBNF grammar for the calls, and the trigger patterns that start it (None: from the
-        first token). Compiled once: parse_tools checks it, sampling uses it."""
-        schemas = [(t["function"]["name"], t["function"].get("parameters") or {"type": "object"})
-                   for t in self.tools if self.choice in ("auto", "required") or t["function"]["name"] == self.choice]
+    def grammar(self) -> str:
+        """The llguidance grammar of the calls (server/structured.py): from the first token with
+        `required` or a named function; with `auto` lazy, free text until the format's trigger and
+        valid calls from there on. Compiled once: parse_tools checks it, sampling uses it."""
+        tools = [(t["function"]["name"], t["function"].get("parameters") or {"type": "object"},
+                  t["function"].get("strict") is True)
+                 for t in self.tools if self.choice in ("auto", "required") or t["function"]["name"] == self.choice]
         opener, closer = FORMATS[self.format]
-        grammar = tool_calls_grammar(schemas, opener=opener, closer=closer, list_form=self.format == "list",
-                                     arguments_key="parameters" if self.format == "bare" else "arguments",
-                                     several=self.parallel and self.format != "bare" and self.choice in ("auto", "required"))
-        if self.choice != "auto":
-            return grammar, None
-        if opener:
-            return grammar, [re.escape(opener)]
-        return grammar, [r'^\s*(\{\s*"name")[\s\S]*$']  # a bare call is the whole answer
+        lark = calls_lark(tools, opener=opener, closer=closer, list_form=self.format == "list",
+                          arguments_key="parameters" if self.format == "bare" else "arguments",
+                          several=self.parallel and self.format != "bare" and self.choice in ("auto", "required"),
+                          lazy=self.choice == "auto")
+        return compile_grammar("lark", lark)
 
     def message(self, m: dict) -> dict:
         """A history message (checked) in the shape this template reads."""
@@ -83,6 +83,49 @@ class ToolUse:
         if m["role"] == "tool":
             return {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
         return m
+
+
+def calls_lark(tools: list[tuple[str, dict, bool]], *, opener: str | None, closer: str | None, list_form: bool,
+               arguments_key: str, several: bool, lazy: bool) -> str:
+    """Lark for calls to the named tools, each `{"name": ..., "<arguments_key>": <its schema>}` (under
+    strict when the tool says so): wrapped in opener/closer per call (`<tool_call>` ... `</tool_call>`),
+    or after the opener as one JSON list (`[TOOL_CALLS][...]`), or bare; one call, or several when
+    `several`. Lazy: any text that does not hold the opener (a bare call: that does not start with
+    `{`), or such text, the opener, and calls to the end."""
+    rules = ["%llguidance {}", "WS: /[ \\n]?/"]
+    for i, (name, schema, strict) in enumerate(tools):
+        try:
+            args, _ = schema_lark(schema, strict=strict)
+        except SchemaError as exc:
+            raise GrammarError(f"{name}: {exc}", exc.keyword) from None
+        head = json.dumps(f'{{"name": {json.dumps(name)}, "{arguments_key}": ')
+        rules += [f"call_{i}: {head} args_{i} \"}}\"", f"args_{i}: {args}"]
+    rules.append(f"call: {' | '.join(f'call_{i}' for i in range(len(tools)))}")
+    if list_form:
+        more = ' (", " call)*' if several else ""
+        after = f'WS "[" call{more} "]"'
+    elif opener:
+        closing = f"WS {json.dumps(closer)}"
+        if several:
+            rules.append(f"tagged: {json.dumps(opener)} WS call {closing}")
+        after = f"WS call {closing}{' (WS tagged)*' if several else ''}"
+    if not opener:
+        start = after.removeprefix("WS ") if list_form else "call"
+        if lazy:  # a bare call is the whole answer: anything that does not start with "{" is text
+            rules.append("TEXT: /(.|\\n)*/ & ~/\\s*\\{(.|\\n)*/")
+            start = f"TEXT | WS {start}"
+    elif lazy:
+        rules += [f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{_regex(opener)}(.|\\n)*/", f"LEAD: TEXT {json.dumps(opener)}"]
+        start = f"TEXT | LEAD {after}"
+    else:
+        start = f"{json.dumps(opener)} {after}"
+    rules.append(f"start: {start}")
+    return "\n".join(rules) + "\n"
+
+
+def _regex(text: str) -> str:
+    """`text` as a literal inside a Lark /regex/."""
+    return re.escape(text).replace("/", "\\/")
 
 
 def call_format(template_source: str | None) -> str:
@@ -127,9 +170,7 @@ def parse_tools(f, template) -> ToolUse | None:
                   native=template.supports_tools, format=call_format(template.source))
     try:
         use.grammar  # noqa: B018 (compiled here, so a schema it cannot enforce is the request's 400)
-    except RecursionError:
-        raise f.error("tools", "has a parameters schema nested too deeply to be enforced") from None
-    except (SchemaError, TypeError, ValueError, AttributeError) as exc:
+    except GrammarError as exc:
         raise f.error("tools", f"has a parameters schema that cannot be enforced: {exc}") from None
     return use
 

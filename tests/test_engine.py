@@ -197,12 +197,12 @@ def test_logprobs(eng):
 
 def test_bad_grammar_is_rejected_before_scheduling(eng):
     with pytest.raises(Exception, match="grammar"):
-        eng.engine.validate_sampling(SamplingParams(grammar="root ::= ("))
+        eng.engine.validate_sampling(SamplingParams(grammar='start: "yes" | ('))
 
 
 def test_grammar_constrains_output(eng):
     req = Request(prompt=eng.prompt("Is the sky blue? Answer yes or no."), max_tokens=8,
-                  sampling=SamplingParams(temperature=0.8, seed=3, grammar='root ::= "yes" | "no"'))
+                  sampling=SamplingParams(temperature=0.8, seed=3, grammar='start: "yes" | "no"'))
     text, out = eng.generate(req)[0]
     assert text in ("yes", "no")
 

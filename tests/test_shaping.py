@@ -114,7 +114,7 @@ def test_a_template_with_tools_shows_them_itself():
     text = engine.model.vocab.detokenize(gen.prompt)
     assert text == ('<tools>get_weather;</tools>\n<user>Weather in Paris?\n'
                     '<assistant><tool_call>get_weather {"city": "Paris"}</tool_call>\n<tool>21 C\n')
-    assert gen.requests[0].sampling.grammar_triggers == ["<tool_call>"]  # auto: a lazy grammar
+    assert "LEAD: TEXT" in gen.requests[0].sampling.grammar  # auto: a lazy grammar, free text until the tag
 
 
 @pytest.mark.model
@@ -126,7 +126,7 @@ def test_a_template_without_tools_gets_the_generic_preamble_and_tags():
     assert text.startswith("<user>You can use these tools") and '"name": "get_weather"' in text
     assert ('<assistant><tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
             '<user><tool_response>\n21 C\n</tool_response>\n') in text
-    assert gen.requests[0].sampling.grammar_triggers is None  # required: the grammar holds from the first token
+    assert 'start: "<tool_call>"' in gen.requests[0].sampling.grammar  # required: a call from the first token
     assert gen.answer.tool_names == {"get_weather"}
     none = Shaper(engine).chat({"messages": TOOL_HISTORY, "tools": [TOOL], "tool_choice": "none"})
     assert none.answer.tool_names is None and none.requests[0].sampling.grammar is None

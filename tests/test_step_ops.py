@@ -22,7 +22,7 @@ def buf():
 
 def test_every_op_kind_round_trips(buf):
     spec = SamplerSpec(SamplingParams(temperature=0.7, top_k=40, seed=5, logit_bias={17: -100.0, 3: 2.5},
-                                      grammar='root ::= "a"', grammar_triggers=["<tool>"]), top_logprobs=3,
+                                      grammar='start: "a"'), top_logprobs=3,
                        ignore_eos=True)
     ops = [Op(OpKind.FREE, 4), Op(OpKind.COPY, 2, src=1, n=30), Op(OpKind.START, 2, payload=spec),
            Op(OpKind.TRIM, 1, n=12), Op(OpKind.ADAPTERS, payload=(("legal", 0.5), ("tone", 1.0))),

@@ -1,17 +1,16 @@
 """Tool calls and thinking sections read out of model text, whole and streamed in pieces of every
-size, on outputs in each family's native format; and the grammars that force those formats, built
-by llama.cpp itself."""
+size, on outputs in each family's native format; and the grammars that force those formats,
+checked by llguidance against the model's vocabulary."""
 
 import json
 
+import llguidance
 import pytest
 
+from engine.guidance import token_table
 from engine.llama import Model
-from engine.sampler_chain import SamplerChain
-from engine.sampling import SamplingParams
 from engine.model_files import ensure_default_model
 from server.answers import AnswerFormat, ChatAnswer
-from server.json_grammar import tool_calls_grammar
 from server.reasoning import ReasoningSplitter, opened_by_prompt
 from server.tool_parser import Arguments, CallStart, Content, ToolCallParser
 from server.tools import FORMATS, ToolUse, call_format
@@ -150,9 +149,9 @@ def test_answer_without_tools_or_reasoning_is_content_only():
 
 
 @pytest.fixture(scope="module")
-def vocab():
+def table():
     with Model(ensure_default_model(), vocab_only=True) as model:
-        yield model.vocab
+        yield token_table(model.vocab)
 
 
 SCHEMAS = [("get_weather", {"type": "object", "properties": {"city": {"type": "string"},
@@ -160,26 +159,50 @@ SCHEMAS = [("get_weather", {"type": "object", "properties": {"city": {"type": "s
                             "required": ["city"]}),
            ("add", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                     "$defs": {"n": {"type": "number"}}})]
+# per format: calls as the grammar lays them out, and a start it must refuse
+CALLS = {
+    "tag": ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>',
+            '<tool_call>\n{"name": "get_weather", "arguments": {"unit": "kelvin"'),
+    "list": ('[TOOL_CALLS] [{"name": "add", "arguments": {"a": 2, "b": 3}}, {"name": "get_weather", "arguments": '
+             '{"city": "Rome"}}]', '[TOOL_CALLS] [{"name": "search_web"'),
+    "bare": ('{"name": "add", "parameters": {"a": 2}}', '{"name": "add", "parameters": {"a": "two"'),
+}
+
+
+def accepts(table, grammar: str, text: str) -> bool:
+    """Whether the grammar takes all of `text` and may end there."""
+    matcher = llguidance.LLMatcher(table, grammar)
+    tokens = table.tokenize_str(text)
+    return matcher.consume_tokens(tokens) and matcher.is_accepting()
+
+
+def takes_start(table, grammar: str, text: str) -> bool:
+    tokens = table.tokenize_str(text)
+    return llguidance.LLMatcher(table, grammar).validate_tokens(tokens) == len(tokens)
 
 
 @pytest.mark.model
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("lazy", [False, True])
-def test_tool_grammars_are_accepted_by_llama_cpp(vocab, fmt, lazy):
+def test_tool_grammars_take_valid_calls_and_refuse_others(table, fmt, lazy):
     use = ToolUse(tools=[{"type": "function", "function": {"name": n, "parameters": s}} for n, s in SCHEMAS],
                   choice="auto" if lazy else "required", parallel=True, native=False, format=fmt)
-    grammar, triggers = use.grammar
-    assert (triggers is not None) == lazy
-    with SamplerChain(vocab, SamplingParams(grammar=grammar, grammar_triggers=triggers)) as chain:
-        assert len(chain) >= 1
+    good, bad = CALLS[fmt]
+    text = "Let me check. " if lazy and fmt != "bare" else ""
+    assert accepts(table, use.grammar, text + good)
+    assert not takes_start(table, use.grammar, text + bad)
+    assert accepts(table, use.grammar, "The capital is Paris.") == lazy  # auto: the model may answer instead
 
 
-@pytest.mark.unit
-def test_named_tool_grammar_allows_only_that_tool():
-    grammar = tool_calls_grammar([SCHEMAS[0]], opener="<tool_call>", closer="</tool_call>", list_form=False,
-                                 arguments_key="arguments", several=False)
-    assert '"\\"get_weather\\""' in grammar and "add" not in grammar
-    assert "root ::= ws tagged-call ws" in grammar  # one call only
+@pytest.mark.model
+def test_named_tool_grammar_allows_only_that_tool(table):
+    use = ToolUse(tools=[{"type": "function", "function": {"name": n, "parameters": s}} for n, s in SCHEMAS],
+                  choice="get_weather", parallel=True, native=False, format="tag")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert accepts(table, use.grammar, call)
+    assert not accepts(table, use.grammar, call + "\n" + call)  # one call only
+    assert not takes_start(table, use.grammar, '<tool_call>\n{"name": "add"')
 
 
 @pytest.mark.unit

@@ -54,13 +54,16 @@ def _sampling(d: SamplingDefaults) -> dict:
         "n": _integer("Number of choices; they share the prompt's prefill.", minimum=1, default=1),
         "stream": {"type": "boolean", "default": False, "description": "Answer as Server-Sent Events."},
         "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
-        "response_format": {"description": "Constrain the output to JSON (compiled to a GBNF grammar).", "oneOf": [
-            {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}, "required": ["type"]},
+        "response_format": {"description": "Constrain the output to JSON (docs/structured-output.md); strict: a "
+                            "keyword that cannot be enforced is a 400 naming it.", "oneOf": [
+            {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]},
+                                              "schema": {"type": "object"}}, "required": ["type"]},
             {"type": "object", "required": ["type", "json_schema"], "properties": {
                 "type": {"const": "json_schema"},
                 "json_schema": {"type": "object", "required": ["schema"], "properties": {
                     "name": {"type": "string"}, "strict": {"type": "boolean"}, "schema": {"type": "object"}}}}}]},
         "grammar": {"type": "string", "description": "A raw GBNF grammar (llama.cpp syntax) with a 'root' rule."},
+        "json_schema": {"type": "object", "description": "llama-server's form: a JSON Schema the answer follows."},
         "ignore_eos": {"type": "boolean", "default": False, "description": "Keep generating past end of generation."},
         "user": {"type": "string", "description": "Accepted and ignored."},
         "lora_adapter": {"type": ["string", "null"], "description": "A LoRA adapter from --lora-dir (file name "

@@ -6,6 +6,7 @@ import time
 
 from aiohttp import web
 
+from server import structured
 from server.admission import Admission
 from server.refusal import invalid
 from server.web.errors import json_response, read_json
@@ -59,7 +60,8 @@ class ServiceRoutes:
         return json_response({"model": served.alias, "profile": served.profile.name, "ready": served.engine.ready,
                               "worker_pids": served.engine.worker_pids(), **served.engine.stats(),
                               "embeddings": served.embedder.stats(),
-                              "cpu_turns": served.engine.cpu_turns.stats() if served.engine.cpu_turns else None})
+                              "cpu_turns": served.engine.cpu_turns.stats() if served.engine.cpu_turns else None,
+                              "grammars": structured.stats()})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return prometheus(self.admission.metrics)
