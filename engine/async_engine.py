@@ -205,7 +205,7 @@ class AsyncEngine:
         if len(request.prompt) >= self.n_ctx:
             raise ValueError(f"the prompt has {len(request.prompt)} tokens but the context holds {self.n_ctx}")
         stream = Stream(request, asyncio.Queue())
-        stream.seq = self._scheduler.add(request)  # raises Overloaded
+        stream.seq = self._scheduler.add(request)  # raises Overloaded, ValueError
         self._streams[stream.seq] = stream
         self._cut_bursts()
         self._pump_later()

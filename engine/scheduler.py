@@ -48,7 +48,7 @@ from engine.kv_ledger import KvLedger
 from engine.prefix_cache import WAIT, CacheEntry, Source
 from engine.request import Overloaded, Request
 from engine.sequence import Sequence
-from engine.step import Op, OpKind, Row, SamplerSpec, StepPlan
+from engine.step import PAYLOAD_BYTES, Op, OpKind, Row, SamplerSpec, StepPlan
 from engine.worker_state import WorkerState
 
 MAX_PASSED_OVER = 2      # steps in a row a prompt may wait for shorter ones (Scheduler.prompt_halves)
@@ -88,6 +88,9 @@ class Scheduler:
         if len(self.waiting) >= self.max_waiting and not front:
             raise Overloaded(f"the server is at capacity ({self.max_waiting} requests already waiting); retry shortly")
         seq = Sequence(request)
+        if seq.start_bytes > PAYLOAD_BYTES // 2:
+            raise ValueError(f"the grammar and sampling settings take {seq.start_bytes} bytes; at most "
+                             f"{PAYLOAD_BYTES // 2} fit a decode step")
         (self.waiting.appendleft if front else self.waiting.append)(seq)
         return seq
 
@@ -221,11 +224,16 @@ class Scheduler:
         return True
 
     def _admit(self, plans: dict) -> None:
+        room = PAYLOAD_BYTES // 2  # for the START payloads of one step; the rest stays for the other ops
         for seq in list(self.waiting):
+            payload = seq.start_bytes
+            if payload > room:  # this step carries enough grammars already: the next one starts it
+                continue
             choice = self._place(seq, plans)
             if choice is None:
                 continue
             w, source, seq_id = choice
+            room -= payload
             self.waiting.remove(seq)
             self._start(plans[w.index], seq, source, seq_id)
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from engine.kv_ledger import Span
 from engine.request import Request
-from engine.step import PENDING_TOKEN
+from engine.step import PENDING_TOKEN, start_bytes
 
 
 class Sequence:
@@ -16,6 +16,7 @@ class Sequence:
         self.adapters = request.adapters
         self.tokens: list[int] = list(request.prompt)  # prompt + generated
         self.n_prompt = len(request.prompt)
+        self.start_bytes = start_bytes(request.sampling)  # its START op's payload (Scheduler._admit)
         self.worker = None        # the WorkerState running it
         self.seq_id = -1
         self.span: Span | None = None

@@ -16,6 +16,7 @@ import orjson
 
 from engine.sampling import SamplingParams
 
+PAYLOAD_BYTES = 1 << 20  # the op payloads one step carries (sampling settings with grammars, adapter sets, files)
 PENDING_TOKEN = -1  # a decode row's input: the token the worker sampled last for this sequence
 
 
@@ -28,6 +29,12 @@ class OpKind(IntEnum):
     SAVE = 6      # write seq's KV to a store file (payload: its StoreFile) before it is freed
     RESTORE = 7   # seq's KV = the first n positions of a store file's (payload: its StoreFile); computed
                   # from the tokens instead when the file cannot be used (the op then reports failure)
+
+
+def start_bytes(params: SamplingParams) -> int:
+    """At most the bytes a START op's payload takes: its grammar, its logit biases and the rest of the
+    settings. A step starts sequences only while their payloads fit half of PAYLOAD_BYTES."""
+    return 4096 + len(orjson.dumps(params.grammar)) + 32 * len(params.logit_bias or ())
 
 
 class SamplerSpec(NamedTuple):

@@ -22,7 +22,7 @@ import uuid
 import numpy as np
 import orjson
 
-from engine.step import Op, StepPlan
+from engine.step import PAYLOAD_BYTES, Op, StepPlan
 
 MAX_TOP_LOGPROBS = 20
 
@@ -76,7 +76,7 @@ class StepBuffer:
             setattr(self, name, np.frombuffer(self._mmap, dtype, count, off).reshape(shape))
 
     @classmethod
-    def create(cls, n_batch: int, max_ops: int = 256, blob_size: int = 1 << 20) -> "StepBuffer":
+    def create(cls, n_batch: int, max_ops: int = 256, blob_size: int = PAYLOAD_BYTES) -> "StepBuffer":
         path = f"{SHM_DIR}/sentiric-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         return cls(path, n_batch, max_ops, blob_size, create=True)
 

@@ -462,3 +462,22 @@ def test_a_cache_entry_within_the_budget_is_kept_whole_for_the_next_turn():
     state, first, _, ops = answer_then_newcomer(cache_cells=1024)
     assert not [op for op in ops if op.kind == OP_TRIM]
     assert len(state.cache[first.seq_id].tokens) == 340
+
+
+def test_a_step_starts_only_the_grammars_its_payload_holds():
+    """START payloads (a grammar each) share half of a step's payload bytes: the rest start next step,
+    so many large grammars arriving together never overflow the shared-memory step."""
+    from engine.sampling import SamplingParams
+    from engine.step import PAYLOAD_BYTES, start_bytes
+    sched = make(parallel=8, max_waiting=16)
+    params = SamplingParams(grammar="root ::= " + '"x"' * 40_000)  # 120 KB
+    seqs = [sched.add(Request(prompt=list(range(1 + i, 11 + i)), max_tokens=5, sampling=params)) for i in range(8)]
+    fits = (PAYLOAD_BYTES // 2) // start_bytes(params)
+    plans, _ = run_step(sched)
+    starts = [op for op in plans[0].ops if op.kind == OP_START]
+    assert len(starts) == fits < 8
+    assert sum(len(op.payload.to_json()) for op in starts) <= PAYLOAD_BYTES // 2
+    run_step(sched)
+    assert all(s.worker is not None for s in seqs[:2 * fits])
+    with pytest.raises(ValueError, match="fit a decode step"):  # one that could never start is refused
+        sched.add(Request(prompt=[1, 2], sampling=SamplingParams(grammar="x" * (PAYLOAD_BYTES // 2))))
