@@ -10,6 +10,7 @@ carries its id in the `x-response-id` header, which a load balancer's affinity k
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class ResponsesRoutes:
                 return await task
             except asyncio.CancelledError:
                 if not task.cancelled() or asyncio.current_task().cancelling():
+                    turn.finish(None, "cancelled")  # the client left: stored as far as it got
                     raise
                 return await turn.cancelled(request)  # POST .../cancel stopped it
             finally:
@@ -164,14 +166,15 @@ class Turn:
 
     def record(self, status: str, error: dict | None = None) -> StoredResponse:
         answer = self.answer.chat
-        said = {"role": "assistant", "content": answer.content, **({"tool_calls": answer.calls} if answer.calls else {})}
+        calls = [c for c in answer.calls if _is_json(c["function"]["arguments"])]  # not one cut off by the limit
+        said = {"role": "assistant", "content": answer.content, **({"tool_calls": calls} if calls else {})}
         messages = self.history + self.req.messages + [said]
         return StoredResponse(self.id, self.obj(status, error), self.req.items, messages,
                               array("i", self.gen.prompt + self.answer.token_ids), self.served.profile.name)
 
-    def _finish(self, run, status: str, error: dict | None = None) -> dict:
+    def finish(self, run, status: str, error: dict | None = None) -> dict:
         """The response as it ends, stored when asked."""
-        if self.answer.final is not None:
+        if run is not None and self.answer.final is not None:
             self.usage = usage(run.usage(self.answer.final))
         record = self.record(status, error)
         if self.req.store:
@@ -185,7 +188,7 @@ class Turn:
     async def whole(self, run) -> web.Response:
         async for out in run:
             self.answer.take(out)
-        return json_response(self._finish(run, self._status(self.answer.final)), headers=self._headers())
+        return json_response(self.finish(run, self._status(self.answer.final)), headers=self._headers())
 
     async def stream(self, request: web.Request, run) -> web.StreamResponse:
         self.response = web.StreamResponse(headers={**SSE_HEADERS, **self._headers()})
@@ -200,18 +203,18 @@ class Turn:
                                                         else "completed"))
         except ApiError as exc:
             await self._send(self.events.event("error", code=exc.code, message=exc.message, param=exc.param))
-            final = self._finish(run, "failed", {"code": exc.code, "message": exc.message})
+            final = self.finish(run, "failed", {"code": exc.code, "message": exc.message})
             await self._send(self.events.event("response.failed", response=final))
         else:
             status = self._status(self.answer.final)
-            final = self._finish(run, status)
+            final = self.finish(run, status)
             await self._send(self.events.event(f"response.{status}", response=final))
         await self.response.write_eof()
         return self.response
 
     async def cancelled(self, request: web.Request) -> web.StreamResponse:
         """The end of a response stopped by POST .../cancel: what it had generated, status 'cancelled'."""
-        final = self._finish(None, "cancelled")
+        final = self.finish(None, "cancelled")
         if self.response is None:
             return json_response(final, headers=self._headers())
         await self._send(*self.events.of_blocks(self.answer.blocks.close(), "incomplete"),
@@ -224,3 +227,11 @@ class Turn:
 
     def _headers(self) -> dict:
         return {"x-response-id": self.id}
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

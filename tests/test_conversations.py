@@ -95,8 +95,8 @@ def chatml():
 def test_the_next_prompt_starts_with_the_tokens_the_model_wrote(chatml):
     engine, template = chatml
     first = engine.tokenize(template.render([{"role": "user", "content": "Capital of Germany?"}]))
-    # the model wrote "Berlin" as two tokens, which the tokenizer would never produce from the text
-    written = engine.tokenize("Ber", add_special=False) + engine.tokenize("lin.", add_special=False)
+    # the model wrote "Berlin." letter by letter, which the tokenizer would never produce from the text
+    written = [t for letter in "Berlin." for t in engine.tokenize(letter, add_special=False)]
     written += engine.tokenize("<|im_end|>", add_special=False)
     stored = first + written
     conversation = [{"role": "user", "content": "Capital of Germany?"}, {"role": "assistant", "content": "Berlin."},

@@ -54,7 +54,7 @@ def test_a_streamed_response_sends_the_whole_event_sequence_numbered(client):
                           "response.completed"]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
-    assert deltas and deltas == final.output_text == events[-5].text
+    assert deltas and deltas == final.output_text == events[-4].text
     assert events[0].response.id == final.id and events[0].response.status == "in_progress"
     assert final.status == "completed" and final.usage.output_tokens > 0
     assert client.responses.retrieve(final.id).output_text == deltas
