@@ -20,9 +20,9 @@ import json
 import statistics
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,12 +30,13 @@ from loadtest import prompts, servers  # noqa: E402
 from loadtest.report import machine_info  # noqa: E402
 
 
-def stream(client: httpx.Client, url: str, body: dict) -> tuple[float, list[dict]]:
+def stream(url: str, body: dict) -> tuple[float, list[dict]]:
     """(seconds to the first text delta, every event) of one streamed request."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     start, first, events = time.perf_counter(), None, []
-    with client.stream("POST", url, json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
+    with urllib.request.urlopen(request, timeout=600) as r:
+        for raw in r:
+            line = raw.decode().rstrip("\n")
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
@@ -56,40 +57,41 @@ class Conversation:
         self.instructions = (f"[{tag}] You are a support agent. Answer from these documents.\n\n"
                              f"{prompts.knowledge_text(args.context_tokens)}")
         self.questions = [prompts.RAG_QUESTIONS[i % len(prompts.RAG_QUESTIONS)] for i in range(args.turns)]
-        self.sampling = {"temperature": 0, "ignore_eos": True}
+        # greedy and no repeat penalty on both servers (the service's default has one): the same answers
+        self.sampling = {"temperature": 0, "repeat_penalty": 1.0, "ignore_eos": args.ignore_eos}
 
-    def responses_stateful(self, client: httpx.Client, base: str) -> list[dict]:
+    def responses_stateful(self, base: str) -> list[dict]:
         turns, previous = [], None
         for q in self.questions:
             body = {"model": "x", "instructions": self.instructions, "input": q, "stream": True,
                     "max_output_tokens": self.args.answer_tokens, "previous_response_id": previous, **self.sampling}
-            ttft, events = stream(client, base + "/v1/responses", body)
+            ttft, events = stream(base + "/v1/responses", body)
             done = events[-1]["response"]
             previous = done["id"]
             turns.append(_turn(ttft, done["usage"]["input_tokens"], done["usage"]["input_tokens_details"]["cached_tokens"]))
         return turns
 
-    def responses_whole(self, client: httpx.Client, base: str) -> list[dict]:
+    def responses_whole(self, base: str) -> list[dict]:
         turns, history = [], []
         for q in self.questions:
             history.append({"role": "user", "content": q})
             body = {"model": "x", "instructions": self.instructions, "input": history, "stream": True,
                     "max_output_tokens": self.args.answer_tokens, **self.sampling}
-            ttft, events = stream(client, base + "/v1/responses", body)
+            ttft, events = stream(base + "/v1/responses", body)
             done = next(e for e in events if e.get("type") == "response.completed")["response"]
             text = "".join(e["delta"] for e in events if e.get("type") == "response.output_text.delta")
-            history.append({"role": "assistant", "content": text})
+            history.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]})
             turns.append(_turn(ttft, done["usage"]["input_tokens"],
                                (done["usage"].get("input_tokens_details") or {}).get("cached_tokens", 0)))
         return turns
 
-    def chat_whole(self, client: httpx.Client, base: str) -> list[dict]:
+    def chat_whole(self, base: str) -> list[dict]:
         turns, history = [], [{"role": "system", "content": self.instructions}]
         for q in self.questions:
             history.append({"role": "user", "content": q})
             body = {"model": "x", "messages": history, "stream": True, "max_tokens": self.args.answer_tokens,
                     "stream_options": {"include_usage": True}, **self.sampling}
-            ttft, events = stream(client, base + "/v1/chat/completions", body)
+            ttft, events = stream(base + "/v1/chat/completions", body)
             text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
             usage = events[-1]["usage"]
             history.append({"role": "assistant", "content": text})
@@ -105,11 +107,10 @@ def run_server(name: str, argv: list[str], port: int, args, modes: list[str], ro
     server = servers.ManagedServer(name, argv, port, Path(args.log_dir))
     try:
         server.wait_ready(args.ready_timeout)
-        with httpx.Client(timeout=600) as client:
-            client.post(server.base_url + "/v1/chat/completions",  # warm-up: nothing of the conversations
-                        json={"model": "x", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
-            return {mode: getattr(Conversation(args, f"{prompts.new_tag()}-{round_no}"), mode)(client, server.base_url)
-                    for mode in modes}
+        stream(server.base_url + "/v1/chat/completions",  # warm-up: nothing of the conversations
+               {"model": "x", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True})
+        return {mode: getattr(Conversation(args, f"{prompts.new_tag()}-{round_no}"), mode)(server.base_url)
+                for mode in modes}
     finally:
         server.stop()
 
@@ -119,7 +120,9 @@ def main() -> int:
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2, help="each server started afresh this many times, in turn")
     p.add_argument("--context-tokens", type=int, default=1500, help="the document in the instructions")
-    p.add_argument("--answer-tokens", type=int, default=64)
+    p.add_argument("--answer-tokens", type=int, default=64, help="each answer's limit")
+    p.add_argument("--ignore-eos", action="store_true", help="every answer exactly --answer-tokens long (the end "
+                   "tokens it passes are not text: re-sent, the history differs from what was generated)")
     p.add_argument("--model", help="GGUF path (default: the service's default model)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--parallel", type=int, default=4)
