@@ -88,15 +88,44 @@ class ResponseStore:
 
 
 def continued_prompt(engine, tokens, prompt: list[int]) -> list[int]:
-    """The prompt of a conversation's next turn on the tokens of the turns before (`tokens`): they, then
-    what the chat template renders after them, when the template's rendering of the whole conversation
-    (`prompt`, the shaper's) starts with their text; otherwise `prompt` as it is."""
-    if not tokens or prompt[:len(tokens)] == list(tokens):
+    """The prompt of a conversation's next turn on the tokens of the turns before (`tokens`): as many of
+    them as the chat template's rendering of the whole conversation (`prompt`, the shaper's) starts with
+    the text of, then the tokens of the rest of that text. All of them, unless the template renders an
+    earlier turn otherwise than it was generated (a thinking section it drops, an end-of-turn token an
+    ignore_eos answer went past); then up to there. `prompt` itself when it shares as many."""
+    tokens = list(tokens)
+    if not tokens or prompt[:len(tokens)] == tokens:
         return prompt
-    before, whole = engine.detokenize(list(tokens), special=True), engine.detokenize(prompt, special=True)
-    if not whole.startswith(before):
-        return prompt  # the template renders the earlier turns differently now (a reasoning section dropped...)
-    joined = list(tokens) + engine.tokenize(whole[len(before):], add_special=False)
+    whole = engine.detokenize(prompt, special=True)
+    kept = _longest_rendered(engine, tokens, whole)
+    if kept <= _common_prefix(tokens, prompt):
+        return prompt
+    head = engine.detokenize(tokens[:kept], special=True)
+    joined = tokens[:kept] + engine.tokenize(whole[len(head):], add_special=False)
     if len(joined) >= engine.n_ctx or engine.detokenize(joined, special=True) != whole:
         return prompt
     return joined
+
+
+def _longest_rendered(engine, tokens: list[int], whole: str) -> int:
+    """The most leading tokens whose text starts `whole` (a binary search: a shorter run of a run that
+    fits fits too)."""
+    if whole.startswith(engine.detokenize(tokens, special=True)):
+        return len(tokens)
+    lo, hi = 0, len(tokens) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if whole.startswith(engine.detokenize(tokens[:mid], special=True)):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

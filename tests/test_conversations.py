@@ -109,6 +109,23 @@ def test_the_next_prompt_starts_with_the_tokens_the_model_wrote(chatml):
 
 
 @pytest.mark.model
+def test_an_answer_that_went_past_its_end_token_keeps_the_tokens_up_to_there(chatml):
+    engine, template = chatml
+    first = engine.tokenize(template.render([{"role": "user", "content": "Capital of Germany?"}]))
+    end = engine.tokenize("<|im_end|>", add_special=False)
+    # an ignore_eos answer: the end token is not text, so the history the template renders lacks it
+    written = [t for letter in "Berlin." for t in engine.tokenize(letter, add_special=False)] + end
+    written += engine.tokenize(" It is big.", add_special=False)
+    conversation = [{"role": "user", "content": "Capital of Germany?"},
+                    {"role": "assistant", "content": "Berlin. It is big."}, {"role": "user", "content": "And France?"}]
+    whole = engine.tokenize(template.render(conversation))
+    joined = continued_prompt(engine, first + written, whole)
+    kept = len(first) + len("Berlin.")
+    assert joined[:kept] == (first + written)[:kept] and whole[:kept] != joined[:kept]
+    assert engine.detokenize(joined, special=True) == engine.detokenize(whole, special=True)
+
+
+@pytest.mark.model
 def test_a_history_the_template_renders_differently_keeps_the_shapers_prompt(chatml):
     engine, template = chatml
     stored = engine.tokenize(template.render([{"role": "user", "content": "Hi"}])) + engine.tokenize(
