@@ -1,17 +1,15 @@
 """The Responses and Anthropic Messages doors' translation, as plain data: requests into chat bodies (and
 every bad field refused with its name as the client spells it), answers' blocks out as output items,
-content blocks and numbered events, refusals in Anthropic's error shape."""
-
-import json
+content blocks and numbered events."""
 
 import pytest
 
 from server.answer_blocks import CLOSE, GROW, OPEN, Blocks
-from server.messages_api import (LABEL as MESSAGES_LABEL, MessagesRequest, content_block, error_body, matched_stop,
+from server.messages_api import (LABEL as MESSAGES_LABEL, MessagesRequest, content_block, matched_stop,
                                  stop_reason, stream_events, usage as messages_usage)
 from server.responses_api import (LABEL as RESPONSES_LABEL, ResponseEvents, ResponsesRequest, output_item,
                                   usage as responses_usage)
-from server.shaping import InvalidRequest
+from server.refusal import Refusal
 
 pytestmark = pytest.mark.unit
 
@@ -111,7 +109,7 @@ def test_tools_text_format_and_reasoning_in_chat_terms():
     ({"input": "x", "parallel_tool_calls": "no"}, "parallel_tool_calls"),
 ])
 def test_every_bad_responses_field_is_refused_by_its_name(body, param):
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(Refusal) as info:
         ResponsesRequest(body)
     assert info.value.param == param, info.value.message
 
@@ -223,7 +221,7 @@ def test_anthropic_turns_become_chat_turns():
      "output_config.format"),
 ])
 def test_every_bad_messages_field_is_refused_by_its_name(body, param):
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(Refusal) as info:
         MessagesRequest(body)
     assert info.value.param == param, info.value.message
 
@@ -260,14 +258,3 @@ def test_the_stop_sequence_found_is_the_one_that_ends_first():
     assert matched_stop(["END"], "no match here") is None
     cut = content_block(read([CALL_START, {"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}])[0].blocks[0])
     assert cut["input"] == {}  # arguments cut off by max_tokens
-
-
-def test_refusals_in_anthropic_shape_with_its_statuses():
-    assert error_body(400, "bad", "invalid_value") == (400, {"type": "error", "error": {
-        "type": "invalid_request_error", "message": "bad"}})
-    assert error_body(429, "full", "overloaded")[0] == 529
-    assert error_body(429, "full", "overloaded")[1]["error"]["type"] == "overloaded_error"
-    assert {s: error_body(s, "m", None)[1]["error"]["type"] for s in (401, 404, 413, 503, 500)} == {
-        401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 503: "overloaded_error",
-        500: "api_error"}
-    json.dumps(error_body(400, "x", None))

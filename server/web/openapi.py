@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from server.openapi_clients import client_api_components, client_api_paths
+from server.web.openapi_clients import client_api_components, client_api_paths
 from server.profiles import MAX_CTX
 from server.sampling_defaults import SamplingDefaults
 

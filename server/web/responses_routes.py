@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from server.admission import Admission
 from server.answer_blocks import BlockAnswer
-from server.api_doors import SSE_HEADERS, admitted, named_event
+from server.api_doors import named_event
 from server.conversations import ResponseStore, StoredResponse, continued_prompt
-from server.errors import ApiError, invalid
-from server.openai_routes import json_response, read_json
+from server.refusal import Refusal, invalid
 from server.responses_api import (LABEL, RESPONSE_ID, ResponseEvents, ResponsesRequest, new_id, output_item,
                                   response_object, usage)
+from server.web.errors import json_response, read_json
+from server.web.openai_routes import SSE_HEADERS
 
 RESPONSES_ROUTE = "/v1/responses"
 CANCEL_WAIT_S = 10.0
@@ -38,8 +40,8 @@ class Running:
 
 
 class ResponsesRoutes:
-    def __init__(self, metrics, store: ResponseStore):
-        self.metrics, self.store = metrics, store
+    def __init__(self, admission: Admission, store: ResponseStore):
+        self.admission, self.store = admission, store
         self.running: dict[str, Running] = {}
 
     def add_to(self, app: web.Application) -> None:
@@ -53,38 +55,40 @@ class ResponsesRoutes:
     async def create(self, request: web.Request) -> web.StreamResponse:
         req = ResponsesRequest(await read_json(request))
         previous = self._previous(req.previous_id)
-        served = request["served"]
-        history = previous.messages if previous else []
-        gen = served.shaper.chat(req.chat_body(history), LABEL)
-        if previous and previous.model == served.profile.name:
-            gen.prompt = continued_prompt(served.engine, previous.tokens, gen.prompt)
-            gen.requests[0].prompt = gen.prompt
-        turn = Turn(self, req, served, gen, history)
-        async with admitted(served, gen, self.metrics) as run:
-            task = asyncio.ensure_future(turn.stream(request, run) if req.stream else turn.whole(run))
-            if req.store:
-                self.running[turn.id] = Running(task)
-                self.store.put(turn.record("in_progress"))
-            try:
-                return await task
-            except asyncio.CancelledError:
-                if not task.cancelled() or asyncio.current_task().cancelling():
-                    turn.finish(None, "cancelled")  # the client left: stored as far as it got
-                    raise
-                return await turn.cancelled(request)  # POST .../cancel stopped it
-            finally:
-                running = self.running.pop(turn.id, None)
-                if running is not None:
-                    running.written.set()
+        async with self.admission.serve(req.chat["model"]) as served:
+            history = previous.messages if previous else []
+            gen = served.shaper.chat(req.chat_body(history), LABEL)
+            if previous and previous.model == served.profile.name:
+                gen.prompt = gen.requests[0].prompt = continued_prompt(served.engine, previous.tokens, gen.prompt)
+            async with self.admission.submit(served, gen) as run:
+                return await self._run(request, Turn(self, req, served, gen, history), run)
+
+    async def _run(self, request: web.Request, turn: Turn, run) -> web.StreamResponse:
+        """The turn answered by a task of its own, which POST .../cancel (or DELETE) may stop."""
+        task = asyncio.ensure_future(turn.stream(request, run) if turn.req.stream else turn.whole(run))
+        if turn.req.store:
+            self.running[turn.id] = Running(task)
+            self.store.put(turn.record("in_progress"))
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if not task.cancelled() or asyncio.current_task().cancelling():
+                turn.finish(None, "cancelled")  # the client left: stored as far as it got
+                raise
+            return await turn.cancelled(request)  # POST .../cancel stopped it
+        finally:
+            running = self.running.pop(turn.id, None)
+            if running is not None:
+                running.written.set()
 
     def _previous(self, previous_id: str | None) -> StoredResponse | None:
         if previous_id is None:
             return None
         previous = self.store.get(previous_id)
         if previous is None:
-            raise ApiError(404, f"Previous response with id '{previous_id}' not found (responses are kept "
-                                f"{self.store.ttl:g} s, in this service process).", param="previous_response_id",
-                           code="previous_response_not_found")
+            raise Refusal("not_found", f"Previous response with id '{previous_id}' not found (responses are kept "
+                                       f"{self.store.ttl:g} s, in this service process).",
+                          param="previous_response_id", code="previous_response_not_found")
         if not previous.done:
             raise invalid(f"Previous response with id '{previous_id}' is still in progress.", "previous_response_id")
         return previous
@@ -94,7 +98,7 @@ class ResponsesRoutes:
         rid = request.match_info["id"]
         record = self.store.get(rid)
         if record is None:
-            raise ApiError(404, f"Response with id '{rid}' not found.", param="response_id", code="not_found")
+            raise Refusal("not_found", f"Response with id '{rid}' not found.", param="response_id", code="not_found")
         return record
 
     async def retrieve(self, request: web.Request) -> web.Response:
@@ -175,7 +179,7 @@ class Turn:
     def finish(self, run, status: str, error: dict | None = None) -> dict:
         """The response as it ends, stored when asked."""
         if run is not None and self.answer.final is not None:
-            self.usage = usage(run.usage(self.answer.final))
+            self.usage = usage(run.usage([self.answer.final]))
         record = self.record(status, error)
         if self.req.store:
             self.routes.store.put(record, new_messages=len(self.req.messages) + 1)
@@ -186,7 +190,7 @@ class Turn:
         return "incomplete" if final.finish_reason == "length" else "completed"
 
     async def whole(self, run) -> web.Response:
-        async for out in run:
+        async for _, out in run:
             self.answer.take(out)
         return json_response(self.finish(run, self._status(self.answer.final)), headers=self._headers())
 
@@ -197,11 +201,11 @@ class Turn:
         await self._send(self.events.event("response.created", response=start),
                          self.events.event("response.in_progress", response=start))
         try:
-            async for out in run:
+            async for _, out in run:
                 events = self.answer.take(out)
                 await self._send(*self.events.of_blocks(events, "incomplete" if out.finish_reason == "length"
                                                         else "completed"))
-        except ApiError as exc:
+        except Refusal as exc:  # the generation failed midway
             await self._send(self.events.event("error", code=exc.code, message=exc.message, param=exc.param))
             final = self.finish(run, "failed", {"code": exc.code, "message": exc.message})
             await self._send(self.events.event("response.failed", response=final))
