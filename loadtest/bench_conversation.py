@@ -123,13 +123,7 @@ def main() -> int:
     p.add_argument("--answer-tokens", type=int, default=64, help="each answer's limit")
     p.add_argument("--ignore-eos", action="store_true", help="every answer exactly --answer-tokens long (the end "
                    "tokens it passes are not text: re-sent, the history differs from what was generated)")
-    p.add_argument("--model", help="GGUF path (default: the service's default model)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--parallel", type=int, default=4)
-    p.add_argument("--ctx-size", type=int, default=16384, help="llama-server's context")
-    p.add_argument("--llama-server-bin", default=str(servers.DEFAULT_LLAMA_SERVER))
-    p.add_argument("--ready-timeout", type=float, default=180.0)
-    p.add_argument("--log-dir", default=str(servers.LOADTEST / "results" / "logs"))
+    servers.add_side_by_side_options(p, parallel=4)
     p.add_argument("--json", help="write the per-turn figures here")
     args = p.parse_args()
     model = servers.resolve_model(args.model)
@@ -138,16 +132,8 @@ def main() -> int:
         order = ["sentiric", "llama-server"] if r % 2 == 0 else ["llama-server", "sentiric"]
         for name in order:
             port, grpc_port = servers.free_ports(2)
-            if name == "sentiric":
-                argv = servers.service_command(servers.DEFAULT_SERVICE_CMD, port=port, grpc_port=grpc_port,
-                                               model=model, threads=args.threads, parallel=args.parallel,
-                                               ctx_size=args.ctx_size)
-                modes = ["responses_stateful", "chat_whole"]
-            else:
-                argv = servers.llama_server_command(Path(args.llama_server_bin), port=port, model=model,
-                                                    threads=args.threads, parallel=args.parallel,
-                                                    ctx_size=args.ctx_size)
-                modes = ["responses_whole"]
+            argv = servers.side_by_side_argv(name, args, model, port, grpc_port)
+            modes = ["responses_stateful", "chat_whole"] if name == "sentiric" else ["responses_whole"]
             for mode, turns in run_server(name, argv, port, args, modes, r).items():
                 runs.setdefault(f"{name} {mode}", []).append(turns)
     report(runs, args)
