@@ -169,10 +169,11 @@ class AsyncEngine:
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return self.vocab_model.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
 
-    def detokenize(self, tokens: list[int]) -> str:
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        """The text of token ids; `special`: control tokens (<|im_end|>...) written out too."""
         for t in tokens:
             self.vocab_model.vocab.check_token(t)
-        return self.vocab_model.vocab.detokenize(tokens)
+        return self.vocab_model.vocab.detokenize(tokens, unparse_special=special)
 
     def render_chat(self, messages: list[dict], *, tools: list[dict] | None = None, variables: dict | None = None) -> str:
         return self.template.render(messages, add_generation_prompt=True, tools=tools, variables=variables)

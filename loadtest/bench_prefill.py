@@ -50,13 +50,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=2000)
-    p.add_argument("--model", help="GGUF path (default: the service's default model)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--parallel", type=int, default=16)
-    p.add_argument("--ctx-size", type=int, default=16384, help="llama-server's context")
-    p.add_argument("--llama-server-bin", default=str(servers.DEFAULT_LLAMA_SERVER))
-    p.add_argument("--ready-timeout", type=float, default=180.0)
-    p.add_argument("--log-dir", default=str(servers.LOADTEST / "results" / "logs"))
+    servers.add_side_by_side_options(p, parallel=16)
     args = p.parse_args()
     model = servers.resolve_model(args.model)
     times: dict[str, list[float]] = {"sentiric": [], "llama-server": []}
@@ -64,13 +58,7 @@ def main() -> int:
         order = ["sentiric", "llama-server"] if r % 2 == 0 else ["llama-server", "sentiric"]
         for name in order:
             port, grpc_port = servers.free_ports(2)
-            if name == "sentiric":
-                argv = servers.service_command(servers.DEFAULT_SERVICE_CMD, port=port, grpc_port=grpc_port, model=model,
-                                               threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size)
-            else:
-                argv = servers.llama_server_command(Path(args.llama_server_bin), port=port, model=model,
-                                                    threads=args.threads, parallel=args.parallel,
-                                                    ctx_size=args.ctx_size)
+            argv = servers.side_by_side_argv(name, args, model, port, grpc_port)
             result = one_round(name, argv, port, args, r)
             times[name].append(result["seconds"])
             print(f"[prefill] round {r + 1} {name}: {result['prompt_tokens']} prompt tokens in "

@@ -68,6 +68,27 @@ def lcp_command(python: Path, *, port: int, model: str, threads: int, ctx_size: 
             "--interrupt_requests", "False"] + shlex.split(extra)
 
 
+def add_side_by_side_options(p, *, parallel: int) -> None:
+    """The options of a benchmark that starts the service and llama-server in turn, with the same model,
+    threads and slots (side_by_side_argv)."""
+    p.add_argument("--model", help="GGUF path (default: the service's default model)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parallel", type=int, default=parallel)
+    p.add_argument("--ctx-size", type=int, default=16384, help="llama-server's context")
+    p.add_argument("--llama-server-bin", default=str(DEFAULT_LLAMA_SERVER))
+    p.add_argument("--ready-timeout", type=float, default=180.0)
+    p.add_argument("--log-dir", default=str(LOADTEST / "results" / "logs"))
+
+
+def side_by_side_argv(name: str, args, model: str, port: int, grpc_port: int) -> list[str]:
+    """The argv of "sentiric" (the service with its defaults) or "llama-server" under those options."""
+    if name == "sentiric":
+        return service_command(DEFAULT_SERVICE_CMD, port=port, grpc_port=grpc_port, model=model, threads=args.threads,
+                               parallel=args.parallel, ctx_size=args.ctx_size)
+    return llama_server_command(Path(args.llama_server_bin), port=port, model=model, threads=args.threads,
+                                parallel=args.parallel, ctx_size=args.ctx_size)
+
+
 def _help_text(binary: Path) -> str:
     try:
         done = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60)

@@ -16,6 +16,7 @@ from engine.llama import Model
 from engine.logs import event
 from engine.model_files import DEFAULT_ALIAS, resolve_model
 from server.adapters import AdapterDir
+from server.conversations import ResponseStore
 from server.drain import Drain
 from server.grpc_service import GrpcSettings
 from server.models import Models, Served
@@ -65,7 +66,11 @@ def assemble(args) -> Service:
                               cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
                               metrics_on_http_port=not metrics_port,
                               studio_dir=Path(args.studio_dir), embeddings_only=args.embeddings_only,
-                              adapters=AdapterDir(args.lora_dir, args.lora_cache))
+                              adapters=AdapterDir(args.lora_dir, args.lora_cache),
+                              responses=ResponseStore(args.responses_max, int(args.responses_max_mb * 2**20),
+                                                      args.responses_ttl))
+    if min(args.responses_max, args.responses_max_mb, args.responses_ttl) <= 0:
+        raise ValueError("--responses-max, --responses-max-mb and --responses-ttl must be above 0")
     if args.max_models < 1:
         raise ValueError("--max-models must be at least 1")
 

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(net, "--grpc-port", "GRPC_PORT", 16071, "gRPC port (sentiric.llm.v1.LlamaService; 0 = off)", type=int)
     _option(net, "--metrics-port", "METRICS_PORT", 0, "serve /metrics on this port only (0 = on the HTTP port)",
             type=int)
-    _option(net, "--api-key", "API_KEY", None, "require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize")
+    _option(net, "--api-key", "API_KEY", None, "require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on /v1, "
+                                               "/tokenize, /detokenize")
     _option(net, "--body-timeout", "BODY_TIMEOUT", 30.0, "seconds a client may take to send its request body "
                                                         "(HTTP; slower ones get 408)", type=float)
     _option(net, "--max-body-mb", "MAX_BODY_MB", 8.0, "largest request body (HTTP) or message (gRPC), in MiB",
@@ -55,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     _option(tls, "--grpc-tls-key", "KEY_PATH", None, "server private key (PEM)")
     _option(tls, "--grpc-tls-ca", "GRPC_TLS_CA_PATH", None, "CA that signs client certificates (PEM)",
             prefixed=False)
+    store = p.add_argument_group("stored responses", "POST /v1/responses keeps responses for previous_response_id, "
+                                 "in this process (docs/client-apis.md)")
+    _option(store, "--responses-max", "RESPONSES_MAX", 1024, "responses kept at most (least recently used out "
+                                                              "first)", type=int)
+    _option(store, "--responses-max-mb", "RESPONSES_MAX_MB", 256.0, "MiB they may take (their items and tokens)",
+            type=float)
+    _option(store, "--responses-ttl", "RESPONSES_TTL", 3600.0, "seconds a response is kept after it was written",
+            type=float)
     prof = p.add_argument_group("profiles", "named sets of model, hardware, sampling and prompt settings; a profile "
                                 "overrides the flags it names (see deploy/profiles.example.toml)")
     _option(prof, "--profiles", "PROFILES", None, "profiles file (TOML, or JSON when it ends in .json)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from engine.async_engine import AsyncEngine
 from server.adapters import AdapterDir
+from server.conversations import ResponseStore
 from server.sampling_defaults import SamplingDefaults
 from server.shaping import Shaper
 
@@ -28,6 +29,7 @@ class ServerSettings:
     embeddings_only: bool = False      # no generation: chat and completions answer 400
     studio_dir: Path = STUDIO_DIR
     adapters: AdapterDir = field(default_factory=lambda: AdapterDir(None))  # the LoRA adapters requests may name
+    responses: ResponseStore = field(default_factory=ResponseStore)  # stored Responses (previous_response_id)
 
     def shaper(self, engine: AsyncEngine, defaults: SamplingDefaults, *, rag_template: str,
                system_prompt: str | None) -> Shaper:

@@ -208,7 +208,7 @@ def test_the_haproxy_config_and_its_loopback_form_are_valid(tmp_path):
     text = HAPROXY_CFG.read_text()
     assert {int(p) for p in re.findall(r'LLM_REPLICAS_DNS\}":(\d+)', text)} == {defaults["port"], defaults["grpc_port"]}
     backends = re.findall(r"^backend \S+\n(?:[ \t]+.*\n)+", text, re.M)
-    assert len(backends) == 3 and all("option httpchk GET /health\n    http-check expect status 200" in b
+    assert len(backends) == 4 and all("option httpchk GET /health\n    http-check expect status 200" in b
                                       for b in backends)
 
     class Replica:

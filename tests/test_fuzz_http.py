@@ -30,7 +30,7 @@ def api(fuzzed):
     def map_body(context, body):
         """Caps what a body asks to generate (see MAX_TOKENS); wrong types and ranges stay as generated."""
         if isinstance(body, dict):
-            for name in ("max_tokens", "max_completion_tokens"):
+            for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                 value = body.get(name)
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_TOKENS:
                     body[name] = MAX_TOKENS

@@ -32,6 +32,24 @@ VALID = [
     ("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2}),
     ("/tokenize", {"content": "Merhaba dünya", "add_special": False, "with_pieces": True}),
     ("/detokenize", {"tokens": [1, 2, 3]}),
+    ("/v1/responses", {"input": "Hi", "max_output_tokens": 4, "temperature": 0}),
+    ("/v1/responses", {"model": "x", "instructions": "Be brief.", "max_output_tokens": 4, "store": False, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "Sunny"}],
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+        "tool_choice": "auto", "parallel_tool_calls": False, "reasoning": {"effort": "low"},
+        "metadata": {"k": "v"}, "top_k": 40, "truncation": "disabled"}),
+    ("/v1/responses", {"input": "Hi", "max_output_tokens": 8, "text": {"format": {
+        "type": "json_schema", "name": "n", "schema": {"type": "object"}}}}),
+    ("/v1/messages", {"model": "x", "max_tokens": 4, "messages": HELLO, "system": "Be brief.", "stop_sequences": ["."],
+                      "temperature": 0.5, "top_p": 0.9, "top_k": 40, "metadata": {"user_id": "u"}}),
+    ("/v1/messages", {"model": "x", "max_tokens": 4, "system": [{"type": "text", "text": "Be brief."}], "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "Sunny"}]}],
+        "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}], "tool_choice": {"type": "auto"}}),
+    ("/v1/messages/count_tokens", {"model": "x", "messages": HELLO, "system": "Be brief."}),
 ]
 INVALID = [  # wrong by type or range: the schema must say so as the server does
     ("/v1/chat/completions", {"messages": HELLO, "temperature": -0.5}),
@@ -44,6 +62,17 @@ INVALID = [  # wrong by type or range: the schema must say so as the server does
     ("/v1/chat/completions", {"messages": HELLO, "stop": [1, 2]}),
     ("/v1/completions", {"prompt": 12}),
     ("/detokenize", {"tokens": "abc"}),
+    ("/v1/responses", {}),
+    ("/v1/responses", {"input": []}),
+    ("/v1/responses", {"input": "x", "max_output_tokens": 0}),
+    ("/v1/responses", {"input": "x", "background": True}),
+    ("/v1/responses", {"input": "x", "metadata": {"k": 1}}),
+    ("/v1/responses", {"input": [{"role": "tool", "content": "x"}]}),
+    ("/v1/messages", {"messages": HELLO}),
+    ("/v1/messages", {"max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}),
+    ("/v1/messages", {"max_tokens": 4, "messages": HELLO, "temperature": 2}),
+    ("/v1/messages", {"max_tokens": 4, "messages": HELLO, "tool_choice": {"type": "some"}}),
+    ("/v1/messages/count_tokens", {"messages": []}),
 ]
 
 
@@ -84,5 +113,11 @@ def test_responses_match_the_spec(server, spec):
     validator(spec, {"$ref": "#/components/schemas/Completion"}).validate(text)
     error = post(server.base_url, "/v1/completions", {"prompt": 12})[1]
     validator(spec, {"$ref": "#/components/schemas/Error"}).validate(error)
+    response = post(server.base_url, "/v1/responses", {"input": "Hi", "max_output_tokens": 4})[1]
+    validator(spec, {"$ref": "#/components/schemas/Response"}).validate(response)
+    message = post(server.base_url, "/v1/messages", {"max_tokens": 4, "messages": HELLO})[1]
+    validator(spec, {"$ref": "#/components/schemas/AnthropicMessage"}).validate(message)
+    error = post(server.base_url, "/v1/messages", {"messages": HELLO})[1]
+    validator(spec, {"$ref": "#/components/schemas/AnthropicError"}).validate(error)
     assert set(spec["paths"]) >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
                                   "/tokenize", "/detokenize"}

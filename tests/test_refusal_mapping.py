@@ -1,5 +1,5 @@
-"""The two mappings of a refusal (server/refusal.py): each kind's HTTP status and OpenAI error object
-(server/web/errors.py), and its gRPC status code (server/grpc_service.py)."""
+"""The mappings of a refusal (server/refusal.py): each kind's HTTP status and OpenAI error object
+(server/web/errors.py; Anthropic's on its routes), and its gRPC status code (server/grpc_service.py)."""
 
 import orjson
 import pytest
@@ -35,6 +35,21 @@ def test_a_refusal_is_an_openai_error_object_over_http():
     types = {kind: orjson.loads(refusal_response(Refusal(kind, "m")).body)["error"]["type"] for kind in KINDS}
     assert types["not_found"] == "not_found_error" and types["unauthenticated"] == "authentication_error"
     assert types["draining"] == types["loading"] == "server_unavailable_error" and types["internal"] == "server_error"
+
+
+def test_on_anthropics_routes_a_refusal_is_its_error_object_and_a_full_queue_its_529():
+    full = refusal_response(Refusal("overloaded", CAPACITY, code="overloaded", retry_after=1), anthropic=True)
+    assert full.status == 529 and full.headers["Retry-After"] == "1"
+    assert orjson.loads(full.body) == {"type": "error", "error": {"type": "overloaded_error", "message": CAPACITY}}
+    answers = {kind: refusal_response(Refusal(kind, "m"), anthropic=True) for kind in KINDS}
+    assert {kind: (r.status, orjson.loads(r.body)["error"]["type"]) for kind, r in answers.items()} == {
+        "invalid": (400, "invalid_request_error"), "unauthenticated": (401, "authentication_error"),
+        "not_found": (404, "not_found_error"), "timeout": (408, "timeout_error"),
+        "too_large": (413, "request_too_large"), "unprocessable": (422, "invalid_request_error"),
+        "overloaded": (529, "overloaded_error"), "loading": (503, "overloaded_error"),
+        "switching": (503, "overloaded_error"), "draining": (503, "overloaded_error"),
+        "unavailable": (503, "overloaded_error"), "internal": (500, "api_error")}
+    assert all(set(orjson.loads(r.body)) == {"type", "error"} for r in answers.values())
 
 
 def test_a_refusal_kind_is_checked():

@@ -1,6 +1,6 @@
-"""The aiohttp application: middleware (CORS, errors in OpenAI's format and
-request metrics, tenant and trace ids in logs, API key, body deadline, the
-loading check) and the route families. Generation, embedding and tokenizer
+"""The aiohttp application: middleware (CORS, errors in OpenAI's format (Anthropic's
+on its routes) and request metrics, tenant and trace ids in logs, API key, body
+deadline, the loading check) and the route families. Generation, embedding and tokenizer
 routes go through the shared admission (server/admission.py) themselves."""
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from server.refusal import INTERNAL_MESSAGE, Refusal
 from server.settings import ServerSettings
 from server.web.embedding_routes import EmbeddingRoutes
 from server.web.errors import refusal_response, status_response
+from server.web.messages_routes import MessagesRoutes, anthropic_route
 from server.web.model_routes import ModelRoutes
 from server.web.openai_routes import OpenAIRoutes
+from server.web.responses_routes import ResponsesRoutes
 from server.web.service_routes import ServiceRoutes, prometheus
 from server.web.studio import add_studio
 
@@ -34,6 +36,8 @@ def create_app(admission: Admission, settings: ServerSettings) -> web.Applicatio
                             _request_context(admission), _auth(settings.api_key),
                             _body_deadline(settings.body_timeout), _loading(admission)])
     OpenAIRoutes(admission).add_to(app)
+    ResponsesRoutes(admission, settings.responses).add_to(app)
+    MessagesRoutes(admission).add_to(app)
     EmbeddingRoutes(admission, truncate=settings.truncate).add_to(app)
     ModelRoutes(admission, settings.adapters).add_to(app)
     ServiceRoutes(admission, settings.embeddings_only).add_to(app, with_metrics=settings.metrics_on_http_port)
@@ -92,21 +96,24 @@ def _cors(app: web.Application, origins: tuple[str, ...]):
 def _errors(metrics, max_body_bytes: int):
     @web.middleware
     async def errors(request: web.Request, handler):
-        """Every refusal and failure becomes an OpenAI error object; an unexpected one is a logged 500."""
+        """Every refusal and failure becomes an error object in the route's API's format (OpenAI's; Anthropic's
+        on /v1/messages); an unexpected one is a logged 500."""
         start = time.perf_counter()
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        anthropic = anthropic_route(request.path)
         try:
             response = await handler(request)
         except Refusal as exc:
-            response = refusal_response(exc)
+            response = refusal_response(exc, anthropic=anthropic)
         except web.HTTPRequestEntityTooLarge:
             response = refusal_response(Refusal("too_large", f"The request body is larger than the limit of "
-                                                f"{max_body_bytes} bytes.", code="request_too_large"))
+                                                f"{max_body_bytes} bytes.", code="request_too_large"),
+                                        anthropic=anthropic)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             response = status_response(exc.status, exc.reason if exc.status != 404 else f"No route for {request.path}",
-                                       exc.reason.lower().replace(" ", "_"))
+                                       exc.reason.lower().replace(" ", "_"), anthropic=anthropic)
         except (ConnectionResetError, asyncio.CancelledError):
             ms = (time.perf_counter() - start) * 1000
             metrics.requests.labels(route, "499").inc()  # nginx's code for "client closed the request"
@@ -118,7 +125,7 @@ def _errors(metrics, max_body_bytes: int):
         except Exception:
             log.exception("internal error while serving %s %s", request.method, request.path,
                           extra=logs.event("INTERNAL_ERROR", door="http", method=request.method, path=request.path))
-            response = refusal_response(Refusal("internal", INTERNAL_MESSAGE, code="internal_error"))
+            response = refusal_response(Refusal("internal", INTERNAL_MESSAGE, code="internal_error"), anthropic=anthropic)
         ms = (time.perf_counter() - start) * 1000
         metrics.requests.labels(route, str(response.status)).inc()
         access_log.info("%s %s %d %.1f ms", request.method, request.path, response.status, ms,
@@ -155,15 +162,16 @@ def _body_deadline(timeout: float):
 
 
 def _auth(api_key: str | None):
-    expected = f"Bearer {api_key}".encode() if api_key else None
-
+    """With --api-key, the routes that need the model take it as `Authorization: Bearer <key>` (OpenAI's
+    clients) or `x-api-key: <key>` (Anthropic's)."""
     @web.middleware
     async def auth(request: web.Request, handler):
-        if expected and request.path.startswith(ENGINE_PREFIXES):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+        if api_key and request.path.startswith(ENGINE_PREFIXES):
+            bearer = request.headers.get("Authorization")
+            given, expected = (bearer, f"Bearer {api_key}") if bearer else (request.headers.get("x-api-key", ""), api_key)
+            if not hmac.compare_digest(given.encode(), expected.encode()):
                 what = "is missing" if not given else "is not valid"
-                raise Refusal("unauthenticated", f"The API key {what}: send 'Authorization: Bearer <key>'.",
-                              code="invalid_api_key")
+                raise Refusal("unauthenticated", f"The API key {what}: send 'Authorization: Bearer <key>' or "
+                                                 "'x-api-key: <key>'.", code="invalid_api_key")
         return await handler(request)
     return auth

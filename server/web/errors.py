@@ -1,5 +1,6 @@
 """Refusals and failures as HTTP answers in OpenAI's error format,
-`{"error": {"message", "type", "param", "code"}}`, and the JSON bodies in and out."""
+`{"error": {"message", "type", "param", "code"}}` (and on Anthropic's routes in its format,
+`{"type": "error", "error": {"type", "message"}}`), and the JSON bodies in and out."""
 
 from __future__ import annotations
 
@@ -18,24 +19,40 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
           422: "invalid_request_error", 429: "rate_limit_error", 503: "server_unavailable_error"}
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+# Anthropic's error type for each status; its 529 is a full waiting queue
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None, *,
+               anthropic: bool = False) -> dict:
+    if anthropic:
+        kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
 
 
-def refusal_body(refusal: Refusal) -> dict:
+def refusal_status(refusal: Refusal, *, anthropic: bool = False) -> int:
+    return 529 if anthropic and refusal.kind == "overloaded" else STATUS[refusal.kind]
+
+
+def refusal_body(refusal: Refusal, *, anthropic: bool = False) -> dict:
     """The error object of a refusal (also sent as an event when a stream fails midway)."""
-    return error_body(STATUS[refusal.kind], refusal.message, refusal.param, refusal.code)
+    return error_body(refusal_status(refusal, anthropic=anthropic), refusal.message, refusal.param, refusal.code,
+                      anthropic=anthropic)
 
 
-def refusal_response(refusal: Refusal) -> web.Response:
+def refusal_response(refusal: Refusal, *, anthropic: bool = False) -> web.Response:
     headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after is not None else None
-    return web.Response(status=STATUS[refusal.kind], body=orjson.dumps(refusal_body(refusal)),
+    return web.Response(status=refusal_status(refusal, anthropic=anthropic),
+                        body=orjson.dumps(refusal_body(refusal, anthropic=anthropic)),
                         content_type="application/json", headers=headers)
 
 
-def status_response(status: int, message: str, code: str) -> web.Response:
+def status_response(status: int, message: str, code: str, *, anthropic: bool = False) -> web.Response:
     """An error aiohttp itself raised (no route, method not allowed), in the same format."""
-    return web.Response(status=status, body=orjson.dumps(error_body(status, message, code=code)),
+    return web.Response(status=status, body=orjson.dumps(error_body(status, message, code=code, anthropic=anthropic)),
                         content_type="application/json")
 
 
@@ -51,7 +68,7 @@ async def read_json(request: web.Request) -> dict:
     return body
 
 
-def json_response(body: dict, status: int = 200) -> web.Response:
+def json_response(body: dict, status: int = 200, headers: dict | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS), status=status,
-                        content_type="application/json")
+                        content_type="application/json", headers=headers)
 

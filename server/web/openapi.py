@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import cache
 
+from server.web.openapi_clients import client_api_components, client_api_paths
 from server.profiles import MAX_CTX
 from server.sampling_defaults import SamplingDefaults
 
@@ -249,7 +250,8 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
         "info": {"title": "Sentiric LLM Llama Service", "version": "0.1.0",
                  "description": "OpenAI-compatible LLM inference over llama.cpp with continuous batching."},
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
             "schemas": {
                 "ChatMessage": _MESSAGE, "ChatCompletionRequest": _chat_request(sampling),
                 "CompletionRequest": _completion_request(sampling), "Usage": _USAGE, "Error": _ERROR,
@@ -280,6 +282,7 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
                         "object": {"const": "embedding"}, "index": {"type": "integer"},
                         "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
                                                 {"type": "string", "description": "base64 float32"}]}}}}}},
+                **client_api_components(sampling),
             },
         },
         "security": [{"bearer": []}],
@@ -295,6 +298,7 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
                 "tokens": {"type": "array"}}}), 400, 401, 413, 503),
             "/detokenize": _post("Token ids to text", "DetokenizeRequest", _json({"type": "object", "properties": {
                 "content": text}}), 400, 401, 413, 503),
+            **client_api_paths(),
             "/v1/models": {"get": {"summary": "The served model", "responses": {
                 "200": _json({"type": "object"}), **_errors(400, 401, 503)}}},
             "/v1/profiles": {"get": {"summary": "The model profiles (--profiles) and which one is active",
