@@ -35,6 +35,7 @@ from engine import logs
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.cpu_turns import CpuTurns
+from engine.fair_queue import TenantLimits
 from engine.guidance import check_grammar
 from engine.kv_store import KvStore
 from engine.llama import Model
@@ -127,7 +128,9 @@ class AsyncEngine:
             raise
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
                                     reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=eog.__contains__,
-                                    kv_unified=cfg.kv_unified, prompt_halves=cfg.prompt_halves, store=self.store)
+                                    kv_unified=cfg.kv_unified, prompt_halves=cfg.prompt_halves, store=self.store,
+                                    fair=cfg.tenant_fairness)
+        self._scheduler.waiting.set_limits(cfg.tenant_limits, cfg.tenant_overrides)
         self._outputs = OutputProcessor(self._scheduler, pieces, eog, self._streams)
 
     async def shutdown(self) -> None:
@@ -277,6 +280,7 @@ class AsyncEngine:
         """The next steps; [] when there is nothing to plan."""
         while True:
             plans = self._scheduler.plan(self._max_burst())
+            self._follow_preempted()
             ended = [(self._streams.get(s), final_output(s)) for s in self._scheduler.ended]
             if ended:
                 self._scheduler.ended.clear()
@@ -284,6 +288,18 @@ class AsyncEngine:
             # the LoRA set whose turn it was had only sequences that just ended: another set's turn
             if plans or self._in_flight or not ended:
                 return plans
+
+    def _follow_preempted(self) -> None:
+        """A sequence paused for another tenant goes on as its resumed copy: its stream reads that one
+        (it sees a gap, nothing else); one cancelled meanwhile is dropped from the queue."""
+        for paused, resumed in self._scheduler.preempted:
+            stream = self._streams.pop(paused, None)
+            if stream is None:
+                self._scheduler.finish(resumed, "cancelled", keep_prefix=False)
+                continue
+            stream.seq = resumed
+            self._streams[resumed] = stream
+        self._scheduler.preempted.clear()
 
     def _max_burst(self) -> int:
         """Decodes a burst may run: as many as take config.burst_ms, by the decode time measured last."""
@@ -462,7 +478,14 @@ class AsyncEngine:
             "kv_bytes": self.kv_bytes_per_cell * sum(w.n_ctx for w in sched.workers) if sched else 0,
             "kv_store": None if self.store is None or outputs is None else
             self.store.stats(prefill_s_per_token=outputs.prefill_s / max(1, outputs.prompt_tokens_computed)),
+            "tenants": sched.waiting.stats() if sched else {},
         }
+
+    def set_tenant_limits(self, default: TenantLimits, overrides: dict[str, TenantLimits]) -> None:
+        """New quotas and priorities (the tenants file was reloaded): they apply from the next admission."""
+        self.config.tenant_limits, self.config.tenant_overrides = default, overrides
+        if self._scheduler is not None:
+            self._scheduler.waiting.set_limits(default, overrides)
 
     def adapters_loaded(self) -> list[list[str]]:
         """Per worker, the LoRA adapters its process holds, least recently used first."""

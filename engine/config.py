@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+from engine.fair_queue import TenantLimits
 
 # ctx_size 0 (auto): a split cache gives every sequence SEQ_CTX cells (at most the model's training
 # context), a unified one has UNIFIED_CTX; either way the KV cache takes at most KV_MEMORY_SHARE of RAM
@@ -43,6 +45,9 @@ class EngineConfig:
     kv_ram_mb: int = 0                # KV store: evicted prefixes kept in host RAM (tmpfs), MiB; 0 = no RAM tier
     kv_store: str | None = None       # KV store: a directory for the disk tier (survives restarts, shareable)
     kv_store_mb: int = 10240          # the disk tier's bound, MiB
+    tenant_fairness: bool = True      # admit the least-served tenant first, preempt for one under its share
+    tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # every tenant's quotas and priority
+    tenant_overrides: dict[str, TenantLimits] = field(default_factory=dict)  # per tenant (the tenants file)
 
     def __post_init__(self):
         if self.threads <= 0:

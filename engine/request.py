@@ -21,6 +21,8 @@ class Request:
     # LoRA adapters as ((name, scale), ...) sorted by name; () = the base model. Sequences with different
     # sets never share a decode step or a prefix's KV cells (engine/scheduler.py)
     adapters: tuple[tuple[str, float], ...] = ()
+    tenant: str | None = None             # who asks (x-tenant-id): admission is fair between tenants (engine/fair_queue.py)
+    priority: int | None = None           # higher goes first; None: the tenant's default
     id: int = field(default_factory=lambda: next(_ids))
 
 

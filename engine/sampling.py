@@ -27,3 +27,10 @@ class SamplingParams:
         """Plain argmax (of the grammar's mask, if any): no temperature, penalty or bias to apply."""
         return (self.temperature <= 0 and self.repeat_penalty == 1.0 and not self.presence_penalty
                 and not self.frequency_penalty and not self.logit_bias)
+
+    @property
+    def resumable(self) -> bool:
+        """Its chain keeps nothing from earlier tokens (a grammar's parse, penalties' history, a seeded
+        generator's place): a preempted sequence resumes with a new chain and answers the same."""
+        return (self.repeat_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty
+                and not self.grammar and self.seed is None)

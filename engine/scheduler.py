@@ -35,18 +35,23 @@ another: running sources and prefix cache entries match by set too.
 Below the KV buffer, an optional KV store (engine/kv_store.py) keeps evicted entries in RAM and on disk:
 a waiting request whose prompt begins with a stored prefix longer than what the buffer offers has its
 first positions restored from the store (a RESTORE op) instead of prefilled.
+
+Tenants: waiting requests are admitted in the fair queue's order (engine/fair_queue.py: the tenant least
+served first, quotas per tenant). When every slot is taken and a tenant under its share waits, a
+sequence of the tenant most over its share is preempted at the start of the plan (before any row of it
+is planned): it ends as "preempted", its KV kept as a prefix cache entry, and a resumed copy of it goes
+back to the front of its tenant's queue (`preempted` tells the engine which stream now reads which).
 """
 
 from __future__ import annotations
 
-import collections
-
 from typing import NamedTuple
 
 from engine import kv_store
+from engine.fair_queue import FairQueue
 from engine.kv_ledger import KvLedger
 from engine.prefix_cache import WAIT, CacheEntry, Source
-from engine.request import Overloaded, Request
+from engine.request import Request
 from engine.sequence import Sequence
 from engine.step import PAYLOAD_BYTES, Op, OpKind, Row, SamplerSpec, StepPlan
 from engine.worker_state import WorkerState
@@ -64,14 +69,14 @@ class Restore(NamedTuple):
 class Scheduler:
     def __init__(self, workers: list[WorkerState], *, max_waiting: int, step_tokens: int,
                  reserve_cap: int, is_eog=lambda token: False, kv_unified: bool = True,
-                 prompt_halves: bool = False, store: kv_store.KvStore | None = None):
+                 prompt_halves: bool = False, store: kv_store.KvStore | None = None,
+                 fair: bool = True):
         self.workers = workers
         self.store = store
         # a step ends the prefill of the shorter half (rounded up) of the prompts still prefilling, so of
         # 8 arriving together 4 start first, then 2, then the last 2, which have waited MAX_PASSED_OVER
         # steps (see EngineConfig.prompt_halves)
         self.prompt_halves = prompt_halves
-        self.max_waiting = max_waiting
         self.step_tokens = step_tokens
         self.reserve_cap = reserve_cap
         self.is_eog = is_eog
@@ -79,19 +84,19 @@ class Scheduler:
         # hands a finished sequence's stream to the newcomer (trimmed to the common prefix), or copies a
         # running one's stream whole (llama.cpp copies streams only whole) and trims the copy
         self.kv_unified = kv_unified
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.waiting = FairQueue(max_waiting, fair=fair)
         self.ended: list[Sequence] = []  # finished inside plan() (context full); the caller reports them
+        self.preempted: list[tuple[Sequence, Sequence]] = []  # (paused, its resumed copy) in plan(); the caller re-keys
         self.prefix_hit_tokens = 0
 
     # --- requests in and out ---
     def add(self, request: Request, *, front: bool = False) -> Sequence:
-        if len(self.waiting) >= self.max_waiting and not front:
-            raise Overloaded(f"the server is at capacity ({self.max_waiting} requests already waiting); retry shortly")
+        """Queue a request (raises Overloaded: the queue or its tenant's is full); `front`: it ran before."""
         seq = Sequence(request)
         if seq.start_bytes > PAYLOAD_BYTES // 2:
             raise ValueError(f"the grammar and sampling settings take {seq.start_bytes} bytes; at most "
                              f"{PAYLOAD_BYTES // 2} fit a decode step")
-        (self.waiting.appendleft if front else self.waiting.append)(seq)
+        self.waiting.push(seq, front=front)
         return seq
 
     def finish(self, seq: Sequence, reason: str, *, keep_prefix: bool = True) -> None:
@@ -103,6 +108,7 @@ class Scheduler:
             self.waiting.remove(seq)
             return
         seq.worker.retire(seq, keep_prefix)
+        self.waiting.stopped(seq)
 
     def worker_lost(self, w: WorkerState) -> list[Sequence]:
         """A worker died: forget its state and hand back the sequences it was running."""
@@ -111,12 +117,14 @@ class Scheduler:
         w.reset()
         for s in lost:
             s.finish_reason = "error"
+            self.waiting.stopped(s)
         return lost
 
     # --- one iteration ---
     def plan(self, max_burst: int = 1) -> list[StepPlan]:
         plans = {w.index: StepPlan(w) for w in self.workers if w.alive and not w.unsettled}
         budget = {i: self.step_tokens for i in plans}
+        self._preempt(plans)
         for p in plans.values():
             p.adapters = p.worker.take_turn()
             self._continue_decoding(p, budget)
@@ -133,7 +141,7 @@ class Scheduler:
                 w.adapters = p.adapters
             if not self.kv_unified:  # in id order, or llama.cpp splits the step into several passes (lowest_idle_id)
                 p.rows.sort(key=lambda r: r.seq.seq_id)
-            if max_burst > 1 and not self.waiting:
+            if max_burst > 1 and self.waiting.next() is None:
                 self._make_burst(p, max_burst)
         return [p for p in plans.values() if p.rows or p.ops]
 
@@ -190,14 +198,14 @@ class Scheduler:
         w = plan.worker
         prefilling = [s for s in w.running if s.prefilling and s.adapters == plan.adapters]
         ending = (len(prefilling) + 1) // 2 if self.prompt_halves else len(prefilling)
-        for seq in sorted(prefilling, key=lambda s: s.n_prompt - s.n_scheduled):
-            n = min(seq.n_prompt - seq.n_scheduled, budget[w.index])
+        for seq in sorted(prefilling, key=lambda s: s.n_input - s.n_scheduled):
+            n = min(seq.n_input - seq.n_scheduled, budget[w.index])
             if n <= 0:
                 break
             if ending <= 0 and seq.passed_over < MAX_PASSED_OVER:
                 seq.passed_over += 1
                 continue
-            last = seq.n_scheduled + n == seq.n_prompt
+            last = seq.n_scheduled + n == seq.n_input
             self._add_row(plan, seq, n, last)
             seq.passed_over = 0
             budget[w.index] -= n
@@ -224,18 +232,49 @@ class Scheduler:
         return True
 
     def _admit(self, plans: dict) -> None:
+        """Waiting requests in the fair queue's order into free slots; one that cannot be placed yet (no
+        KV room, its prefix still being computed, no payload room left in this step) does not hold up the
+        others."""
         room = PAYLOAD_BYTES // 2  # for the START payloads of one step; the rest stays for the other ops
-        for seq in list(self.waiting):
-            payload = seq.start_bytes
-            if payload > room:  # this step carries enough grammars already: the next one starts it
+        blocked = set()
+        while any(len(w.running) < w.parallel for w in self.workers if w.index in plans):
+            seq = self.waiting.next(blocked)
+            if seq is None:
+                return
+            if seq.start_bytes > room:  # this step carries enough grammars already: the next one starts it
+                blocked.add(seq)
                 continue
             choice = self._place(seq, plans)
             if choice is None:
+                blocked.add(seq)
                 continue
             w, source, seq_id = choice
-            room -= payload
-            self.waiting.remove(seq)
+            room -= seq.start_bytes
             self._start(plans[w.index], seq, source, seq_id)
+
+    def _preempt(self, plans: dict) -> None:
+        """Every slot is taken and a tenant under its fair share waits: pause the sequence of the tenant
+        most over its share that is cheapest to resume (lowest priority, fewest positions computed; none
+        of higher priority than the newcomer, none whose sampler has state a new chain would lose). One
+        per step: the newcomer takes the slot in this step's admission."""
+        workers = [w for w in self.workers if w.index in plans]
+        if not workers or any(len(w.running) < w.parallel for w in workers):
+            return
+        newcomer = self.waiting.next()
+        if newcomer is None:
+            return
+        tenant = self.waiting.over_share(newcomer, sum(w.parallel for w in workers))
+        victims = [s for w in workers for s in w.running
+                   if tenant is not None and self.waiting.tenant_of(s).name == tenant
+                   and s.priority <= newcomer.priority and s.request.sampling.resumable]
+        if not victims:
+            return
+        seq = min(victims, key=lambda s: (s.priority, s.n_computed))
+        self.finish(seq, "preempted")
+        resumed = seq.resumed()
+        self.waiting.push(resumed, front=True)
+        self.waiting.tenant_of(seq).preempted += 1
+        self.preempted.append((seq, resumed))
 
     def _place(self, seq: Sequence, plans: dict):
         """(worker, prefix source, sequence id or None for any) for a waiting sequence, or None to keep
@@ -253,9 +292,9 @@ class Scheduler:
         if best is None:
             return None
         (shared, _, _), w, src = best
-        if seq.n_prompt >= w.n_ctx_seq:
+        if seq.n_input >= w.n_ctx_seq:
             return None
-        want = seq.n_prompt + min(seq.request.max_tokens or w.n_ctx_seq, self.reserve_cap)
+        want = seq.n_input + min(seq.request.max_tokens or w.n_ctx_seq, self.reserve_cap)
         seq_reserve = min(want, w.n_ctx_seq)
         stored = self.store.find(seq.prompt, seq.adapters) if self.store is not None else None
         if stored is not None and stored[1] >= shared + kv_store.MIN_TOKENS and len(stored[0].tokens) <= w.n_ctx_seq:
@@ -289,7 +328,9 @@ class Scheduler:
             w.ledger.grow(seq.span, source.shared)
             plan.ops.append(Op(OpKind.RESTORE, seq.seq_id,
                                payload=self.store.restore_source(source.stored, seq.prompt, source.shared)))
-            seq.n_computed = seq.n_scheduled = seq.cached_tokens = source.shared
+            seq.n_computed = seq.n_scheduled = source.shared
+            if not seq.preemptions:
+                seq.cached_tokens = source.shared
         else:
             shared = source.shared
             if self.kv_unified:  # the copy references the source's cells
@@ -303,8 +344,11 @@ class Scheduler:
                 seq.seq_id, seq.span = w.take_id(seq_id), w.ledger.new_span()
                 w.ledger.grow(seq.span, shared)
                 plan.ops.append(Op(OpKind.COPY, seq.seq_id, source.seq_id, shared))
-            seq.n_computed = seq.n_scheduled = seq.cached_tokens = shared
-            self.prefix_hit_tokens += shared
+            seq.n_computed = seq.n_scheduled = shared
+            if not seq.preemptions:
+                seq.cached_tokens = shared
+                self.prefix_hit_tokens += shared
+        self.waiting.started(seq, seq.n_input - seq.n_scheduled)
         r = seq.request
         plan.ops.append(Op(OpKind.START, seq.seq_id, payload=SamplerSpec(r.sampling, r.top_logprobs, r.ignore_eos)))
         w.running.append(seq)
@@ -344,6 +388,7 @@ class Scheduler:
                 if seq.finish_reason is None and n:
                     got = list(samples[j])
                     seq.tokens += got
+                    self.waiting.decoded(seq, len(got))
                     sampled.append((seq, j, got))
                 j += 1
         if plan.cut:

@@ -12,7 +12,8 @@ from engine.step import PENDING_TOKEN, start_bytes
 class Sequence:
     def __init__(self, request: Request):
         self.request = request
-        self.prompt = np.asarray(request.prompt, dtype=np.int32)
+        self.priority = request.priority  # None until queued: then the tenant's default
+        self.prompt = np.asarray(request.prompt, dtype=np.int32)  # what is computed before it samples
         self.adapters = request.adapters
         self.tokens: list[int] = list(request.prompt)  # prompt + generated
         self.n_prompt = len(request.prompt)
@@ -26,7 +27,27 @@ class Sequence:
         self.reserve = 0          # KV positions this sequence may hold without asking again
         self.cached_tokens = 0    # prompt tokens reused from the prefix cache
         self.passed_over = 0      # steps in a row its prompt waited for shorter ones (Scheduler.prompt_halves)
+        self.preemptions = 0      # times it was paused for another tenant and resumed
         self.finish_reason: str | None = None
+
+    def resumed(self) -> Sequence:
+        """This sequence, paused (preempted) for another tenant, as a new one that goes on where it was:
+        its prompt is everything it has so far (computed again, mostly found in the prefix cache), its
+        answer so far stays its answer (so its stream sees only a gap). A new object, because steps in
+        flight still name this one (they are ignored once it has a finish_reason)."""
+        seq = Sequence(self.request)
+        seq.priority = self.priority
+        seq.prompt = np.asarray(self.tokens, dtype=np.int32)
+        seq.tokens = list(self.tokens)
+        seq.n_prompt, seq.cached_tokens = self.n_prompt, self.cached_tokens
+        seq.outputs_planned = self.n_generated
+        seq.preemptions = self.preemptions + 1
+        return seq
+
+    @property
+    def n_input(self) -> int:
+        """Positions computed before it samples (the prompt, or all it had when it resumed)."""
+        return len(self.prompt)
 
     @property
     def n_generated(self) -> int:
@@ -35,7 +56,7 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         """Prompt positions are still to be planned."""
-        return self.n_scheduled < self.n_prompt
+        return self.n_scheduled < self.n_input
 
     @property
     def in_flight(self) -> bool:
