@@ -37,12 +37,15 @@ from contextlib import aclosing, asynccontextmanager
 from typing import AsyncIterator, Mapping
 
 from engine import logs
+from engine.fair_queue import QuotaExceeded
 from engine.request import EngineError, Output, Overloaded
 from server.drain import REFUSAL, Drain
 from server.metrics import Metrics, RequestTracker
 from server.models import Models, Served
 from server.refusal import Refusal
 from server.shaping import Generation
+
+MAX_TENANT_ID = 128  # longer, or unprintable, tenant ids are refused: they would flood logs and metrics
 
 
 
@@ -58,6 +61,9 @@ class Admission:
         --require-tenant, refuse one without a tenant (`carrier` says where the client should have put it;
         `tenant_scope` False exempts a route from the rule)."""
         tenant = headers.get("x-tenant-id")
+        if tenant and (len(tenant) > MAX_TENANT_ID or not tenant.isprintable()):
+            raise Refusal("invalid", f"The 'x-tenant-id' {carrier} must be at most {MAX_TENANT_ID} printable "
+                          "characters.", param="x-tenant-id", code="invalid_tenant")
         logs.bind_request(tenant, headers.get("x-trace-id"), headers.get("x-span-id"))
         if self.require_tenant and tenant_scope and not tenant:
             raise Refusal("invalid", f"This service requires the 'x-tenant-id' {carrier}.", param="x-tenant-id",
@@ -103,10 +109,15 @@ class Admission:
         handles = []
         try:
             for r in gen.requests:
+                r.tenant = logs.tenant_id.get()  # fair admission and quotas per tenant (engine/fair_queue.py)
                 handles.append(engine.submit(r))
         except BaseException as exc:
             for h in handles:
                 engine.cancel(h)
+            if isinstance(exc, QuotaExceeded):
+                raise Refusal("overloaded", f"Tenant {exc.tenant!r} already has {exc.limit} requests waiting, its "
+                              f"limit (--tenant-max-waiting or the tenants file); retry shortly.",
+                              code="tenant_quota_exceeded", retry_after=1) from None
             if isinstance(exc, Overloaded):
                 raise Refusal("overloaded", "The server is at capacity (its waiting queue is full); retry shortly.",
                               code="overloaded", retry_after=1) from None

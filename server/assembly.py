@@ -12,6 +12,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.cpu_turns import CpuTurns
 from engine.embedder import Embedder, EmbedderConfig
+from engine.fair_queue import TenantLimits
 from engine.llama import Model
 from engine.logs import event
 from engine.model_files import DEFAULT_ALIAS, resolve_model
@@ -23,6 +24,7 @@ from server.models import Models, Served
 from server.profiles import Profile, ProfileError, load_profiles
 from server.sampling_defaults import SamplingDefaults
 from server.settings import ServerSettings
+from server.tenants import Tenants
 
 log = logging.getLogger("sentiric.server")
 
@@ -38,6 +40,7 @@ class Service:
     models: Models
     settings: ServerSettings
     drain: Drain
+    tenants: Tenants
 
 
 def assemble(args) -> Service:
@@ -75,9 +78,13 @@ def assemble(args) -> Service:
         raise ValueError("--max-models must be at least 1")
 
     turns = CpuTurns()  # one per process: every profile's engine and embedder share the machine's cores
+    if min(args.tenant_max_running, args.tenant_max_waiting) < 0:
+        raise ValueError("--tenant-max-running and --tenant-max-waiting must be 0 (no limit) or more")
+    tenants = Tenants(TenantLimits(max_running=args.tenant_max_running or None,
+                                   max_waiting=args.tenant_max_waiting or None), args.tenants_file)
 
     def build(profile: Profile) -> Served:
-        return _build(profile, args, settings, turns)
+        return _build(profile, args, settings, turns, tenants)
     try:
         models = Models(profiles, build(profiles[active]), build, args.switch_timeout, args, args.max_models)
     except (OSError, RuntimeError, ValueError) as exc:
@@ -86,7 +93,7 @@ def assemble(args) -> Service:
         raise ProfileError(f"profiles file {args.profiles}: profile {active!r}: {exc}") from None
     with_grpc = args.grpc_port and not args.embeddings_only
     return Service(args.host, args.port, metrics_port, grpc_settings if with_grpc else None, models, settings,
-                   Drain(args.drain_timeout))
+                   Drain(args.drain_timeout), tenants)
 
 
 def _alias(args) -> str:
@@ -94,7 +101,7 @@ def _alias(args) -> str:
     return args.model_alias or (DEFAULT_ALIAS if not args.model else Path(args.model).name.removesuffix(".gguf"))
 
 
-def _build(profile: Profile, flags, settings: ServerSettings, turns: CpuTurns) -> Served:
+def _build(profile: Profile, flags, settings: ServerSettings, turns: CpuTurns, tenants: Tenants) -> Served:
     """A profile's engine, embedder and shaper, not started yet (blocking: it may fetch the default model and
     reads the GGUF's recommended sampling); ValueError or OSError says what is wrong with the profile."""
     args = profile.apply(flags)
@@ -111,7 +118,8 @@ def _build(profile: Profile, flags, settings: ServerSettings, turns: CpuTurns) -
         max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, kv_offload=args.kv_offload,
         log_batches=args.log_batches,
         overlap=args.overlap, burst_ms=args.burst_ms, step_timeout=args.step_timeout, lora_dir=args.lora_dir,
-        lora_cache=args.lora_cache,
+        lora_cache=args.lora_cache, tenant_fairness=args.tenant_fairness, tenant_limits=tenants.default,
+        tenant_overrides=tenants.overrides,
         chat_template=Path(args.chat_template_file).read_text() if args.chat_template_file else None)
     embedder_config = EmbedderConfig(
         model_path=str(model_path), ctx_size=args.embeddings_ctx_size,

@@ -132,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     _option(eng, "--kv-store-mb", "KV_STORE_MB", 10240, "the disk tier's bound, MiB", type=int)
     _option(eng, "--max-waiting", "MAX_WAITING", 256, "queued requests beyond this get 429 / RESOURCE_EXHAUSTED",
             type=int)
+    _option(eng, "--tenant-fairness", "TENANT_FAIRNESS", True, "admit the least-served tenant (x-tenant-id) "
+                                                               "first and pause a sequence of one over its share "
+                                                               "for one under it (docs/tenants.md)", type=bool)
+    _option(eng, "--tenant-max-running", "TENANT_MAX_RUNNING", 0, "sequences one tenant may run at once "
+                                                                  "(0 = no limit)", type=int)
+    _option(eng, "--tenant-max-waiting", "TENANT_MAX_WAITING", 0, "requests one tenant may have waiting; beyond, "
+                                                                  "429 naming the limit (0 = no limit)", type=int)
+    _option(eng, "--tenants-file", "TENANTS_FILE", None, "TOML file of per-tenant limits, priority and weight "
+                                                         "(reloaded on SIGHUP; docs/tenants.md)")
     _option(eng, "--overlap", "OVERLAP", True, "plan each decode step while the worker runs the one before "
                                                "(two steps in flight)", type=bool)
     _option(eng, "--burst-ms", "BURST_MS", 50.0, "while every sequence only decodes and nothing waits, a worker "

@@ -55,6 +55,8 @@ async def run(service: Service) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: (at_once.set(), stop.set()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: service.tenants.reload(
+        {id(s.engine): s.engine for s in (models.current, *models.resident.values())}.values()))
     try:
         for runner, at in sites:
             await runner.setup()
