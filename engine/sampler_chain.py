@@ -61,6 +61,10 @@ class SamplerChain(_Owner):
         return lib.llama_sampler_sample(self.ptr, ctx.ptr, row)
 
 
+    def accept(self, token: int) -> None:
+        """Count a token as sampled (a resumed sequence's earlier ones: the penalties see them again)."""
+        lib.llama_sampler_accept(self.ptr, token)
+
     def __len__(self) -> int:
         return lib.llama_sampler_chain_n(self.ptr)
 

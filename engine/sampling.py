@@ -30,7 +30,6 @@ class SamplingParams:
 
     @property
     def resumable(self) -> bool:
-        """Its chain keeps nothing from earlier tokens (a grammar's parse, penalties' history, a seeded
-        generator's place): a preempted sequence resumes with a new chain and answers the same."""
-        return (self.repeat_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty
-                and not self.grammar and self.seed is None)
+        """A preempted sequence resumes with a new chain and answers the same: no grammar (its parse) nor
+        seed (the generator's place); penalties see the last tokens again (SamplerSpec.history)."""
+        return not self.grammar and not self.grammar_triggers and self.seed is None

@@ -350,7 +350,11 @@ class Scheduler:
                 self.prefix_hit_tokens += shared
         self.waiting.started(seq, seq.n_input - seq.n_scheduled)
         r = seq.request
-        plan.ops.append(Op(OpKind.START, seq.seq_id, payload=SamplerSpec(r.sampling, r.top_logprobs, r.ignore_eos)))
+        last_n = r.sampling.penalty_last_n  # -1: all of them
+        history = tuple(seq.tokens[seq.n_prompt if last_n < 0 else max(seq.n_prompt, len(seq.tokens) - last_n):]) \
+            if seq.preemptions else ()
+        plan.ops.append(Op(OpKind.START, seq.seq_id, payload=SamplerSpec(r.sampling, r.top_logprobs, r.ignore_eos,
+                                                                         history)))
         w.running.append(seq)
         w.join(seq.adapters)
         entry = w.cache.get(source.seq_id) if isinstance(source, Source) and self.kv_unified else None

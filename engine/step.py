@@ -43,21 +43,22 @@ class SamplerSpec(NamedTuple):
     params: SamplingParams
     top_logprobs: int  # -1: no logprobs
     ignore_eos: bool
+    history: tuple = ()  # a resumed sequence's last sampled tokens, accepted into the new chain (penalties)
 
     def to_json(self) -> bytes:
         p = self.params
         bias = None if p.logit_bias is None else {str(k): v for k, v in p.logit_bias.items()}  # JSON keys are strings
         return orjson.dumps({**p.__dict__, "logit_bias": bias, "top_logprobs": self.top_logprobs,
-                             "ignore_eos": self.ignore_eos})
+                             "ignore_eos": self.ignore_eos, "history": self.history})
 
     @classmethod
     def from_json(cls, raw: bytes) -> "SamplerSpec":
         p = orjson.loads(raw)
-        top, ignore_eos = p.pop("top_logprobs"), p.pop("ignore_eos")
+        top, ignore_eos, history = p.pop("top_logprobs"), p.pop("ignore_eos"), tuple(p.pop("history"))
         params = SamplingParams(**p)
         if params.logit_bias is not None:
             params.logit_bias = {int(t): v for t, v in params.logit_bias.items()}
-        return cls(params, top, ignore_eos)
+        return cls(params, top, ignore_eos, history)
 
 
 class StoreFile(NamedTuple):

@@ -172,6 +172,8 @@ class Worker:
             self.drop(seq)
             spec = op.payload
             chain = None if spec.params.greedy else self.sampler_chain.SamplerChain(self.vocab, spec.params)
+            for token in spec.history if chain is not None else ():
+                chain.accept(token)
             guide = self.grammars.guide(spec.params.grammar) if spec.params.grammar else None
             self.sampling[seq] = _SeqSampling(chain, spec.top_logprobs, spec.ignore_eos, guide)
         elif op.kind == OpKind.FREE:

@@ -1,0 +1,144 @@
+"""Many tenants on one service: fair sharing with preemption, quotas, priorities, the tenants file."""
+
+import signal
+import threading
+import time
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.service
+
+COUNT = [{"role": "user", "content": "Count from 1 to 40, separated by commas."}]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+TENANTS = """
+[tenants.capped]
+max_running = 1
+max_waiting = 1
+
+[tenants.ranked]
+max_running = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def tenants_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tenants") / "tenants.toml"
+    path.write_text(TENANTS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(start_server, tenants_file):
+    return start_server("--parallel", "4", "--ctx-size", "4096", "--threads", "2", "--burst-ms", "0",
+                        "--tenants-file", str(tenants_file))
+
+
+def client(service, tenant):
+    return openai.OpenAI(base_url=service.base_url + "/v1", api_key="x", max_retries=0, timeout=120,
+                         default_headers={"x-tenant-id": tenant} if tenant else None)
+
+
+def stream(service, tenant, messages, max_tokens, out, key, **extra):
+    """Stream one greedy answer into out[key] = (text, seconds to the first token, seconds to the end)."""
+    t0, first, text = time.monotonic(), None, ""
+    for chunk in client(service, tenant).chat.completions.create(
+            model="x", messages=messages, max_tokens=max_tokens, temperature=0, stream=True, **extra):
+        piece = chunk.choices[0].delta.content if chunk.choices else None
+        if piece:
+            first = first if first is not None else time.monotonic() - t0
+            text += piece
+    out[key] = (text, first, time.monotonic() - t0)
+
+
+def start(service, tenant, messages, max_tokens, out, key, **extra):
+    t = threading.Thread(target=stream, args=(service, tenant, messages, max_tokens, out, key), kwargs=extra)
+    t.start()
+    return t
+
+
+def test_a_flood_does_not_starve_another_tenant_and_preempted_answers_are_whole(service):
+    alone = {}
+    stream(service, "flood", COUNT, 80, alone, "count")
+    stream(service, "voice", QUESTION, 12, alone, "question")
+    out = {}
+    flood = [start(service, "flood", COUNT, 80, out, i) for i in range(4)]  # every sequence taken
+    while service.stats()["tenants"].get("flood", {}).get("running", 0) < 4 or \
+            service.stats()["generated_tokens"] < 40:
+        time.sleep(0.02)
+    start(service, "voice", QUESTION, 12, out, "voice").join()
+    for t in flood:
+        t.join()
+    tenants = service.stats()["tenants"]
+    assert tenants["flood"]["preempted"] >= 1  # the voice tenant did not wait for a slot to free
+    assert out["voice"][0] == alone["question"][0]
+    assert out["voice"][1] < 1.5  # its first token within 1.5 s (alone: about 0.1 s), the flood takes longer
+    assert out["voice"][2] < min(out[i][2] for i in range(4))
+    assert [out[i][0] for i in range(4)] == [alone["count"][0]] * 4  # no token lost or repeated
+
+
+def test_quotas_hold_while_another_tenant_is_served_at_once(service):
+    out = {}
+    running = start(service, "capped", COUNT, 60, out, "running")
+    while service.stats()["tenants"].get("capped", {}).get("running", 0) < 1:
+        time.sleep(0.02)
+    waiting = start(service, "capped", COUNT, 5, out, "waiting")
+    while service.stats()["tenants"]["capped"]["waiting"] < 1:
+        time.sleep(0.02)
+    with pytest.raises(openai.RateLimitError) as e:
+        client(service, "capped").chat.completions.create(model="x", messages=QUESTION, max_tokens=4)
+    assert "'capped'" in e.value.message and "limit" in e.value.message
+    assert e.value.response.headers["retry-after"] == "1"
+    other = {}
+    stream(service, "other", QUESTION, 4, other, "q")
+    assert other["q"][1] < 1.5
+    most = 0
+    while running.is_alive() or waiting.is_alive():
+        most = max(most, service.stats()["tenants"]["capped"]["running"])
+        time.sleep(0.01)
+    assert most == 1  # never more than its max_running
+
+
+def test_priority_orders_admission(service):
+    out = {}
+    first = start(service, "ranked", COUNT, 40, out, "first")
+    while service.stats()["tenants"].get("ranked", {}).get("running", 0) < 1:
+        time.sleep(0.02)
+    low = start(service, "ranked", QUESTION, 4, out, "low", extra_body={"priority": 0})
+    while service.stats()["tenants"]["ranked"]["waiting"] < 1:
+        time.sleep(0.02)
+    high = start(service, "ranked", QUESTION, 4, out, "high", extra_body={"priority": 5})
+    for t in (first, low, high):
+        t.join()
+    assert out["high"][2] < out["low"][2]  # asked later, admitted first
+
+
+def test_a_bad_tenant_id_is_refused(service):
+    for bad in ("t" * 129, "a\tb"):
+        with pytest.raises(openai.BadRequestError, match="x-tenant-id"):
+            client(service, bad).chat.completions.create(model="x", messages=QUESTION, max_tokens=2)
+    assert "t" * 129 not in service.stats()["tenants"]
+
+
+def test_the_tenants_file_reloads_and_a_bad_one_keeps_the_old(service, tenants_file):
+    out = {}
+    during = start(service, "capped", COUNT, 30, out, "during")
+    while service.stats()["tenants"].get("capped", {}).get("running", 0) < 1:
+        time.sleep(0.02)
+    tenants_file.write_text(TENANTS.replace("max_waiting = 1", "max_waiting = 3"))
+    service.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "tenants file" not in service.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waiting = [start(service, "capped", QUESTION, 2, out, i) for i in range(3)]  # 3 waiting now fit
+    for t in (during, *waiting):
+        t.join()
+    assert len(out) == 4 and out["during"][0]  # nothing dropped by the reload
+    tenants_file.write_text("[tenants.capped]\nmax_running = -2\n")
+    service.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "limits in force stay" not in service.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "max_running must be a whole number above 0" in service.log()
+    stream(service, "capped", QUESTION, 2, out, "after")  # the old limits still serve it
+    assert out["after"][0]
