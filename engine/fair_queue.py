@@ -55,6 +55,7 @@ class Tenant:
     tokens_in: int = 0               # prompt tokens computed
     tokens_out: int = 0              # tokens sampled
     preempted: int = 0               # its sequences paused to give another tenant a slot
+    refused: int = 0                 # requests refused at its max_waiting
 
     @property
     def busy(self) -> bool:
@@ -99,6 +100,7 @@ class FairQueue:
                 raise Overloaded(f"the server is at capacity ({self.max_waiting} requests already waiting); "
                                  "retry shortly")
             if limit is not None and len(t.waiting) >= limit:
+                t.refused += 1
                 raise QuotaExceeded(t.name, limit)
         if seq.priority is None:
             seq.priority = self.limits(t.name).priority
@@ -178,5 +180,5 @@ class FairQueue:
         """Per busy or recently seen tenant: running, waiting, tokens in and out, share of the service."""
         total = sum(t.served for t in self.tenants.values()) or 1.0
         return {t.name: {"running": t.running, "waiting": len(t.waiting), "tokens_in": t.tokens_in,
-                         "tokens_out": t.tokens_out, "preempted": t.preempted,
+                         "tokens_out": t.tokens_out, "preempted": t.preempted, "refused": t.refused,
                          "share": round(t.served / total, 3)} for t in self.tenants.values()}

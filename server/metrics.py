@@ -90,6 +90,7 @@ class _EngineCollector:
         buckets.append(("+Inf", total))
         yield HistogramMetricFamily("sentiric_batch_size", "Sequences carried by one decode step",
                                     buckets=buckets, sum_value=sum(size * n for size, n in counts.items()))
+        yield from _tenant_series(s["tenants"])
         turns = self.engine().cpu_turns
         if turns is not None:  # decoders taking turns on shared cores (engine/cpu_turns.py)
             t = turns.stats()
@@ -124,6 +125,31 @@ def _kv_store_metrics(store: dict):
     yield CounterMetricFamily("sentiric_kv_store_prefill_seconds_saved", "Prefill time the restores saved "
                               "(restored tokens at the measured prefill time per token)",
                               value=store["prefill_ms_saved"] / 1000)
+
+
+def _tenant_series(tenants: dict):
+    """Per tenant, the TOP_TENANTS that generated most by name and the rest summed as "other": a label's
+    values stay bounded however many tenants call (the tenant's own name: "" when it sent none)."""
+    ranked = sorted(tenants.items(), key=lambda kv: -kv[1]["tokens_out"])
+    rows: dict[str, dict] = {}
+    for i, (name, t) in enumerate(ranked):
+        row = rows.setdefault(name if i < TOP_TENANTS else "other", dict.fromkeys(_TENANT_SERIES, 0))
+        for key in _TENANT_SERIES:
+            row[key] += t[key]
+    for key, (kind, doc) in _TENANT_SERIES.items():
+        family = kind(f"sentiric_tenant_{key}", doc, labels=["tenant"])
+        for name, row in rows.items():
+            family.add_metric([name], row[key])
+        yield family
+
+
+TOP_TENANTS = 20
+_TENANT_SERIES = {"running": (GaugeMetricFamily, "Sequences running, by tenant"),
+                  "waiting": (GaugeMetricFamily, "Requests waiting, by tenant"),
+                  "tokens_in": (CounterMetricFamily, "Prompt tokens computed, by tenant"),
+                  "tokens_out": (CounterMetricFamily, "Tokens sampled, by tenant"),
+                  "preempted": (CounterMetricFamily, "Sequences paused for another tenant, by tenant"),
+                  "refused": (CounterMetricFamily, "Requests refused at the tenant's waiting limit, by tenant")}
 
 
 class _EmbedderCollector:

@@ -89,6 +89,7 @@ def test_quotas_hold_while_another_tenant_is_served_at_once(service):
         client(service, "capped").chat.completions.create(model="x", messages=QUESTION, max_tokens=4)
     assert "'capped'" in e.value.message and "limit" in e.value.message
     assert e.value.response.headers["retry-after"] == "1"
+    assert 'sentiric_tenant_refused_total{tenant="capped"} 1.0' in service.metrics()
     other = {}
     stream(service, "other", QUESTION, 4, other, "q")
     assert other["q"][1] < 1.5
@@ -117,7 +118,7 @@ def test_a_bad_tenant_id_is_refused(service):
     for bad in ("t" * 129, "a\tb"):
         with pytest.raises(openai.BadRequestError, match="x-tenant-id"):
             client(service, bad).chat.completions.create(model="x", messages=QUESTION, max_tokens=2)
-    assert "t" * 129 not in service.stats()["tenants"]
+    assert "t" * 129 not in service.stats()["tenants"] and "t" * 129 not in service.metrics()
 
 
 def test_the_tenants_file_reloads_and_a_bad_one_keeps_the_old(service, tenants_file):

@@ -1,8 +1,10 @@
-"""The tenants file (server/tenants.py): overrides on the flags' limits, a bad file refused whole."""
+"""The tenants file (server/tenants.py): overrides on the flags' limits, a bad file refused whole; the
+tenant metrics' bounded label."""
 
 import pytest
 
 from engine.fair_queue import TenantLimits
+from server.metrics import TOP_TENANTS, _tenant_series
 from server.tenants import Tenants
 
 pytestmark = pytest.mark.unit
@@ -40,3 +42,11 @@ def test_a_bad_file_stops_the_start_and_a_bad_reload_keeps_the_old(tmp_path, tex
     assert error.split("[")[0] in caplog.text and not hasattr(engine, "limits")
     path.write_text("[tenants.a]\nmax_running = 3\n")
     assert t.reload([engine]) and engine.limits[1] == {"a": TenantLimits(max_running=3)}
+
+
+def test_the_tenant_label_keeps_the_top_tenants_and_sums_the_rest_as_other():
+    row = dict(running=1, waiting=0, tokens_in=5, tokens_out=0, preempted=0, refused=0)
+    tenants = {f"t{i}": {**row, "tokens_out": i} for i in range(TOP_TENANTS + 30)}
+    running = next(f for f in _tenant_series(tenants) if f.name == "sentiric_tenant_running")
+    values = {s.labels["tenant"]: s.value for s in running.samples}
+    assert len(values) == TOP_TENANTS + 1 and values["other"] == 30 and f"t{TOP_TENANTS + 29}" in values
