@@ -261,7 +261,7 @@ class Scheduler:
         if not workers or any(len(w.running) < w.parallel for w in workers):
             return
         newcomer = self.waiting.next()
-        if newcomer is None:
+        if newcomer is None or newcomer.made_room:
             return
         tenant = self.waiting.over_share(newcomer, sum(w.parallel for w in workers))
         victims = [s for w in workers for s in w.running
@@ -270,6 +270,7 @@ class Scheduler:
         if not victims:
             return
         seq = min(victims, key=lambda s: (s.priority, s.n_computed))
+        newcomer.made_room = True
         self.finish(seq, "preempted")
         resumed = seq.resumed()
         self.waiting.push(resumed, front=True)

@@ -28,6 +28,7 @@ class Sequence:
         self.cached_tokens = 0    # prompt tokens reused from the prefix cache
         self.passed_over = 0      # steps in a row its prompt waited for shorter ones (Scheduler.prompt_halves)
         self.preemptions = 0      # times it was paused for another tenant and resumed
+        self.made_room = False    # a sequence was paused for it (once: if it still cannot start, more would churn)
         self.finish_reason: str | None = None
 
     def resumed(self) -> Sequence:
