@@ -32,4 +32,4 @@ class SamplingParams:
     def resumable(self) -> bool:
         """A preempted sequence resumes with a new chain and answers the same: no grammar (its parse) nor
         seed (the generator's place); penalties see the last tokens again (SamplerSpec.history)."""
-        return not self.grammar and not self.grammar_triggers and self.seed is None
+        return not self.grammar and self.seed is None
