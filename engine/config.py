@@ -43,6 +43,8 @@ class EngineConfig:
     kv_ram_mb: int = 0                # KV store: evicted prefixes kept in host RAM (tmpfs), MiB; 0 = no RAM tier
     kv_store: str | None = None       # KV store: a directory for the disk tier (survives restarts, shareable)
     kv_store_mb: int = 10240          # the disk tier's bound, MiB
+    spec_type: str = "auto"           # drafting (engine/speculative.py): auto (where it pays) | ngram (always) | none
+    spec_draft_max: int = 16          # drafted tokens per sequence and step, at most
 
     def __post_init__(self):
         if self.threads <= 0:
@@ -67,6 +69,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.ctx_size < 0:
             raise ValueError("ctx_size must be 0 (auto) or more")
+        if self.spec_type not in ("auto", "none", "ngram"):
+            raise ValueError("spec_type must be auto, none or ngram")
+        if self.spec_draft_max < 0:
+            raise ValueError("spec_draft_max must be 0 (no drafting) or more")
         if self.flash_attn not in ("auto", "on", "off"):
             raise ValueError("flash_attn must be auto, on or off")
         self._check_kv_types()

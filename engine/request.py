@@ -21,6 +21,8 @@ class Request:
     # LoRA adapters as ((name, scale), ...) sorted by name; () = the base model. Sequences with different
     # sets never share a decode step or a prefix's KV cells (engine/scheduler.py)
     adapters: tuple[tuple[str, float], ...] = ()
+    spec_type: str | None = None          # drafting (engine/speculative.py): auto | ngram | none; None: the service's
+    spec_draft_max: int | None = None     # at most this many drafted tokens per step; None: the service's
     id: int = field(default_factory=lambda: next(_ids))
 
 

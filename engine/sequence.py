@@ -27,6 +27,7 @@ class Sequence:
         self.cached_tokens = 0    # prompt tokens reused from the prefix cache
         self.passed_over = 0      # steps in a row its prompt waited for shorter ones (Scheduler.prompt_halves)
         self.finish_reason: str | None = None
+        self.spec = None          # its drafting state (engine/speculative.py SeqSpec); None: it does not draft
 
     @property
     def n_generated(self) -> int:

@@ -111,7 +111,7 @@ def _build(profile: Profile, flags, settings: ServerSettings, turns: CpuTurns) -
         max_waiting=args.max_waiting, n_gpu_layers=args.n_gpu_layers, kv_offload=args.kv_offload,
         log_batches=args.log_batches,
         overlap=args.overlap, burst_ms=args.burst_ms, step_timeout=args.step_timeout, lora_dir=args.lora_dir,
-        lora_cache=args.lora_cache,
+        lora_cache=args.lora_cache, spec_type=args.spec_type, spec_draft_max=args.spec_draft_max,
         chat_template=Path(args.chat_template_file).read_text() if args.chat_template_file else None)
     embedder_config = EmbedderConfig(
         model_path=str(model_path), ctx_size=args.embeddings_ctx_size,
