@@ -13,7 +13,9 @@ from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.speculative import CostModel, NgramIndex, SeqSpec, Speculator, choose_drafts
 from engine.worker_state import WorkerState
-from server.shaping import Fields, InvalidRequest, Shaper
+from server.fields import Fields
+from server.generation_params import speculation
+from server.refusal import Refusal
 
 TEXT = ("The committee met on Tuesday to review the budget for the new library. After a long discussion "
         "the members agreed to fund the reading room, the children's corner and the archive, and asked the "
@@ -95,13 +97,13 @@ def test_a_sequence_that_may_not_draft_overlaps_as_before():
 
 @pytest.mark.unit
 def test_bad_spec_fields_name_the_field():
-    assert Shaper.speculation(Fields({"speculative": False})) == ("none", None)
-    assert Shaper.speculation(Fields({"spec": {"type": "ngram", "draft_max": 4}})) == ("ngram", 4)
+    assert speculation(Fields({"speculative": False})) == ("none", None)
+    assert speculation(Fields({"spec": {"type": "ngram", "draft_max": 4}})) == ("ngram", 4)
     for body, field in (({"spec": {"type": "eagle"}}, "spec.type"), ({"spec": {"draft_max": -1}}, "spec.draft_max"),
                         ({"spec": "on"}, "spec"), ({"speculative": "no"}, "speculative"),
                         ({"spec": {"k": 3}}, "spec.k")):
-        with pytest.raises(InvalidRequest) as err:
-            Shaper.speculation(Fields(body))
+        with pytest.raises(Refusal) as err:
+            speculation(Fields(body))
         assert err.value.param == field and field in str(err.value)
 
 
