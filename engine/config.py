@@ -43,7 +43,7 @@ class EngineConfig:
     kv_ram_mb: int = 0                # KV store: evicted prefixes kept in host RAM (tmpfs), MiB; 0 = no RAM tier
     kv_store: str | None = None       # KV store: a directory for the disk tier (survives restarts, shareable)
     kv_store_mb: int = 10240          # the disk tier's bound, MiB
-    spec_type: str = "auto"           # drafting (engine/speculative.py): auto (where it pays) | ngram (always) | none
+    spec_type: str = "none"           # drafting (engine/speculative.py): auto (where it pays) | ngram (always) | none
     spec_draft_max: int = 16          # drafted tokens per sequence and step, at most
 
     def __post_init__(self):
