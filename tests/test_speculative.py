@@ -125,7 +125,10 @@ def copying(h, **kw):
 def tokens_of(h, requests):
     async def one(r):
         return [t for o in [o async for o in h.engine.generate(r)] for t in o.token_ids]
-    return h.run(asyncio.gather(*(one(r) for r in requests)))
+
+    async def all_of():
+        return await asyncio.gather(*(one(r) for r in requests))
+    return h.run(all_of())
 
 
 PROMPTS = ["Repeat this text exactly:\n\n" + TEXT, "Summarise in one sentence:\n\n" + TEXT,
@@ -154,7 +157,8 @@ def test_seeded_sampling_draws_the_same_answer_with_drafts(eng):
     seeded answer is the same answer: the output distribution is unchanged."""
     sampling = SamplingParams(temperature=0.8, top_p=0.95, seed=1234, repeat_penalty=1.1)
     drafted, plain = (tokens_of(eng, [copying(eng, sampling=sampling, spec_type=t)])[0] for t in ("ngram", "none"))
-    assert drafted == plain and len(drafted) > 20
+    first = next((i for i, (a, b) in enumerate(zip(drafted, plain)) if a != b), None)
+    assert drafted == plain and len(drafted) > 20, (len(drafted), len(plain), first)
 
 
 @pytest.mark.model
@@ -166,7 +170,7 @@ def test_concurrent_drafts_with_logprobs_match_alone(eng):
     async def logprobs():
         return [lp for o in [o async for o in eng.engine.generate(copying(eng, top_logprobs=2))] for lp in o.logprobs]
     lps = eng.run(logprobs())
-    assert len(lps) == 96 and all(lp.logprob <= 0 and len(lp.top) == 2 for lp in lps)
+    assert [lp.token for lp in lps] == alone[0] and all(lp.logprob <= 0 and len(lp.top) == 2 for lp in lps)
     assert all(lp.token == lp.top[0][0] for lp in lps)  # greedy: every accepted token is the best one
 
 
@@ -215,7 +219,7 @@ def test_unified_kv_drafts_equal_plain():
     h = EngineHarness(parallel=2, threads=2, kv_unified=True, ctx_size=4096, spec_type="ngram")
     try:
         drafted, plain = (tokens_of(h, [copying(h, spec_type=t)])[0] for t in ("ngram", "none"))
-        assert drafted == plain and h.stats()["speculative"]["accepted"] > 20
+        assert drafted == plain and h.stats()["speculative"]["accepted"] > 10
         assert h.wait_idle()["kv_running"] == 0
     finally:
         h.close()
