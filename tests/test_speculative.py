@@ -177,7 +177,7 @@ def test_a_stop_string_inside_an_accepted_draft_ends_there(eng):
 
 @pytest.mark.model
 def test_grammar_output_stays_valid_with_drafts(eng):
-    grammar = 'root ::= "{\\"items\\": [" item (", " item)* "]}"\nitem ::= "\\"" [a-z ]+ "\\""'
+    grammar = 'start: "{\\"items\\": [" item (", " item)* "]}"\nitem: "\\"" /[a-z ]+/ "\\""'  # llguidance's lark
     question = ('Put the things the committee funded in JSON like {"items": ["x", "y"]}. ' + TEXT)
     req = Request(prompt=eng.prompt(question), sampling=SamplingParams(temperature=0, grammar=grammar), max_tokens=60)
     async def run():
