@@ -44,6 +44,7 @@ from engine.request import EngineError, Output, Request
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.speculative import Speculator
 from engine.step import OpKind, StepPlan
 from engine.transport import StepBuffer
 from engine.worker_handle import WorkerHandle
@@ -129,7 +130,7 @@ class AsyncEngine:
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
                                     reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=eog.__contains__,
                                     kv_unified=cfg.kv_unified, prompt_halves=cfg.prompt_halves, store=self.store,
-                                    fair=cfg.tenant_fairness)
+                                    fair=cfg.tenant_fairness, speculator=Speculator(cfg.spec_type, cfg.spec_draft_max))
         self._scheduler.waiting.set_limits(cfg.tenant_limits, cfg.tenant_overrides)
         self._outputs = OutputProcessor(self._scheduler, pieces, eog, self._streams)
 
@@ -371,6 +372,7 @@ class AsyncEngine:
         self._deliver(deliveries)
         self._parent_s += time.perf_counter() - t1
         self._parent_us.append(self._parent_s * 1e6)
+        self._scheduler.speculator.parent_time(self._parent_s)
         self._parent_s = 0.0
 
     def _on_tick(self) -> None:
@@ -479,6 +481,7 @@ class AsyncEngine:
             "kv_store": None if self.store is None or outputs is None else
             self.store.stats(prefill_s_per_token=outputs.prefill_s / max(1, outputs.prompt_tokens_computed)),
             "tenants": sched.waiting.stats() if sched else {},
+            "speculative": sched.speculator.stats.as_dict() if sched else None,
         }
 
     def set_tenant_limits(self, default: TenantLimits, overrides: dict[str, TenantLimits]) -> None:

@@ -48,6 +48,8 @@ class EngineConfig:
     tenant_fairness: bool = True      # admit the least-served tenant first, preempt for one under its share
     tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # every tenant's quotas and priority
     tenant_overrides: dict[str, TenantLimits] = field(default_factory=dict)  # per tenant (the tenants file)
+    spec_type: str = "none"           # drafting (engine/speculative.py): auto (where it pays) | ngram (always) | none
+    spec_draft_max: int = 16          # drafted tokens per sequence and step, at most
 
     def __post_init__(self):
         if self.threads <= 0:
@@ -72,6 +74,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.ctx_size < 0:
             raise ValueError("ctx_size must be 0 (auto) or more")
+        if self.spec_type not in ("auto", "none", "ngram"):
+            raise ValueError("spec_type must be auto, none or ngram")
+        if self.spec_draft_max < 0:
+            raise ValueError("spec_draft_max must be 0 (no drafting) or more")
         if self.flash_attn not in ("auto", "on", "off"):
             raise ValueError("flash_attn must be auto, on or off")
         self._check_kv_types()

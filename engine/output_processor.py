@@ -71,11 +71,14 @@ class OutputProcessor:
             for seq in sched.step_failed(plan):
                 deliveries.append((self.streams.get(seq), final_output(seq, error=message)))
             return
-        burst = plan.burst
-        if plan.rows and all(row.count == 1 for row in plan.rows):  # decode-only: how long one decode takes
+        stride = plan.stride
+        if plan.rows and all(row.count == 1 + len(row.draft) for row in plan.rows):  # decode-only
             decode_s = int(buf.out_header[4]) / 1e6
-            self.decode_s = decode_s if self.decode_s is None else 0.8 * self.decode_s + 0.2 * decode_s
-        rows = buf.out_token[:n_out * burst].reshape(n_out, burst).tolist()
+            if not plan.drafting:  # how long one decode takes (a burst's length is planned from it)
+                self.decode_s = decode_s if self.decode_s is None else 0.8 * self.decode_s + 0.2 * decode_s
+            if sched.speculator is not None:
+                sched.speculator.observe(plan.worker.index, plan.n_tokens, decode_s)
+        rows = buf.out_token[:n_out * stride].reshape(n_out, stride).tolist()
         sampled = sched.complete(plan, [row[:n] for row, n in zip(rows, buf.out_count[:n_out].tolist())])
         n_sampled = sum(len(got) for _, _, got in sampled)
         self.steps += 1
@@ -99,10 +102,10 @@ class OutputProcessor:
                     if reason != "stop" or token not in eog:
                         out.text += stream.text.push(pieces[token])
                     if stream.request.top_logprobs >= 0:
-                        out.logprobs.append(self._logprob(buf, j * burst + s, token, stream.request.top_logprobs))
+                        out.logprobs.append(self._logprob(buf, j * stride + s, token, stream.request.top_logprobs))
                     if stream.text.stopped:
                         reason = "stop"
-                if reason is not None:  # a burst may have gone on past the end
+                if reason is not None:  # a burst or a draft may have gone on past the end
                     sched.discard(seq, len(got) - s - 1)
                     del got[s + 1:]
                     break

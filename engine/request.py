@@ -23,6 +23,8 @@ class Request:
     adapters: tuple[tuple[str, float], ...] = ()
     tenant: str | None = None             # who asks (x-tenant-id): admission is fair between tenants (engine/fair_queue.py)
     priority: int | None = None           # higher goes first; None: the tenant's default
+    spec_type: str | None = None          # drafting (engine/speculative.py): auto | ngram | none; None: the service's
+    spec_draft_max: int | None = None     # at most this many drafted tokens per step; None: the service's
     id: int = field(default_factory=lambda: next(_ids))
 
 

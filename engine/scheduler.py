@@ -24,6 +24,11 @@ end-of-generation token) or a burst cut short (`cut`: a request arrived or was
 cancelled) gives the rest back when the burst completes. Nothing is planned
 after a cut burst until then, since where its rows stop is not known before.
 
+Drafts (engine/speculative.py): when nothing is in flight for a worker, a decode row may carry
+drafted tokens: k more positions planned, given back like a burst's when fewer are accepted. A
+drafting step is settled like a cut burst (nothing after it until it completes), and a worker whose
+sequences would draft is not planned for while its step is in flight (it gives up overlap for them).
+
 LoRA adapters: llama.cpp applies adapters to a whole context, so a step carries
 the rows of one adapter set only (the base model is the empty set). When a
 worker runs sequences of several sets, each step serves the set whose turn is
@@ -53,6 +58,7 @@ from engine.kv_ledger import KvLedger
 from engine.prefix_cache import WAIT, CacheEntry, Source
 from engine.request import Request
 from engine.sequence import Sequence
+from engine.speculative import Speculator
 from engine.step import PAYLOAD_BYTES, Op, OpKind, Row, SamplerSpec, StepPlan
 from engine.worker_state import WorkerState
 
@@ -70,9 +76,10 @@ class Scheduler:
     def __init__(self, workers: list[WorkerState], *, max_waiting: int, step_tokens: int,
                  reserve_cap: int, is_eog=lambda token: False, kv_unified: bool = True,
                  prompt_halves: bool = False, store: kv_store.KvStore | None = None,
-                 fair: bool = True):
+                 fair: bool = True, speculator: Speculator | None = None):
         self.workers = workers
         self.store = store
+        self.speculator = speculator
         # a step ends the prefill of the shorter half (rounded up) of the prompts still prefilling, so of
         # 8 arriving together 4 start first, then 2, then the last 2, which have waited MAX_PASSED_OVER
         # steps (see EngineConfig.prompt_halves)
@@ -96,6 +103,8 @@ class Scheduler:
         if seq.start_bytes > PAYLOAD_BYTES // 2:
             raise ValueError(f"the grammar and sampling settings take {seq.start_bytes} bytes; at most "
                              f"{PAYLOAD_BYTES // 2} fit a decode step")
+        if self.speculator is not None:
+            seq.spec = self.speculator.settings_for(request.spec_type, request.spec_draft_max)
         self.waiting.push(seq, front=front)
         return seq
 
@@ -122,7 +131,7 @@ class Scheduler:
 
     # --- one iteration ---
     def plan(self, max_burst: int = 1) -> list[StepPlan]:
-        plans = {w.index: StepPlan(w) for w in self.workers if w.alive and not w.unsettled}
+        plans = {w.index: StepPlan(w) for w in self.workers if w.alive and not w.unsettled and not self._holds(w)}
         budget = {i: self.step_tokens for i in plans}
         self._preempt(plans)
         for p in plans.values():
@@ -139,9 +148,11 @@ class Scheduler:
             if p.rows and p.adapters != w.adapters:
                 p.ops.append(Op(OpKind.ADAPTERS, payload=p.adapters))
                 w.adapters = p.adapters
+            if self.speculator is not None:
+                self._draft(p)
             if not self.kv_unified:  # in id order, or llama.cpp splits the step into several passes (lowest_idle_id)
                 p.rows.sort(key=lambda r: r.seq.seq_id)
-            if max_burst > 1 and self.waiting.next() is None:
+            if max_burst > 1 and self.waiting.next() is None and not p.drafting:
                 self._make_burst(p, max_burst)
         return [p for p in plans.values() if p.rows or p.ops]
 
@@ -174,6 +185,48 @@ class Scheduler:
         """The engine asked the worker to end this burst early: where its rows stop is known only when
         it completes, so nothing more is planned for the worker until then."""
         plan.cut = plan.worker.unsettled = True
+
+    def _holds(self, w: WorkerState) -> bool:
+        """Its sequences would draft but a step is in flight (their last tokens are unknown): plan the
+        worker's next step when that one completes."""
+        if self.speculator is None or not any(s.in_flight for s in w.running):
+            return False
+        seqs = [s for s in w.running if s.spec is not None and not s.prefilling and s.has_work]
+        if not seqs or not self.speculator.choose(w.index, seqs, len(w.running), {}):
+            return False
+        self.speculator.stats.held += 1
+        return True
+
+    def _draft(self, plan: StepPlan) -> None:
+        """Drafted tokens for the plan's decode rows, as many as pay (Speculator.choose), when nothing
+        is in flight for the worker; the positions are committed like a burst's."""
+        w = plan.worker
+        rows = [r for r in plan.rows if r.count == 1 and r.output and r.seq.spec is not None]
+        planned = {r.seq: r.count for r in plan.rows}
+        if not rows or any(s.n_scheduled - planned.get(s, 0) > s.n_computed for s in w.running):
+            return  # a step is in flight: the sequences' last tokens are not known yet
+        n_out = sum(r.output for r in plan.rows)
+        width = min(self.step_tokens // n_out, (self.step_tokens - plan.n_tokens) // len(rows) + 1) - 1
+        room = {}
+        for r in rows:
+            seq = r.seq
+            room[seq] = min(width, seq.reserve - seq.n_scheduled)
+            if seq.request.max_tokens is not None:
+                room[seq] = min(room[seq], seq.request.max_tokens - seq.outputs_planned)
+        drafts = dict(self.speculator.choose(w.index, [r.seq for r in rows], plan.n_tokens, room))
+        stats = self.speculator.stats
+        if not drafts:
+            stats.steps_plain += 1
+            return
+        stats.steps_drafting += 1
+        for r in rows:
+            if (draft := drafts.get(r.seq)) is not None:
+                r.draft, k = draft, len(draft)
+                r.count += k
+                r.seq.n_scheduled += k
+                r.seq.outputs_planned += k
+                w.ledger.grow(r.seq.span, k)
+        plan.drafting = w.unsettled = True
 
     def _continue_decoding(self, plan: StepPlan, budget: dict) -> None:
         w = plan.worker
@@ -382,9 +435,13 @@ class Scheduler:
         for row in plan.rows:
             seq = row.seq
             n = len(samples[j]) if row.output else 1
+            k = len(row.draft)
+            if k and self.speculator is not None:
+                self.speculator.stats.drafted += k
+                self.speculator.stats.accepted += min(n - 1, k)
             if seq.finish_reason is None:
-                seq.n_computed += row.count + n - 1
-                unused = plan.burst - n if row.output else 0
+                seq.n_computed += row.count - k + n - 1
+                unused = plan.burst + k - n if row.output else 0
                 if unused:  # it ended (or the burst was cut) early: give back what was planned beyond
                     seq.n_scheduled -= unused
                     seq.outputs_planned -= unused
@@ -395,8 +452,10 @@ class Scheduler:
                     seq.tokens += got
                     self.waiting.decoded(seq, len(got))
                     sampled.append((seq, j, got))
+                    if self.speculator is not None:
+                        self.speculator.scored(seq)
                 j += 1
-        if plan.cut:
+        if plan.cut or plan.drafting:
             w.unsettled = False
         return sampled
 
@@ -407,7 +466,7 @@ class Scheduler:
             if row.seq.finish_reason is None:
                 self.finish(row.seq, "error", keep_prefix=False)
                 failed.append(row.seq)
-        if plan.cut:
+        if plan.cut or plan.drafting:
             plan.worker.unsettled = False
         return failed
 

@@ -30,6 +30,7 @@ class Sequence:
         self.preemptions = 0      # times it was paused for another tenant and resumed
         self.made_room = False    # a sequence was paused for it (once: if it still cannot start, more would churn)
         self.finish_reason: str | None = None
+        self.spec = None          # its drafting state (engine/speculative.py SeqSpec); None: it does not draft
 
     def resumed(self) -> Sequence:
         """This sequence, paused (preempted) for another tenant, as a new one that goes on where it was:
@@ -43,6 +44,7 @@ class Sequence:
         seq.n_prompt, seq.cached_tokens = self.n_prompt, self.cached_tokens
         seq.outputs_planned = self.n_generated
         seq.preemptions = self.preemptions + 1
+        seq.spec = self.spec  # its drafting state goes on with its tokens
         return seq
 
     @property

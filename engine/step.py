@@ -18,6 +18,7 @@ from engine.sampling import SamplingParams
 
 PAYLOAD_BYTES = 1 << 20  # the op payloads one step carries (sampling settings with grammars, adapter sets, files)
 PENDING_TOKEN = -1  # a decode row's input: the token the worker sampled last for this sequence
+DRAFT_ROW = 2       # a batch row's output flag: a drafted token, sampled only while the draft holds (engine/speculative.py)
 
 
 class OpKind(IntEnum):
@@ -119,6 +120,7 @@ class Row:
     start: int
     count: int
     output: bool
+    draft: list[int] = field(default_factory=list)  # drafted tokens: the row's last len(draft) positions
 
 
 @dataclass
@@ -129,10 +131,16 @@ class StepPlan:
     adapters: tuple | None = None  # the LoRA set of every row; None: not chosen yet
     burst: int = 1                 # decodes the worker runs (see engine/scheduler.py)
     cut: bool = False              # the burst was asked to end early
+    drafting: bool = False         # some rows carry drafts: nothing is planned after it until it completes
 
     @property
     def n_tokens(self) -> int:
         return sum(r.count for r in self.rows)
+
+    @property
+    def stride(self) -> int:
+        """Output slots per output row: a burst's decodes, or a draft's tokens + 1."""
+        return max(self.burst, 1 + max((len(r.draft) for r in self.rows), default=0))
 
     @property
     def batch_size(self) -> int:

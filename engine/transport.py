@@ -11,6 +11,10 @@ times, every row's next input being its own last sample, so the parent hears
 from the worker once per burst instead of once per token. A row ends early on
 an end-of-generation token; the parent sets `cut` to end the whole burst early
 (a new request, a cancellation).
+
+A row may carry a draft (engine/speculative.py): its input token and the drafted tokens at the
+positions after it, all with output (the drafted ones flagged DRAFT_ROW); the worker writes the tokens
+it accepted and its one correction into the row's output slots.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import uuid
 import numpy as np
 import orjson
 
-from engine.step import PAYLOAD_BYTES, Op, StepPlan
+from engine.step import DRAFT_ROW, PAYLOAD_BYTES, Op, StepPlan
 
 MAX_TOP_LOGPROBS = 20
 
@@ -40,7 +44,7 @@ class StepBuffer:
     def __init__(self, path: str, n_batch: int, max_ops: int, blob_size: int, *, create: bool):
         self.path, self.n_batch, self.max_ops, self.blob_size = path, n_batch, max_ops, blob_size
         fields = [
-            ("header", np.int32, (5,)),              # n_tokens, n_ops, blob_used, step id, burst
+            ("header", np.int32, (6,)),              # n_tokens, n_ops, blob_used, step id, burst, stride
             ("cut", np.int32, (1,)),                 # set by the parent while a burst runs: end it early
             ("token", np.int32, (n_batch,)),
             ("pos", np.int32, (n_batch,)),
@@ -50,7 +54,7 @@ class StepBuffer:
             ("blob", np.uint8, (blob_size,)),
             ("out_header", np.int32, (5,)),          # status, n_out, message length, step id, us per decode
             ("out_count", np.int32, (n_batch,)),     # tokens sampled per output row (up to the burst)
-            ("out_token", np.int32, (n_batch,)),     # output row j's s-th token at j * burst + s
+            ("out_token", np.int32, (n_batch,)),     # output row j's s-th token at j * stride + s
             ("out_logprob", np.float32, (n_batch,)),
             ("out_top_id", np.int32, (n_batch, MAX_TOP_LOGPROBS)),
             ("out_top_logprob", np.float32, (n_batch, MAX_TOP_LOGPROBS)),
@@ -122,7 +126,14 @@ class StepBuffer:
         k = 0
         for row in plan.rows:
             seq, n = row.seq, row.count
-            if n == 1:
+            if row.draft:  # its input token (known: nothing is in flight for it), then the drafted ones
+                self.token[k] = seq.tokens[row.start]
+                self.token[k + 1:k + n] = row.draft
+                self.pos[k:k + n] = np.arange(row.start, row.start + n, dtype=np.int32)
+                self.seq[k:k + n] = seq.seq_id
+                self.logits[k] = 1
+                self.logits[k + 1:k + n] = DRAFT_ROW
+            elif n == 1:
                 self.token[k] = seq.token_at(row.start)
                 self.pos[k] = row.start
                 self.seq[k] = seq.seq_id
@@ -134,7 +145,7 @@ class StepBuffer:
                 self.logits[k:k + n] = 0
                 self.logits[k + n - 1] = row.output
             k += n
-        self.header[:] = (k, len(plan.ops), blob_used, step_id, plan.burst)
+        self.header[:] = (k, len(plan.ops), blob_used, step_id, plan.burst, plan.stride)
         self.cut[0] = 0
 
     def message_text(self) -> str:

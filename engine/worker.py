@@ -7,7 +7,9 @@ sequence (the parent planned them before that token existed), llama_decode the
 token rows (many sequences in one batch), sample every row that asked for
 output with that sequence's own sampler chain, write the tokens back, ring.
 A burst (engine/transport.py) repeats decode and sample, each row fed its own
-sample, until it is done, cut, or every row has ended.
+sample, until it is done, cut, or every row has ended. A drafted row's tokens are
+sampled in order while each sample equals the next drafted token; the positions
+past the first that differs leave the KV cache (engine/speculative.py).
 llama_decode always runs on this process's main thread (ggml's threads spin;
 decoding from changing threads was measured at half speed).
 """
@@ -26,7 +28,7 @@ import numpy as np
 
 from engine import kv_file
 from engine.logs import setup_logging
-from engine.step import Op, OpKind
+from engine.step import DRAFT_ROW, Op, OpKind
 from engine.transport import MAX_TOP_LOGPROBS, STATUS_ADAPTERS_FAILED, STATUS_DECODE_FAILED, STATUS_OK, StepBuffer
 
 log = logging.getLogger("sentiric.worker")
@@ -139,7 +141,7 @@ class Worker:
                 break
 
     def step(self, buf: StepBuffer, batch) -> None:
-        n_tokens, n_ops, _, step_id, burst = (int(x) for x in buf.header)
+        n_tokens, n_ops, _, step_id, burst, stride = (int(x) for x in buf.header)
         status, message = STATUS_OK, ""
         for i in range(n_ops):
             buf.op_status[i] = 0
@@ -158,7 +160,7 @@ class Worker:
             if mask.any():
                 buf.token[:n_tokens][mask] = self.last_sampled[buf.seq[:n_tokens][mask]]
             try:
-                n_out, decode_s = self.decode(buf, batch, n_tokens, burst)
+                n_out, decode_s = self.decode(buf, batch, n_tokens, burst, stride)
             except self.llama.LlamaError as exc:
                 status, message = STATUS_DECODE_FAILED, str(exc)
             else:
@@ -231,11 +233,11 @@ class Worker:
         if s is not None and s.chain is not None:
             s.chain.close()
 
-    def decode(self, buf: StepBuffer, batch, n: int, burst: int) -> tuple[int, float]:
+    def decode(self, buf: StepBuffer, batch, n: int, burst: int, stride: int) -> tuple[int, float]:
         """Run the step's rows (`burst` times for a burst) and sample; returns the number of output
         rows and the seconds one decode took. Raises LlamaError."""
         ended, last_sampled = self.ended, self.last_sampled
-        out_row = np.cumsum(buf.logits[:n], dtype=np.int32, out=self.out_rows[:n])
+        out_row = np.cumsum(buf.logits[:n] == 1, dtype=np.int32, out=self.out_rows[:n])  # a draft's rows share one
         out_row -= 1
         n_out = int(out_row[-1]) + 1
         buf.out_count[:n_out] = 0
@@ -256,18 +258,26 @@ class Worker:
                 buf.pos[:n] += 1
             batch.n_tokens = n
             self.ctx.decode(batch)
-            self.sample(buf, n, out_row, burst, s)
+            self.sample(buf, n, out_row, stride)
             runs += 1
         return n_out, (time.perf_counter() - t0) / max(1, runs)
 
-    def sample(self, buf: StepBuffer, n: int, out_row: np.ndarray, burst: int, s: int) -> None:
-        """Sample every output row of the decode just run (the s-th of the step) into its slots."""
+    def sample(self, buf: StepBuffer, n: int, out_row: np.ndarray, stride: int) -> None:
+        """Sample every output row of the decode just run into its output row's next slot. A drafted
+        row is sampled only while its draft holds: each sample is drawn with the sequence's chain given
+        the tokens accepted before it, and kept; if it differs from the next drafted token (or ends the
+        sequence) the rest of the draft is rejected. For a deterministic draft this is the exact
+        rejection rule: what is emitted is what sampling without the draft would have drawn."""
         ctx, sampling, vocab, ended, last_sampled = self.ctx, self.sampling, self.vocab, self.ended, self.last_sampled
         log_softmax = self.sampler_chain.log_softmax
-        logits = ctx.logits(int(np.count_nonzero(buf.logits[:n])))
-        for k, row in enumerate(np.flatnonzero(buf.logits[:n])):
+        flags = buf.logits[:n]
+        logits = ctx.logits(int(np.count_nonzero(flags)))
+        rejected = -1  # the sequence whose draft was just rejected: its remaining drafted rows are skipped
+        for k, row in enumerate(np.flatnonzero(flags)):
             seq, j = int(buf.seq[row]), int(out_row[row])
-            at = j * burst + s
+            if flags[row] == DRAFT_ROW and seq == rejected:
+                continue
+            at = j * stride + int(buf.out_count[j])
             smp = sampling.get(seq)
             if smp is None or (smp.guide is not None and not smp.guide.constrain(logits[k])):
                 token = -1
@@ -279,7 +289,11 @@ class Worker:
                 smp.guide.accept(token)
             buf.out_token[at] = token
             buf.out_count[j] += 1
-            if token < 0 or (not smp.ignore_eos and vocab.is_eog(token)):
+            stop = token < 0 or (not smp.ignore_eos and vocab.is_eog(token))
+            if row + 1 < n and flags[row + 1] == DRAFT_ROW and (stop or token != buf.token[row + 1]):
+                rejected = seq
+                ctx.seq_rm(seq, int(buf.pos[row + 1]), -1)  # the rejected positions leave the KV cache
+            if stop:
                 ended[seq] = True
                 if token < 0:
                     continue

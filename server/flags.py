@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "decodes this long (several tokens) per round trip to the "
                                                  "parent; tokens stream in chunks of that length (0 = one "
                                                  "token per round trip)", type=float)
+    _option(eng, "--spec-type", "SPEC_TYPE", "none", "speculative decoding: drafts from n-gram lookup in the "
+                                                     "prompt and answer, verified in the step (auto = where the "
+                                                     "measured acceptance and decode costs say it pays; ngram = "
+                                                     "always; none = off)", choices=["auto", "ngram", "none"])
+    _option(eng, "--spec-draft-max", "SPEC_DRAFT_MAX", 16, "drafted tokens per sequence and step, at most",
+            type=int)
     _option(eng, "--step-timeout", "STEP_TIMEOUT", 120.0, "seconds a worker may take to answer one decode step "
                                                          "before it is killed and replaced (0 = never)", type=float)
     lora = p.add_argument_group("LoRA adapters", "a request names an adapter by its file name without .gguf "

@@ -56,6 +56,22 @@ def sampling(f: Fields, defaults: SamplingDefaults, engine, tools: ToolUse | Non
     return params
 
 
+def speculation(f: Fields) -> tuple[str | None, int | None]:
+    """Drafting for this request (docs/speculative.md): 'speculative': false turns it off; 'spec':
+    {"type": "auto" | "ngram" | "none", "draft_max": k} chooses it. (None, None): the service's."""
+    spec = f.get("spec")
+    if spec is not None and not isinstance(spec, dict):
+        raise f.error("spec", "must be an object", "invalid_type")
+    s = f.nested("spec")
+    for key in sorted(set(spec or {}) - {"type", "draft_max"}):
+        raise s.error(key, "is not a spec field (type, draft_max)", "unknown_parameter")
+    kind = s.text("type")
+    if kind not in (None, "auto", "ngram", "none"):
+        raise s.error("type", f"must be auto, ngram or none, not {kind!r}")
+    draft_max = s.number("draft_max", None, lo=0, hi=64, integer=True)
+    return "none" if not f.flag("speculative", True) else kind, draft_max
+
+
 def stop(f: Fields) -> list[str]:
     value = f.get("stop")
     if value is None:

@@ -40,7 +40,7 @@ METHOD = f"/{SERVICE}/GenerateStream"
 # the HTTP-only knobs a caller may send in engine_specific_params, by their OpenAI / llama.cpp names
 ENGINE_SPECIFIC = ("min_p", "typical_p", "presence_penalty", "frequency_penalty", "repeat_last_n", "ignore_eos",
                    "logit_bias", "grammar", "json_schema", "reasoning_format", "reasoning_effort",
-                   "chat_template_kwargs", "priority")
+                   "chat_template_kwargs", "priority", "speculative", "spec")
 # the gRPC field each canonical parameter came from, so an error names what the caller sent
 _FIELDS = {"max_tokens": "params.max_new_tokens", "temperature": "params.temperature", "top_k": "params.top_k",
            "top_p": "params.top_p", "repeat_penalty": "params.repetition_penalty", "stop": "params.stop_sequences",

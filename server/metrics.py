@@ -81,6 +81,13 @@ class _EngineCollector:
         store = s.get("kv_store")
         if store is not None:  # prefixes kept below the KV buffer (engine/kv_store.py)
             yield from _kv_store_metrics(store)
+        spec = s.get("speculative")
+        if spec:  # drafting (engine/speculative.py)
+            for key, doc in (("drafted", "Tokens drafted (n-gram lookup)"), ("accepted", "Drafted tokens accepted"),
+                             ("steps_drafting", "Steps that carried drafts"),
+                             ("steps_plain", "Steps of sequences that may draft, without a draft"),
+                             ("held", "Plans put off so that the next step can draft")):
+                yield CounterMetricFamily(f"sentiric_spec_{key}", doc, value=spec[key])
         counts = s["batch_size_counts"]
         buckets = []
         for bound in BATCH_BUCKETS:

@@ -128,8 +128,10 @@ class Shaper:
             raise f.error("stream_options", "must be an object", "invalid_type")
         stop, ignore_eos = generation_params.stop(f), f.flag("ignore_eos")
         priority = f.number("priority", None, lo=-1000, hi=1000, integer=True)  # docs/tenants.md
+        spec_type, spec_draft_max = generation_params.speculation(f)
         requests = [Request(prompt=prompt, max_tokens=max_tokens, stop=stop, top_logprobs=top if logprobs else -1,
-                            ignore_eos=ignore_eos, adapters=adapters, priority=priority,
+                            ignore_eos=ignore_eos, adapters=adapters, priority=priority, spec_type=spec_type,
+                            spec_draft_max=spec_draft_max,
                             sampling=replace(sampling, seed=None if sampling.seed is None else (sampling.seed + i) & 0xFFFFFFFF))
                     for i in range(n)]
         include_usage = stream and f.nested("stream_options").flag("include_usage")

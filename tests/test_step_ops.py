@@ -28,7 +28,7 @@ def test_every_op_kind_round_trips(buf):
            Op(OpKind.TRIM, 1, n=12), Op(OpKind.ADAPTERS, payload=(("legal", 0.5), ("tone", 1.0))),
            Op(OpKind.START, 3, payload=SamplerSpec(SamplingParams(), -1, False, history=(9, 8, 7)))]
     buf.write(StepPlan(worker=None, ops=ops), step_id=7)
-    assert list(buf.header) == [0, len(ops), int(buf.header[2]), 7, 1]
+    assert list(buf.header) == [0, len(ops), int(buf.header[2]), 7, 1, 1]
     read = [buf.read_op(i) for i in range(int(buf.header[1]))]
     assert read == ops
     assert all(type(op.kind) is OpKind for op in read)

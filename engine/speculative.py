@@ -1,0 +1,218 @@
+"""Speculative decoding by n-gram lookup, and the rule that decides when it pays.
+
+A sequence's answer often repeats its prompt (RAG answers quote the documents, corrections repeat
+the input) or itself. `NgramIndex` finds the latest earlier occurrence of the sequence's last few
+tokens and proposes the tokens that followed it. The scheduler plans such a draft as one row of
+k + 1 positions (the input token and the k drafted ones), every one with logits; the worker samples
+them in order with the sequence's own chain and keeps going while its sample equals the next drafted
+token (engine/worker.py). For a deterministic draft that is exactly the rejection rule, so greedy and
+seeded answers are the answers without drafting (up to the numerics of a different batch shape).
+
+Drafting costs rows: on a CPU a decode's time grows with every row, so a draft pays only when the
+step is small and the draft likely right. `Speculator` keeps, per worker, a line fitted to measured
+decode times (seconds = a + b * rows) and, per sequence, how often its proposals were right (scored
+against the tokens that came, whether they were drafted or not), and picks per step how many tokens
+each sequence drafts: the draft positions, best first, while they raise the step's expected tokens
+per second. A drafting step's end is known only when it completes, so nothing is planned after it
+until then (its worker gives up overlap for that step: the price is part of the rule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NGRAM_SIZES = (4, 3, 2)   # the longest match first
+DRAFT_MAX = 16            # --spec-draft-max's default
+PRIOR_ACCEPT = 0.5        # a new sequence's acceptance before its proposals were scored, as PRIOR_WEIGHT tries
+PRIOR_WEIGHT = 4
+ROW_SHARE = 0.35          # a decode's cost per extra row, as a share of a one-row decode, before any is measured
+MARGIN = 1.05             # a draft must promise this much more throughput than the step without it
+TYPES = ("auto", "none", "ngram")
+
+
+class NgramIndex:
+    """Where each n-gram of a token list last occurred (the position after it), kept up to date as the
+    list grows."""
+
+    __slots__ = ("tokens", "seen", "tables")
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = tokens  # the sequence's own list (prompt + answer), read, never changed
+        self.seen = 0         # positions indexed: every n-gram ending before `seen` is in the tables
+        self.tables = {n: {} for n in NGRAM_SIZES}
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the list's longest matching tail."""
+        toks, end = self.tokens, len(self.tokens)
+        for i in range(max(self.seen, 1), end):  # index the n-grams that have a following token now
+            for n, table in self.tables.items():
+                if i >= n:
+                    table[tuple(toks[i - n:i])] = i
+        self.seen = max(self.seen, end)
+        for n, table in self.tables.items():
+            if end >= n and (at := table.get(tuple(toks[end - n:end]))) is not None:
+                return toks[at:at + k]
+        return []
+
+
+@dataclass
+class SeqSpec:
+    """A sequence's drafting state: its mode, bound, index, and the score of its proposals."""
+
+    mode: str            # auto | ngram (forced) | none
+    draft_max: int
+    index: NgramIndex | None = None
+    proposal: tuple[int, list[int]] | None = None  # (position its first token is for, tokens) not scored yet
+    accepted: int = 0    # proposed tokens that came true
+    tried: int = 0       # proposed tokens compared (up to and including the first wrong one)
+
+    def acceptance(self, prior: float) -> float:
+        return (self.accepted + prior * PRIOR_WEIGHT) / (self.tried + PRIOR_WEIGHT)
+
+    def score(self, tokens: list[int]) -> tuple[int, int] | None:
+        """Compare the pending proposal with the tokens that came; (accepted, tried) once decided."""
+        at, proposed = self.proposal
+        came = tokens[at:at + len(proposed)]
+        good = 0
+        while good < len(came) and came[good] == proposed[good]:
+            good += 1
+        if good == len(proposed):
+            tried = good
+        elif good < len(came):
+            tried = good + 1
+        else:
+            return None  # all that came so far matches: wait for more
+        self.proposal = None
+        self.accepted += good
+        self.tried += tried
+        return good, tried
+
+
+class CostModel:
+    """Seconds per decode as a + b * rows, fitted on recent decodes (exponentially weighted)."""
+
+    def __init__(self, decay: float = 0.97):
+        self.decay = decay
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self.w, self.x, self.y = d * self.w + 1, d * self.x + rows, d * self.y + seconds
+        self.xx, self.xy = d * self.xx + rows * rows, d * self.xy + rows * seconds
+
+    def line(self) -> tuple[float, float] | None:
+        """(a, b), or None before any decode was measured. Until decodes of different sizes were seen,
+        an extra row costs ROW_SHARE of a one-row decode."""
+        if self.w < 1:
+            return None
+        mx, my = self.x / self.w, self.y / self.w
+        var = self.xx / self.w - mx * mx
+        b = (self.xy / self.w - mx * my) / var if var > 0.25 else -1.0
+        if not 0 <= b <= my / max(mx, 1):  # too few sizes seen, or noise: fall back to the prior's shape
+            b = my * ROW_SHARE / (1 + ROW_SHARE * (mx - 1))
+        return max(my - b * mx, 0.0), b
+
+
+def choose_drafts(candidates: list[tuple[float, int, bool]], rows: int, a: float, b: float,
+                  gap: float) -> list[int]:
+    """How many tokens each candidate drafts: `candidates` are (acceptance p, tokens proposed, forced);
+    `rows` the step's rows without drafts; a decode costs a + b * rows seconds, and drafting adds
+    `gap` (the parent's turn the step no longer overlaps). The i-th drafted token of a candidate adds
+    p^i expected tokens, so the positions are taken best first while the step's expected tokens per
+    second grow; forced candidates draft all they propose."""
+    ks = [n if forced else 0 for _, n, forced in candidates]
+    tokens, extra = rows + sum(p * (1 - p ** k) / (1 - p) if p < 1 else k for (p, _, _), k in zip(candidates, ks)), sum(ks)
+    gains = sorted(((p ** i, c) for c, (p, n, forced) in enumerate(candidates) if not forced
+                    for i in range(1, n + 1)), reverse=True)
+    base = rows / (a + b * rows)  # throughput without drafting
+    best, best_len = -1.0, 0
+    for length, (gain, c) in enumerate(gains, 1):
+        tokens += gain
+        rate = tokens / (a + gap + b * (rows + extra + length))
+        if rate > best:
+            best, best_len = rate, length
+    if best < base * MARGIN:
+        best_len = 0
+    for _, c in gains[:best_len]:
+        ks[c] += 1
+    return ks
+
+
+@dataclass
+class SpecStats:
+    drafted: int = 0        # tokens drafted
+    accepted: int = 0       # of them, accepted
+    steps_drafting: int = 0  # steps with a draft
+    steps_plain: int = 0    # decode steps of sequences that may draft, without a draft
+    held: int = 0           # plans put off so the next step can draft
+
+    def as_dict(self) -> dict:
+        return {"drafted": self.drafted, "accepted": self.accepted,
+                "acceptance": {"ngram": round(self.accepted / self.drafted, 3) if self.drafted else None},
+                "steps_drafting": self.steps_drafting, "steps_plain": self.steps_plain, "held": self.held}
+
+
+class Speculator:
+    """The scheduler's drafting: per request settings, per worker costs, the per-step choice."""
+
+    def __init__(self, mode: str = "auto", draft_max: int = DRAFT_MAX):
+        if mode not in TYPES:
+            raise ValueError(f"spec_type must be one of {', '.join(TYPES)}")
+        if draft_max < 0:
+            raise ValueError("spec_draft_max must be 0 or more")
+        self.mode, self.draft_max = mode, draft_max
+        self.costs: dict[int, CostModel] = {}
+        self.gap_s = 0.0005  # the parent's time per step (planning, writing, completing), measured as it goes
+        self.accepted, self.tried = PRIOR_ACCEPT * PRIOR_WEIGHT, PRIOR_WEIGHT  # all sequences' proposals
+        self.stats = SpecStats()
+
+    def settings_for(self, mode: str | None, draft_max: int | None) -> SeqSpec | None:
+        """A new sequence's drafting state from its request's settings (None: the service's)."""
+        mode = self.mode if self.mode == "none" or mode is None else mode
+        k = min(self.draft_max, self.draft_max if draft_max is None else draft_max)
+        return None if mode == "none" or k <= 0 else SeqSpec(mode, k)
+
+    @property
+    def prior(self) -> float:
+        return self.accepted / self.tried
+
+    def proposals(self, seqs: list, room: dict) -> list[tuple[object, list[int], float, bool]]:
+        """(sequence, proposed tokens, acceptance, forced) for every sequence with a proposal; `room`:
+        the most tokens each may draft. A proposal is kept to be scored against the tokens that come."""
+        out = []
+        for seq in seqs:
+            spec = seq.spec
+            k = min(spec.draft_max, room.get(seq, spec.draft_max))
+            if k <= 0:
+                continue
+            if spec.index is None:
+                spec.index = NgramIndex(seq.tokens)
+            proposed = spec.index.propose(k)
+            if proposed:
+                if spec.proposal is None:
+                    spec.proposal = (len(seq.tokens), proposed)
+                out.append((seq, proposed, spec.acceptance(self.prior), spec.mode == "ngram"))
+        return out
+
+    def choose(self, worker: int, seqs: list, rows: int, room: dict) -> list[tuple[object, list[int]]]:
+        """The drafts a step of `rows` rows should carry: (sequence, drafted tokens) with at least one."""
+        found = self.proposals(seqs, room)
+        if not found:
+            return []
+        line = self.costs.setdefault(worker, CostModel()).line()
+        a, b = line if line is not None else (1.0, ROW_SHARE)
+        ks = choose_drafts([(p, len(t), forced) for _, t, p, forced in found], rows, a, b, self.gap_s)
+        return [(seq, tokens[:k]) for (seq, tokens, _, _), k in zip(found, ks) if k]
+
+    def scored(self, seq) -> None:
+        """New tokens of `seq` came: score its pending proposal against them."""
+        spec = seq.spec
+        if spec is not None and spec.proposal is not None and (got := spec.score(seq.tokens)) is not None:
+            self.accepted += got[0]
+            self.tried += got[1]
+
+    def observe(self, worker: int, rows: int, seconds: float) -> None:
+        self.costs.setdefault(worker, CostModel()).observe(rows, seconds)
+
+    def parent_time(self, seconds: float) -> None:
+        self.gap_s = 0.9 * self.gap_s + 0.1 * seconds

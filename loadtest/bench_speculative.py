@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Speculative decoding (docs/speculative.md): the service with drafting off (--spec-type none), on by
+default (auto) and forced (ngram), against llama-server without drafting and with its n-gram modes,
+each started in turn with the same model, threads and slots.
+
+Workloads: `copying` (1 stream: repeat a ~300-token text word for word), `rag` (1 stream: a question
+on an ~850-token document, the platform's traffic), and `chat` at 4, 8 and 16 concurrent streams (the
+service only: the load-aware rule must keep the default within 0.97x of drafting off). Greedy, fixed
+max_tokens; tokens/s = completion tokens / wall time, the median over the rounds. Acceptance: the
+service's /stats, llama-server's timings (draft_n, draft_n_accepted).
+
+  flock /tmp/sentiric-cpu.lock python loadtest/bench_speculative.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtest import prompts, servers  # noqa: E402
+
+COPY_TEXT = prompts.knowledge_text(300, start=3)
+LLAMA_MODES = ("ngram-simple", "ngram-map-k", "ngram-mod", "ngram-cache")
+
+
+def post(base_url: str, body: dict) -> dict:
+    request = urllib.request.Request(base_url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def get(base_url: str, path: str) -> dict:
+    with urllib.request.urlopen(base_url + path, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def messages(workload: str, i: int) -> list[dict]:
+    tag = prompts.new_tag()
+    if workload == "copying":
+        return [{"role": "user", "content": f"[{tag}] Repeat the following text exactly, word for word, and "
+                                            f"nothing else:\n\n{COPY_TEXT}"}]
+    if workload == "rag":
+        return prompts.shared_prefix_messages(tag, prompts.RAG_QUESTIONS[i % len(prompts.RAG_QUESTIONS)])
+    return prompts.chat_messages(tag, i)
+
+
+def run_level(base_url: str, workload: str, streams: int, max_tokens: int) -> dict:
+    bodies = [{"model": "x", "messages": messages(workload, i), "max_tokens": max_tokens, "temperature": 0}
+              for i in range(streams)]
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        answers = list(pool.map(lambda b: post(base_url, b), bodies))
+    seconds = time.perf_counter() - t0
+    tokens = sum(a["usage"]["completion_tokens"] for a in answers)
+    drafted = sum(a.get("timings", {}).get("draft_n", 0) for a in answers)
+    accepted = sum(a.get("timings", {}).get("draft_n_accepted", 0) for a in answers)
+    return {"tok_s": tokens / seconds, "tokens": tokens, "drafted": drafted, "accepted": accepted}
+
+
+def measure(name: str, argv: list[str], port: int, cases: list[tuple[str, int]], args) -> dict:
+    server = servers.ManagedServer(name, argv, port, Path(args.log_dir))
+    try:
+        server.wait_ready(args.ready_timeout)
+        run_level(server.base_url, "chat", 1, 8)  # warm-up
+        out = {}
+        for workload, streams in cases:
+            before = get(server.base_url, "/stats").get("speculative") if name.startswith("service") else None
+            runs = [run_level(server.base_url, workload, streams, args.max_tokens) for _ in range(args.rounds)]
+            if before is not None:
+                after = get(server.base_url, "/stats")["speculative"]
+                drafted, accepted = after["drafted"] - before["drafted"], after["accepted"] - before["accepted"]
+            else:
+                drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
+            out[f"{workload}@{streams}"] = {"tok_s": statistics.median(r["tok_s"] for r in runs),
+                                            "acceptance": round(accepted / drafted, 3) if drafted else None,
+                                            "drafted": drafted}
+            print(f"[bench] {name} {workload}@{streams}: {out[f'{workload}@{streams}']}", flush=True)
+        return out
+    finally:
+        server.stop()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--parallel", type=int, default=16)
+    p.add_argument("--ctx-size", type=int, default=16384, help="llama-server's context (the service keeps its own)")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--chat-levels", default="4,8,16")
+    p.add_argument("--llama-modes", default=",".join(LLAMA_MODES), help="llama-server --spec-type values to try")
+    p.add_argument("--llama-server", default=str(servers.DEFAULT_LLAMA_SERVER))
+    p.add_argument("--log-dir", default="/tmp/bench-speculative")
+    p.add_argument("--ready-timeout", type=float, default=300)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    model = servers.resolve_model(args.model)
+    single = [("copying", 1), ("rag", 1)]
+    chat = [("chat", int(n)) for n in args.chat_levels.split(",") if n]
+    results = {}
+    for spec, cases in (("none", single + chat), ("auto", single + chat), ("ngram", single)):
+        port, grpc_port = servers.free_ports(2)
+        cmd = servers.service_command(servers.DEFAULT_SERVICE_CMD, port=port, grpc_port=grpc_port, model=model,
+                                      threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size)
+        results[f"service {spec}"] = measure(f"service-{spec}", cmd + ["--spec-type", spec], port, cases, args)
+    for mode in ["none"] + [m for m in args.llama_modes.split(",") if m]:
+        port, = servers.free_ports(1)
+        cmd = servers.llama_server_command(Path(args.llama_server), port=port, model=model, threads=args.threads,
+                                           parallel=args.parallel, ctx_size=args.ctx_size,
+                                           extra="" if mode == "none" else f"--spec-type {mode}")
+        results[f"llama-server {mode}"] = measure(f"llama-server-{mode}", cmd, port, single, args)
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores", "threads": args.threads, "max_tokens": args.max_tokens,
+              "rounds": args.rounds, "results": results}
+    print(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Speculative decoding (engine/speculative.py): the n-gram index, the load-aware choice, the scheduler's
+bookkeeping of a draft, and with the real model: drafted greedy answers equal undrafted ones, stop
+strings, grammars, logprobs and cancellation inside drafts."""
+
+import asyncio
+import json
+from dataclasses import replace
+
+import pytest
+
+from engine.request import Request
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.speculative import CostModel, NgramIndex, SeqSpec, Speculator, choose_drafts
+from engine.worker_state import WorkerState
+from server.fields import Fields
+from server.generation_params import speculation
+from server.refusal import Refusal
+
+TEXT = ("The committee met on Tuesday to review the budget for the new library. After a long discussion "
+        "the members agreed to fund the reading room, the children's corner and the archive, and asked the "
+        "treasurer to report again in March. ")
+
+
+@pytest.mark.unit
+def test_ngram_index_proposes_what_followed_the_latest_match():
+    tokens = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 1, 2]
+    index = NgramIndex(tokens)
+    assert index.propose(3) == [3, 7, 8]  # the latest "1 2" was followed by 3 7 8
+    tokens += [3]
+    assert index.propose(2) == [7, 8]     # "1 2 3": its latest earlier occurrence
+    assert NgramIndex([5, 6, 7]).propose(4) == []
+
+
+@pytest.mark.unit
+def test_a_proposal_is_scored_up_to_its_first_wrong_token():
+    spec = SeqSpec("auto", 8, proposal=(2, [10, 11, 12]))
+    assert spec.score([0, 1, 10]) is None           # right so far: wait for more
+    assert spec.score([0, 1, 10, 11, 99]) == (2, 3)
+    assert spec.acceptance(0.5) == pytest.approx((2 + 0.5 * 4) / (3 + 4))
+
+
+@pytest.mark.unit
+def test_cost_model_fits_rows_and_falls_back_to_its_prior_shape():
+    cost = CostModel()
+    assert cost.line() is None
+    cost.observe(1, 0.010)
+    a, b = cost.line()
+    assert a + b == pytest.approx(0.010) and b > 0  # one size seen: the prior's share per row
+    for rows in (1, 5, 9, 17) * 5:
+        cost.observe(rows, 0.006 + 0.003 * rows)
+    a, b = cost.line()
+    assert a == pytest.approx(0.006, abs=1e-4) and b == pytest.approx(0.003, abs=1e-4)
+
+
+@pytest.mark.unit
+def test_drafting_pays_at_one_stream_and_turns_itself_off_under_load():
+    a, b, gap = 0.006, 0.0027, 0.0005  # this CPU's figures: a 5-row decode costs ~3x a 1-row one
+    assert sum(choose_drafts([(0.9, 16, False)], 1, a, b, gap)) >= 4
+    assert choose_drafts([(0.3, 16, False)], 1, a, b, gap) == [0]        # unlikely drafts cost more than they give
+    assert choose_drafts([(0.8, 16, False)] * 2, 16, a, b, gap) == [0, 0]  # a full step has no room for them
+    assert choose_drafts([(0.1, 5, True)], 16, a, b, gap) == [5]          # forced (spec type ngram)
+    assert sum(choose_drafts([(0.99, 16, False)], 1, a, 0.0, gap)) == 16  # rows for free (a GPU): draft all
+
+
+def plan_one(spec_type="ngram"):
+    w = WorkerState(0, 4096, 4, 0)
+    w.alive = True
+    sched = Scheduler([w], max_waiting=8, step_tokens=64, reserve_cap=256, speculator=Speculator(spec_type, 4))
+    seq = sched.add(Request(prompt=[1, 2, 3, 4, 1, 2, 3], max_tokens=50))
+    (plan,) = sched.plan()
+    sched.complete(plan, [[4]])  # prefill: "... 1 2 3" sampled 4, so "4 1 2 3" is proposed next
+    return sched, w, seq
+
+
+@pytest.mark.unit
+def test_a_draft_is_planned_whole_and_what_was_rejected_is_given_back():
+    sched, w, seq = plan_one()
+    (plan,) = sched.plan()
+    (row,) = plan.rows
+    assert row.draft == [1, 2, 3, 4] and row.count == 5 and plan.stride == 5 and plan.drafting
+    assert sched.plan() == []  # nothing after a drafting step until it completes
+    used = w.ledger.used
+    sched.complete(plan, [[1, 2, 9]])  # two drafted tokens accepted, the third corrected
+    assert seq.tokens[-3:] == [1, 2, 9] and seq.n_computed == seq.n_scheduled == 10 == len(seq.tokens) - 1
+    assert w.ledger.used == used - 2 and not w.unsettled
+    assert sched.speculator.stats.drafted == 4 and sched.speculator.stats.accepted == 2
+
+
+@pytest.mark.unit
+def test_a_sequence_that_may_not_draft_overlaps_as_before():
+    sched, w, seq = plan_one("none")
+    (first,) = sched.plan()
+    (second,) = sched.plan()  # planned while the first is in flight
+    assert not first.rows[0].draft and seq.spec is None and second.rows[0].start == first.rows[0].start + 1
+
+
+@pytest.mark.unit
+def test_bad_spec_fields_name_the_field():
+    assert speculation(Fields({"speculative": False})) == ("none", None)
+    assert speculation(Fields({"spec": {"type": "ngram", "draft_max": 4}})) == ("ngram", 4)
+    for body, field in (({"spec": {"type": "eagle"}}, "spec.type"), ({"spec": {"draft_max": -1}}, "spec.draft_max"),
+                        ({"spec": "on"}, "spec"), ({"speculative": "no"}, "speculative"),
+                        ({"spec": {"k": 3}}, "spec.k")):
+        with pytest.raises(Refusal) as err:
+            speculation(Fields(body))
+        assert err.value.param == field and field in str(err.value)
+
+
+# --- with the real model ---
+
+@pytest.fixture(scope="module")
+def eng():
+    from test_engine import EngineHarness
+    h = EngineHarness(parallel=4, threads=2, spec_type="ngram", spec_draft_max=8)
+    yield h
+    h.close()
+
+
+def copying(h, **kw):
+    question = "Repeat this text exactly, word for word:\n\n" + TEXT * 2
+    return Request(prompt=h.prompt(question), **{"sampling": SamplingParams(temperature=0), "max_tokens": 96, **kw})
+
+
+def tokens_of(h, requests):
+    async def one(r):
+        return [t for o in [o async for o in h.engine.generate(r)] for t in o.token_ids]
+
+    async def all_of():
+        return await asyncio.gather(*(one(r) for r in requests))
+    return h.run(all_of())
+
+
+PROMPTS = ["Repeat this text exactly:\n\n" + TEXT, "Summarise in one sentence:\n\n" + TEXT,
+           "List the things the committee agreed to fund, one per line:\n\n" + TEXT,
+           "What is the capital of France? Answer in a full sentence.", "Count from one to twenty in words.",
+           "Write the alphabet in capital letters separated by commas."]
+
+
+@pytest.mark.model
+def test_greedy_with_drafts_equals_without(eng):
+    """Every prompt alone, drafted and not: llama.cpp computes a draft's positions in one batch where the
+    undrafted run computes them one by one, so the numerics may differ; on these prompts they agree."""
+    before = eng.stats()["speculative"]
+    drafted = [tokens_of(eng, [Request(prompt=eng.prompt(q), sampling=SamplingParams(temperature=0), max_tokens=80)])[0]
+               for q in PROMPTS]
+    plain = [tokens_of(eng, [Request(prompt=eng.prompt(q), sampling=SamplingParams(temperature=0), max_tokens=80,
+                                     spec_type="none")])[0] for q in PROMPTS]
+    after = eng.stats()["speculative"]
+    assert after["accepted"] - before["accepted"] > 50  # the drafts were used, and mostly right
+    assert drafted == plain
+
+
+@pytest.mark.model
+def test_concurrent_drafts_with_logprobs_match_alone(eng):
+    reqs = [copying(eng, top_logprobs=2), replace(copying(eng), prompt=eng.prompt("Count from one to twenty in words."))]
+    alone = [tokens_of(eng, [r])[0] for r in reqs]
+    assert tokens_of(eng, reqs) == alone
+
+    async def logprobs():
+        return [lp for o in [o async for o in eng.engine.generate(copying(eng, top_logprobs=2))] for lp in o.logprobs]
+    lps = eng.run(logprobs())
+    assert [lp.token for lp in lps] == alone[0] and all(lp.logprob <= 0 and len(lp.top) == 2 for lp in lps)
+    assert all(lp.token == lp.top[0][0] for lp in lps)  # greedy: every accepted token is the best one
+
+
+@pytest.mark.model
+def test_a_stop_string_inside_an_accepted_draft_ends_there(eng):
+    async def run():
+        outs = [o async for o in eng.engine.generate(copying(eng, stop=["reading room"]))]
+        return "".join(o.text for o in outs), outs[-1]
+    before = eng.stats()["speculative"]["accepted"]
+    text, last = eng.run(run())
+    assert last.finish_reason == "stop" and text.endswith("fund the ") and "reading" not in text
+    assert eng.stats()["speculative"]["accepted"] > before
+
+
+@pytest.mark.model
+def test_grammar_output_stays_valid_with_drafts(eng):
+    grammar = 'start: "{\\"items\\": [" item (", " item)* "]}"\nitem: "\\"" /[a-z ]+/ "\\""'  # llguidance's lark
+    question = ('Put the things the committee funded in JSON like {"items": ["x", "y"]}. ' + TEXT)
+    req = Request(prompt=eng.prompt(question), sampling=SamplingParams(temperature=0, grammar=grammar), max_tokens=60)
+    async def run():
+        return "".join([o.text async for o in eng.engine.generate(req)])
+    text = eng.run(run())
+    assert json.loads(text)["items"]
+
+
+@pytest.mark.model
+def test_cancel_during_drafting_frees_the_kv(eng):
+    async def cancel_midway():
+        gen = eng.engine.generate(copying(eng, max_tokens=400))
+        n = 0
+        async for out in gen:
+            n += len(out.token_ids)
+            if n >= 10:
+                break
+        await gen.aclose()
+    steps = eng.stats()["speculative"]["steps_drafting"]
+    eng.run(cancel_midway())
+    stats = eng.wait_idle()
+    assert stats["running"] == 0 and stats["kv_running"] == 0
+    assert stats["speculative"]["steps_drafting"] > steps
+
+
+@pytest.mark.model
+def test_unified_kv_drafts_equal_plain():
+    from test_engine import EngineHarness
+    h = EngineHarness(parallel=2, threads=2, kv_unified=True, ctx_size=4096, spec_type="ngram")
+    try:
+        drafted, plain = (tokens_of(h, [copying(h, spec_type=t)])[0] for t in ("ngram", "none"))
+        assert drafted == plain and h.stats()["speculative"]["accepted"] > 10
+        assert h.wait_idle()["kv_running"] == 0
+    finally:
+        h.close()
