@@ -47,7 +47,7 @@ from engine.sequence import Sequence
 from engine.speculative import Speculator
 from engine.step import OpKind, StepPlan
 from engine.transport import StepBuffer
-from engine.worker_handle import WorkerHandle
+from engine.worker_handle import WorkerHandle, start_workers
 from engine.worker_state import WorkerState
 
 log = logging.getLogger("sentiric.engine")
@@ -109,24 +109,7 @@ class AsyncEngine:
         self.store = KvStore.for_config(cfg) if cfg.store_on and self.generation else None
         if orphans := StepBuffer.remove_orphans():
             log.info("removed %d step buffers left in /dev/shm by services that were killed", len(orphans))
-        states = []
-        try:
-            for i in range(cfg.workers if self.generation else 0):
-                w = WorkerHandle(i, cfg)
-                self._workers.append(w)
-                w.spawn()
-            for w in self._workers:
-                while (hello := w.poll_ready()) is None:
-                    time.sleep(0.02)
-                state = WorkerState(w.index, hello["n_ctx"], cfg.parallel, cfg.cache_slots, hello["n_ctx_seq"],
-                                    cfg.cache_cells, hello["n_seq_max"], store=self.store)
-                state.alive = True
-                states.append(state)
-                log.info("worker %d ready (pid %d, %d KV cells, %d sequences)", w.index, hello["pid"],
-                         hello["n_ctx"], hello["n_seq_max"], extra=logs.event("WORKER_READY", worker=w.index))
-        except BaseException:
-            self._stop_workers()
-            raise
+        self._workers, states = start_workers(cfg, cfg.workers if self.generation else 0, self.store)
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
                                     reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=eog.__contains__,
                                     kv_unified=cfg.kv_unified, prompt_halves=cfg.prompt_halves, store=self.store,
@@ -454,34 +437,26 @@ class AsyncEngine:
     # --- numbers ---
     def stats(self) -> dict:
         """Call on the event loop (the step loop changes these numbers there)."""
-        sched, outputs = self._scheduler, self._outputs
+        # before the start, a scheduler without workers gives its numbers' zeros
+        sched = self._scheduler or Scheduler([], max_waiting=0, step_tokens=1, reserve_cap=1)
+        outputs = self._outputs
         return {
-            "running": sched.running if sched else 0,
-            "waiting": len(sched.waiting) if sched else 0,
-            "kv_used": sched.kv_used() if sched else 0,
-            "kv_running": sched.kv_running() if sched else 0,
-            "kv_total": sum(w.n_ctx for w in sched.workers) if sched else 0,
-            "prefix_cache_entries": sum(len(w.cache) for w in sched.workers) if sched else 0,
-            "prefix_hit_tokens": sched.prefix_hit_tokens if sched else 0,
-            "free_slots": sum(w.parallel - len(w.running) for w in sched.workers if w.alive) if sched else 0,
+            **sched.stats(),
             "workers": len(self._workers),
-            "workers_alive": sum(w.alive for w in sched.workers) if sched else 0,
             "worker_restarts": self._worker_restarts,
             "steps": outputs.steps if outputs else 0,
             "generated_tokens": outputs.generated_tokens if outputs else 0,
             "prompt_tokens_computed": outputs.prompt_tokens_computed if outputs else 0,
-            "last_batch_size": self._last_batch if sched and sched.running else 0,
+            "last_batch_size": self._last_batch if sched.running else 0,
             "batch_size_counts": dict(self._batch_sizes),
             "tokens_per_second": round(outputs.tokens_per_second(), 1) if outputs else 0.0,
             "parent_us_per_step": round(float(np.median(self._parent_us)), 1) if self._parent_us else 0.0,
             "adapters_loaded": self.adapters_loaded(),
             "kv_cache_type": {"k": self.config.cache_type_k, "v": self.config.cache_type_v},
             "kv_bytes_per_cell": self.kv_bytes_per_cell,
-            "kv_bytes": self.kv_bytes_per_cell * sum(w.n_ctx for w in sched.workers) if sched else 0,
+            "kv_bytes": self.kv_bytes_per_cell * sum(w.n_ctx for w in sched.workers),
             "kv_store": None if self.store is None or outputs is None else
             self.store.stats(prefill_s_per_token=outputs.prefill_s / max(1, outputs.prompt_tokens_computed)),
-            "tenants": sched.waiting.stats() if sched else {},
-            "speculative": sched.speculator.stats.as_dict() if sched else None,
         }
 
     def set_tenant_limits(self, default: TenantLimits, overrides: dict[str, TenantLimits]) -> None:

@@ -131,7 +131,8 @@ class Scheduler:
 
     # --- one iteration ---
     def plan(self, max_burst: int = 1) -> list[StepPlan]:
-        plans = {w.index: StepPlan(w) for w in self.workers if w.alive and not w.unsettled and not self._holds(w)}
+        plans = {w.index: StepPlan(w) for w in self.workers if w.alive and not w.unsettled
+                 and not (self.speculator is not None and self.speculator.holds(w))}
         budget = {i: self.step_tokens for i in plans}
         self._preempt(plans)
         for p in plans.values():
@@ -149,7 +150,7 @@ class Scheduler:
                 p.ops.append(Op(OpKind.ADAPTERS, payload=p.adapters))
                 w.adapters = p.adapters
             if self.speculator is not None:
-                self._draft(p)
+                self.speculator.draft(p, self.step_tokens)
             if not self.kv_unified:  # in id order, or llama.cpp splits the step into several passes (lowest_idle_id)
                 p.rows.sort(key=lambda r: r.seq.seq_id)
             if max_burst > 1 and self.waiting.next() is None and not p.drafting:
@@ -185,48 +186,6 @@ class Scheduler:
         """The engine asked the worker to end this burst early: where its rows stop is known only when
         it completes, so nothing more is planned for the worker until then."""
         plan.cut = plan.worker.unsettled = True
-
-    def _holds(self, w: WorkerState) -> bool:
-        """Its sequences would draft but a step is in flight (their last tokens are unknown): plan the
-        worker's next step when that one completes."""
-        if self.speculator is None or not any(s.in_flight for s in w.running):
-            return False
-        seqs = [s for s in w.running if s.spec is not None and not s.prefilling and s.has_work]
-        if not seqs or not self.speculator.choose(w.index, seqs, len(w.running), {}):
-            return False
-        self.speculator.stats.held += 1
-        return True
-
-    def _draft(self, plan: StepPlan) -> None:
-        """Drafted tokens for the plan's decode rows, as many as pay (Speculator.choose), when nothing
-        is in flight for the worker; the positions are committed like a burst's."""
-        w = plan.worker
-        rows = [r for r in plan.rows if r.count == 1 and r.output and r.seq.spec is not None]
-        planned = {r.seq: r.count for r in plan.rows}
-        if not rows or any(s.n_scheduled - planned.get(s, 0) > s.n_computed for s in w.running):
-            return  # a step is in flight: the sequences' last tokens are not known yet
-        n_out = sum(r.output for r in plan.rows)
-        width = min(self.step_tokens // n_out, (self.step_tokens - plan.n_tokens) // len(rows) + 1) - 1
-        room = {}
-        for r in rows:
-            seq = r.seq
-            room[seq] = min(width, seq.reserve - seq.n_scheduled)
-            if seq.request.max_tokens is not None:
-                room[seq] = min(room[seq], seq.request.max_tokens - seq.outputs_planned)
-        drafts = dict(self.speculator.choose(w.index, [r.seq for r in rows], plan.n_tokens, room))
-        stats = self.speculator.stats
-        if not drafts:
-            stats.steps_plain += 1
-            return
-        stats.steps_drafting += 1
-        for r in rows:
-            if (draft := drafts.get(r.seq)) is not None:
-                r.draft, k = draft, len(draft)
-                r.count += k
-                r.seq.n_scheduled += k
-                r.seq.outputs_planned += k
-                w.ledger.grow(r.seq.span, k)
-        plan.drafting = w.unsettled = True
 
     def _continue_decoding(self, plan: StepPlan, budget: dict) -> None:
         w = plan.worker
@@ -495,8 +454,15 @@ class Scheduler:
     def running(self) -> int:
         return sum(len(w.running) for w in self.workers)
 
-    def kv_used(self) -> int:
-        return sum(w.ledger.used for w in self.workers)
-
-    def kv_running(self) -> int:
-        return sum(KvLedger.cells_of(s.span for s in w.running) for w in self.workers)
+    def stats(self) -> dict:
+        """The scheduler's numbers, for /stats."""
+        alive = [w for w in self.workers if w.alive]
+        return {"running": self.running, "waiting": len(self.waiting),
+                "kv_used": sum(w.ledger.used for w in self.workers),
+                "kv_running": sum(KvLedger.cells_of(s.span for s in w.running) for w in self.workers),
+                "kv_total": sum(w.n_ctx for w in self.workers),
+                "prefix_cache_entries": sum(len(w.cache) for w in self.workers),
+                "prefix_hit_tokens": self.prefix_hit_tokens,
+                "free_slots": sum(w.parallel - len(w.running) for w in alive), "workers_alive": len(alive),
+                "tenants": self.waiting.stats(),
+                "speculative": self.speculator.stats.as_dict() if self.speculator is not None else None}

@@ -216,3 +216,45 @@ class Speculator:
 
     def parent_time(self, seconds: float) -> None:
         self.gap_s = 0.9 * self.gap_s + 0.1 * seconds
+
+    def holds(self, w) -> bool:
+        """Its sequences would draft but a step is in flight (their last tokens are unknown): plan the
+        worker's next step when that one completes."""
+        if not any(s.in_flight for s in w.running):
+            return False
+        seqs = [s for s in w.running if s.spec is not None and not s.prefilling and s.has_work]
+        if not seqs or not self.choose(w.index, seqs, len(w.running), {}):
+            return False
+        self.stats.held += 1
+        return True
+
+    def draft(self, plan, step_tokens: int) -> None:
+        """Drafted tokens for the plan's decode rows, as many as pay (Speculator.choose), when nothing
+        is in flight for the worker; the positions are committed like a burst's."""
+        w = plan.worker
+        rows = [r for r in plan.rows if r.count == 1 and r.output and r.seq.spec is not None]
+        planned = {r.seq: r.count for r in plan.rows}
+        if not rows or any(s.n_scheduled - planned.get(s, 0) > s.n_computed for s in w.running):
+            return  # a step is in flight: the sequences' last tokens are not known yet
+        n_out = sum(r.output for r in plan.rows)
+        width = min(step_tokens // n_out, (step_tokens - plan.n_tokens) // len(rows) + 1) - 1
+        room = {}
+        for r in rows:
+            seq = r.seq
+            room[seq] = min(width, seq.reserve - seq.n_scheduled)
+            if seq.request.max_tokens is not None:
+                room[seq] = min(room[seq], seq.request.max_tokens - seq.outputs_planned)
+        drafts = dict(self.choose(w.index, [r.seq for r in rows], plan.n_tokens, room))
+        stats = self.stats
+        if not drafts:
+            stats.steps_plain += 1
+            return
+        stats.steps_drafting += 1
+        for r in rows:
+            if (draft := drafts.get(r.seq)) is not None:
+                r.draft, k = draft, len(draft)
+                r.count += k
+                r.seq.n_scheduled += k
+                r.seq.outputs_planned += k
+                w.ledger.grow(r.seq.span, k)
+        plan.drafting = w.unsettled = True

@@ -13,6 +13,7 @@ from engine.config import EngineConfig
 from engine.request import EngineError
 from engine.step import StepPlan
 from engine.transport import StepBuffer
+from engine.worker_state import WorkerState
 
 log = logging.getLogger("sentiric.engine")
 _STARTUP_TIMEOUT_S = 300
@@ -154,3 +155,27 @@ class WorkerHandle:
         self.process.join(5)
         for conn in (self.to_worker, self.from_worker):
             conn.close()
+
+
+def start_workers(cfg: EngineConfig, count: int, store) -> tuple[list[WorkerHandle], list[WorkerState]]:
+    """Spawn `count` workers and wait until each has loaded the model: their handles and the scheduler's
+    view of each (its KV cells and sequences as the worker reports them). All are stopped if one fails."""
+    handles, states = [], []
+    try:
+        for i in range(count):
+            handles.append(WorkerHandle(i, cfg))
+            handles[-1].spawn()
+        for w in handles:
+            while (hello := w.poll_ready()) is None:
+                time.sleep(0.02)
+            state = WorkerState(w.index, hello["n_ctx"], cfg.parallel, cfg.cache_slots, hello["n_ctx_seq"],
+                                cfg.cache_cells, hello["n_seq_max"], store=store)
+            state.alive = True
+            states.append(state)
+            log.info("worker %d ready (pid %d, %d KV cells, %d sequences)", w.index, hello["pid"],
+                     hello["n_ctx"], hello["n_seq_max"], extra=logs.event("WORKER_READY", worker=w.index))
+    except BaseException:
+        for w in handles:
+            w.close()
+        raise
+    return handles, states
