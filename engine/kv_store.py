@@ -88,6 +88,7 @@ class KvStore:
         self.entries: collections.OrderedDict[str, Stored] = collections.OrderedDict()
         self.blocks: dict[bytes, set[str]] = {}  # chained block hash -> the entries beginning with those blocks
         self.saving: dict[str, Stored] = {}      # SAVE ops in flight
+        self.removing: set[str] = set()          # dropped from the disk tier, its file not yet removed
         self.files = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-store")  # copies, removals
         self.scanned_mtime = None
         self.counters = collections.Counter()
@@ -215,7 +216,8 @@ class KvStore:
             if e.name.endswith(".tmp") and start and time.time() - e.stat().st_mtime > STALE_TMP_S:
                 kv_file.remove(e.path)
             name = e.name.removesuffix(kv_file.SUFFIX)
-            if not e.name.endswith(kv_file.SUFFIX) or name in self.entries or name in self.saving:
+            if (not e.name.endswith(kv_file.SUFFIX) or name in self.entries or name in self.saving
+                    or name in self.removing):
                 continue
             try:
                 h = kv_file.read_header(e.path)
@@ -280,9 +282,17 @@ class KvStore:
                     break
                 used -= s.size
                 setattr(s, tier, False)
-                self.files.submit(kv_file.remove, str(directory / f"{s.name}{kv_file.SUFFIX}"))
+                if tier == "disk":
+                    self.removing.add(s.name)
+                self.files.submit(self._remove, directory / f"{s.name}{kv_file.SUFFIX}", tier == "disk")
                 if not (s.ram or s.disk):
                     self._drop(s)
+
+    def _remove(self, path: Path, from_disk: bool) -> None:
+        """Removes a dropped file; a scan meanwhile must not take a disk file back in as new."""
+        kv_file.remove(str(path))
+        if from_disk:
+            self.removing.discard(path.stem)
 
     def _path(self, stored: Stored) -> Path:
         return (self.ram_dir if stored.ram else self.disk_dir) / f"{stored.name}{kv_file.SUFFIX}"

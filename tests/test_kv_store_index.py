@@ -2,6 +2,7 @@
 index rebuilt from a directory, bad files refused; and the ops the scheduler plans with a store."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -113,6 +114,24 @@ def test_each_tier_keeps_within_its_bound_least_recently_used_first(tmp_path):
         assert sum(f.stat().st_size for f in tmp_path.glob("*/*.kv")) <= 13000
         assert len(list(store.ram_dir.glob("*.kv"))) == 2
     finally:
+        store.close()
+
+
+def test_a_scan_before_a_dropped_file_is_removed_does_not_take_it_back(tmp_path):
+    store, held = KvStore(KEY, disk_dir=str(tmp_path), disk_bytes=6000), threading.Event()
+    try:
+        store.files.submit(held.wait)  # the removals wait behind this, as behind a slow disk
+        saved = [save(store, tokens(100, s), state=b"x" * 2000) for s in range(4)]  # ~2,540 bytes each
+        store.scanned_mtime = None
+        store.find(tokens(100, 9), ())  # a lookup scans the directory while the dropped files are still there
+        newest = kv_store.Path(saved[-1].path).stem
+        assert newest in store.entries and store.entries[newest].disk
+        assert store.stats()["disk_bytes"] <= 6000
+        held.set()
+        store.files.shutdown(wait=True)
+        assert sorted(f.stem for f in tmp_path.glob("*/*.kv")) == sorted(kv_store.Path(t.path).stem for t in saved[2:])
+    finally:
+        held.set()
         store.close()
 
 
