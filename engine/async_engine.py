@@ -31,7 +31,7 @@ import time
 import numpy as np
 import orjson
 
-from engine import logs
+from engine import logs, slots
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.cpu_turns import CpuTurns
@@ -44,6 +44,7 @@ from engine.request import EngineError, Output, Request
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.slots import Slots
 from engine.speculative import Speculator
 from engine.step import OpKind, StepPlan
 from engine.transport import StepBuffer
@@ -66,6 +67,8 @@ class AsyncEngine:
         self._scheduler: Scheduler | None = None
         self._streams: dict[Sequence, Stream] = {}
         self._outputs: OutputProcessor | None = None
+        self.eog_tokens: frozenset[int] = frozenset()  # the end-of-generation tokens
+        self.slots: Slots | None = None                # llama-server's slots, once started
         self._loop: asyncio.AbstractEventLoop | None = None
         # steps in flight, oldest first: per step, (plan, buffer, the worker's epoch, the step's number)
         self._in_flight: collections.deque[list[tuple[StepPlan, StepBuffer, int, int]]] = collections.deque()
@@ -116,6 +119,8 @@ class AsyncEngine:
                                     fair=cfg.tenant_fairness, speculator=Speculator(cfg.spec_type, cfg.spec_draft_max))
         self._scheduler.waiting.set_limits(cfg.tenant_limits, cfg.tenant_overrides)
         self._outputs = OutputProcessor(self._scheduler, pieces, eog, self._streams)
+        self.eog_tokens = eog
+        self.slots = Slots(self._scheduler, cfg, self._pump_later)  # llama-server's /slots
 
     async def shutdown(self) -> None:
         if self.store is not None and self._scheduler is not None and not self._stopping:
@@ -162,8 +167,10 @@ class AsyncEngine:
             self.vocab_model.vocab.check_token(t)
         return self.vocab_model.vocab.detokenize(tokens, unparse_special=special)
 
-    def render_chat(self, messages: list[dict], *, tools: list[dict] | None = None, variables: dict | None = None) -> str:
-        return self.template.render(messages, add_generation_prompt=True, tools=tools, variables=variables)
+    def render_chat(self, messages: list[dict], *, tools: list[dict] | None = None, variables: dict | None = None,
+                    add_generation_prompt: bool = True) -> str:
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                    variables=variables)
 
     def validate_sampling(self, params: SamplingParams) -> None:
         """Raise ValueError for settings a worker would reject (bad grammar, bad token ids)."""
@@ -344,6 +351,7 @@ class AsyncEngine:
         t1 = time.perf_counter()
         deliveries = []
         for (plan, buf, _, _), state in zip(sent, states):
+            slots.settle(plan, buf if state == "done" else None)
             if state == "done":
                 if plan.ops and any(op.kind == OpKind.ADAPTERS for op in plan.ops):
                     self._workers[plan.worker.index].adapters_loaded = buf.adapters_loaded_json()

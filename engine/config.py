@@ -36,7 +36,7 @@ class EngineConfig:
     log_batches: bool = False         # log "Processing batch of size: N" at INFO instead of DEBUG
     overlap: bool = True              # plan step N+1 while the worker decodes step N (two steps in flight)
     burst_ms: float = 50.0            # decode-only steps run as bursts of up to this long; 0 = one decode per step
-    chat_template: str | None = None  # a Jinja chat template used instead of the model's own
+    chat_template: str | None = None  # a Jinja chat template (or a llama.cpp built-in's name) instead of the model's
     step_timeout: float = 120.0       # a worker that answers no step for this long is killed and replaced; 0 = never
     lora_dir: str | None = None       # GGUF LoRA adapters requests name (file name without .gguf)
     lora_cache: int = 8               # LoRA adapters a worker keeps loaded (least recently used ones go)

@@ -15,6 +15,7 @@ class TextStream:
         self._bytes = b""
         self._held = ""
         self.stopped = False
+        self.stop_word: str | None = None  # the stop string that ended the text
 
     def push(self, piece: bytes) -> str:
         """Add one token's bytes; returns the text that is safe to send now."""
@@ -31,8 +32,9 @@ class TextStream:
         if not self.stop:
             return text
         held = self._held + text
-        cut = min((i for i in (held.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stop if (i := held.find(s)) >= 0]
+        if found:
+            cut, self.stop_word = min(found)
             self.stopped, self._held = True, ""
             return held[:cut]
         keep = partial_suffix(held, self.stop)

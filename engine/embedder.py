@@ -42,7 +42,10 @@ DEFAULT_CTX = 512
 # no measurable cost (43.2 against 43.1 embeddings/s, 64 tokens 41.9; in-process, median of 6,
 # 2026-11-29). A longer input goes alone.
 TURN_DECODE_TOKENS = 128
-POOLINGS = ("mean", "cls", "last")  # one vector per input; a model that declares another pools by mean
+POOLINGS = ("mean", "cls", "last")  # one unit vector per input; a model that declares another pools by mean
+# what --embeddings-pooling may ask for besides: none = one (unnormalised) vector per token, rank = the
+# scores of the model's classifier head (a reranker's relevance), one set per input
+EMBEDDING_POOLINGS = (*POOLINGS, "none", "rank")
 _STARTUP_TIMEOUT_S = 300
 
 
@@ -59,11 +62,13 @@ class EmbedderConfig:
     n_gpu_layers: int = 0
     flash_attn: str = "auto"
     timeout: float = 120.0       # a process that finishes no decode for this long is killed; 0 = never
+    pooling: str = "auto"        # an EMBEDDING_POOLINGS name; auto = what the model declares if in POOLINGS, else mean
 
 
 @dataclass
 class EmbedderInfo:
-    """What a ready process reports: the vectors' width, the longest input, the pooling in force."""
+    """What a ready process reports: the vectors' width (scores per input with rank pooling), the longest
+    input, the pooling in force."""
 
     pid: int
     n_embd: int
@@ -75,11 +80,14 @@ class EmbedderInfo:
 # --- the child process ----------------------------------------------------------------------------
 
 def embed_batch(ctx, batch, lengths: np.ndarray, tokens: np.ndarray, turn=lambda: 0) -> np.ndarray:
-    """One L2-normalised pooled vector per input, the inputs packed into as few decodes as fit the
-    batch (each input whole: llama.cpp pools a sequence within one ubatch). Before each decode turn()
-    says how many tokens it may pack (0: as many as fit; at least one input goes)."""
-    out = np.empty((len(lengths), ctx.model.n_embd_out), np.float32)
+    """One L2-normalised pooled vector per input (rank pooling: its scores; none: one raw vector per token,
+    the inputs' rows one after another), the inputs packed into as few decodes as fit the batch (each
+    input whole: llama.cpp pools a sequence within one ubatch). Before each decode turn() says how many
+    tokens it may pack (0: as many as fit; at least one input goes)."""
+    pooling = ctx.pooling
     starts = np.concatenate(([0], np.cumsum(lengths)))
+    out = np.empty((starts[-1] if pooling == "none" else len(lengths),
+                    ctx.model.n_cls_out if pooling == "rank" else ctx.model.n_embd_out), np.float32)
     i = 0
     while i < len(lengths):
         limit = turn() or batch.capacity
@@ -96,11 +104,34 @@ def embed_batch(ctx, batch, lengths: np.ndarray, tokens: np.ndarray, turn=lambda
         batch.n_tokens = k
         ctx.seq_rm(-1)  # forget the previous decode's cells (metadata only)
         ctx.decode(batch)
-        for s in range(j):
-            out[i + s] = ctx.seq_embedding(s)
+        if pooling == "none":
+            at = int(starts[i])
+            for row in range(k):
+                out[at + row] = ctx.token_embedding(row)
+        else:
+            for s in range(j):
+                out[i + s] = ctx.seq_embedding(s)
         i += j
+    if pooling not in POOLINGS:
+        return out
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.where(norms > 0, norms, 1)
+
+
+def batch_shape(longest: int, max_sequences: int) -> tuple[int, int]:
+    """(sequences, tokens) of an embedding context for inputs of up to `longest` tokens. llama.cpp wants no
+    more sequences than batch tokens, and it reserves its worst-case graph with the batch rounded up to a
+    multiple of the sequences while the outputs stay at the batch: mean pooling then multiplies matrices of
+    the two sizes and the process dies on GGML_ASSERT(ggml_can_mul_mat) (a batch of 300 with 256
+    sequences). So the batch is that multiple; its KV cells were padded to 256 anyway."""
+    n_seq = min(max_sequences, longest)
+    return n_seq, -(-longest // n_seq) * n_seq
+
+
+def _pooling(wanted: str, declared: str | None) -> str:
+    if wanted != "auto":
+        return wanted
+    return declared if declared in POOLINGS else "mean"
 
 
 def child_main(config: dict, conn, log_settings: dict) -> None:
@@ -114,15 +145,17 @@ def child_main(config: dict, conn, log_settings: dict) -> None:
     try:
         model = Model(config["model_path"], n_gpu_layers=config["n_gpu_layers"])
         declared = model.pooling()
-        n_ctx = config["ctx_size"] or min(model.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
-        ctx = Context(model, ContextParams(  # llama.cpp wants no more sequences than batch tokens
-            n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_seq_max=min(max_parallel_sequences(), n_ctx),
+        longest = config["ctx_size"] or min(model.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
+        n_seq, n_batch = batch_shape(longest, max_parallel_sequences())
+        ctx = Context(model, ContextParams(
+            n_ctx=n_batch, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq,
             n_threads=config["threads"], flash_attn=config["flash_attn"], embeddings=True,
-            pooling=declared if declared in POOLINGS else "mean"))
+            pooling=_pooling(config["pooling"], declared)))
     except Exception as exc:  # tell the parent why, then exit
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
         return
-    conn.send({"pid": os.getpid(), "n_embd": model.n_embd_out, "n_ctx": ctx.n_batch, "pooling": ctx.pooling,
+    width = model.n_cls_out if ctx.pooling == "rank" else model.n_embd_out
+    conn.send({"pid": os.getpid(), "n_embd": width, "n_ctx": longest, "pooling": ctx.pooling,
                "declared_pooling": declared})
     batch = Batch(ctx.n_batch)
     try:
@@ -151,6 +184,7 @@ class _Process:
         self.conn = None
         self.busy = False
         self.stopping = False  # stop() was called: a batch that dies now dies of the shutdown
+        self.width = 0         # floats per row of its replies
 
     @property
     def alive(self) -> bool:
@@ -163,7 +197,7 @@ class _Process:
         conn, child_conn = ctx.Pipe()
         c = self.config
         config = {"model_path": c.model_path, "ctx_size": c.ctx_size, "threads": c.threads,
-                  "n_gpu_layers": c.n_gpu_layers, "flash_attn": c.flash_attn}
+                  "n_gpu_layers": c.n_gpu_layers, "flash_attn": c.flash_attn, "pooling": c.pooling}
         process = ctx.Process(target=child_main, name=f"sentiric-embedder-{self.index}", daemon=True,
                               args=(config, child_conn, logs.current_settings()))
         try:
@@ -183,6 +217,7 @@ class _Process:
             self.process.kill()
             self._reap()
             raise EmbedderError(f"the embedding process failed to start: {hello['error']}")
+        self.width = hello["n_embd"]
         return EmbedderInfo(**hello)
 
     def call(self, lengths: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -220,7 +255,7 @@ class _Process:
             self.busy = False
         if isinstance(reply, str):
             raise EmbedderError(f"embedding failed: {reply}")
-        return np.frombuffer(reply, np.float32).reshape(len(lengths), -1)
+        return np.frombuffer(reply, np.float32).reshape(-1, self.width)
 
     def stop(self) -> None:
         """Ask the process to exit (it frees its context and model itself); kill it after 5 s."""
@@ -252,7 +287,8 @@ class _Job:
 
 
 class Embedder:
-    """`await embedder.embed([[token, ...], ...])` -> float32 [n, n_embd], rows L2-normalised."""
+    """`await embedder.embed([[token, ...], ...])` -> float32 [n, n_embd], rows L2-normalised (rank pooling:
+    [n, scores]; none: [tokens of all inputs, n_embd])."""
 
     def __init__(self, config: EmbedderConfig, turns: CpuTurns | None = None):
         """`turns`: shared with the generation engines that decode on the same cores (engine/cpu_turns.py)."""
@@ -267,6 +303,7 @@ class Embedder:
         self._running: set[asyncio.Task] = set()
         self._closed = False
         self.restarts = self.batches = 0
+        self.failure: str | None = None  # why the pool cannot serve (a failed start, a crash), until it serves again
 
     async def start(self) -> EmbedderInfo:
         """Start the processes once (concurrent callers wait for the same start; a failed start is tried
@@ -287,8 +324,10 @@ class Embedder:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             await asyncio.to_thread(self._stop_processes)
-            raise failed[0] if isinstance(failed[0], EmbedderError) else EmbedderError(str(failed[0]))
-        self.info = results[0]
+            error = failed[0] if isinstance(failed[0], EmbedderError) else EmbedderError(str(failed[0]))
+            self.failure = str(error)
+            raise error
+        self.info, self.failure = results[0], None
         for p, info in zip(self._processes, results):
             log.info("embedding process %d ready (pid %d, %d dimensions, inputs up to %d tokens, %s pooling%s)",
                      p.index, info.pid, info.n_embd, info.n_ctx, info.pooling,
@@ -318,7 +357,7 @@ class Embedder:
         info = self.info
         return {"processes": len(self._processes), "alive": sum(p.alive for p in self._processes),
                 "busy": len(self._running), "pids": self.pids, "restarts": self.restarts, "batches": self.batches,
-                "waiting_inputs": sum(len(j.inputs) for j in self._pending),
+                "waiting_inputs": sum(len(j.inputs) for j in self._pending), "failure": self.failure,
                 "n_embd": info.n_embd if info else None, "n_ctx": info.n_ctx if info else None,
                 "pooling": info.pooling if info else None}
 
@@ -365,16 +404,20 @@ class Embedder:
             vectors = await asyncio.to_thread(process.call, lengths, tokens)
         except EmbedderError as exc:
             log.error("%s", exc, extra=logs.event("EMBEDDER_FAILED", process=process.index))
+            if not process.alive:
+                self.failure = str(exc)
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(exc)
         else:
             self.batches += 1
+            self.failure = None
             at = 0
-            for job in jobs:
+            for job in jobs:  # a row per input, or per token with pooling none
+                rows = sum(map(len, job.inputs)) if self.info.pooling == "none" else len(job.inputs)
                 if not job.future.done():
-                    job.future.set_result(vectors[at:at + len(job.inputs)])
-                at += len(job.inputs)
+                    job.future.set_result(vectors[at:at + rows])
+                at += rows
         finally:
             self._idle.put_nowait(process)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from engine.llama_cpp import (
     FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, KV_CACHE_TYPES, POOLING_TYPES, TOKEN_ATTR_CONTROL, lib,
-    llama_batch, llama_chat_message, llama_token, take_errors,
+    llama_batch, llama_token, take_errors,
 )
 
 
@@ -32,6 +32,11 @@ _DECODE_ERRORS = {
     2: "decode aborted",
     -1: "invalid input batch (token id out of range, bad position or sequence id)",
 }
+
+
+def version() -> str:
+    """libllama's version string (llama-server's build_info names it)."""
+    return lib.llama_version().decode()
 
 
 def supports_gpu_offload() -> bool:
@@ -91,8 +96,9 @@ class Model(_Owner):
         self.path = path
         self.vocab = Vocab(lib.llama_model_get_vocab(self._ptr), self)
 
-    def chat_template(self) -> str | None:
-        tmpl = lib.llama_model_chat_template(self.ptr, None)
+    def chat_template(self, name: str | None = None) -> str | None:
+        """The GGUF's chat template, or its template `name` (e.g. "rerank")."""
+        tmpl = lib.llama_model_chat_template(self.ptr, name.encode() if name else None)
         return tmpl.decode() if tmpl else None
 
     def meta(self, key: str) -> str | None:
@@ -152,6 +158,11 @@ class Model(_Owner):
         """Width of the model's output embeddings (n_embd for most models)."""
         return lib.llama_model_n_embd_out(self.ptr)
 
+    @property
+    def n_cls_out(self) -> int:
+        """Scores a classifier (rank) head gives per sequence (1 for a reranker)."""
+        return lib.llama_model_n_cls_out(self.ptr)
+
     def pooling(self) -> str | None:
         """The pooling the GGUF declares for embeddings (mean, cls, last, none, rank), or None."""
         value = self.meta(f"{self.meta('general.architecture')}.pooling_type")
@@ -196,7 +207,10 @@ class Vocab:
         self.bos = lib.llama_vocab_bos(ptr)
         self.eos = lib.llama_vocab_eos(ptr)
         self.eot = lib.llama_vocab_eot(ptr)
+        self.sep = lib.llama_vocab_sep(ptr)
         self.add_bos = bool(lib.llama_vocab_get_add_bos(ptr))
+        self.add_eos = bool(lib.llama_vocab_get_add_eos(ptr))
+        self.add_sep = bool(lib.llama_vocab_get_add_sep(ptr))
         self._piece = C.create_string_buffer(256)
 
     @property
@@ -248,22 +262,6 @@ class Vocab:
     def check_token(self, token: int) -> None:
         if not 0 <= token < self.n_tokens:
             raise ValueError(f"token id {token} is outside the vocabulary (0..{self.n_tokens - 1})")
-
-
-def builtin_chat_template(template: str | None, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """llama.cpp's own (non-jinja) rendering of a known template family, e.g. 'chatml'."""
-    keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
-    arr = (llama_chat_message * len(keep))(*[llama_chat_message(r, c) for r, c in keep])
-    tmpl = template.encode() if template else None
-    cap = sum(len(r) + len(c) for r, c in keep) * 2 + 256
-    buf = C.create_string_buffer(cap)
-    n = lib.llama_chat_apply_template(tmpl, arr, len(keep), add_generation_prompt, buf, cap)
-    if n < 0:
-        raise LlamaError(f"llama.cpp does not know the chat template {template!r}")
-    if n > cap:
-        buf = C.create_string_buffer(n)
-        n = lib.llama_chat_apply_template(tmpl, arr, len(keep), add_generation_prompt, buf, n)
-    return buf.raw[:n].decode("utf-8", "replace")
 
 
 @dataclass
@@ -330,12 +328,21 @@ class Context(_Owner):
         """How this context pools embeddings (a POOLING_TYPES name)."""
         return _POOLING_NAMES[lib.llama_pooling_type(self.ptr)]
 
+    def token_embedding(self, i: int) -> np.ndarray:
+        """The embedding of batch position i of the last decode (pooling none; a view, valid until the next
+        decode)."""
+        ptr = lib.llama_get_embeddings_ith(self.ptr, i)
+        if not ptr:
+            raise LlamaError(f"no embedding for batch row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd_out,))
+
     def seq_embedding(self, seq: int) -> np.ndarray:
         """The pooled embedding of sequence `seq` from the last decode (a view, valid until the next decode)."""
         ptr = lib.llama_get_embeddings_seq(self.ptr, seq)
         if not ptr:
             raise LlamaError(f"no pooled embedding for sequence {seq} (not in the last batch, or pooling is none)")
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd_out,))
+        width = self.model.n_cls_out if self.pooling == "rank" else self.model.n_embd_out  # rank: the head's scores
+        return np.ctypeslib.as_array(ptr, shape=(width,))
 
     def set_adapters(self, adapters: list[tuple[LoraAdapter, float]]) -> None:
         """Apply these LoRA adapters at these scales to the decodes that follow ([] = the base model).
@@ -375,6 +382,20 @@ class Context(_Owner):
         if lib.llama_state_seq_set_data(self.ptr, state, len(state), seq) == 0:
             raise LlamaError(f"could not restore the state of sequence {seq} (not enough KV cells, or another model)")
 
+    def save_seq_file(self, path: str, seq: int, tokens: list[int]) -> int:
+        """Write sequence `seq`'s KV state and its tokens to `path` (llama.cpp's state file); the bytes."""
+        arr = (llama_token * len(tokens))(*tokens)
+        n = lib.llama_state_seq_save_file(self.ptr, path.encode(), seq, arr, len(tokens))
+        if n == 0:
+            raise LlamaError(f"could not save the state of sequence {seq} to {path}")
+        return n
+
+    def load_seq_file(self, path: str, seq: int, capacity: int) -> int:
+        """Load a state file's KV into sequence `seq`; the number of tokens it holds."""
+        arr, count = (llama_token * max(1, capacity))(), C.c_size_t()
+        if lib.llama_state_seq_load_file(self.ptr, path.encode(), seq, arr, capacity, C.byref(count)) == 0:
+            raise LlamaError(f"could not load {path} into sequence {seq} (another model, or not enough KV cells)")
+        return count.value
 
 
 class Batch:

@@ -31,6 +31,7 @@ log_callback = C.CFUNCTYPE(None, C.c_int, C.c_char_p, C.c_void_p)
 progress_callback = C.CFUNCTYPE(C.c_bool, C.c_float, C.c_void_p)
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+LLAMA_STATE_SEQ_MAGIC, LLAMA_STATE_SEQ_VERSION = 0x67677371, 3  # 'ggsq': a sequence's state file
 FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED = -1, 0, 1
 # what a KV cache may hold (llama-server's --cache-type-k/-v): name -> (enum ggml_type, bytes per block, values per block)
 KV_CACHE_TYPES = {"f32": (0, 4, 1), "f16": (1, 2, 1), "bf16": (30, 2, 1), "q8_0": (8, 34, 32), "q4_0": (2, 18, 32),
@@ -179,6 +180,7 @@ _PROTOTYPES = {
     "llama_model_n_ctx_train": ([p_model], _i32),
     "llama_model_n_embd": ([p_model], _i32),
     "llama_model_n_embd_out": ([p_model], _i32),
+    "llama_model_n_cls_out": ([p_model], _u32),
     "llama_model_n_params": ([p_model], C.c_uint64),
     "llama_model_size": ([p_model], C.c_uint64),
     "llama_model_desc": ([p_model, C.c_char_p, _sz], _i32),
@@ -196,6 +198,7 @@ _PROTOTYPES = {
     "llama_get_logits_ith": ([p_context, _i32], C.POINTER(C.c_float)),
     "llama_pooling_type": ([p_context], C.c_int),
     "llama_get_embeddings_seq": ([p_context, llama_seq_id], C.POINTER(C.c_float)),
+    "llama_get_embeddings_ith": ([p_context, _i32], C.POINTER(C.c_float)),
     "llama_perf_context": ([p_context], llama_perf_context_data),
     "llama_perf_context_reset": ([p_context], None),
     # LoRA adapters: an adapter is valid while its model lives; setting the same set again changes nothing
@@ -212,6 +215,8 @@ _PROTOTYPES = {
     "llama_state_seq_get_size": ([p_context, llama_seq_id], _sz),
     "llama_state_seq_get_data": ([p_context, C.c_void_p, _sz, llama_seq_id], _sz),
     "llama_state_seq_set_data": ([p_context, C.c_void_p, _sz, llama_seq_id], _sz),
+    "llama_state_seq_save_file": ([p_context, _s, llama_seq_id, C.POINTER(llama_token), _sz], _sz),
+    "llama_state_seq_load_file": ([p_context, _s, llama_seq_id, C.POINTER(llama_token), _sz, C.POINTER(_sz)], _sz),
     # vocab
     "llama_vocab_n_tokens": ([p_vocab], _i32),
     "llama_vocab_bos": ([p_vocab], llama_token),
@@ -220,10 +225,14 @@ _PROTOTYPES = {
     "llama_vocab_is_eog": ([p_vocab, llama_token], _b),
     "llama_vocab_get_add_bos": ([p_vocab], _b),
     "llama_vocab_get_attr": ([p_vocab, llama_token], C.c_int),
+    "llama_vocab_get_add_eos": ([p_vocab], _b),
+    "llama_vocab_get_add_sep": ([p_vocab], _b),
+    "llama_vocab_sep": ([p_vocab], llama_token),
     "llama_tokenize": ([p_vocab, C.c_char_p, _i32, C.POINTER(llama_token), _i32, _b, _b], _i32),
     "llama_token_to_piece": ([p_vocab, llama_token, C.c_char_p, _i32, _i32, _b], _i32),
     "llama_detokenize": ([p_vocab, C.POINTER(llama_token), _i32, C.c_char_p, _i32, _b, _b], _i32),
     "llama_chat_apply_template": ([_s, C.POINTER(llama_chat_message), _sz, _b, C.c_char_p, _i32], _i32),
+    "llama_chat_builtin_templates": ([C.POINTER(_s), _sz], _i32),
     # samplers
     "llama_sampler_chain_init": ([llama_sampler_chain_params], p_sampler),
     "llama_sampler_chain_add": ([p_sampler, p_sampler], None),

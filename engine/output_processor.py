@@ -88,13 +88,14 @@ class OutputProcessor:
         self.generated_tokens += n_sampled
         self.recent.append((time.monotonic(), n_sampled))
         pieces, eog = self.pieces, self.eog
+        self._progress(plan, deliveries)
         for seq, j, got in sampled:
             stream = self.streams.get(seq)
             if seq.seq_id in failed_starts:
                 sched.finish(seq, "error", keep_prefix=False)
                 deliveries.append((stream, final_output(seq, error=buf.message_text() or "could not start sampling")))
                 continue
-            out, reason = Output(token_ids=got), None
+            out, reason = Output(token_ids=got, prompt_tokens=seq.n_prompt, cached_tokens=seq.cached_tokens), None
             generated = seq.n_generated - len(got)
             for s, token in enumerate(got):
                 reason = sched.finish_reason_for(seq, token, generated + s + 1)
@@ -113,11 +114,23 @@ class OutputProcessor:
                 deliveries.append((stream, out))
                 continue
             sched.finish(seq, reason)
+            final = final_output(seq)
             if stream is not None:
                 out.text += stream.text.flush()
-            final = final_output(seq)
+                final.stop_word = stream.text.stop_word
             final.text, final.token_ids, final.logprobs = out.text, out.token_ids, out.logprobs
             deliveries.append((stream, final))
+
+    def _progress(self, plan: StepPlan, deliveries: list) -> None:
+        """The prompt positions computed so far, for the requests that follow their prefill (return_progress):
+        where the prompt starts (its cached part) with its first chunk, then after each chunk."""
+        for row in plan.rows:
+            seq = row.seq
+            if seq.request.progress and row.start < seq.n_prompt and seq.finish_reason is None:
+                done = [row.start + row.count] if row.start > seq.cached_tokens else [seq.cached_tokens,
+                                                                                      row.start + row.count]
+                deliveries += [(self.streams.get(seq), Output(progress=n, prompt_tokens=seq.n_prompt,
+                                                              cached_tokens=seq.cached_tokens)) for n in done]
 
     def _logprob(self, buf: StepBuffer, at: int, token: int, k: int) -> TokenLogprob:
         pieces = self.pieces

@@ -23,7 +23,7 @@ import numpy as np
 from engine.kv_ledger import Span
 
 MIN_SHARED_PREFIX = 16   # fewer common tokens than this are not worth a copy or a wait
-MIN_CACHED_PREFIX = 32   # shorter finished sequences are not kept in the prefix cache
+MIN_CACHED_PREFIX = 32   # shorter finished sequences are not kept in a unified cache (a split one keeps any)
 WAIT = "wait"            # find_source: a running prefill is computing the prefix; wait for it
 
 
@@ -99,6 +99,15 @@ class PrefixCache:
             return False
         self.evict(victim)
         return True
+
+    def held(self, seq_id: int, prompt: np.ndarray, adapters: tuple) -> Source | None:
+        """The prefix entry `seq_id` holds for `prompt`, however short: a split cache's newcomer that gets
+        this entry's stream adopts it without a copy, as llama-server's slot reuses its last prompt."""
+        entry = self.entries.get(seq_id)
+        if entry is None or entry.adapters != adapters:
+            return None
+        shared = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
+        return Source(shared, seq_id, entry.span) if shared > 0 else None
 
     def find_source(self, prompt: np.ndarray, adapters: tuple, running: Iterable) -> Source | None | str:
         """The source sharing the longest prefix with `prompt` among the entries and the `running`

@@ -25,6 +25,8 @@ class Request:
     priority: int | None = None           # higher goes first; None: the tenant's default
     spec_type: str | None = None          # drafting (engine/speculative.py): auto | ngram | none; None: the service's
     spec_draft_max: int | None = None     # at most this many drafted tokens per step; None: the service's
+    progress: bool = False                # report the prompt's prefill as it goes (Output.progress)
+    slot: int = -1                        # llama-server's id_slot: run in this slot (a split cache's stream); -1 any
     id: int = field(default_factory=lambda: next(_ids))
 
 
@@ -44,10 +46,12 @@ class Output:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None      # stop | length | error
+    stop_word: str | None = None          # the stop string that ended it (finish_reason stop, no EOS token)
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    progress: int | None = None           # prompt positions computed so far (Request.progress); no text
 
 
 class Overloaded(RuntimeError):

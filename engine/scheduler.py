@@ -55,7 +55,7 @@ from typing import NamedTuple
 from engine import kv_store
 from engine.fair_queue import FairQueue
 from engine.kv_ledger import KvLedger
-from engine.prefix_cache import WAIT, CacheEntry, Source
+from engine.prefix_cache import MIN_CACHED_PREFIX, WAIT, CacheEntry, Source
 from engine.request import Request
 from engine.sequence import Sequence
 from engine.speculative import Speculator
@@ -116,7 +116,8 @@ class Scheduler:
         if seq.worker is None:
             self.waiting.remove(seq)
             return
-        seq.worker.retire(seq, keep_prefix)
+        # a split cache's idle stream keeps its last sequence at no cost, as llama-server's slot its prompt
+        seq.worker.retire(seq, keep_prefix, MIN_CACHED_PREFIX if self.kv_unified else 1)
         self.waiting.stopped(seq)
 
     def worker_lost(self, w: WorkerState) -> list[Sequence]:
@@ -293,12 +294,17 @@ class Scheduler:
         """(worker, prefix source, sequence id or None for any) for a waiting sequence, or None to keep
         it waiting."""
         best = None  # ((shared, -load, free cells), worker, source)
+        pinned = self.slot(seq.request.slot)
         for w in self.workers:
             if w.index not in plans or len(w.running) >= w.parallel:
                 continue
+            if pinned is not None and (w is not pinned[0] or self.slot_busy(*pinned)):
+                continue  # llama-server's id_slot: that stream, once it is idle
             src = w.cache.find_source(seq.prompt, seq.adapters, w.running)
             if src is WAIT:
                 return None  # its prefill is computing our prefix (or a step in flight is): wait for it
+            if src is None and not self.kv_unified:
+                src = w.cache.held(pinned[1] if pinned else w.lowest_idle_id(), seq.prompt, seq.adapters)
             key = (src.shared if src else 0, -len(w.running), w.free_cells)
             if best is None or key > best[0]:
                 best = (key, w, src)
@@ -316,7 +322,7 @@ class Scheduler:
         w.cache.touch(keep)  # the source is used now: evicted last, and never for this sequence
         # split: the newcomer's stream is the lowest idle one; a cache entry there is adopted when it is
         # the source, else evicted (another source's stream is copied into it)
-        seq_id = None if self.kv_unified else w.lowest_idle_id()
+        seq_id = None if self.kv_unified else pinned[1] if pinned else w.lowest_idle_id()
         adopts = seq_id is not None and seq_id == keep
         if seq_id in w.cache and not adopts:
             w.cache.evict(seq_id)
@@ -350,7 +356,10 @@ class Scheduler:
                 seq.seq_id, seq.span = w.take_id(), w.ledger.share(source.span, shared)
                 plan.ops.append(Op(OpKind.COPY, seq.seq_id, source.seq_id, shared))
             elif source.seq_id == seq_id:  # split: the finished sequence's stream becomes this one's
-                seq.seq_id, seq.span = seq_id, w.cache.adopt(seq_id).span
+                entry = w.cache.adopt(seq_id)
+                if len(entry.tokens) - shared >= kv_store.MIN_TOKENS:
+                    w.store_entry(entry)  # the trim drops a part worth keeping: the store keeps it first
+                seq.seq_id, seq.span = seq_id, entry.span
                 w.ledger.truncate(seq.span, shared)
                 plan.ops.append(Op(OpKind.TRIM, seq.seq_id, n=shared))
             else:  # split: another stream (running or idle), copied whole, then trimmed
@@ -383,6 +392,19 @@ class Scheduler:
         plan.worker.ledger.truncate(entry.span, n)
         entry.tokens = entry.tokens[:n]
         plan.ops.append(Op(OpKind.TRIM, entry.seq_id, n=n))
+
+    # --- slots (llama-server's: a split cache's streams, each a sequence id of a worker) ---
+    def slot(self, slot: int) -> tuple[WorkerState, int] | None:
+        """(worker, sequence id) of a slot number (worker by worker, `parallel` each); None for -1, or when
+        the cache is unified (a sequence there has no stream of its own)."""
+        if slot < 0 or self.kv_unified:
+            return None
+        w = self.workers[slot // self.workers[0].parallel]
+        return w, slot % w.parallel
+
+    @staticmethod
+    def slot_busy(w: WorkerState, seq_id: int) -> bool:
+        return any(s.seq_id == seq_id for s in w.running)
 
     # --- results ---
     def complete(self, plan: StepPlan, samples: list[list[int]]) -> list[tuple[Sequence, int, list[int]]]:

@@ -30,6 +30,17 @@ class OpKind(IntEnum):
     SAVE = 6      # write seq's KV to a store file (payload: its StoreFile) before it is freed
     RESTORE = 7   # seq's KV = the first n positions of a store file's (payload: its StoreFile); computed
                   # from the tokens instead when the file cannot be used (the op then reports failure)
+    SLOT_SAVE = 8  # write seq's KV and tokens to a llama.cpp state file (payload: its SlotFile; /slots)
+    SLOT_LOAD = 9  # seq's KV from a llama.cpp state file (payload: its SlotFile; /slots)
+
+
+class SlotFile(NamedTuple):
+    """A slot's KV file (llama.cpp's sequence state file): where, the tokens it holds, and on the parent's
+    side the future its caller waits on (engine/slots.py)."""
+
+    path: str
+    tokens: tuple[int, ...]
+    done: object = None
 
 
 def start_bytes(params: SamplingParams) -> int:
@@ -87,14 +98,17 @@ class Op(NamedTuple):
     seq: int = -1
     src: int = -1
     n: int = 0
-    payload: SamplerSpec | StoreFile | tuple | None = None
+    payload: SamplerSpec | StoreFile | SlotFile | tuple | None = None
 
     def encode_payload(self) -> bytes | None:
-        """The bytes the op carries in the step's blob (START, ADAPTERS, SAVE, RESTORE), else None."""
+        """The bytes the op carries in the step's blob (START, ADAPTERS, SAVE, RESTORE, SLOT_SAVE,
+        SLOT_LOAD), else None."""
         if self.kind in (OpKind.START, OpKind.SAVE, OpKind.RESTORE):
             return self.payload.to_json()
         if self.kind == OpKind.ADAPTERS:
             return orjson.dumps(self.payload)
+        if self.kind in (OpKind.SLOT_SAVE, OpKind.SLOT_LOAD):
+            return orjson.dumps([self.payload.path, self.payload.tokens])
         return None
 
     @classmethod
@@ -109,6 +123,9 @@ class Op(NamedTuple):
             return cls(kind, seq, payload=SamplerSpec.from_json(bytes(blob[a:a + b])))
         if kind == OpKind.ADAPTERS:
             return cls(kind, seq, payload=tuple((name, scale) for name, scale in orjson.loads(bytes(blob[a:a + b]))))
+        if kind in (OpKind.SLOT_SAVE, OpKind.SLOT_LOAD):
+            path, tokens = orjson.loads(bytes(blob[a:a + b]))
+            return cls(kind, seq, payload=SlotFile(path, tuple(tokens)))
         return cls(kind, seq, a, b)
 
 

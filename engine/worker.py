@@ -196,6 +196,12 @@ class Worker:
             kv_file.write(f.path, f.key, f.adapters, f.tokens, ctx.seq_state(seq))
         elif op.kind == OpKind.RESTORE:
             self.restore(seq, op.payload)
+        elif op.kind == OpKind.SLOT_SAVE:  # a slot's KV to a file (llama-server's /slots)
+            ctx.seq_rm(seq, len(op.payload.tokens), -1)
+            ctx.save_seq_file(op.payload.path, seq, list(op.payload.tokens))
+        elif op.kind == OpKind.SLOT_LOAD:
+            ctx.seq_rm(seq)
+            ctx.load_seq_file(op.payload.path, seq, len(op.payload.tokens))
         elif op.kind == OpKind.ADAPTERS:
             try:
                 self.adapters.apply(ctx, list(op.payload))

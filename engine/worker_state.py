@@ -73,11 +73,12 @@ class WorkerState:
                 return False
         return True
 
-    def retire(self, seq: Sequence, keep_prefix: bool) -> None:
-        """A running sequence ended: its KV becomes a cache entry (the newest stays even beyond the cell
-        budget: a long shared prefix must survive its last user), or is freed by the next step."""
+    def retire(self, seq: Sequence, keep_prefix: bool, min_cached: int = MIN_CACHED_PREFIX) -> None:
+        """A running sequence ended: its KV becomes a cache entry if it has `min_cached` positions (the
+        newest stays even beyond the cell budget: a long shared prefix must survive its last user), or is
+        freed by the next step."""
         self.running.remove(seq)
-        if keep_prefix and self.cache_slots and seq.n_computed >= MIN_CACHED_PREFIX:
+        if keep_prefix and self.cache_slots and seq.n_computed >= min_cached:
             self.cache.keep(CacheEntry(seq.seq_id, np.asarray(seq.tokens[:seq.n_computed], np.int32), seq.span,
                                        seq.adapters))
             while len(self.cache) > 1 and (len(self.cache) > self.cache_slots
@@ -89,15 +90,41 @@ class WorkerState:
     def _evicted(self, entry: CacheEntry) -> None:
         """A cache entry leaves the KV buffer: the store keeps its KV if it is worth keeping (the SAVE op
         goes before the FREE), then its cells are freed."""
+        self.store_entry(entry)
+        self._free(entry.seq_id, entry.span)
+
+    def store_entry(self, entry: CacheEntry) -> None:
+        """The store keeps an entry's KV if it is worth keeping (a SAVE op ahead of this step's others)."""
         target = self.store.save_target(entry) if self.store is not None else None
         if target is not None:
             self.pending_ops.append(Op(OpKind.SAVE, entry.seq_id, payload=target))
-        self._free(entry.seq_id, entry.span)
 
     def save_cache(self) -> None:
         """Evict every cache entry (the service stops): the store keeps what is worth keeping."""
         while self.cache.evict_lru():
             pass
+
+    # --- slots (llama-server's, engine/slots.py): an idle sequence id's KV as a file ---
+    def erase(self, seq_id: int) -> int:
+        """Forget the cache entry of an idle sequence id; the tokens it held."""
+        entry = self.cache.get(seq_id)
+        if entry is None:
+            return 0
+        self.cache.evict(seq_id)
+        return len(entry.tokens)
+
+    def load(self, seq_id: int, op: Op) -> bool:
+        """Make an idle sequence id a cache entry for the tokens of a SLOT_LOAD op's file (the op loads its KV
+        first in the next step); False when the cells cannot be found."""
+        tokens = op.payload.tokens
+        self.erase(seq_id)
+        if not self.make_room(len(tokens)):
+            return False
+        span = self.ledger.new_span()
+        self.ledger.grow(span, len(tokens))
+        self.cache.keep(CacheEntry(self.take_id(seq_id), np.asarray(tokens, np.int32), span))
+        self.pending_ops.append(op)
+        return True
 
     def _free(self, seq_id: int, span: Span) -> None:
         self.ledger.release(span)

@@ -155,9 +155,10 @@ class Run:
                     raise Refusal("unavailable", out.error, code="generation_failed")
                 yield i, out
 
-    def usage(self, finals: list[Output]) -> dict:
-        """The usage object once every choice has finished (its tokens counted in the metrics here, once)."""
-        return self.tracker.usage(len(self.gen.prompt), finals)
+    def usage(self, finals: list[Output], prompt_tokens: int | None = None) -> dict:
+        """The usage object once every choice has finished (its tokens counted in the metrics here, once);
+        `prompt_tokens`: when the requests have prompts of their own (llama-server's several prompts)."""
+        return self.tracker.usage(len(self.gen.prompt) if prompt_tokens is None else prompt_tokens, finals)
 
     async def close(self) -> None:
         if self._outputs is not None:

@@ -25,6 +25,7 @@ from server.profiles import Profile, ProfileError, load_profiles
 from server.sampling_defaults import SamplingDefaults
 from server.settings import ServerSettings
 from server.tenants import Tenants
+from server.web.vertex_routes import vertex_port
 
 log = logging.getLogger("sentiric.server")
 
@@ -65,15 +66,23 @@ def assemble(args) -> Service:
     metrics_port = args.metrics_port if args.metrics_port not in (0, args.port) else 0
     settings = ServerSettings(api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
                               body_timeout=args.body_timeout, max_n=args.max_n, truncate=args.truncate,
-                              reasoning_format=args.reasoning_format, require_tenant=args.require_tenant,
-                              cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+                              reasoning_format=args.reasoning_format, reasoning=args.reasoning,
+                              verbose_answers=args.verbose_answers,
+                              require_tenant=args.require_tenant,
+                              cors_origins=_names(args.cors_origins), cors_headers=args.cors_headers,
                               metrics_on_http_port=not metrics_port,
-                              studio_dir=Path(args.studio_dir), embeddings_only=args.embeddings_only,
-                              adapters=AdapterDir(args.lora_dir, args.lora_cache),
+                              studio_dir=Path(args.studio_dir) if args.studio else None,
+                              embeddings_only=args.embeddings_only, adapters=AdapterDir(args.lora_dir, args.lora_cache),
                               responses=ResponseStore(args.responses_max, int(args.responses_max_mb * 2**20),
-                                                      args.responses_ttl))
+                                                      args.responses_ttl),
+                              metrics=args.metrics, slots=args.slots, props=args.props,
+                              slot_save_path=_directory(args.slot_save_path, "--slot-save-path"),
+                              reranking=args.reranking)
     if min(args.responses_max, args.responses_max_mb, args.responses_ttl) <= 0:
         raise ValueError("--responses-max, --responses-max-mb and --responses-ttl must be above 0")
+    if args.reranking and args.embeddings_pooling not in ("auto", "rank"):
+        raise ValueError(f"--reranking scores with rank pooling; it cannot be combined with --embeddings-pooling "
+                         f"{args.embeddings_pooling}")
     if args.max_models < 1:
         raise ValueError("--max-models must be at least 1")
 
@@ -92,13 +101,36 @@ def assemble(args) -> Service:
             raise
         raise ProfileError(f"profiles file {args.profiles}: profile {active!r}: {exc}") from None
     with_grpc = args.grpc_port and not args.embeddings_only
-    return Service(args.host, args.port, metrics_port, grpc_settings if with_grpc else None, models, settings,
-                   Drain(args.drain_timeout), tenants)
+    return Service(args.host, vertex_port(args.port), metrics_port, grpc_settings if with_grpc else None, models,
+                   settings, Drain(args.drain_timeout), tenants)
 
 
 def _alias(args) -> str:
-    """The model id clients see: --model-alias (a profile's display_name), else the file name."""
-    return args.model_alias or (DEFAULT_ALIAS if not args.model else Path(args.model).name.removesuffix(".gguf"))
+    """The model id clients see: --model-alias (a profile's display_name; of several, the first), else the
+    file name."""
+    return _names(args.model_alias)[0] if args.model_alias else (
+        DEFAULT_ALIAS if not args.model else Path(args.model).name.removesuffix(".gguf"))
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    """A comma separated list of names (aliases, tags)."""
+    return tuple(n.strip() for n in (value or "").split(",") if n.strip())
+
+
+def _directory(path: str | None, flag: str) -> Path | None:
+    if path is None:
+        return None
+    if not Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is not a directory")
+    return Path(path)
+
+
+def _chat_template(args) -> str | None:
+    """--chat-template (Jinja text, or a llama.cpp built-in's name), else the file's text, else None (the
+    model's own)."""
+    if args.chat_template and args.chat_template_file:
+        raise ValueError("give --chat-template or --chat-template-file, not both")
+    return args.chat_template or (Path(args.chat_template_file).read_text() if args.chat_template_file else None)
 
 
 def _build(profile: Profile, flags, settings: ServerSettings, turns: CpuTurns, tenants: Tenants) -> Served:
@@ -121,12 +153,12 @@ def _build(profile: Profile, flags, settings: ServerSettings, turns: CpuTurns, t
         lora_cache=args.lora_cache, tenant_fairness=args.tenant_fairness, tenant_limits=tenants.default,
         tenant_overrides=tenants.overrides,
         spec_type=args.spec_type, spec_draft_max=args.spec_draft_max,
-        chat_template=Path(args.chat_template_file).read_text() if args.chat_template_file else None)
+        chat_template=_chat_template(args))
     embedder_config = EmbedderConfig(
         model_path=str(model_path), ctx_size=args.embeddings_ctx_size,
         threads=args.embeddings_threads or engine_config.threads, processes=args.embeddings_workers,
         n_gpu_layers=engine_config.n_gpu_layers if engine_config.gpu else 0, flash_attn=args.flash_attn,
-        timeout=args.step_timeout)
+        timeout=args.step_timeout, pooling="rank" if args.reranking else args.embeddings_pooling)
     defaults, sources = _sampling_defaults(args, model_path)
     from_model = [name for name, source in sources.items() if source == "model"]
     if from_model:
@@ -136,7 +168,8 @@ def _build(profile: Profile, flags, settings: ServerSettings, turns: CpuTurns, t
         turns = None
     engine = AsyncEngine(engine_config, generation=not args.embeddings_only, turns=turns)
     shaper = settings.shaper(engine, defaults, rag_template=args.rag_template, system_prompt=args.system_prompt)
-    return Served(profile, engine, Embedder(embedder_config, turns), shaper, _alias(args), args.embeddings_only)
+    return Served(profile, engine, Embedder(embedder_config, turns), shaper, _alias(args), args.embeddings_only,
+                  aliases=_names(args.model_alias), tags=_names(args.model_tags))
 
 
 def take_turns(mode: str, engine: EngineConfig, embedder: EmbedderConfig, max_models: int) -> bool:
@@ -152,7 +185,7 @@ def _sampling_defaults(args, model_path: Path) -> tuple[SamplingDefaults, dict[s
     """The flags given, else the GGUF's recommendations, else the built-in values."""
     flags = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
              "repeat_penalty": args.repeat_penalty, "repeat_last_n": args.repeat_last_n,
-             "max_tokens": args.max_tokens}
+             "max_tokens": args.max_tokens, "seed": args.seed}
     with Model(model_path, vocab_only=True) as model:
         recommended = model.recommended_sampling()
     defaults, sources = SamplingDefaults.choose(flags, recommended)

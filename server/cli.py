@@ -1,7 +1,8 @@
 """`sentiric-llama`: the command line. `serve` starts both doors (the OpenAI
 HTTP API and the platform's gRPC service) on one engine (server/serve.py,
-flags in server/flags.py); `client` talks to a running service over gRPC;
-`generate` is the smoke test of the engine alone.
+flags in server/flags.py); `llama-server` is `serve` taking llama.cpp's
+llama-server flags (server/llama_server.py); `client` talks to a running
+service over gRPC; `generate` is the smoke test of the engine alone.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="start the service (see `sentiric-llama serve --help`)", add_help=False)
     sub.add_parser("client", help="talk to a running service over gRPC (see `sentiric-llama client --help`)",
                    add_help=False)
+    sub.add_parser("llama-server", help="start the service with llama.cpp's llama-server flags (-m, -c, -np, ...)",
+                   add_help=False)
     gen = sub.add_parser("generate", help="answer one question greedily with the engine alone (smoke test)")
     gen.add_argument("prompt")
     gen.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1, fetched once)")
@@ -60,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
         return serve(rest)
+    if args.command == "llama-server":
+        from server.llama_server import main as llama_server_main
+        return llama_server_main(rest)
     if args.command == "client":
         from server.client import main as client_main
         return client_main(rest)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from engine.chat_template import TemplateError
 from server.fields import Fields
+from server.reasoning import thinking_off
 from server.refusal import invalid
 from server.tools import ToolUse, history_tool_calls
 
@@ -68,7 +69,7 @@ def _message(f: Fields, i: int, m) -> dict:
                 raise f.error(f"{where}.content", f"has a {kind!r} part at {j}; this model reads text parts only "
                               '({"type": "text", "text": ...})')
             parts.append(part["text"])
-        content = "\n".join(parts)
+        content = "\n\n".join(parts)  # as llama-server joins text parts
     if not isinstance(content, str):
         raise f.error(f"{where}.content", "must be a string or a list of text parts", "invalid_type")
     message = {"role": "system" if role == "developer" else role, "content": content}
@@ -114,17 +115,44 @@ def template_variables(f: Fields) -> dict:
     return kwargs
 
 
-def render(engine, turns: list[dict], tools: ToolUse | None = None, variables: dict | None = None) -> str:
+def prompt(f: Fields, engine, turns: list[dict], tools: ToolUse | None = None, thinking: str = "auto") -> str:
+    """The prompt text of a conversation, as llama-server makes it: a last assistant turn is a prefill the
+    answer continues (continue_final_message; never with add_generation_prompt true), else the template's
+    generation prompt follows unless add_generation_prompt is false. The template's enable_thinking is true
+    unless the server's --reasoning (`thinking`) or the request says off; a model told not to think gets its
+    section closed."""
+    variables = template_variables(f)
+    if variables.get("reasoning_effort") == "none":
+        variables["enable_thinking"] = False
+    variables.setdefault("enable_thinking", thinking != "off")  # llama-server's default: templates may think
+    add_generation_prompt, prefill = f.flag("add_generation_prompt", True), None
+    if turns[-1]["role"] == "assistant" and f.get("continue_final_message") is not False:
+        if f.flag("continue_final_message") and f.get("add_generation_prompt") is True:
+            raise f.error("continue_final_message", "cannot be combined with add_generation_prompt true")
+        if len(turns) > 1 and turns[-2]["role"] == "assistant":
+            raise f.error("messages", "ends with 2 assistant messages: one may be continued, not more")
+        if turns[-1].get("tool_calls"):
+            raise f.error("messages", "ends with an assistant message that calls tools, which cannot be continued")
+        turns, prefill, add_generation_prompt = turns[:-1], turns[-1]["content"], True
+    text = render(engine, turns, tools, variables, add_generation_prompt)
+    if variables.get("enable_thinking") is False and add_generation_prompt:
+        text = thinking_off(text, engine.template.source)
+    return text + (prefill or "")
+
+
+def render(engine, turns: list[dict], tools: ToolUse | None = None, variables: dict | None = None,
+           add_generation_prompt: bool = True) -> str:
     """The prompt text from the model's template. A template that rejects the conversation (a system turn
     after the first, roles that do not alternate, no system role at all) gets it again in a stricter
     shape: see `strict_shapes`."""
     shown = tools.tools if tools is not None and tools.native else None
     try:
-        return engine.render_chat(turns, tools=shown, variables=variables)
+        return engine.render_chat(turns, tools=shown, variables=variables, add_generation_prompt=add_generation_prompt)
     except TemplateError as first:
         for shaped in strict_shapes(turns):
             try:
-                return engine.render_chat(shaped, tools=shown, variables=variables)
+                return engine.render_chat(shaped, tools=shown, variables=variables,
+                                          add_generation_prompt=add_generation_prompt)
             except TemplateError:
                 continue
         raise invalid(str(first), "messages") from None

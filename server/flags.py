@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from engine.embedder import EMBEDDING_POOLINGS
 from server.conversation import DEFAULT_RAG_TEMPLATE
 from server.sampling_defaults import SamplingDefaults
 from server.settings import STUDIO_DIR
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sentiric-llama serve",
                                 description="Serve the OpenAI-compatible HTTP API and the platform's gRPC service.")
     net = p.add_argument_group("network")
-    _option(net, "--host", "LISTEN_ADDRESS", "127.0.0.1", "address both doors listen on")
+    _option(net, "--host", "LISTEN_ADDRESS", "127.0.0.1", "address both doors listen on (several: comma separated)")
     _option(net, "--port", "HTTP_PORT", 16070, "HTTP port (OpenAI API, studio, health)", type=int)
     _option(net, "--grpc-port", "GRPC_PORT", 16071, "gRPC port (sentiric.llm.v1.LlamaService; 0 = off)", type=int)
     _option(net, "--metrics-port", "METRICS_PORT", 0, "serve /metrics on this port only (0 = on the HTTP port)",
@@ -44,9 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     _option(net, "--max-body-mb", "MAX_BODY_MB", 8.0, "largest request body (HTTP) or message (gRPC), in MiB",
             type=float)
     _option(net, "--cors-origins", "CORS_ORIGINS", "", "browser origins allowed to call the HTTP API, comma "
-                                                       "separated ('*' = any; default none)")
+                                                       "separated ('*' = any, 'localhost' = any on this machine; "
+                                                       "default none)")
+    _option(net, "--cors-headers", "CORS_HEADERS", None, "the request headers browsers may send ('*' = any; "
+                                                        "default: what each preflight asks for)")
     _option(net, "--require-tenant", "REQUIRE_TENANT", False, "refuse generation requests without an "
                                                               "x-tenant-id header / metadata", type=bool)
+    _option(net, "--metrics", "METRICS", True, "serve /metrics (--no-metrics: it answers 501)", type=bool)
+    _option(net, "--slots", "SLOTS", True, "GET /slots and POST /slots/{id} (--no-slots: they answer 501)", type=bool)
+    _option(net, "--props", "PROPS", False, "POST /props may change the server's settings at run time", type=bool)
+    _option(net, "--studio", "STUDIO", True, "serve the developer studio at /studio/ (and / redirecting there)",
+            type=bool)
     _option(net, "--drain-timeout", "DRAIN_TIMEOUT", 120.0, "on SIGTERM, seconds the running requests get to "
                                                            "finish while new ones are refused (503 / UNAVAILABLE); "
                                                            "what still runs then ends with an error", type=float)
@@ -78,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     _option(model, "--model", "MODEL_PATH", None, "GGUF file; default SmolLM2-135M-Instruct Q4_1, fetched once")
     _option(model, "--model-alias", "MODEL_ALIAS", None, "model id shown in /v1/models and responses "
-                                                         "(default: the file name without .gguf)")
+                                                         "(default: the file name without .gguf); comma "
+                                                         "separated: the first is the id, all are its aliases")
+    _option(model, "--model-tags", "MODEL_TAGS", None, "tags shown with the model in /v1/models, comma separated")
+    _option(model, "--chat-template", "CHAT_TEMPLATE", None, "a chat template used instead of the one in the "
+                                                         "GGUF: Jinja text, or the name of one of llama.cpp's "
+                                                         "built-in formats (chatml, llama3, ...)")
     _option(model, "--chat-template-file", "CHAT_TEMPLATE_FILE", None, "a Jinja chat template used instead of the "
                                                                    "one in the GGUF")
     _option(model, "--n-gpu-layers", "GPU_LAYERS", -1, "layers offloaded to the GPU in a CUDA build (-1 = all)",
@@ -108,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "auto: when generation runs on the CPU and the threads of "
                                                      "the models and embeddings together can exceed the cores",
             choices=["auto", "on", "off"])
+    _option(eng, "--slot-save-path", "SLOT_SAVE_PATH", None, "directory where POST /slots/{id}?action=save|restore "
+                                                             "keeps a sequence's KV state (no directory: refused)")
     _option(eng, "--kv-unified", "KV_UNIFIED", False, "one KV buffer shared by all sequences (any one may use "
                                                       "all of it; every sequence attends over every used cell) "
                                                       "instead of a stream of ctx-size / parallel cells each",
@@ -174,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(0 = --threads)", type=int)
     _option(emb, "--embeddings-workers", "EMBEDDINGS_WORKERS", 1, "embedding processes (a batch goes to a free one)",
             type=int)
+    _option(emb, "--embeddings-pooling", "EMBEDDINGS_POOLING", "auto", "how an input's token vectors become one "
+                                                                        "(auto: what the model declares, else "
+                                                                        "mean; none: one vector per token, on "
+                                                                        "/embeddings only)",
+            choices=["auto", *EMBEDDING_POOLINGS])
+    _option(emb, "--reranking", "RERANKING", False, "serve /rerank and /v1/rerank: the embedding processes score "
+                                                    "query-document pairs with the model's rank head", type=bool)
     d = SamplingDefaults()
     smp = p.add_argument_group("sampling defaults", "for every field a request leaves out, HTTP and gRPC alike: "
                                "a flag wins, else what the model's GGUF recommends (general.sampling.*), else the "
@@ -187,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"repeat penalty, 1 = off (built-in {d.repeat_penalty})", type=float)
     _option(smp, "--repeat-last-n", "DEFAULT_REPEAT_LAST_N", None,
             f"tokens the penalties look back at (built-in {d.repeat_last_n})", type=int)
+    _option(smp, "--seed", "DEFAULT_SEED", None, "seed of the requests that set none (default: a random one each)",
+            type=int)
     _option(smp, "--max-tokens", "DEFAULT_MAX_TOKENS", None, f"tokens per answer when a request sets no max_tokens; "
                                                              f"0 = until the context is full (built-in {d.max_tokens})",
             type=int)
@@ -203,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "goes to reasoning_content; none: kept in content "
                                                                   "(a request's reasoning_format wins)",
             choices=["auto", "none"])
+    _option(req, "--reasoning", "REASONING", "auto", "whether thinking models think: templates get enable_thinking "
+                                                     "true (auto, on) or false (off: a thinking section the "
+                                                     "template opens is closed at once); a request's "
+                                                     "chat_template_kwargs enable_thinking or reasoning_effort none "
+                                                     "wins", choices=["auto", "on", "off"])
+    _option(req, "--verbose-answers", "VERBOSE_ANSWERS", False, "every chat and completion answer carries "
+                                                                 "__verbose (the prompt as text), as with "
+                                                                 "llama-server's --verbose (a request's verbose "
+                                                                 "asks for it alone)", type=bool)
     _option(req, "--studio-dir", "STUDIO_DIR", str(STUDIO_DIR), "the developer studio served at /studio/")
     logs = p.add_argument_group("logging")
     _option(logs, "--log-format", "LOG_FORMAT", "text", "text lines (stderr) or the platform's JSON schema, one "

@@ -22,7 +22,8 @@ INT32_MAX = 2**31 - 1
 
 def sampling(f: Fields, defaults: SamplingDefaults, engine, tools: ToolUse | None = None) -> SamplingParams:
     """Sampling settings: the request's values, the server's defaults for the rest; checked by the
-    engine (a token outside the vocabulary)."""
+    engine (a token outside the vocabulary). logit_bias takes llama-server's forms too (text keys are
+    tokenized without special tokens)."""
     d = defaults
     last_n = f.number("repeat_last_n", d.repeat_last_n, lo=-1, hi=INT32_MAX, integer=True)
     constraint = grammar(f)
@@ -45,8 +46,8 @@ def sampling(f: Fields, defaults: SamplingDefaults, engine, tools: ToolUse | Non
         frequency_penalty=f.number("frequency_penalty", 0.0, lo=-2, hi=2),
         # no further back than the context: llama.cpp allocates a ring of penalty_last_n tokens per sequence
         penalty_last_n=engine.n_ctx if last_n == -1 else min(last_n, engine.n_ctx),
-        seed=f.number("seed", None, integer=True),  # llama.cpp takes 32 bits: each choice's seed is masked
-        logit_bias=logit_bias(f),
+        seed=f.number("seed", d.seed, integer=True),  # llama.cpp takes 32 bits: each choice's seed is masked
+        logit_bias=logit_bias(f, lambda text: engine.tokenize(text, add_special=False, parse_special=False)),
         grammar=constraint,
     )
     try:
@@ -85,21 +86,39 @@ def stop(f: Fields) -> list[str]:
     return [s for s in value if s]
 
 
-def logit_bias(f: Fields) -> dict[int, float] | None:
+def logit_bias(f: Fields, tokenize=None) -> dict[int, float] | None:
+    """OpenAI's {token id: bias}, bias in [-100, 100]. With the model's `tokenize` also llama-server's forms:
+    keys that are text (the bias applies to each of its tokens) and [[token id or text, bias], ...], a bias
+    of false banning the tokens."""
     bias = f.get("logit_bias")
     if not bias:
         return None
-    if not isinstance(bias, dict):
+    if isinstance(bias, list) and tokenize is not None:
+        if not all(isinstance(pair, list) and len(pair) == 2 for pair in bias):
+            raise f.error("logit_bias", "must be a list of [token id or text, bias] pairs", "invalid_type")
+        pairs = [(key, value, f"{f.label('logit_bias')}[{i}]") for i, (key, value) in enumerate(bias)]
+    elif isinstance(bias, dict):
+        pairs = [(key, value, f"{f.label('logit_bias')}.{key}") for key, value in bias.items()]
+    else:
         raise f.error("logit_bias", "must be an object mapping token ids to a bias in [-100, 100]", "invalid_type")
-    entries = f.nested("logit_bias")
     out = {}
-    for key in bias:
-        try:
-            token = int(key)
-        except ValueError:
-            raise f.error("logit_bias", f"has the key {key!r}, which is not a token id") from None
-        out[token] = entries.number(key, 0.0, lo=-100, hi=100)
+    for key, value, label in pairs:
+        value = -100.0 if value is False else Fields({"bias": value}, lambda _: label).number("bias", 0.0, lo=-100,
+                                                                                             hi=100)
+        for token in _bias_tokens(f, key, tokenize):
+            out[token] = value
     return out
+
+
+def _bias_tokens(f: Fields, key, tokenize) -> list[int]:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return [key]
+    if isinstance(key, str):
+        if key.lstrip("-").isdigit():
+            return [int(key)]
+        if tokenize is not None:
+            return tokenize(key)
+    raise f.error("logit_bias", f"has the key {key!r}, which is not a token id")
 
 
 def grammar(f: Fields) -> str | None:

@@ -49,12 +49,14 @@ _FIELDS = {"max_tokens": "params.max_new_tokens", "temperature": "params.tempera
            "lora_adapter": "lora_adapter_id"}
 
 # each refusal kind's status code
-CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "too_long": grpc.StatusCode.INVALID_ARGUMENT,
+         "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
          "not_found": grpc.StatusCode.NOT_FOUND, "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
          "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED, "unprocessable": grpc.StatusCode.FAILED_PRECONDITION,
          "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED, "loading": grpc.StatusCode.UNAVAILABLE,
          "switching": grpc.StatusCode.UNAVAILABLE, "draining": grpc.StatusCode.UNAVAILABLE,
-         "unavailable": grpc.StatusCode.UNAVAILABLE, "internal": grpc.StatusCode.INTERNAL}
+         "unavailable": grpc.StatusCode.UNAVAILABLE, "not_supported": grpc.StatusCode.UNIMPLEMENTED,
+         "internal": grpc.StatusCode.INTERNAL}
 
 
 def chat_body(request: llama_pb2.GenerateStreamRequest) -> tuple[dict, callable]:
@@ -218,6 +220,11 @@ class GrpcSettings:
                                            root_certificates=ca, require_client_auth=ca is not None)
 
 
+def listen_hosts(host: str) -> list[str]:
+    """The addresses of --host (comma separated)."""
+    return [h.strip() for h in host.split(",") if h.strip()]
+
+
 class GrpcDoor:
     """The gRPC server: LlamaService, health (NOT_SERVING until the model is ready) and reflection."""
 
@@ -241,15 +248,16 @@ class GrpcDoor:
     async def start(self) -> None:
         """Listen (raises OSError when the address cannot be bound) and report NOT_SERVING."""
         s = self.settings
-        address = f"{s.host}:{s.port}"
         credentials = s.credentials()
-        try:
-            if credentials is None:
-                self.server.add_insecure_port(address)
-            else:
-                self.server.add_secure_port(address, credentials)
-        except RuntimeError:
-            raise OSError(f"cannot listen on {address} (in use, or not an address of this machine)") from None
+        for host in listen_hosts(s.host):
+            address = f"[{host}]:{s.port}" if ":" in host else f"{host}:{s.port}"
+            try:
+                if credentials is None:
+                    self.server.add_insecure_port(address)
+                else:
+                    self.server.add_secure_port(address, credentials)
+            except RuntimeError:
+                raise OSError(f"cannot listen on {address} (in use, or not an address of this machine)") from None
         await self.server.start()
         await self.set_serving(False)
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from engine import logs
+from server.llamacpp_metrics import LlamaCppMetrics
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -49,12 +50,14 @@ class Metrics:
                                       "adapter set", ["profile", "adapter"], registry=r)
         self.embedding_inputs = Counter("sentiric_embedding_inputs", "Inputs embedded (/v1/embeddings)", registry=r)
         self.embedding_tokens = Counter("sentiric_embedding_tokens", "Input tokens embedded", registry=r)
+        self.llamacpp = LlamaCppMetrics(engine)
         r.register(_EngineCollector(engine))
         if embedder is not None:
             r.register(_EmbedderCollector(embedder))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The service's series, then llama-server's (llamacpp:*) for the tools that read those."""
+        return generate_latest(self.registry) + self.llamacpp.render().encode()
 
 
 class _EngineCollector:
@@ -182,6 +185,7 @@ class RequestTracker:
     def __init__(self, metrics: Metrics, n: int = 1, adapters: tuple = (), profile: str = ""):
         self.metrics = metrics
         self.start = time.perf_counter()
+        self.first: list[float | None] = [None] * n  # each choice's first token: its prompt was done
         self.last: list[float | None] = [None] * n
         self.unfinished = n
         self.labels = (profile, "+".join(name for name, _ in adapters) or "base")
@@ -196,8 +200,10 @@ class RequestTracker:
                 gap = (now - self.last[i]) / len(out.token_ids)
                 for _ in out.token_ids:
                     self.metrics.inter_token.observe(gap)
-            elif all(t is None for t in self.last):
-                self.metrics.ttft.observe(now - self.start)
+            else:
+                self.first[i] = now
+                if all(t is None for t in self.last):
+                    self.metrics.ttft.observe(now - self.start)
             self.last[i] = now
         if out.finish_reason:
             self.unfinished -= 1
@@ -214,5 +220,24 @@ class RequestTracker:
         self.metrics.llm_tokens.inc(completion)
         self.metrics.adapter_tokens.labels(*self.labels).inc(completion)
         self.metrics.cached_tokens.inc(cached)
+        for i, final in enumerate(finals):
+            self.metrics.llamacpp.finished(self.timings(i, final, final.completion_tokens))
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def timings(self, i: int, out, generated: int) -> dict:
+        """llama-server's `timings` of choice i as of `out` (any output: its counts go with every one):
+        the prompt tokens computed (not from the prefix cache) and the time until the first token, the
+        tokens generated and the time since. The first token comes with the prompt's last decode, so the
+        rate counts the decodes after it."""
+        processed = (out.progress if out.progress is not None else out.prompt_tokens) - out.cached_tokens
+        first, last = self.first[i], self.last[i]
+        prompt_ms = ((first or time.perf_counter()) - self.start) * 1000 if processed > 0 else 0.0
+        predicted_ms = max((last - first) * 1000, 1e-3) if first is not None and generated else 0.0
+        steps = max(0, generated - 1)
+        return {"cache_n": out.cached_tokens, "prompt_n": processed, "prompt_ms": prompt_ms,
+                "prompt_per_token_ms": prompt_ms / processed if processed > 0 else 0.0,
+                "prompt_per_second": 1e3 / prompt_ms * processed if prompt_ms > 0 else 0.0,
+                "predicted_n": generated, "predicted_ms": predicted_ms,
+                "predicted_per_token_ms": predicted_ms / steps if steps else 0.0,
+                "predicted_per_second": 1e3 / predicted_ms * steps if predicted_ms > 0 and steps else 0.0}

@@ -43,6 +43,8 @@ class Served:
     shaper: Shaper
     alias: str              # the model id clients see
     embeddings_only: bool = False
+    aliases: tuple[str, ...] = ()  # every name the model answers to (--model-alias a,b), the id first
+    tags: tuple[str, ...] = ()     # --model-tags
     active: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 

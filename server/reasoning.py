@@ -10,13 +10,27 @@ from __future__ import annotations
 
 from engine.detokenizer import partial_suffix
 
-TAGS = {"<think>": "</think>", "<thinking>": "</thinking>"}
+TAGS = {"<think>": "</think>", "<thinking>": "</thinking>", "<|START_THINKING|>": "<|END_THINKING|>"}
 
 
 def opened_by_prompt(prompt: str) -> str | None:
     """The closing tag to wait for when the rendered prompt ends inside a thinking section."""
     tail = prompt.rstrip()
     return next((close for open_, close in TAGS.items() if tail.endswith(open_)), None)
+
+
+def thinking_off(prompt: str, template: str | None) -> str:
+    """The prompt of a thinking model told not to think (llama-server's --reasoning off): a section the
+    template opened is closed at once, and a template that thinks but opened none gets an empty one,
+    unless it already wrote one (Qwen3 does, for enable_thinking false)."""
+    tail = prompt.rstrip()
+    close = opened_by_prompt(prompt)
+    if close:
+        return prompt + close
+    opening = next((o for o in TAGS if template and o in template), None)
+    if opening is None or tail.endswith(TAGS[opening]):
+        return prompt
+    return prompt + opening + TAGS[opening]
 
 
 class ReasoningSplitter:

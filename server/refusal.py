@@ -11,6 +11,7 @@ from __future__ import annotations
 # the kinds of refusal, and what each means to a client
 KINDS = {
     "invalid": "the request is wrong: the message says what would be accepted",
+    "too_long": "the prompt does not fit the model's context (the refusal's details say both sizes)",
     "unauthenticated": "the API key is missing or wrong",
     "not_found": "the request names a model, profile or adapter the service does not have",
     "timeout": "the request did not arrive in time",
@@ -21,6 +22,7 @@ KINDS = {
     "switching": "a model switch did not end in time: retry shortly",
     "draining": "the service is shutting down: another replica will answer",
     "unavailable": "the model cannot serve now (not ready, a failed generation, a profile that did not load)",
+    "not_supported": "the service was started without this feature (the message names the flag)",
     "internal": "a bug: it has been logged",
 }
 INTERNAL_MESSAGE = "Internal server error; it has been logged."
@@ -29,14 +31,15 @@ INTERNAL_MESSAGE = "Internal server error; it has been logged."
 class Refusal(Exception):
     """A request the service refuses, with a message the client can act on. `param` names the field as
     the client spelled it, `code` is the machine-readable reason (OpenAI's error `code`), `retry_after`
-    the seconds after which a retry may succeed."""
+    the seconds after which a retry may succeed, `details` further machine-readable fields."""
 
     def __init__(self, kind: str, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None):
+                 retry_after: int | None = None, details: dict | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown refusal kind {kind!r}")
         super().__init__(message)
         self.kind, self.message, self.param, self.code, self.retry_after = kind, message, param, code, retry_after
+        self.details = details or {}
 
     def __repr__(self) -> str:
         return f"Refusal({self.kind!r}, {self.message!r}, param={self.param!r}, code={self.code!r})"

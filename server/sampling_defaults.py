@@ -18,6 +18,7 @@ class SamplingDefaults:
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
     max_tokens: int | None = 1024  # a looping model must not run to the end of a 16k context
+    seed: int | None = None        # None: each request that sets no seed gets a random one
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -17,7 +17,7 @@ from server.assembly import Service, assemble
 from server.banner import announce
 from server.drain import Drain
 from server.flags import build_parser
-from server.grpc_service import GrpcDoor, LlamaService
+from server.grpc_service import GrpcDoor, LlamaService, listen_hosts
 from server.metrics import Metrics
 from server.web.app import create_app, create_metrics_app
 
@@ -61,7 +61,8 @@ async def run(service: Service) -> int:
         for runner, at in sites:
             await runner.setup()
             try:
-                await web.TCPSite(runner, service.host, at).start()
+                hosts = listen_hosts(service.host)
+                await web.TCPSite(runner, hosts if len(hosts) > 1 else hosts[0], at).start()
             except OSError as exc:
                 raise OSError(f"cannot listen on {service.host}:{at}: {exc.strerror or exc}") from None
         if service.grpc is not None:

@@ -209,15 +209,20 @@ def test_a_killed_embedding_process_fails_its_requests_then_is_replaced(server):
     thread.join(30)
     assert_error(result["r"], 503, "server_unavailable_error", "crashed", "retry")
     assert result["r"][1]["error"]["code"] == "embeddings_unavailable"
+    status, health = server.get("/health")
+    assert status == 200  # generation serves on; /health says the embedding pool cannot until it restarts
+    assert json.loads(health)["embeddings"]["status"] == "failed"
+    assert "crashed" in json.loads(health)["embeddings"]["error"]
     assert len(embed(server.base_url, {"input": TEXTS})["data"]) == len(TEXTS)
+    assert json.loads(server.get("/health")[1])["embeddings"] == {"status": "ready", "error": None}
     after = server.stats()["embeddings"]
     assert after["restarts"] == before["restarts"] + 1 and after["pids"] != [pid]
-    assert server.get("/health")[0] == 200  # generation never noticed
     assert "sentiric_embedding_restarts_total" in server.metrics()
 
 
 def test_embeddings_only(start_server):
-    service = start_server("--embeddings-only", "--truncate", "--embeddings-ctx-size", "64", "--ctx-size", "512")
+    # 300 is no multiple of the 256 sequences an embedding decode may pack: llama.cpp's mean pooling asserted
+    service = start_server("--embeddings-only", "--truncate", "--embeddings-ctx-size", "300", "--ctx-size", "512")
     status, health = service.get("/health")
     health = json.loads(health)
     assert status == 200 and service.get("/v1/models")[0] == 200
@@ -229,13 +234,18 @@ def test_embeddings_only(start_server):
     for path in ("/v1/chat/completions", "/v1/completions"):
         assert_error(post(service.base_url, path, {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}),
                      400, "invalid_request_error", "--embeddings-only")
-    long_ids = list(range(1000, 1100))
-    reply = embed(service.base_url, {"input": [long_ids, long_ids[:64]]})  # --truncate keeps the first 64
-    assert reply["usage"]["prompt_tokens"] == 128
+    long_ids = list(range(1000, 1400))
+    reply = embed(service.base_url, {"input": [long_ids, long_ids[:300]]})  # --truncate keeps the first 300
+    assert reply["usage"]["prompt_tokens"] == 600
     a, b = vectors(reply)
     assert cos(a, b) > 0.9999
     metrics = service.metrics()
-    assert "sentiric_embedding_inputs_total 2.0" in metrics and "sentiric_embedding_tokens_total 128.0" in metrics
+    assert "sentiric_embedding_inputs_total 2.0" in metrics and "sentiric_embedding_tokens_total 600.0" in metrics
+    os.kill(stats["embeddings"]["pids"][0], signal.SIGKILL)  # no process that can serve: not healthy
+    deadline = time.monotonic() + 10
+    while service.get("/health")[0] == 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.get("/health")[0] == 503
 
 
 def test_vectors_agree_with_llama_server(server, tmp_path):

@@ -16,21 +16,38 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture(scope="module")
-def fuzzed(start_server):
-    """A service of its own (answers 8 tokens unless asked, at most 2 choices) so a fuzzed request stays cheap."""
-    return start_server("--parallel", "4", "--ctx-size", "4096", "--max-tokens", str(MAX_TOKENS), "--max-n", "2")
+def fuzzed(start_server, tmp_path_factory):
+    """A service of its own (answers 8 tokens unless asked, at most 2 choices) so a fuzzed request stays cheap,
+    with llama-server's optional routes on (POST /props, slot files)."""
+    return start_server("--parallel", "4", "--ctx-size", "4096", "--max-tokens", str(MAX_TOKENS), "--max-n", "2",
+                        "--props", "--slot-save-path", str(tmp_path_factory.mktemp("slots")))
+
+
+@pytest.fixture(scope="module")
+def reranker(start_server):
+    """--reranking turns the embedding pool to rank pooling, without generation: /rerank is fuzzed there."""
+    return start_server("--embeddings-only", "--reranking", "--ctx-size", "512")
 
 
 @pytest.fixture(scope="module")
 def api(fuzzed):
-    spec = schemathesis.openapi.from_url(fuzzed.base_url + "/openapi.json")
-    spec.config.update(base_url=fuzzed.base_url)
+    return openapi_of(fuzzed)
+
+
+@pytest.fixture(scope="module")
+def rerank_api(reranker):
+    return openapi_of(reranker)
+
+
+def openapi_of(service):
+    spec = schemathesis.openapi.from_url(service.base_url + "/openapi.json")
+    spec.config.update(base_url=service.base_url)
 
     @spec.hook
     def map_body(context, body):
         """Caps what a body asks to generate (see MAX_TOKENS); wrong types and ranges stay as generated."""
         if isinstance(body, dict):
-            for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+            for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict"):
                 value = body.get(name)
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_TOKENS:
                     body[name] = MAX_TOKENS
@@ -44,8 +61,11 @@ def restarts(fuzzed):
 
 
 # every valid POST /v1/hardware/config reloads the model (and a fuzzed context of 10^6 cells would allocate
-# gigabytes): tests/test_profiles.py covers that route; its GET and the other routes are fuzzed
-schema = schemathesis.pytest.from_fixture("api").exclude(path="/v1/hardware/config", method="POST")
+# gigabytes): tests/test_profiles.py covers that route; its GET and the other routes are fuzzed. The rerank
+# routes answer 501 without --reranking: they are fuzzed on the reranker (one of them: the four are one handler)
+schema = schemathesis.pytest.from_fixture("api").exclude(path="/v1/hardware/config", method="POST").exclude(
+    path_regex="rerank")
+reranking = schemathesis.pytest.from_fixture("rerank_api").include(path="/rerank", method="POST")
 
 
 @pytest.mark.slow
@@ -54,6 +74,13 @@ schema = schemathesis.pytest.from_fixture("api").exclude(path="/v1/hardware/conf
 def test_every_operation_answers_as_documented(case, fuzzed, restarts):
     case.call_and_validate(checks=CHECKS, timeout=30)
     assert fuzzed.stats()["worker_restarts"] == restarts
+
+
+@pytest.mark.slow
+@reranking.parametrize()
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_rerank_answers_as_documented(case):
+    case.call_and_validate(checks=CHECKS, timeout=30)
 
 
 def test_no_worker_was_restarted(fuzzed, restarts):

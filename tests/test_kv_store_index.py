@@ -160,3 +160,26 @@ def test_the_scheduler_saves_what_it_evicts_and_restores_a_stored_prefix(disk_st
     restore = next(op for op in ops if op.kind == OpKind.RESTORE)
     assert len(restore.payload.tokens) == 300 and np.array_equal(restore.payload.tokens, doc)
     assert [op.kind for op in ops].index(OpKind.RESTORE) < [op.kind for op in ops].index(OpKind.START)
+
+
+def test_a_stream_adopted_for_a_short_common_prefix_is_saved_before_its_trim(disk_store):
+    """A split cache's idle stream is reused for any common prefix (llama-server's slot keeps its last
+    prompt); what the trim drops is saved first when it is worth keeping."""
+    w = WorkerState(0, n_ctx=4096, parallel=1, cache_slots=1, n_ctx_seq=4096, n_ids=1, store=disk_store)
+    w.alive = True
+    sched = Scheduler([w], max_waiting=8, step_tokens=512, reserve_cap=256, kv_unified=False, store=disk_store)
+    head = tokens(8, 7)  # a chat template's few tokens in common
+
+    def run(prompt):
+        seq = sched.add(Request(prompt=list(prompt), sampling=SamplingParams(temperature=0), max_tokens=1))
+        plans = sched.plan()
+        for row in plans[0].rows:
+            seq.n_computed = row.start + row.count
+        sched.finish(seq, "stop")
+        return seq, plans[0].ops
+
+    run(np.concatenate([head, tokens(300, 1)]))
+    seq, ops = run(np.concatenate([head, tokens(300, 2)]))
+    assert seq.cached_tokens == 8  # the stream's first 8 positions are reused
+    kinds = [op.kind for op in ops]
+    assert kinds[:2] == [OpKind.SAVE, OpKind.TRIM] and len(ops[0].payload.tokens) == 308

@@ -19,7 +19,8 @@ def test_every_kind_has_an_http_status_and_a_grpc_code():
                 "too_large": (413, "RESOURCE_EXHAUSTED"), "unprocessable": (422, "FAILED_PRECONDITION"),
                 "overloaded": (429, "RESOURCE_EXHAUSTED"), "loading": (503, "UNAVAILABLE"),
                 "switching": (503, "UNAVAILABLE"), "draining": (503, "UNAVAILABLE"),
-                "unavailable": (503, "UNAVAILABLE"), "internal": (500, "INTERNAL")}
+                "unavailable": (503, "UNAVAILABLE"), "internal": (500, "INTERNAL"),
+                "too_long": (400, "INVALID_ARGUMENT"), "not_supported": (501, "UNIMPLEMENTED")}
     assert {kind: (STATUS[kind], CODES[kind].name) for kind in KINDS} == expected
 
 
@@ -35,6 +36,8 @@ def test_a_refusal_is_an_openai_error_object_over_http():
     types = {kind: orjson.loads(refusal_response(Refusal(kind, "m")).body)["error"]["type"] for kind in KINDS}
     assert types["not_found"] == "not_found_error" and types["unauthenticated"] == "authentication_error"
     assert types["draining"] == types["loading"] == "server_unavailable_error" and types["internal"] == "server_error"
+    # llama-server's types: a prompt longer than the context, a feature the server was started without
+    assert types["too_long"] == "exceed_context_size_error" and types["not_supported"] == "not_supported_error"
 
 
 def test_on_anthropics_routes_a_refusal_is_its_error_object_and_a_full_queue_its_529():
@@ -48,7 +51,8 @@ def test_on_anthropics_routes_a_refusal_is_its_error_object_and_a_full_queue_its
         "too_large": (413, "request_too_large"), "unprocessable": (422, "invalid_request_error"),
         "overloaded": (529, "overloaded_error"), "loading": (503, "overloaded_error"),
         "switching": (503, "overloaded_error"), "draining": (503, "overloaded_error"),
-        "unavailable": (503, "overloaded_error"), "internal": (500, "api_error")}
+        "unavailable": (503, "overloaded_error"), "internal": (500, "api_error"),
+        "too_long": (400, "invalid_request_error"), "not_supported": (501, "api_error")}
     assert all(set(orjson.loads(r.body)) == {"type", "error"} for r in answers.values())
 
 

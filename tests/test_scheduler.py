@@ -6,7 +6,7 @@ from engine.kv_ledger import KvLedger
 from engine.request import Overloaded, Request
 from engine.prefix_cache import MIN_CACHED_PREFIX
 from engine.scheduler import Scheduler
-from engine.step import PENDING_TOKEN, Op, OpKind
+from engine.step import PENDING_TOKEN, Op, OpKind, SlotFile
 from engine.worker_state import WorkerState
 
 OP_START, OP_FREE, OP_COPY, OP_TRIM = OpKind.START, OpKind.FREE, OpKind.COPY, OpKind.TRIM
@@ -481,3 +481,37 @@ def test_a_step_starts_only_the_grammars_its_payload_holds():
     assert all(s.worker is not None for s in seqs[:2 * fits])
     with pytest.raises(ValueError, match="fit a decode step"):  # one that could never start is refused
         sched.add(Request(prompt=[1, 2], sampling=SamplingParams(grammar="x" * (PAYLOAD_BYTES // 2))))
+
+
+def test_split_kv_slots_keep_their_last_sequence_and_can_be_pinned():
+    """As llama-server's slots: a split cache's idle stream keeps its last sequence however short, the
+    next request that gets the stream reuses its prefix without a copy, and id_slot runs a request in
+    a given stream (waiting while it is busy)."""
+    state = WorkerState(0, 4096, 2, 2, n_ctx_seq=2048, n_ids=2)
+    state.alive = True
+    sched = Scheduler([state], max_waiting=8, step_tokens=512, reserve_cap=64, kv_unified=False)
+    short = [7, 8, 9, 10, 11]
+    a = sched.add(Request(prompt=short, max_tokens=2, slot=1))
+    run_step(sched)
+    assert a.seq_id == 1  # pinned, though 0 is free
+    run_step(sched)
+    sched.finish(a, "length")
+    assert list(state.cache) == [1] and len(state.cache[1].tokens) == a.n_computed < MIN_CACHED_PREFIX
+    b = sched.add(Request(prompt=short + [12], max_tokens=2, slot=1))
+    plans, _ = run_step(sched)
+    assert b.seq_id == 1 and b.cached_tokens == len(short)  # the stream's own prefix: trimmed, not copied
+    assert [(op.kind, op.seq) for op in plans[0].ops if op.kind != OP_START] == [(OP_TRIM, 1)]
+    c = sched.add(Request(prompt=[1, 2, 3], max_tokens=2, slot=1))
+    plans, _ = run_step(sched)
+    assert c.worker is None and c in sched.waiting  # slot 1 is busy: c waits for it
+    assert sched.slot(1) == (state, 1) and sched.slot(-1) is None
+
+
+def test_a_slot_loads_a_file_s_tokens_as_a_cache_entry():
+    state = WorkerState(0, 4096, 2, 2, n_ctx_seq=2048, n_ids=2)
+    state.alive = True
+    load = Op(OpKind.SLOT_LOAD, 0, payload=SlotFile("/tmp/x.bin", tuple(range(100, 140))))
+    assert state.load(0, load) and state.cache[0].tokens.tolist() == list(range(100, 140))
+    assert state.pending_ops == [load] and state.ledger.used == 40 and 0 not in state.free_ids
+    assert state.erase(0) == 40 and 0 not in state.cache
+    assert (OP_FREE, 0) in [(op.kind, op.seq) for op in state.pending_ops]

@@ -110,6 +110,9 @@ def test_prompt_longer_than_context_names_both_numbers(server):
     long_text = "word " * 9000
     code, body, _ = post(server.base_url, "/v1/chat/completions", {"messages": [{"role": "user", "content": long_text}]})
     assert code == 400 and body["error"]["code"] == "context_length_exceeded"
+    # llama-server's type and fields: the prompt's tokens and the context a sequence has
+    assert body["error"]["type"] == "exceed_context_size_error"
+    assert body["error"]["n_ctx"] == 4096 and body["error"]["n_prompt_tokens"] > 4096
     message = body["error"]["message"]
     numbers = [int(w) for w in message.replace(",", " ").split() if w.isdigit()]
     assert 4096 in numbers and any(n > 4096 for n in numbers), message

@@ -6,7 +6,7 @@ import pytest
 from engine.request import Request
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
-from engine.step import PENDING_TOKEN, Op, OpKind, SamplerSpec, StepPlan
+from engine.step import PENDING_TOKEN, Op, OpKind, SamplerSpec, SlotFile, StepPlan
 from engine.transport import StepBuffer
 from engine.worker_state import WorkerState
 
@@ -26,7 +26,9 @@ def test_every_op_kind_round_trips(buf):
                        ignore_eos=True)
     ops = [Op(OpKind.FREE, 4), Op(OpKind.COPY, 2, src=1, n=30), Op(OpKind.START, 2, payload=spec),
            Op(OpKind.TRIM, 1, n=12), Op(OpKind.ADAPTERS, payload=(("legal", 0.5), ("tone", 1.0))),
-           Op(OpKind.START, 3, payload=SamplerSpec(SamplingParams(), -1, False, history=(9, 8, 7)))]
+           Op(OpKind.START, 3, payload=SamplerSpec(SamplingParams(), -1, False, history=(9, 8, 7))),
+           Op(OpKind.SLOT_SAVE, 1, payload=SlotFile("/tmp/slot.bin", (5, 6, 7))),
+           Op(OpKind.SLOT_LOAD, 0, payload=SlotFile("/x", ()))]
     buf.write(StepPlan(worker=None, ops=ops), step_id=7)
     assert list(buf.header) == [0, len(ops), int(buf.header[2]), 7, 1, 1]
     read = [buf.read_op(i) for i in range(int(buf.header[1]))]

@@ -9,6 +9,7 @@ import asyncio
 import hmac
 import logging
 import time
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -20,19 +21,31 @@ from server.web.embedding_routes import EmbeddingRoutes
 from server.web.errors import refusal_response, status_response
 from server.web.messages_routes import MessagesRoutes, anthropic_route
 from server.web.model_routes import ModelRoutes
+from server.web.llama_routes import LlamaRoutes
 from server.web.openai_routes import OpenAIRoutes
 from server.web.responses_routes import ResponsesRoutes
+from server.web.rerank_routes import RerankRoutes
 from server.web.service_routes import ServiceRoutes, prometheus
+from server.web.slot_routes import SlotRoutes
 from server.web.studio import add_studio
+from server.web.vertex_routes import add_vertex_routes
 
 log = logging.getLogger("sentiric.server")
 access_log = logging.getLogger("sentiric.access")
-ENGINE_PREFIXES = ("/v1/", "/tokenize", "/detokenize")  # need the model; also the ones an API key protects
+# the routes that need the model, which an API key protects: the service's and llama-server's own (/health and
+# /v1/health, the metrics, the studio and the OpenAPI document stay open)
+ENGINE_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/completion", "/apply-template", "/chat/", "/embeddings",
+                   "/rerank", "/props", "/slots", "/models", "/infill")
+
+
+def _engine_route(path: str) -> bool:
+    return path.startswith(ENGINE_PREFIXES) and path != "/v1/health"
 
 
 def create_app(admission: Admission, settings: ServerSettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
-    app.middlewares.extend([_cors(app, settings.cors_origins), _errors(admission.metrics, settings.max_body_bytes),
+    app.middlewares.extend([_cors(app, settings.cors_origins, settings.cors_headers),
+                            _errors(admission.metrics, settings.max_body_bytes),
                             _request_context(admission), _auth(settings.api_key),
                             _body_deadline(settings.body_timeout), _loading(admission)])
     OpenAIRoutes(admission).add_to(app)
@@ -40,8 +53,14 @@ def create_app(admission: Admission, settings: ServerSettings) -> web.Applicatio
     MessagesRoutes(admission).add_to(app)
     EmbeddingRoutes(admission, truncate=settings.truncate).add_to(app)
     ModelRoutes(admission, settings.adapters).add_to(app)
-    ServiceRoutes(admission, settings.embeddings_only).add_to(app, with_metrics=settings.metrics_on_http_port)
-    add_studio(app, settings.studio_dir)
+    ServiceRoutes(admission, settings.embeddings_only, settings.metrics).add_to(
+        app, with_metrics=settings.metrics_on_http_port)
+    LlamaRoutes(admission, settings).add_to(app)
+    SlotRoutes(admission, settings).add_to(app)
+    RerankRoutes(admission, settings).add_to(app)
+    if settings.studio_dir is not None:
+        add_studio(app, settings.studio_dir)
+    add_vertex_routes(app)
     return app
 
 
@@ -63,16 +82,18 @@ def _request_context(admission: Admission):
     return request_context
 
 
-def _cors(app: web.Application, origins: tuple[str, ...]):
-    """Browser clients from --cors-origins ('*' = any) may call every route: their responses,
-    streams included, carry the CORS headers; preflights (OPTIONS) are answered 204 on every route."""
-    any_origin = "*" in origins
+def _cors(app: web.Application, origins: tuple[str, ...], allow_headers: str | None):
+    """Browser clients from --cors-origins ('*' = any, 'localhost' = any origin on this machine) may call
+    every route, as llama-server lets them: their responses, streams included, name their origin (credentials
+    allowed); preflights (OPTIONS) are answered 200 on every route, with --cors-headers or the headers the
+    preflight asks for."""
+    any_origin, localhost = "*" in origins, "localhost" in origins
 
     def allowed(request: web.Request) -> dict:
         origin = request.headers.get("Origin")
-        if not origin or not (any_origin or origin in origins):
+        if not origin or not (any_origin or origin in origins or (localhost and _is_localhost(origin))):
             return {}
-        return {"Access-Control-Allow-Origin": "*" if any_origin else origin, "Vary": "Origin",
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Allow-Credentials": "true",
                 "Access-Control-Expose-Headers": "Retry-After"}
 
     async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -84,13 +105,19 @@ def _cors(app: web.Application, origins: tuple[str, ...]):
             return await handler(request)
         headers = {}
         if allowed(request):
-            headers = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600",
-                       "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
-                                                                           "Authorization, Content-Type")}
-        return web.Response(status=204, headers=headers)
+            asked = request.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type")
+            headers = {"Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS", "Access-Control-Max-Age": "600",
+                       "Access-Control-Allow-Headers": allow_headers or asked}
+        return web.Response(status=200, headers=headers)
 
     app.on_response_prepare.append(add_headers)
     return preflight
+
+
+def _is_localhost(origin: str) -> bool:
+    """An origin on this machine (http://localhost:8080, http://127.0.0.1, http://[::1]:3000)."""
+    host = urlsplit(origin).hostname
+    return host in ("localhost", "127.0.0.1", "::1")
 
 
 def _errors(metrics, max_body_bytes: int):
@@ -139,7 +166,7 @@ def _loading(admission: Admission):
     @web.middleware
     async def loading(request: web.Request, handler):
         """Routes that need the model answer 503 until it is loaded."""
-        if request.path.startswith(ENGINE_PREFIXES):
+        if _engine_route(request.path):
             admission.refuse_while_loading()
         return await handler(request)
     return loading
@@ -166,7 +193,7 @@ def _auth(api_key: str | None):
     clients) or `x-api-key: <key>` (Anthropic's)."""
     @web.middleware
     async def auth(request: web.Request, handler):
-        if api_key and request.path.startswith(ENGINE_PREFIXES):
+        if api_key and _engine_route(request.path):
             bearer = request.headers.get("Authorization")
             given, expected = (bearer, f"Bearer {api_key}") if bearer else (request.headers.get("x-api-key", ""), api_key)
             if not hmac.compare_digest(given.encode(), expected.encode()):

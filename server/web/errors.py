@@ -10,13 +10,14 @@ from aiohttp import web
 from server.refusal import Refusal
 
 # each refusal kind's HTTP status
-STATUS = {"invalid": 400, "unauthenticated": 401, "not_found": 404, "timeout": 408, "too_large": 413,
+STATUS = {"invalid": 400, "too_long": 400, "unauthenticated": 401, "not_found": 404, "timeout": 408, "too_large": 413,
           "unprocessable": 422, "overloaded": 429, "loading": 503, "switching": 503, "draining": 503,
-          "unavailable": 503, "internal": 500}
+          "unavailable": 503, "not_supported": 501, "internal": 500}
 # OpenAI's error type for each status
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "server_unavailable_error"}
+          422: "invalid_request_error", 429: "rate_limit_error", 501: "not_supported_error",
+          503: "server_unavailable_error"}
 
 
 # Anthropic's error type for each status; its 529 is a full waiting queue
@@ -38,9 +39,15 @@ def refusal_status(refusal: Refusal, *, anthropic: bool = False) -> int:
 
 
 def refusal_body(refusal: Refusal, *, anthropic: bool = False) -> dict:
-    """The error object of a refusal (also sent as an event when a stream fails midway)."""
-    return error_body(refusal_status(refusal, anthropic=anthropic), refusal.message, refusal.param, refusal.code,
+    """The error object of a refusal (also sent as an event when a stream fails midway). A prompt longer
+    than the context is llama-server's exceed_context_size_error, with its n_prompt_tokens and n_ctx."""
+    body = error_body(refusal_status(refusal, anthropic=anthropic), refusal.message, refusal.param, refusal.code,
                       anthropic=anthropic)
+    if not anthropic:
+        if refusal.kind == "too_long":
+            body["error"]["type"] = "exceed_context_size_error"
+        body["error"].update(refusal.details)
+    return body
 
 
 def refusal_response(refusal: Refusal, *, anthropic: bool = False) -> web.Response:

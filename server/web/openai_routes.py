@@ -22,6 +22,7 @@ from server.refusal import Refusal
 from server.shaping import Generation
 from server.tools import call_format
 from server.web.errors import json_response, read_json, refusal_body
+from server.web.llama_routes import BUILD_INFO
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -37,7 +38,7 @@ class ChatShape:
 
     @staticmethod
     def opening(gen: Generation) -> dict | None:
-        return {"role": "assistant", "content": ""}
+        return {"role": "assistant", "content": None}  # as OpenAI and llama-server send it
 
     @staticmethod
     def chunk_fields(delta: dict) -> dict:
@@ -86,9 +87,10 @@ class OpenAIRoutes:
         self.created = int(time.time())
 
     def add_to(self, app: web.Application) -> None:
-        app.router.add_post("/v1/chat/completions", self.chat)
+        for prefix in ("/v1", ""):  # llama-server answers without the prefix too (/completions is its own)
+            app.router.add_post(f"{prefix}/chat/completions", self.chat)
+            app.router.add_get(f"{prefix}/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
-        app.router.add_get("/v1/models", self.models)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, lambda served, body: served.shaper.chat(body), ChatShape)
@@ -105,7 +107,8 @@ class OpenAIRoutes:
     def _model_info(self, served) -> dict:
         engine = served.engine
         return {"id": served.alias, "object": "model", "created": self.created, "owned_by": "sentiric",
-                "profile": served.profile.name,
+                "profile": served.profile.name, "aliases": list(served.aliases or (served.alias,)),
+                "tags": list(served.tags),
                 "meta": {"n_ctx": engine.n_ctx, "n_ctx_train": engine.n_ctx_train, "path": engine.config.model_path,
                          "profile": served.profile.name, "sampling_defaults": served.shaper.defaults.as_dict(),
                          "tools": {"template_shows_tools": engine.template.supports_tools,
@@ -127,6 +130,8 @@ class OpenAIRoutes:
         logprobs = [[] for _ in run.handles]
         finals: list[Output | None] = [None] * len(run.handles)
         async for i, out in run:
+            if out.progress is not None:
+                continue
             answers[i].feed(out.text)
             logprobs[i] += out.logprobs
             if out.finish_reason:
@@ -136,7 +141,10 @@ class OpenAIRoutes:
                     "logprobs": shape.logprobs(logprobs[i], len(gen.echo_text)) if gen.logprobs else None,
                     "finish_reason": a.finish_reason(finals[i].finish_reason)} for i, a in enumerate(answers)]
         body = {"id": shape.id_prefix + uuid.uuid4().hex, "object": shape.object, "created": int(time.time()),
-                "model": model, "choices": choices, "usage": run.usage(finals)}
+                "model": model, "system_fingerprint": BUILD_INFO, "choices": choices, "usage": run.usage(finals),
+                "timings": run.tracker.timings(0, finals[0], finals[0].completion_tokens)}
+        if gen.verbose:
+            body["__verbose"] = _verbose(run.engine.detokenize(gen.prompt), gen, choices[0], body["timings"])
         return json_response(body)
 
     @staticmethod
@@ -144,7 +152,7 @@ class OpenAIRoutes:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         head = {"id": shape.id_prefix + uuid.uuid4().hex, "object": shape.chunk_object, "created": int(time.time()),
-                "model": model}
+                "model": model, "system_fingerprint": BUILD_INFO}
 
         async def send(event: dict) -> None:
             await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
@@ -160,25 +168,43 @@ class OpenAIRoutes:
         answers = [shape.answer(gen) for _ in range(n)]
         offsets = [len(gen.echo_text)] * n
         finals: list[Output | None] = [None] * n
+        generated = [0] * n
         try:
             async for i, out in run:
+                if out.progress is not None:  # return_progress: the prompt's prefill as it goes
+                    await send({**head, "choices": [], "prompt_progress": {
+                        "total": out.prompt_tokens, "cache": out.cached_tokens, "processed": out.progress,
+                        "time_ms": run.tracker.timings(i, out, 0)["prompt_ms"]}})
+                    continue
+                generated[i] += len(out.token_ids)
                 deltas = answers[i].feed(out.text)
                 if out.finish_reason:
                     deltas += answers[i].finish()
                 logprobs = shape.logprobs(out.logprobs, offsets[i]) if gen.logprobs and out.logprobs else None
+                timings = {"timings": run.tracker.timings(i, out, generated[i])} if gen.timings_per_token else {}
                 for delta in deltas or ([{}] if logprobs else []):
-                    await send(chunk(i, shape.chunk_fields(delta), logprobs))
+                    await send({**chunk(i, shape.chunk_fields(delta), logprobs), **timings})
                     logprobs = None
                 offsets[i] += len(out.text)
                 if out.finish_reason:
                     finals[i] = out
-                    await send(chunk(i, shape.chunk_fields({}), reason=answers[i].finish_reason(out.finish_reason)))
+                    last = chunk(i, shape.chunk_fields({}), reason=answers[i].finish_reason(out.finish_reason))
+                    if not gen.include_usage:  # the stream's last chunk carries the timings, as llama-server's
+                        last["timings"] = run.tracker.timings(i, out, generated[i])
+                    await send(last)
         except Refusal as exc:  # a generation failed midway: the stream says so, then ends
             await send(refusal_body(exc))
         if all(finals):
             usage = run.usage(finals)
             if gen.include_usage:
-                await send({**head, "choices": [], "usage": usage})
+                await send({**head, "choices": [], "usage": usage,
+                            "timings": run.tracker.timings(0, finals[0], finals[0].completion_tokens)})
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _verbose(prompt: str, gen: Generation, choice: dict, timings: dict) -> dict:
+    """llama-server's __verbose: what the model was given and gave, as its native answer has them."""
+    content = choice["message"]["content"] if "message" in choice else choice["text"]
+    return {"prompt": prompt, "content": content, "tokens_evaluated": len(gen.prompt), "timings": timings}

@@ -46,8 +46,11 @@ def _sampling(d: SamplingDefaults) -> dict:
                                   maximum=2**31 - 1, default=d.repeat_last_n),
         "presence_penalty": _number("OpenAI presence penalty.", minimum=-2, maximum=2, default=0),
         "frequency_penalty": _number("OpenAI frequency penalty.", minimum=-2, maximum=2, default=0),
-        "logit_bias": {"type": "object", "description": "Token id -> bias added to its logit.",
-                       "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+        "logit_bias": {"description": "Token id (or, as llama-server takes it, text: each of its tokens) -> bias "
+                                      "added to its logit, false = never; or [[id or text, bias], ...].",
+                       "oneOf": [{"type": "object", "additionalProperties": {"oneOf": [
+                                     {"type": "number", "minimum": -100, "maximum": 100}, {"const": False}]}},
+                                 {"type": "array", "items": {"type": "array", "minItems": 2, "maxItems": 2}}]},
         "seed": _integer("Same seed + same request = same output; choice i uses seed + i."),
         "stop": {"description": "Up to 16 strings that end the generation (not included in the output).",
                  "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16},
@@ -74,6 +77,15 @@ def _sampling(d: SamplingDefaults) -> dict:
                  "items": {"type": "object", "properties": {
                      "id": {"type": "integer", "minimum": 0}, "name": {"type": "string"},
                      "scale": {"type": "number", "minimum": -4, "maximum": 4, "default": 1}}}},
+        # llama-server's
+        "n_predict": _integer("llama-server's max_tokens (-1: the server's default); wins over max_tokens.",
+                              minimum=-1),
+        "return_progress": {"type": "boolean", "default": False,
+                            "description": "Stream the prompt's prefill as it goes (prompt_progress chunks)."},
+        "timings_per_token": {"type": "boolean", "default": False,
+                              "description": "Every streamed chunk carries the timings so far."},
+        "id_slot": _integer("Run in this slot (GET /slots: a split KV cache's stream), -1 any.", minimum=-1),
+        "cache_prompt": {"type": "boolean", "description": "Accepted: prompt prefixes are always cached here."},
     }
 
 _MESSAGE = {
@@ -152,6 +164,11 @@ def _chat_request(sampling: dict) -> dict:
                             "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             "logprobs": {"type": "boolean", "default": False},
             "top_logprobs": _integer("Alternatives per token (needs logprobs).", minimum=0, maximum=20),
+            "add_generation_prompt": {"type": "boolean", "default": True},
+            "continue_final_message": {"type": "boolean", "description": "Continue the last (assistant) message "
+                                                                        "instead of starting a new one (the default "
+                                                                        "when the conversation ends with one)."},
+            "verbose": {"type": "boolean", "description": "The answer carries __verbose (the prompt as text)."},
             **_TOOLS,
             **sampling,
         },
@@ -207,7 +224,9 @@ def _errors(*codes: int) -> dict:
                             (404, "Unknown LoRA adapter or profile"), (408, "Body not sent within --body-timeout"),
                             (413, "Body too large"), (422, "The profile's model could not be loaded; the active one "
                                                            "goes on serving"),
-                            (429, "Overloaded; see Retry-After"), (503, "Loading or unavailable")) if c in codes}
+                            (429, "Overloaded; see Retry-After"), (501, "Started without the feature (the "
+                                                                         "message names its flag)"),
+                            (503, "Loading or unavailable")) if c in codes}
 
 
 def _post(summary: str, request: str, ok: dict, *errors: int) -> dict:
@@ -236,13 +255,14 @@ def _redirect(summary: str) -> dict:
 
 
 def _with_preflight(paths: dict) -> dict:
-    """Every route answers CORS preflights (OPTIONS) with 204, whatever --cors-origins allows."""
-    preflight = {"summary": "CORS preflight", "security": [], "responses": {"204": {"description": "No content"}}}
+    """Every route answers CORS preflights (OPTIONS) with 200 (as llama-server), whatever --cors-origins allows."""
+    preflight = {"summary": "CORS preflight", "security": [], "responses": {"200": {"description": "No content"}}}
     return {path: {**item, "options": preflight} for path, item in paths.items()}
 
 
 @cache
 def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
+    from server.web import openapi_llama  # it builds on this module's helpers
     text = {"type": "string"}
     sampling = _sampling(defaults)
     return {
@@ -283,6 +303,7 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
                         "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
                                                 {"type": "string", "description": "base64 float32"}]}}}}}},
                 **client_api_components(sampling),
+                **openapi_llama.schemas(sampling),
             },
         },
         "security": [{"bearer": []}],
@@ -319,13 +340,16 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
                 "503": _json(_ref("Health"), "Loading, draining or without a live worker")}}},
             "/stats": {"get": {"summary": "Engine numbers for the studio", "security": [],
                                "responses": {"200": _json({"type": "object"})}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {
-                "description": "Prometheus text format", "content": {"text/plain": {"schema": text}}}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (the service's and llama-server's llamacpp:*; "
+                                            "--no-metrics: 501)", "security": [], "responses": {"200": {
+                "description": "Prometheus text format", "content": {"text/plain": {"schema": text}}},
+                **_errors(501)}}},
             "/openapi.json": {"get": {"summary": "This document", "security": [],
                                       "responses": {"200": _json({"type": "object"})}}},
             "/": _redirect("To the studio"),
             "/studio": _redirect("To the studio"),
             "/studio/": {"get": {"summary": "The developer studio", "security": [], "responses": {"200": {
                 "description": "Its page", "content": {"text/html": {"schema": text}}}}}},
+            **openapi_llama.paths(),
         }),
     }

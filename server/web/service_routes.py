@@ -8,21 +8,27 @@ from aiohttp import web
 
 from server import structured
 from server.admission import Admission
-from server.refusal import invalid
+from server.refusal import Refusal, invalid
 from server.web.errors import json_response, read_json
 from server.web.openapi import openapi_spec
 
 
+STARTED = int(time.time())
+
+
 def prometheus(metrics) -> web.Response:
-    return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+    return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4",
+                                                         "Process-Start-Time-Unix": str(STARTED)})
 
 
 class ServiceRoutes:
-    def __init__(self, admission: Admission, embeddings_only: bool = False):
+    def __init__(self, admission: Admission, embeddings_only: bool = False, metrics: bool = True):
         self.admission, self.models, self.embeddings_only = admission, admission.models, embeddings_only
+        self.metrics_on = metrics  # --no-metrics: /metrics answers 501, as llama-server's without --metrics
 
     def add_to(self, app: web.Application, *, with_metrics: bool = True) -> None:
         app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/health", self.health)
         app.router.add_get("/stats", self.stats)
         if with_metrics:
             app.router.add_get("/metrics", self.prometheus)
@@ -31,18 +37,18 @@ class ServiceRoutes:
         app.router.add_get("/openapi.json", self.openapi)
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 when requests can be served; 503 while loading, draining or with no live worker. Carries the
-        platform's fields (status, model_ready, capacity, current_profile, timestamp), the engine's, and a model
-        switch under way (the profile being loaded and how many requests wait for it)."""
+        """200 when requests can be served; 503 while loading, draining or with no live worker (with
+        --embeddings-only: no embedding process that can serve). Carries the platform's fields (status,
+        model_ready, capacity, current_profile, timestamp), the engine's, the embedding pool's state, and a
+        model switch under way (the profile being loaded and how many requests wait for it)."""
         served = self.models.current
         body = {"service": "sentiric-llm-llama-service", "model": served.alias, **self.models.health(),
                 "timestamp": int(time.time())}
         if not served.engine.ready:
             return json_response({"status": "loading", "model_ready": False, **body}, status=503)
-        s = served.engine.stats()
+        s, e = served.engine.stats(), served.embedder.stats()
         if self.embeddings_only:  # the embedding processes are the capacity: each runs one batch at a time
-            e = served.embedder.stats()
-            ready = e["alive"] > 0
+            ready = e["alive"] > 0 and e["failure"] is None
             capacity = {"active": e["busy"], "total": e["alive"], "available": max(0, e["alive"] - e["busy"]),
                         "has_capacity": ready}  # requests beyond the idle processes queue and share batches
         else:
@@ -51,6 +57,9 @@ class ServiceRoutes:
                         "available": s["free_slots"], "has_capacity": s["free_slots"] > 0}
         status = "draining" if self.admission.drain.draining else "healthy" if ready else "unavailable"
         body = {"status": status, "model_ready": ready, "capacity": capacity, **body,
+                # an embedding pool that cannot serve (its start failed, its process crashed) says why
+                "embeddings": {"status": "failed" if e["failure"] else "ready" if e["alive"] else "not started",
+                               "error": e["failure"]},
                 **{k: s[k] for k in ("running", "waiting", "free_slots", "kv_used", "kv_total", "kv_cache_type",
                                      "kv_bytes", "workers", "workers_alive")}}
         return json_response(body, status=200 if status == "healthy" else 503)
@@ -64,6 +73,9 @@ class ServiceRoutes:
                               "grammars": structured.stats()})
 
     async def prometheus(self, request: web.Request) -> web.Response:
+        if not self.metrics_on:
+            raise Refusal("not_supported", "This server does not support metrics endpoint. Start it with "
+                          "`--metrics`.", code="not_supported")
         return prometheus(self.admission.metrics)
 
     async def tokenize(self, request: web.Request) -> web.Response:
