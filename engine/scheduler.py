@@ -52,7 +52,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from engine import kv_store
+from engine import kv_store, slots
 from engine.fair_queue import FairQueue
 from engine.kv_ledger import KvLedger
 from engine.prefix_cache import MIN_CACHED_PREFIX, WAIT, CacheEntry, Source
@@ -294,11 +294,11 @@ class Scheduler:
         """(worker, prefix source, sequence id or None for any) for a waiting sequence, or None to keep
         it waiting."""
         best = None  # ((shared, -load, free cells), worker, source)
-        pinned = self.slot(seq.request.slot)
+        pinned = slots.slot_of(self.workers, self.kv_unified, seq.request.slot)
         for w in self.workers:
             if w.index not in plans or len(w.running) >= w.parallel:
                 continue
-            if pinned is not None and (w is not pinned[0] or self.slot_busy(*pinned)):
+            if pinned is not None and (w is not pinned[0] or w.runs(pinned[1])):
                 continue  # llama-server's id_slot: that stream, once it is idle
             src = w.cache.find_source(seq.prompt, seq.adapters, w.running)
             if src is WAIT:
@@ -392,19 +392,6 @@ class Scheduler:
         plan.worker.ledger.truncate(entry.span, n)
         entry.tokens = entry.tokens[:n]
         plan.ops.append(Op(OpKind.TRIM, entry.seq_id, n=n))
-
-    # --- slots (llama-server's: a split cache's streams, each a sequence id of a worker) ---
-    def slot(self, slot: int) -> tuple[WorkerState, int] | None:
-        """(worker, sequence id) of a slot number (worker by worker, `parallel` each); None for -1, or when
-        the cache is unified (a sequence there has no stream of its own)."""
-        if slot < 0 or self.kv_unified:
-            return None
-        w = self.workers[slot // self.workers[0].parallel]
-        return w, slot % w.parallel
-
-    @staticmethod
-    def slot_busy(w: WorkerState, seq_id: int) -> bool:
-        return any(s.seq_id == seq_id for s in w.running)
 
     # --- results ---
     def complete(self, plan: StepPlan, samples: list[list[int]]) -> list[tuple[Sequence, int, list[int]]]:

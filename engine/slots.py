@@ -72,10 +72,19 @@ class Slots:
         n = self.config.parallel * len(self.scheduler.workers)
         if not 0 <= slot < n:
             raise ValueError(f"slot {slot} does not exist (slots 0..{n - 1})")
-        w, seq_id = self.scheduler.slot(slot)
-        if self.scheduler.slot_busy(w, seq_id):
+        w, seq_id = slot_of(self.scheduler.workers, False, slot)
+        if w.runs(seq_id):
             raise ValueError(f"slot {slot} is processing a request")
         return w, seq_id
+
+
+def slot_of(workers: list, kv_unified: bool, slot: int):
+    """(worker state, sequence id) of a slot number (worker by worker, `parallel` each); None for -1, or
+    when the cache is unified (a sequence there has no stream of its own)."""
+    if slot < 0 or kv_unified:
+        return None
+    w = workers[slot // workers[0].parallel]
+    return w, slot % w.parallel
 
 
 def settle(plan: StepPlan, buf: StepBuffer | None) -> None:

@@ -105,6 +105,10 @@ class WorkerState:
             pass
 
     # --- slots (llama-server's, engine/slots.py): an idle sequence id's KV as a file ---
+    def runs(self, seq_id: int) -> bool:
+        """A running sequence has this id."""
+        return any(s.seq_id == seq_id for s in self.running)
+
     def erase(self, seq_id: int) -> int:
         """Forget the cache entry of an idle sequence id; the tokens it held."""
         entry = self.cache.get(seq_id)

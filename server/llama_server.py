@@ -72,14 +72,33 @@ def _cache_type(value: str) -> str:
 def _cache_ram(value: str) -> str:
     """llama-server's host-memory prompt cache, MiB (0 = off) -> the KV store's RAM tier (docs/kv-store.md)."""
     if int(value) < 0:
-        raise UnsupportedFlag("--cache-ram -1: the KV store's RAM tier needs a bound here (MiB)")
+        raise ValueError("the KV store's RAM tier needs a bound here (MiB)")
     return str(int(value))
 
 
 def _api_key(value: str) -> str:
     if "," in value:
-        raise UnsupportedFlag("--api-key: one key is supported here (llama-server takes several, comma separated)")
+        raise ValueError("one key is supported here (llama-server takes several, comma separated)")
     return value
+
+
+NGRAM_TYPES = {"ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache"}
+NO_DRAFT_MODEL = ("a draft model is not supported: drafts here come from n-gram lookup in the sequence's own "
+                  "tokens (--spec-type ngram-*, docs/speculative.md)")
+
+
+def _spec_type(value: str) -> str:
+    """llama-server's comma separated drafters -> this engine's: its n-gram lookups are one here (`ngram`,
+    the engine's own lookup; docs/speculative.md), draft models are not built."""
+    names = {n.strip() for n in value.split(",") if n.strip()}
+    if names <= {"none"}:
+        return "none"
+    if any(n.startswith("draft-") for n in names):
+        raise ValueError(NO_DRAFT_MODEL)
+    if names - NGRAM_TYPES - {"none"}:
+        raise ValueError(f"unknown type {sorted(names - NGRAM_TYPES - {'none'})[0]!r} (none, "
+                         f"{', '.join(sorted(NGRAM_TYPES))})")
+    return "ngram"
 
 
 def _refuse(names: tuple[str, ...], why: str, takes_value: bool = False) -> Flag:
@@ -159,8 +178,14 @@ FLAGS: list[Flag] = [
         ("-hf", "-hfr", "--hf-repo"), ("-hff", "--hf-file"), ("-mu", "--model-url"), ("-dr", "--docker-repo"),
         ("-hft", "--hf-token"), ("--spec-draft-hf", "-hfd", "-hfrd", "--hf-repo-draft"))),
     # features filed elsewhere or not built
-    _refuse(("-md", "--model-draft", "--spec-draft-model"), "speculative decoding is not built yet (issue 26)", True),
-    _refuse(("--spec-type",), "speculative decoding is not built yet (issue 26)", True),
+    # speculative decoding: n-gram drafts (docs/speculative.md)
+    Flag(("--spec-type",), True, _same("--spec-type", _spec_type)),
+    Flag(("--spec-draft-n-max",), True, _same("--spec-draft-max")),
+    *(Flag((f"--spec-ngram-{name}",), True, note="the engine's n-gram lookup tunes itself (docs/speculative.md)")
+      for name in ("mod-n-min", "mod-n-max", "mod-n-match", "simple-size-n", "simple-size-m", "simple-min-hits",
+                   "map-k-size-n", "map-k-size-m", "map-k-min-hits", "map-k4v-size-n", "map-k4v-size-m",
+                   "map-k4v-min-hits")),
+    _refuse(("-md", "--model-draft", "--spec-draft-model"), NO_DRAFT_MODEL, True),
     Flag(("-cram", "--cache-ram"), True, _same("--kv-ram-mb", _cache_ram)),
     Flag(("--cache-idle-slots",), note="an idle slot's KV goes to the KV store's RAM tier (--cache-ram) when "
                                        "a newcomer takes its stream"),

@@ -41,7 +41,10 @@ def test_the_suites_command_line_maps_onto_serve():
     ("--backend_sampling -bs", dict(metrics=False)),  # --foo_bar is --foo-bar, as llama-server reads it
     ("--cors-origins localhost --cors-headers=Authorization", dict(cors_origins="localhost",
                                                                    cors_headers="Authorization")),
-    ("-cram 100 --cache-idle-slots", dict(kv_ram_mb=100)),  # the KV store's RAM tier (docs/kv-store.md)
+    ("-cram 100 --cache-idle-slots", dict(kv_ram_mb=100)),
+    ("--spec-type ngram-mod,ngram-map-k --spec-draft-n-max 8 --spec-ngram-mod-n-max 8",
+     dict(spec_type="ngram", spec_draft_max=8)),  # llama-server's n-gram drafters: this engine's lookup
+    ("--spec-type none", dict(spec_type="none")),  # the KV store's RAM tier (docs/kv-store.md)
 ])
 def test_flags(argv, checks):
     args, _ = serve_args(argv)
@@ -56,7 +59,9 @@ def test_flags_that_change_nothing_here_say_so():
 @pytest.mark.parametrize("argv, words", [
     ("-hf ggml-org/models", ["local GGUF file", "-m PATH"]),
     ("--hf-file x.gguf", ["local GGUF file"]),
-    ("--model-draft d.gguf", ["speculative", "issue 26"]),
+    ("--model-draft d.gguf", ["draft model", "n-gram"]),
+    ("--spec-type draft-eagle3", ["draft model"]),
+    ("--spec-type ngram-magic", ["unknown type 'ngram-magic'"]),
     ("--cache-ram -1", ["needs a bound"]),
     ("--no-cache-idle-slots", ["--cache-ram 0"]),
     ("--context-shift", ["--truncate"]),

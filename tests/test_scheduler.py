@@ -6,6 +6,7 @@ from engine.kv_ledger import KvLedger
 from engine.request import Overloaded, Request
 from engine.prefix_cache import MIN_CACHED_PREFIX
 from engine.scheduler import Scheduler
+from engine.slots import slot_of
 from engine.step import PENDING_TOKEN, Op, OpKind, SlotFile
 from engine.worker_state import WorkerState
 
@@ -504,7 +505,7 @@ def test_split_kv_slots_keep_their_last_sequence_and_can_be_pinned():
     c = sched.add(Request(prompt=[1, 2, 3], max_tokens=2, slot=1))
     plans, _ = run_step(sched)
     assert c.worker is None and c in sched.waiting  # slot 1 is busy: c waits for it
-    assert sched.slot(1) == (state, 1) and sched.slot(-1) is None
+    assert slot_of(sched.workers, False, 1) == (state, 1) and slot_of(sched.workers, False, -1) is None
 
 
 def test_a_slot_loads_a_file_s_tokens_as_a_cache_entry():
