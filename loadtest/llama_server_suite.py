@@ -56,9 +56,17 @@ SKIPPED = {
                            "lookup only)",
 }
 
-# tests (id regex) that need a feature another issue owns, or one of the skipped files' features: listed
-# apart, not counted as failures here
+# tests (id regex) that need a feature another issue owns or one of the skipped files' features, or where
+# this service answers otherwise on purpose: listed apart, not counted as failures here
 KNOWN_ELSEWHERE = [
+    (r"^test_compat_anthropic\.py::test_anthropic_(tool_result_with_image|vision_format_accepted)$",
+     "on purpose: an image for a text-only model is a 400 naming the block (llama-server answers 500; this "
+     "service never answers 500 for bad input)"),
+    (r"^test_compat_anthropic\.py::test_anthropic_empty_messages$",
+     "on purpose: an empty conversation is a 400, as Anthropic's API answers it (llama-server accepts it)"),
+    (r"^test_compat_oai_responses\.py::test_responses_stream_with_llama_telemetry$",
+     "on purpose: a response cut by max_output_tokens ends with response.incomplete, as OpenAI's API ends it "
+     "(llama-server sends response.completed); its progress and timings events pass"),
     (r"^test_kv_keep_only_active\.py::", "llama-server's own debug log lines (__TEST_TAG_CACHE_IDLE_SLOT__); "
                                           "--cache-ram is the KV store's RAM tier here (issue 28)"),
     (r"^test_security\.py::test_cors_proxy_only_forwards", "the web UI's MCP CORS proxy (as test_proxy.py)"),

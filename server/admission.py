@@ -155,6 +155,11 @@ class Run:
                     raise Refusal("unavailable", out.error, code="generation_failed")
                 yield i, out
 
+    def progress(self, i: int, out: Output) -> dict:
+        """llama-server's prompt_progress of an Output that reports the prefill so far (return_progress)."""
+        return {"total": out.prompt_tokens, "cache": out.cached_tokens, "processed": out.progress,
+                "time_ms": self.tracker.timings(i, out, 0)["prompt_ms"]}
+
     def usage(self, finals: list[Output], prompt_tokens: int | None = None) -> dict:
         """The usage object once every choice has finished (its tokens counted in the metrics here, once);
         `prompt_tokens`: when the requests have prompts of their own (llama-server's several prompts)."""

@@ -12,7 +12,8 @@ import orjson
 # sampling and template fields this service adds to OpenAI's chat; the other APIs take them too
 EXTENSIONS = ("top_k", "min_p", "typical_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
               "frequency_penalty", "seed", "logit_bias", "ignore_eos", "lora", "lora_adapter",
-              "chat_template_kwargs", "reasoning_format", "system_prompt", "rag_context")
+              "chat_template_kwargs", "reasoning_format", "system_prompt", "rag_context",
+              "timings_per_token", "return_progress")  # the last two: llama-server's stream telemetry
 
 
 def extensions(body: dict) -> dict:

@@ -75,6 +75,8 @@ def _message(f: Fields, i: int, m) -> dict:
     message = {"role": "system" if role == "developer" else role, "content": content}
     if role == "assistant" and m.get("tool_calls"):
         message["tool_calls"] = history_tool_calls(f, where, m["tool_calls"])
+    if role == "assistant" and isinstance(m.get("reasoning_content"), str):  # templates may show it (Qwen3's do)
+        message["reasoning_content"] = m["reasoning_content"]
     if role == "tool":
         call_id = m.get("tool_call_id")
         if not isinstance(call_id, str) or not call_id:

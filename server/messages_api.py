@@ -59,8 +59,8 @@ def _system(f: Fields) -> list[dict]:
 
 def _messages(f: Fields) -> list[dict]:
     """Anthropic turns as chat messages: a user turn's tool_result blocks become tool messages, its text a user
-    message; an assistant turn's tool_use blocks become its tool calls (thinking blocks are left out, as chat
-    templates leave reasoning out of the history)."""
+    message; an assistant turn's tool_use blocks become its tool calls and its thinking blocks its
+    reasoning_content (a template that shows reasoning in the history renders it)."""
     raw = f.get("messages", _MISSING)
     if raw is _MISSING:
         raise f.error("messages", "is required", "missing_required_parameter")
@@ -118,7 +118,9 @@ def _assistant(f: Fields, where: str, blocks: list) -> list[dict]:
                               "invalid_type")
             message.setdefault("tool_calls", []).append(
                 {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(given)}})
-        elif kind not in ("thinking", "redacted_thinking"):
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            message["reasoning_content"] = message.get("reasoning_content", "") + block["thinking"]
+        elif kind != "redacted_thinking":
             raise f.error(f"{where}[{j}]", f"is a {kind!r} block; an assistant turn reads text, tool_use and "
                                            "thinking blocks")
     return [message]
@@ -187,7 +189,8 @@ def _thinking(f: Fields, max_tokens) -> bool | None:
                                   '{"type": "disabled"}')
     if thinking["type"] != "enabled":
         return None if thinking["type"] == "adaptive" else False
-    budget = Fields(thinking, lambda k: f"thinking.{k}").number("budget_tokens", None, lo=1024, integer=True)
+    # any positive budget (Anthropic's API wants 1024 or more; llama-server, and small local models, less)
+    budget = Fields(thinking, lambda k: f"thinking.{k}").number("budget_tokens", None, lo=1, integer=True)
     if budget is None:
         raise Fields(thinking, lambda k: f"thinking.{k}").error("budget_tokens", "is required",
                                                                  "missing_required_parameter")

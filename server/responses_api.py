@@ -80,7 +80,7 @@ def _read_input(f: Fields) -> tuple[list[dict], list[dict]]:
         raw = [{"role": "user", "content": raw}]
     if not isinstance(raw, list) or not raw:
         raise f.error("input", "must be a string or a non-empty list of items", "invalid_type")
-    messages, items = [], []
+    messages, items, reasoning = [], [], None
     for i, item in enumerate(raw):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -93,6 +93,8 @@ def _read_input(f: Fields) -> tuple[list[dict], list[dict]]:
                 raise f.error(f"{where}.role", f"is {role!r}; expected one of {', '.join(ROLES)}")
             text = joined_text(f, f"{where}.content", item.get("content"), TEXT_PARTS)
             messages.append({"role": role, "content": text})
+            if role == "assistant" and reasoning is not None:
+                messages[-1]["reasoning_content"], reasoning = reasoning, None
             part = "output_text" if role == "assistant" else "input_text"
             items.append({"id": item.get("id") or new_id("msg_"), "type": "message", "role": role,
                           "status": "completed", "content": [{"type": part, "text": text}]})
@@ -107,6 +109,8 @@ def _read_input(f: Fields) -> tuple[list[dict], list[dict]]:
                 messages[-1].setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            if reasoning is not None:
+                messages[-1]["reasoning_content"], reasoning = reasoning, None
             items.append({"id": item.get("id") or new_id("fc_"), "type": "function_call", "call_id": call_id,
                           "name": name, "arguments": arguments, "status": "completed"})
         elif kind == "function_call_output":
@@ -115,7 +119,9 @@ def _read_input(f: Fields) -> tuple[list[dict], list[dict]]:
             messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
             items.append({"id": item.get("id") or new_id("fco_"), "type": "function_call_output", "call_id": call_id,
                           "output": output, "status": "completed"})
-        elif kind == "reasoning":  # an earlier answer's thinking: chat templates leave it out of the history
+        elif kind == "reasoning":  # an earlier answer's thinking: the next assistant turn's reasoning_content
+            parts = item.get("content") or item.get("summary") or []
+            reasoning = "".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)) or None
             items.append(item)
         else:
             raise f.error(f"{where}.type", f"is {kind!r}; this service reads message, function_call, "

@@ -79,7 +79,7 @@ class ToolUse:
         if m.get("tool_calls"):
             calls = "\n".join(f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']}, ensure_ascii=False)}\n</tool_call>"
                               for c in m["tool_calls"])
-            return {"role": "assistant", "content": f"{m['content']}\n{calls}".strip()}
+            return {**{k: v for k, v in m.items() if k != "tool_calls"}, "content": f"{m['content']}\n{calls}".strip()}
         if m["role"] == "tool":
             return {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
         return m

@@ -55,12 +55,12 @@ def test_items_become_chat_turns_with_calls_on_the_assistant_turn():
     req = ResponsesRequest({"input": [
         {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
-        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Hm."}]},
         {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
         {"type": "function_call_output", "call_id": "call_1", "output": "18 C"}]})
     assert req.messages == [
         {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"role": "assistant", "content": "Checking.", "reasoning_content": "Hm.", "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
     assert [i["type"] for i in req.items] == ["message", "message", "reasoning", "function_call", "function_call_output"]
@@ -171,7 +171,7 @@ def test_anthropic_turns_become_chat_turns():
     chat = req.chat
     assert chat["messages"] == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"role": "assistant", "content": "Checking.", "reasoning_content": "hm", "tool_calls": [
             {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "toolu_1", "content": "18 C"}, {"role": "user", "content": "And?"}]
     assert chat["tools"] == [{"type": "function", "function": {"name": "get_weather", "description": "",
@@ -209,7 +209,7 @@ def test_anthropic_turns_become_chat_turns():
     ({"max_tokens": 5, "tool_choice": {"type": "auto", "disable_parallel_tool_use": 1},
       "messages": [{"role": "user", "content": "x"}]}, "tool_choice.disable_parallel_tool_use"),
     ({"max_tokens": 5, "thinking": {"type": "sometimes"}, "messages": [{"role": "user", "content": "x"}]}, "thinking"),
-    ({"max_tokens": 5000, "thinking": {"type": "enabled", "budget_tokens": 100},
+    ({"max_tokens": 5000, "thinking": {"type": "enabled", "budget_tokens": 0},
       "messages": [{"role": "user", "content": "x"}]}, "thinking.budget_tokens"),
     ({"max_tokens": 5000, "thinking": {"type": "enabled"}, "messages": [{"role": "user", "content": "x"}]},
      "thinking.budget_tokens"),

@@ -124,7 +124,7 @@ def test_the_api_key_as_x_api_key_or_bearer_and_a_wrong_one_refused(service):
     ({"max_tokens": 5, "tools": TOOLS, "tool_choice": {"type": "tool", "name": "nope"}, "messages": ASK},
      "tool_choice.name"),
     ({"max_tokens": 5, "tool_choice": {"type": "any"}, "messages": ASK}, "tool_choice"),
-    ({"max_tokens": 5, "thinking": {"type": "enabled", "budget_tokens": 10}, "messages": ASK}, "thinking.budget_tokens"),
+    ({"max_tokens": 5, "thinking": {"type": "enabled", "budget_tokens": 0}, "messages": ASK}, "thinking.budget_tokens"),
     ({"max_tokens": 5, "stream": "yes", "messages": ASK}, "stream"),
 ])
 def test_bad_input_gets_an_anthropic_error(service, body, param):

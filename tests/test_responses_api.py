@@ -3,6 +3,7 @@ function_call_output, stateful turns (previous_response_id) that prefill only th
 responses' routes, and bad input refused in OpenAI's error shape. Real model, real server."""
 
 import json
+import urllib.request
 
 import jsonschema
 import openai
@@ -189,3 +190,27 @@ def test_unknown_ids_and_bad_list_parameters(server, client):
         assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
     assert 'sentiric_requests_total{route="/v1/responses",status="200"}' in server.metrics()
     assert 'route="/v1/responses/{id}/input_items",status="400"' in server.metrics()
+
+
+def test_the_prompt_is_counted_as_its_response_counts_it(client):
+    ask = dict(model="m", input="What is the capital of France?", instructions="Answer in one sentence.")
+    counted = client.responses.input_tokens.count(**ask)
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == client.responses.create(max_output_tokens=3, **ask).usage.input_tokens
+
+
+def test_llama_servers_route_and_stream_telemetry(server):
+    """/responses without /v1, return_progress and timings_per_token, as llama-server streams them."""
+    body = {"input": "This is a test. " * 20, "max_output_tokens": 6, "stream": True, "timings_per_token": True,
+            "return_progress": True}
+    req = urllib.request.Request(server.base_url + "/responses", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    progress = [e["prompt_progress"] for e in events if "prompt_progress" in e]
+    assert progress and all(e["type"] == "response.in_progress" for e in events if "prompt_progress" in e)
+    assert 0 < progress[-1]["processed"] <= progress[-1]["total"] and progress[-1]["total"] > 60
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert deltas and all(d["timings"]["predicted_n"] >= 1 for d in deltas)
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    assert events[-1]["timings"]["prompt_n"] > 0 and "predicted_per_second" in events[-1]["timings"]

@@ -34,8 +34,8 @@ log = logging.getLogger("sentiric.server")
 access_log = logging.getLogger("sentiric.access")
 # the routes that need the model, which an API key protects: the service's and llama-server's own (/health and
 # /v1/health, the metrics, the studio and the OpenAPI document stay open)
-ENGINE_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/completion", "/apply-template", "/chat/", "/embeddings",
-                   "/rerank", "/props", "/slots", "/models", "/infill")
+ENGINE_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/completion", "/apply-template", "/chat/", "/embedding",
+                   "/rerank", "/props", "/slots", "/models", "/infill", "/responses")
 
 
 def _engine_route(path: str) -> bool:

@@ -32,7 +32,8 @@ class EmbeddingRoutes:
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post(EMBEDDINGS_ROUTE, self.embeddings)
-        app.router.add_post("/embeddings", self.llama_embeddings)
+        for path in ("/embeddings", "/embedding"):  # llama-server's (the second its legacy name)
+            app.router.add_post(path, self.llama_embeddings)
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await read_json(request)

@@ -56,7 +56,8 @@ class LlamaRoutes:
         for path in ("/completion", "/completions"):
             app.router.add_post(path, self.completion)
         app.router.add_post("/apply-template", self.apply_template)
-        app.router.add_post("/chat/completions/input_tokens", self.input_tokens)
+        for prefix in ("/v1", ""):
+            app.router.add_post(f"{prefix}/chat/completions/input_tokens", self.input_tokens)
         app.router.add_get("/props", self.props)
         app.router.add_post("/props", self.set_props)
 
@@ -159,7 +160,7 @@ class _Answer:
         try:
             async for i, out in self.run:
                 if out.progress is not None:
-                    await send({**self._partial(i, out, "", []), "prompt_progress": self._progress(i, out)})
+                    await send({**self._partial(i, out, "", []), "prompt_progress": self.run.progress(i, out)})
                     continue
                 probs = self._take(i, out)
                 if out.finish_reason:
@@ -194,10 +195,6 @@ class _Answer:
         if self.options.timings_per_token or out.progress is not None:
             chunk["timings"] = self.run.tracker.timings(i, out, len(self.tokens[i]))
         return chunk
-
-    def _progress(self, i: int, out: Output) -> dict:
-        return {"total": out.prompt_tokens, "cache": out.cached_tokens, "processed": out.progress,
-                "time_ms": self.run.tracker.timings(i, out, 0)["prompt_ms"]}
 
     def _final(self, i: int, text: str) -> dict:
         final, request = self.finals[i], self.gen.requests[i]

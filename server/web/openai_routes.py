@@ -172,9 +172,7 @@ class OpenAIRoutes:
         try:
             async for i, out in run:
                 if out.progress is not None:  # return_progress: the prompt's prefill as it goes
-                    await send({**head, "choices": [], "prompt_progress": {
-                        "total": out.prompt_tokens, "cache": out.cached_tokens, "processed": out.progress,
-                        "time_ms": run.tracker.timings(i, out, 0)["prompt_ms"]}})
+                    await send({**head, "choices": [], "prompt_progress": run.progress(i, out)})
                     continue
                 generated[i] += len(out.token_ids)
                 deltas = answers[i].feed(out.text)

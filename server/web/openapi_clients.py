@@ -175,10 +175,16 @@ def client_api_paths() -> dict:
     by_id = {"name": "id", "in": "path", "required": True, "schema": _TEXT}
     stored = {"parameters": [by_id]}
     anthropic_auth = {"security": [{"bearer": []}, {"apiKey": []}]}
+    create = _post("Responses (OpenAI): a turn, stateful through previous_response_id", "ResponsesRequest",
+                   _answer("Response", "response.created ... response.completed"),
+                   _errors("Error", 400, 401, 404, 408, 413, 429, 503))
+    count = _post("How many tokens the prompt of a Responses request has", "ResponsesRequest",
+                  _json({"type": "object", "required": ["object", "input_tokens"], "properties": {
+                      "object": {"const": "response.input_tokens"}, "input_tokens": {"type": "integer"}}}),
+                  _errors("Error", 400, 401, 404, 413, 503))
     return {
-        "/v1/responses": _post("Responses (OpenAI): a turn, stateful through previous_response_id", "ResponsesRequest",
-                               _answer("Response", "response.created ... response.completed"),
-                               _errors("Error", 400, 401, 404, 408, 413, 429, 503)),
+        "/v1/responses": create, "/responses": create,  # the second: llama-server's unprefixed route
+        "/v1/responses/input_tokens": count, "/responses/input_tokens": count,
         "/v1/responses/{id}": {**stored, "get": {"summary": "A stored response", "responses": {
             "200": _json(_ref("Response")), **_errors("Error", 401, 404)}},
             "delete": {"summary": "Delete a stored response (one in progress is cancelled first)", "responses": {

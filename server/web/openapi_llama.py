@@ -46,6 +46,11 @@ def paths() -> dict:
     obj, arr = {"type": "object"}, {"type": "array"}
     rerank = _post("Rerank documents by the model's rank head (--reranking; 501 without)", "RerankRequest",
                    _json({"oneOf": [obj, arr]}), 400, 401, 413, 501, 503)
+    input_tokens = _post("How many tokens a chat request's prompt has", "ChatCompletionRequest",
+                         _json({"type": "object", "properties": {"input_tokens": {"type": "integer"}}}),
+                         400, 401, 404, 413, 503)
+    embeddings = _post("Embeddings in llama-server's shape: [{index, embedding: [vector, ...]}] (one vector per "
+                       "token with --embeddings-pooling none)", "EmbeddingRequest", _json(arr), 400, 401, 404, 413, 503)
     return {
         "/completion": _post("llama-server's completion: prompts in its shapes, its answer (content, tokens, "
                              "timings, completion_probabilities)", "LlamaCompletionRequest",
@@ -57,12 +62,8 @@ def paths() -> dict:
         "/apply-template": _post("The prompt a chat request would get, as text", "ChatCompletionRequest",
                                  _json({"type": "object", "properties": {"prompt": {"type": "string"}}}),
                                  400, 401, 404, 413, 503),
-        "/chat/completions/input_tokens": _post("How many tokens a chat request's prompt has", "ChatCompletionRequest",
-                                                _json({"type": "object", "properties": {
-                                                    "input_tokens": {"type": "integer"}}}), 400, 401, 404, 413, 503),
-        "/embeddings": _post("Embeddings in llama-server's shape: [{index, embedding: [vector, ...]}] (one vector "
-                             "per token with --embeddings-pooling none)", "EmbeddingRequest", _json(arr),
-                             400, 401, 404, 413, 503),
+        "/chat/completions/input_tokens": input_tokens, "/v1/chat/completions/input_tokens": input_tokens,
+        "/embeddings": embeddings, "/embedding": embeddings,
         "/rerank": rerank, "/reranking": rerank, "/v1/rerank": rerank, "/v1/reranking": rerank,
         "/props": {"get": {"summary": "The server's settings as llama-server reports them", "responses": {
                        "200": _json(obj), **_errors(401, 503)}},

@@ -1,5 +1,6 @@
-"""The Responses API's routes: POST /v1/responses (whole or streamed), and for stored responses GET,
-DELETE, POST .../cancel and GET .../input_items.
+"""The Responses API's routes: POST /v1/responses (whole or streamed; /responses too, as llama-server
+has it), POST /v1/responses/input_tokens, and for stored responses GET, DELETE, POST .../cancel and
+GET .../input_items.
 
 A response continues a stored one (`previous_response_id`) on the tokens the engine already holds
 (server/conversations.py), so its prompt prefills only the new input. A stored response is in the
@@ -27,7 +28,7 @@ from server.responses_api import (LABEL, RESPONSE_ID, ResponseEvents, ResponsesR
 from server.web.errors import json_response, read_json
 from server.web.openai_routes import SSE_HEADERS
 
-RESPONSES_ROUTE = "/v1/responses"
+RESPONSES_ROUTE = "/v1/responses"  # and its stored responses below it
 CANCEL_WAIT_S = 10.0
 
 
@@ -45,7 +46,9 @@ class ResponsesRoutes:
         self.running: dict[str, Running] = {}
 
     def add_to(self, app: web.Application) -> None:
-        app.router.add_post(RESPONSES_ROUTE, self.create)
+        for prefix in ("/v1", ""):
+            app.router.add_post(f"{prefix}/responses", self.create)
+            app.router.add_post(f"{prefix}/responses/input_tokens", self.input_tokens)
         app.router.add_get(RESPONSES_ROUTE + "/{id}", self.retrieve)
         app.router.add_delete(RESPONSES_ROUTE + "/{id}", self.delete)
         app.router.add_post(RESPONSES_ROUTE + "/{id}/cancel", self.cancel)
@@ -56,12 +59,27 @@ class ResponsesRoutes:
         req = ResponsesRequest(await read_json(request))
         previous = self._previous(req.previous_id)
         async with self.admission.serve(req.chat["model"]) as served:
-            history = previous.messages if previous else []
-            gen = served.shaper.chat(req.chat_body(history), LABEL)
-            if previous and previous.model == served.profile.name:
-                gen.prompt = gen.requests[0].prompt = continued_prompt(served.engine, previous.tokens, gen.prompt)
+            gen, history = self._shaped(served, req, previous)
             async with self.admission.submit(served, gen) as run:
                 return await self._run(request, Turn(self, req, served, gen, history), run)
+
+    async def input_tokens(self, request: web.Request) -> web.Response:
+        """How many tokens the prompt of this response would have (a previous response's included)."""
+        req = ResponsesRequest(await read_json(request))
+        previous = self._previous(req.previous_id)
+        async with self.admission.model(req.chat["model"]) as served:
+            gen, _ = self._shaped(served, req, previous)
+            return json_response({"object": "response.input_tokens", "input_tokens": len(gen.prompt)})
+
+    @staticmethod
+    def _shaped(served, req: ResponsesRequest, previous: StoredResponse | None):
+        """The turn's generation and the stored conversation it follows; a previous response of the same
+        model goes on from the tokens it ended with."""
+        history = previous.messages if previous else []
+        gen = served.shaper.chat(req.chat_body(history), LABEL)
+        if previous and previous.model == served.profile.name:
+            gen.prompt = gen.requests[0].prompt = continued_prompt(served.engine, previous.tokens, gen.prompt)
+        return gen, history
 
     async def _run(self, request: web.Request, turn: Turn, run) -> web.StreamResponse:
         """The turn answered by a task of its own, which POST .../cancel (or DELETE) may stop."""
@@ -201,18 +219,26 @@ class Turn:
         await self._send(self.events.event("response.created", response=start),
                          self.events.event("response.in_progress", response=start))
         try:
-            async for _, out in run:
-                events = self.answer.take(out)
-                await self._send(*self.events.of_blocks(events, "incomplete" if out.finish_reason == "length"
-                                                        else "completed"))
+            async for i, out in run:
+                if out.progress is not None:  # llama-server's return_progress: the prompt's prefill as it goes
+                    await self._send(self.events.event("response.in_progress", response=start,
+                                                       prompt_progress=run.progress(i, out)))
+                    continue
+                events = self.events.of_blocks(self.answer.take(out), "incomplete" if out.finish_reason == "length"
+                                               else "completed")
+                if self.gen.timings_per_token:  # and its timings_per_token
+                    timings = run.tracker.timings(i, out, len(self.answer.token_ids))
+                    events = [{**e, "timings": timings} for e in events]
+                await self._send(*events)
         except Refusal as exc:  # the generation failed midway
             await self._send(self.events.event("error", code=exc.code, message=exc.message, param=exc.param))
             final = self.finish(run, "failed", {"code": exc.code, "message": exc.message})
             await self._send(self.events.event("response.failed", response=final))
         else:
             status = self._status(self.answer.final)
-            final = self.finish(run, status)
-            await self._send(self.events.event(f"response.{status}", response=final))
+            final, out = self.finish(run, status), self.answer.final
+            await self._send(self.events.event(f"response.{status}", response=final,
+                                               timings=run.tracker.timings(0, out, out.completion_tokens)))
         await self.response.write_eof()
         return self.response
 
