@@ -74,7 +74,7 @@ class Admission:
             raise Refusal("draining", REFUSAL, code="draining", retry_after=1)
 
     def refuse_while_loading(self) -> None:
-        if not self.models.current.engine.ready:
+        if not self.models.current.engine.ready and not self.models.sleep.asleep:
             raise _loading()
 
     @asynccontextmanager

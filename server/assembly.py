@@ -85,6 +85,8 @@ def assemble(args) -> Service:
                          f"{args.embeddings_pooling}")
     if args.max_models < 1:
         raise ValueError("--max-models must be at least 1")
+    if args.sleep_idle_seconds < 0:
+        raise ValueError("--sleep-idle-seconds must be 0 (never) or more")
 
     turns = CpuTurns()  # one per process: every profile's engine and embedder share the machine's cores
     if min(args.tenant_max_running, args.tenant_max_waiting) < 0:
@@ -95,7 +97,8 @@ def assemble(args) -> Service:
     def build(profile: Profile) -> Served:
         return _build(profile, args, settings, turns, tenants)
     try:
-        models = Models(profiles, build(profiles[active]), build, args.switch_timeout, args, args.max_models)
+        models = Models(profiles, build(profiles[active]), build, args.switch_timeout, args, args.max_models,
+                        args.sleep_idle_seconds)
     except (OSError, RuntimeError, ValueError) as exc:
         if not args.profiles:
             raise

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     _option(prof, "--switch-timeout", "SWITCH_TIMEOUT", 120.0, "seconds a request waits for a model switch "
                                                               "(POST /v1/models/switch) to end before it gets 503 / "
                                                               "UNAVAILABLE", type=float)
+    _option(prof, "--sleep-idle-seconds", "SLEEP_IDLE_SECONDS", 0.0, "after this many seconds with no request, "
+                                                                      "the models stop (processes, weights and KV "
+                                                                      "freed); the next request that needs one "
+                                                                      "wakes it and waits while it loads; 0: never",
+            type=float)
     model = p.add_argument_group("model")
     _option(model, "--model", "MODEL_PATH", None, "GGUF file; default SmolLM2-135M-Instruct Q4_1, fetched once")
     _option(model, "--model-alias", "MODEL_ALIAS", None, "model id shown in /v1/models and responses "

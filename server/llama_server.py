@@ -49,6 +49,14 @@ def _n_predict(value: str) -> str:
     return "0" if int(value) < 0 else value
 
 
+def _idle_seconds(value: str) -> str:
+    """llama-server: whole seconds, -1 = never (its default); here 0 is never."""
+    seconds = int(value)
+    if seconds == 0 or seconds < -1:
+        raise ValueError("cannot be 0 or less than -1")
+    return "0" if seconds == -1 else value
+
+
 def _gpu_layers(value: str) -> str:
     return "-1" if value in ("auto", "all") else str(int(value))
 
@@ -173,6 +181,7 @@ FLAGS: list[Flag] = [
     Flag(("-v", "--verbose", "--log-verbose"), to=_switch("--log-level", "debug", "--verbose-answers")),
     Flag(("--log-disable",), to=_switch("--log-level", "error")),
     Flag(("--threads-http",), True, note="HTTP requests are served by one event loop here"),
+    Flag(("--sleep-idle-seconds",), True, _same("--sleep-idle-seconds", _idle_seconds)),
     # models from elsewhere
     *(_refuse(names, MODEL_NOT_LOCAL, True) for names in (
         ("-hf", "-hfr", "--hf-repo"), ("-hff", "--hf-file"), ("-mu", "--model-url"), ("-dr", "--docker-repo"),
@@ -197,7 +206,6 @@ FLAGS: list[Flag] = [
     _refuse(("-nocb", "--no-cont-batching"), "batching is always continuous here"),
     _refuse(("-mm", "--mmproj", "-mmu", "--mmproj-url"), "multimodal projectors are not supported (text models "
                                                          "only)", True),
-    _refuse(("--sleep-idle-seconds",), f"idle sleep is {NOT_BUILT}", True),
     _refuse(("--models-dir", "--models-preset", "--models-max"), "router mode is not built here (this service's "
                                                                  "--profiles and --max-models serve several "
                                                                  "models)", True),

@@ -52,8 +52,9 @@ class LlamaCppMetrics:
         w[2] += max(0, timings["predicted_n"] - 1)
         w[3] += timings["predicted_ms"] / 1000
 
-    def render(self) -> str:
-        s = self.engine().stats()
+    def render(self, stats: dict | None = None) -> str:
+        """`stats`: the engine's numbers as they were on entering idle sleep (the engine has stopped)."""
+        s = stats or self.engine().stats()
         counts = s["batch_size_counts"]
         steps = sum(counts.values())
         prompt_n, prompt_s, gen_steps, gen_s = self._window

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from engine import logs
 from server.llamacpp_metrics import LlamaCppMetrics
+from server.sleep import IdleSleep
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_GAP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -18,8 +19,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    def __init__(self, engine: Callable, embedder: Callable | None = None):
-        """`engine` and `embedder` return the ones serving now (a model switch replaces them)."""
+    def __init__(self, engine: Callable, embedder: Callable | None = None, sleep: IdleSleep | None = None):
+        """`engine` and `embedder` return the ones serving now (a model switch replaces them); `sleep`: the
+        models' idle sleep, during which the scrapes read the snapshot taken on entering it."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("sentiric_requests", "HTTP requests by route and status", ["route", "status"],
@@ -50,14 +52,38 @@ class Metrics:
                                       "adapter set", ["profile", "adapter"], registry=r)
         self.embedding_inputs = Counter("sentiric_embedding_inputs", "Inputs embedded (/v1/embeddings)", registry=r)
         self.embedding_tokens = Counter("sentiric_embedding_tokens", "Input tokens embedded", registry=r)
+        self.sleeps = Counter("sentiric_model_sleeps", "Times the models stopped, idle (--sleep-idle-seconds)",
+                              registry=r)
+        self.wake_seconds = Histogram("sentiric_model_wake_seconds", "Time a request waited for the models to "
+                                      "load again after idle sleep", buckets=_LATENCY, registry=r)
         self.llamacpp = LlamaCppMetrics(engine)
+        self.sleep = sleep
+        self._scraped = (float("-inf"), b"")  # when the service's series were last rendered (monotonic), and how
+        self._frozen = (b"", {})              # asleep: the service's series and the engine's numbers
+        if sleep is not None:
+            sleep.before_sleep.append(self._freeze)
+            sleep.woke.append(self.wake_seconds.observe)
         r.register(_EngineCollector(engine))
         if embedder is not None:
             r.register(_EmbedderCollector(embedder))
 
     def render(self) -> bytes:
-        """The service's series, then llama-server's (llamacpp:*) for the tools that read those."""
-        return generate_latest(self.registry) + self.llamacpp.render().encode()
+        """The service's series, then llama-server's (llamacpp:*) for the tools that read those. Asleep, both
+        come from the snapshot taken on entering sleep (the llamacpp:* throughput windows still reset per
+        scrape, as llama-server's do), so scraping neither wakes the models nor changes the text."""
+        if self.sleep is not None and self.sleep.asleep:
+            own, stats = self._frozen
+            return own + self.llamacpp.render(stats).encode()
+        own = generate_latest(self.registry)
+        self._scraped = (time.monotonic(), own)
+        return own + self.llamacpp.render().encode()
+
+    def _freeze(self, last_used: float) -> None:
+        """The snapshot served while asleep: the last scrape's text when no request used a model since (only
+        read-only routes were called), else the series now; then the sleep is counted."""
+        at, text = self._scraped
+        self._frozen = (text if at >= last_used else generate_latest(self.registry), self.llamacpp.engine().stats())
+        self.sleeps.inc()
 
 
 class _EngineCollector:

@@ -29,6 +29,7 @@ from engine.logs import event
 from server.profiles import Profile
 from server.refusal import Refusal
 from server.shaping import Shaper
+from server.sleep import IdleSleep
 
 log = logging.getLogger("sentiric.server")
 
@@ -63,7 +64,7 @@ class Served:
 
 class Models:
     def __init__(self, profiles: dict[str, Profile], current: Served, build: Callable[[Profile], Served],
-                 switch_timeout: float, flags, max_models: int = 1):
+                 switch_timeout: float, flags, max_models: int = 1, sleep_idle_seconds: float = 0):
         self.profiles, self.current, self.build = profiles, current, build
         self.max_models = max_models
         # the loaded profiles by name, least recently used first (the active one among them)
@@ -78,13 +79,23 @@ class Models:
         self._lock = asyncio.Lock()        # one switch at a time
         self._closed = False
         self._retiring: dict[Served, asyncio.Task] = {}  # old models waiting for their last request
+        # --sleep-idle-seconds: the models stop when idle (server/sleep.py); asleep, `current` still describes
+        # the active model to the read-only routes, its engine stopped
+        self.sleep = IdleSleep(sleep_idle_seconds, self._fall_asleep, self._wake, lambda: self.switching is not None)
 
     @asynccontextmanager
     async def use(self, model: str | None = None):
         """The model a request runs on, from before it is shaped to its last byte: the active profile, or
         with --max-models above 1 the profile its `model` names (loaded now if it is not). Refusals: switching
         (the switch did not end within the switch timeout), not_found (no such profile), unavailable (the
-        profile could not be loaded)."""
+        profile could not be loaded, or did not wake)."""
+        with self.sleep.held():
+            await self.sleep.awake()
+            async with self._gate(model) as served:
+                yield served
+
+    @asynccontextmanager
+    async def _gate(self, model: str | None):
         if not self._open.is_set():
             self.waiting += 1
             try:
@@ -117,12 +128,7 @@ class Models:
             if name not in self.resident:
                 log.info("loading profile %s on demand", name, extra=event("MODEL_LOADING", profile=name))
                 try:
-                    new = await asyncio.to_thread(self.build, self.profiles[name])
-                    try:
-                        await new.start()
-                    except BaseException:
-                        await new.shutdown()
-                        raise
+                    new = await self._load(self.profiles[name])
                 except (OSError, RuntimeError, ValueError) as exc:
                     raise Refusal("unavailable", f"Profile {name!r} could not be loaded: {exc}", param="model",
                                   code="model_load_failed") from None
@@ -157,12 +163,7 @@ class Models:
             log.info("switching to profile %s; %d requests finish on %s", profile.name, old.active,
                      old.profile.name, extra=event("MODEL_SWITCHING", profile=profile.name, running=old.active))
             try:
-                new = await asyncio.to_thread(self.build, profile)
-                try:
-                    await new.start()
-                except BaseException:
-                    await new.shutdown()
-                    raise
+                new = await self._load(profile)
             except Exception as exc:
                 log.error("profile %s could not be loaded, %s goes on serving: %s", profile.name,
                           old.profile.name, exc, extra=event("MODEL_SWITCH_FAILED", profile=profile.name))
@@ -175,14 +176,50 @@ class Models:
                     del self.resident[old.profile.name]
                 replaced = self.resident.pop(profile.name, None)  # loaded on demand with its old settings
                 self.resident[profile.name] = new
+                stopped = old if self.sleep.asleep else None  # asleep, the old model has stopped already
+                self.sleep.awoken()
                 for gone in (old, replaced):
-                    if gone is not None and gone not in self._retiring:
+                    if gone is not None and gone is not stopped and gone not in self._retiring:
                         self._retiring[gone] = asyncio.create_task(self._retire(gone))
                 log.info("profile %s is active", profile.name, extra=event("MODEL_SWITCHED", profile=profile.name))
             finally:
                 self.switching = None
                 self._open.set()
             return profile
+
+    async def _load(self, profile: Profile) -> Served:
+        """`profile`'s model built (off the event loop) and started; nothing is left running if it fails."""
+        new = await asyncio.to_thread(self.build, profile)
+        try:
+            await new.start()
+        except BaseException:
+            await new.shutdown()
+            raise
+        return new
+
+    async def _fall_asleep(self) -> None:
+        """Idle sleep: every loaded model stops; `current` stays, stopped, for the read-only routes to read."""
+        async with self._lock:
+            asleep = list(self.resident.values())
+            self.resident.clear()
+            for served in asleep:
+                await served.shutdown()
+
+    async def _wake(self) -> None:
+        """The active profile loaded again after idle sleep (a switch meanwhile may have loaded one already);
+        Refusal("unavailable") when it cannot load: the model sleeps on and the next request tries again."""
+        async with self._lock:
+            if not self.sleep.asleep:
+                return
+            profile = self.current.profile
+            try:
+                new = await self._load(profile)
+            except Exception as exc:
+                log.error("profile %s could not be loaded on waking: %s", profile.name, exc,
+                          extra=event("MODEL_WAKE_FAILED", profile=profile.name))
+                raise Refusal("unavailable", f"The model sleeps and could not be loaded again ({exc}); retry "
+                              "shortly.", code="model_load_failed", retry_after=2) from None
+            self.current = self.resident[profile.name] = new
 
     async def _retire(self, old: Served) -> None:
         """Shut the old model down once its last request has ended."""
@@ -193,6 +230,7 @@ class Models:
 
     async def shutdown(self) -> None:
         """Stop every model: what still runs on one ends with an error (a switch under way ends first)."""
+        self.sleep.stop()
         async with self._lock:
             self._closed = True
         for old, task in list(self._retiring.items()):
@@ -203,7 +241,7 @@ class Models:
 
     def health(self) -> dict:
         return {"current_profile": self.current.profile.name, "switching": self.switching,
-                "switch_waiting": self.waiting}
+                "switch_waiting": self.waiting, "sleeping": self.sleep.asleep}
 
 
 def _switch_failed(message: str) -> Refusal:

@@ -42,7 +42,7 @@ def serve(argv: list[str] | None = None) -> int:
 
 async def run(service: Service) -> int:
     models, settings, drain = service.models, service.settings, service.drain
-    metrics = Metrics(lambda: models.current.engine, lambda: models.current.embedder)
+    metrics = Metrics(lambda: models.current.engine, lambda: models.current.embedder, models.sleep)
     admission = Admission(models, drain, metrics, require_tenant=settings.require_tenant)
     runners = [web.AppRunner(create_app(admission, settings), access_log=None, handle_signals=False,
                              handler_cancellation=True)]
@@ -87,6 +87,7 @@ async def run(service: Service) -> int:
     elif starting.done():
         if grpc_door:
             await grpc_door.set_serving(True)
+        models.sleep.start()
         announce(service)
         await stopping
         if not at_once.is_set():

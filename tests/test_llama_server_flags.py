@@ -45,6 +45,9 @@ def test_the_suites_command_line_maps_onto_serve():
     ("--spec-type ngram-mod,ngram-map-k --spec-draft-n-max 8 --spec-ngram-mod-n-max 8",
      dict(spec_type="ngram", spec_draft_max=8)),  # llama-server's n-gram drafters: this engine's lookup
     ("--spec-type none", dict(spec_type="none")),  # the KV store's RAM tier (docs/kv-store.md)
+    ("--sleep-idle-seconds 5", dict(sleep_idle_seconds=5.0)),  # idle sleep (docs/llama-server.md)
+    ("--sleep-idle-seconds -1", dict(sleep_idle_seconds=0.0)),  # llama-server's "never" (its default)
+    ("", dict(sleep_idle_seconds=0.0)),
 ])
 def test_flags(argv, checks):
     args, _ = serve_args(argv)
@@ -71,6 +74,8 @@ def test_flags_that_change_nothing_here_say_so():
     ("-c", ["needs a value"]),
     ("--jinja=1", ["takes no value"]),
     ("-n lots", ["-n lots"]),
+    ("--sleep-idle-seconds 0", ["cannot be 0 or less than -1"]),  # as llama-server refuses it
+    ("--sleep-idle-seconds -2", ["cannot be 0 or less than -1"]),
 ])
 def test_unsupported_flags_are_refused_with_the_reason(argv, words):
     with pytest.raises(UnsupportedFlag) as refused:

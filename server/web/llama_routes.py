@@ -115,7 +115,7 @@ class LlamaRoutes:
             "modalities": {"vision": False, "video": False, "audio": False},
             "endpoint_slots": self.settings.slots, "endpoint_props": self.settings.props,
             "endpoint_metrics": self.settings.metrics, "ui": self.settings.studio_dir is not None,
-            "build_info": BUILD_INFO, "is_sleeping": False,
+            "build_info": BUILD_INFO, "is_sleeping": self.admission.models.sleep.asleep,
         })
 
     async def set_props(self, request: web.Request) -> web.Response:

@@ -44,6 +44,8 @@ class ServiceRoutes:
         served = self.models.current
         body = {"service": "sentiric-llm-llama-service", "model": served.alias, **self.models.health(),
                 "timestamp": int(time.time())}
+        if self.models.sleep.asleep:  # idle sleep: the next request that needs the model wakes it
+            return json_response({"status": "sleeping", "model_ready": False, **body})
         if not served.engine.ready:
             return json_response({"status": "loading", "model_ready": False, **body}, status=503)
         s, e = served.engine.stats(), served.embedder.stats()
@@ -67,6 +69,7 @@ class ServiceRoutes:
     async def stats(self, request: web.Request) -> web.Response:
         served = self.models.current
         return json_response({"model": served.alias, "profile": served.profile.name, "ready": served.engine.ready,
+                              "sleeping": self.models.sleep.asleep,
                               "worker_pids": served.engine.worker_pids(), **served.engine.stats(),
                               "embeddings": served.embedder.stats(),
                               "cpu_turns": served.engine.cpu_turns.stats() if served.engine.cpu_turns else None,

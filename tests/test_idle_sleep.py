@@ -1,0 +1,116 @@
+"""Idle sleep (--sleep-idle-seconds): the idle service stops its worker processes, the read-only routes
+answer without waking it, and any request that needs the model wakes it and is answered, however many
+arrive while it loads, on either door."""
+
+import asyncio
+import json
+import os
+import time
+import urllib.request
+
+import grpc
+import openai
+import pytest
+
+from server.proto import llama_pb2, llama_pb2_grpc
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="module")
+def sleepy(start_server):
+    return start_server("--sleep-idle-seconds", "1", "--parallel", "2", "--ctx-size", "1024", "--log-format", "json")
+
+
+def health(service) -> dict:
+    status, body = service.get("/health")
+    assert status == 200
+    return json.loads(body)
+
+
+def wait_asleep(service, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health(service)["status"] == "sleeping":
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the service did not fall asleep:\n{service.log()}")
+
+
+def events(service) -> list[str]:
+    return [json.loads(line).get("event") for line in service.log().splitlines() if line.startswith("{")]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not open(f"/proc/{pid}/stat").read().split(") ")[1].startswith("Z")  # a zombie has exited
+
+
+def chat(service, content="Say hi.") -> str:
+    client = openai.OpenAI(base_url=service.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    answer = client.chat.completions.create(model="x", messages=[{"role": "user", "content": content}],
+                                            max_tokens=4)
+    return answer.choices[0].message.content
+
+
+def test_sleeps_when_idle_and_read_only_routes_keep_it_asleep(sleepy):
+    chat(sleepy)
+    workers = sleepy.stats()["worker_pids"]
+    assert workers and all(map(alive, workers))
+    wait_asleep(sleepy)
+    assert not any(map(alive, workers))  # the worker processes (weights, KV) are gone
+    assert events(sleepy).count("MODEL_SLEEPING") >= 1
+    sleepy.metrics()  # the first scrape reports (and resets) the llamacpp:* throughput of the last generation
+    metrics = sleepy.metrics()
+    for path in ("/health", "/v1/health", "/props", "/v1/models", "/models", "/stats", "/metrics"):
+        assert sleepy.get(path)[0] == 200, path
+    props = json.loads(sleepy.get("/props")[1])
+    assert props["is_sleeping"] is True and props["model_alias"]
+    assert sleepy.stats()["sleeping"] is True
+    assert health(sleepy)["status"] == "sleeping"
+    # asleep, /metrics is the snapshot taken on entering sleep: the routes called since do not show
+    assert sleepy.metrics() == metrics
+    assert "sentiric_model_sleeps_total" in metrics
+
+
+def test_a_chat_request_wakes_it_and_is_answered(sleepy):
+    wait_asleep(sleepy)
+    assert chat(sleepy)
+    assert health(sleepy)["status"] == "healthy"
+    assert sleepy.stats()["sleeping"] is False and all(map(alive, sleepy.stats()["worker_pids"]))
+    assert "MODEL_WOKE" in events(sleepy)
+    wakes = [line for line in sleepy.metrics().splitlines() if line.startswith("sentiric_model_wake_seconds_count ")]
+    assert wakes and float(wakes[0].split()[1]) >= 1
+
+
+def test_requests_arriving_during_the_wake_all_answer(sleepy):
+    """Chats, tokenize, embeddings and a gRPC call sent at once to the sleeping service: one wake, every answer."""
+    wait_asleep(sleepy)
+    woke_before = events(sleepy).count("MODEL_WOKE")
+    client = openai.AsyncOpenAI(base_url=sleepy.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+    def tokenize():
+        req = urllib.request.Request(sleepy.base_url + "/tokenize", json.dumps({"content": "Hello"}).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())["tokens"]
+
+    def grpc_generate():
+        with grpc.insecure_channel(sleepy.grpc_target) as channel:
+            req = llama_pb2.GenerateStreamRequest(user_prompt="Hello", params=llama_pb2.GenerationParams(
+                max_new_tokens=4))
+            return list(llama_pb2_grpc.LlamaServiceStub(channel).GenerateStream(req, timeout=120))
+
+    async def all_at_once():
+        chats = [client.chat.completions.create(model="x", messages=[{"role": "user", "content": f"Count to {i}"}],
+                                                max_tokens=4) for i in range(4)]
+        return await asyncio.gather(*chats, client.embeddings.create(model="x", input="Hello"),
+                                    asyncio.to_thread(tokenize), asyncio.to_thread(grpc_generate))
+
+    *answers, embedding, tokens, messages = asyncio.run(all_at_once())
+    assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
+    assert embedding.data[0].embedding and tokens and messages[-1].WhichOneof("type") == "finish_details"
+    assert events(sleepy).count("MODEL_WOKE") == woke_before + 1  # one wake served them all
