@@ -86,6 +86,26 @@ def test_a_chat_request_wakes_it_and_is_answered(sleepy):
     assert wakes and float(wakes[0].split()[1]) >= 1
 
 
+def post(service, path: str, body: dict) -> dict:
+    req = urllib.request.Request(service.base_url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+HELLO = [{"role": "user", "content": "Hello world"}]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/responses/input_tokens", {"input": "Hello world"}),
+    ("/chat/completions/input_tokens", {"messages": HELLO}),
+])
+def test_counting_tokens_wakes_it(sleepy, path, body):
+    wait_asleep(sleepy)
+    counted = post(sleepy, path, body)["input_tokens"]
+    assert counted == post(sleepy, "/v1/messages/count_tokens", {"messages": HELLO})["input_tokens"] > 0
+    assert health(sleepy)["status"] == "healthy"
+
+
 def test_requests_arriving_during_the_wake_all_answer(sleepy):
     """Chats, tokenize, embeddings and a gRPC call sent at once to the sleeping service: one wake, every answer."""
     wait_asleep(sleepy)
@@ -93,10 +113,7 @@ def test_requests_arriving_during_the_wake_all_answer(sleepy):
     client = openai.AsyncOpenAI(base_url=sleepy.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
 
     def tokenize():
-        req = urllib.request.Request(sleepy.base_url + "/tokenize", json.dumps({"content": "Hello"}).encode(),
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read())["tokens"]
+        return post(sleepy, "/tokenize", {"content": "Hello"})["tokens"]
 
     def grpc_generate():
         with grpc.insecure_channel(sleepy.grpc_target) as channel:
