@@ -70,9 +70,9 @@ class IdleSleep:
                 for hook in self.before_sleep:
                     hook(self.last_used)
                 self.asleep = True  # from here a request waits for the wake, which waits for the models to stop
-                await asyncio.shield(self._fall_asleep())  # `stop` must not leave the models half stopped
-                log.info("idle for %g s: the model sleeps (its processes stopped) until a request needs it",
+                log.info("idle for %g s: the model sleeps (its processes stop) until a request needs it",
                          self.seconds, extra=event("MODEL_SLEEPING", idle_s=self.seconds))
+                await asyncio.shield(self._fall_asleep())  # `stop` must not leave the models half stopped
 
     async def awake(self) -> None:
         """Return once the models are awake, waking them if they sleep: concurrent requests share one wake,

@@ -61,6 +61,9 @@ def test_sleeps_when_idle_and_read_only_routes_keep_it_asleep(sleepy):
     workers = sleepy.stats()["worker_pids"]
     assert workers and all(map(alive, workers))
     wait_asleep(sleepy)
+    deadline = time.monotonic() + 10
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not any(map(alive, workers))  # the worker processes (weights, KV) are gone
     assert events(sleepy).count("MODEL_SLEEPING") >= 1
     sleepy.metrics()  # the first scrape reports (and resets) the llamacpp:* throughput of the last generation
