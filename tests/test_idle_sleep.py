@@ -5,13 +5,16 @@ arrive while it loads, on either door."""
 import asyncio
 import json
 import os
+import shutil
 import time
+import urllib.error
 import urllib.request
 
 import grpc
 import openai
 import pytest
 
+from engine.model_files import default_model_path
 from server.proto import llama_pb2, llama_pb2_grpc
 
 pytestmark = pytest.mark.service
@@ -134,3 +137,43 @@ def test_requests_arriving_during_the_wake_all_answer(sleepy):
     assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
     assert embedding.data[0].embedding and tokens and messages[-1].WhichOneof("type") == "finish_details"
     assert events(sleepy).count("MODEL_WOKE") == woke_before + 1  # one wake served them all
+
+
+@pytest.fixture(scope="module")
+def movable(start_server, tmp_path_factory):
+    """A sleepy service whose model file the test can take away while it sleeps."""
+    path = tmp_path_factory.mktemp("model") / "model.gguf"
+    shutil.copyfile(default_model_path(), path)
+    return start_server("--sleep-idle-seconds", "1", "--parallel", "1", "--ctx-size", "512", "--model", str(path)), path
+
+
+def test_a_wake_that_cannot_load_is_a_retryable_503_and_the_next_request_wakes_it(movable):
+    service, path = movable
+    wait_asleep(service)
+    hidden = path.with_suffix(".away")
+    path.rename(hidden)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            post(service, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "2"
+        assert json.loads(refused.value.read())["error"]["code"] == "model_load_failed"
+        with grpc.insecure_channel(service.grpc_target) as channel, pytest.raises(grpc.RpcError) as failed:
+            list(llama_pb2_grpc.LlamaServiceStub(channel).GenerateStream(
+                llama_pb2.GenerateStreamRequest(user_prompt="Hello"), timeout=60))
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert health(service)["status"] == "sleeping"
+    finally:
+        hidden.rename(path)
+    assert post(service, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})["choices"]
+
+
+def test_a_reload_while_asleep_loads_once_and_serves(movable):
+    """POST /v1/hardware/config while asleep goes through the switch: the new settings load, the stopped model is
+    not stopped twice, and the service serves awake."""
+    service, _ = movable
+    wait_asleep(service)
+    assert post(service, "/v1/hardware/config", {"threads": 1})["threads"] == 1
+    assert health(service)["status"] == "healthy"
+    assert service.stats()["sleeping"] is False
+    assert post(service, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})["choices"]
+    assert service.process.poll() is None
