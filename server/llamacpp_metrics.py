@@ -54,7 +54,7 @@ class LlamaCppMetrics:
 
     def render(self, stats: dict | None = None) -> str:
         """`stats`: the engine's numbers as they were on entering idle sleep (the engine has stopped)."""
-        s = stats or self.engine().stats()
+        s = stats if stats is not None else self.engine().stats()
         counts = s["batch_size_counts"]
         steps = sum(counts.values())
         prompt_n, prompt_s, gen_steps, gen_s = self._window

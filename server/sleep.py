@@ -5,7 +5,7 @@ request that needs a model wakes the active profile and waits while it loads, as
 Only requests that pass the model gate (Models.use: every generation door, tokenize, token counting,
 embeddings) count as use and wake it; the read-only routes (health, props, models, metrics, stats) read the
 sleeping model's description and leave it asleep. While asleep, /metrics is the text as it was on entering
-sleep (server/metrics.py `freeze`), as llama-server serves a snapshot then.
+sleep (server/metrics.py, Metrics._freeze), as llama-server serves a snapshot then.
 """
 
 from __future__ import annotations
