@@ -76,6 +76,16 @@ def test_a_conversation_the_template_accepts_is_rendered_unchanged():
 
 
 @pytest.mark.model
+def test_an_assistant_turns_reasoning_reaches_a_template_that_shows_it():
+    shows_reasoning = ("{% for m in messages %}<{{ m['role'] }}>{% if m.reasoning_content %}<think>"
+                       "{{ m.reasoning_content }}</think>{% endif %}{{ m['content'] }}\n{% endfor %}")
+    turns = messages(Fields({"messages": [
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Two twos."},
+        {"role": "user", "content": "3+3?"}]}))
+    assert rendered(shows_reasoning, turns) == "<user>2+2?\n<assistant><think>Two twos.</think>4\n<user>3+3?\n"
+
+
+@pytest.mark.model
 def test_a_template_that_rejects_every_shape_names_its_reason():
     engine = TemplateEngine("{{ raise_exception('this template takes no conversation') }}")
     with pytest.raises(Refusal) as info:
