@@ -29,7 +29,7 @@ def test_defaults_in_force_are_published_and_a_request_overrides_them(start_serv
     with urllib.request.urlopen(service.base_url + "/v1/models") as r:
         defaults = json.loads(r.read())["data"][0]["meta"]["sampling_defaults"]
     assert defaults == {"temperature": 0.5, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.1,
-                        "repeat_last_n": 64, "max_tokens": 7}
+                        "repeat_last_n": 64, "max_tokens": 7, "seed": None}  # None: a random seed per request
     with urllib.request.urlopen(service.base_url + "/openapi.json") as r:
         spec = json.loads(r.read())
     assert spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]["temperature"]["default"] == 0.5
