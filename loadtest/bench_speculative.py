@@ -6,8 +6,12 @@ each started in turn with the same model, threads and slots.
 Workloads: `copying` (1 stream: repeat a ~300-token text word for word), `rag` (1 stream: a question
 on an ~850-token document, the platform's traffic), and `chat` at 4, 8 and 16 concurrent streams (the
 service only: the load-aware rule must keep the default within 0.97x of drafting off). Greedy, fixed
-max_tokens; tokens/s = completion tokens / wall time, the median over the rounds. Acceptance: the
-service's /stats, llama-server's timings (draft_n, draft_n_accepted).
+max_tokens; tokens/s = completion tokens / wall time, the median over the rounds; decode tokens/s =
+the answers' `timings.predicted_per_second` (tokens after the first over the time since it: prefill
+left out). Every server gets the same prompts (round r's tag), new ones each round: a random tag per
+request made greedy answers of 10 to 200 tokens, so an earlier RAG figure compared answer lengths, not
+speeds (`tokens` lists them per round; drafting may still change a greedy answer, see the docs).
+Acceptance: the service's /stats, llama-server's timings (draft_n, draft_n_accepted).
 
   flock /tmp/sentiric-cpu.lock python loadtest/bench_speculative.py --rounds 3
 """
@@ -45,8 +49,7 @@ def get(base_url: str, path: str) -> dict:
         return json.loads(r.read())
 
 
-def messages(workload: str, i: int) -> list[dict]:
-    tag = prompts.new_tag()
+def messages(workload: str, i: int, tag: str) -> list[dict]:
     if workload == "copying":
         return [{"role": "user", "content": f"[{tag}] Repeat the following text exactly, word for word, and "
                                             f"nothing else:\n\n{COPY_TEXT}"}]
@@ -55,9 +58,11 @@ def messages(workload: str, i: int) -> list[dict]:
     return prompts.chat_messages(tag, i)
 
 
-def run_level(base_url: str, workload: str, streams: int, max_tokens: int) -> dict:
-    bodies = [{"model": "x", "messages": messages(workload, i), "max_tokens": max_tokens, "temperature": 0}
-              for i in range(streams)]
+def run_level(base_url: str, workload: str, streams: int, max_tokens: int, round_no: int) -> dict:
+    """One round: the same prompts on every server (greedy: the same answers, so tok/s compares speed, not
+    answer lengths), new ones each round (no prefix cache across rounds)."""
+    bodies = [{"model": "x", "messages": messages(workload, i, f"round{round_no}-{i}"), "max_tokens": max_tokens,
+               "temperature": 0} for i in range(streams)]
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
         answers = list(pool.map(lambda b: post(base_url, b), bodies))
@@ -65,26 +70,29 @@ def run_level(base_url: str, workload: str, streams: int, max_tokens: int) -> di
     tokens = sum(a["usage"]["completion_tokens"] for a in answers)
     drafted = sum(a.get("timings", {}).get("draft_n", 0) for a in answers)
     accepted = sum(a.get("timings", {}).get("draft_n_accepted", 0) for a in answers)
-    return {"tok_s": tokens / seconds, "tokens": tokens, "drafted": drafted, "accepted": accepted}
+    decode = statistics.median(a["timings"]["predicted_per_second"] for a in answers)
+    return {"tok_s": tokens / seconds, "decode_tok_s": decode, "tokens": tokens, "drafted": drafted,
+            "accepted": accepted}
 
 
 def measure(name: str, argv: list[str], port: int, cases: list[tuple[str, int]], args) -> dict:
     server = servers.ManagedServer(name, argv, port, Path(args.log_dir))
     try:
         server.wait_ready(args.ready_timeout)
-        run_level(server.base_url, "chat", 1, 8)  # warm-up
+        run_level(server.base_url, "chat", 1, 8, -1)  # warm-up
         out = {}
         for workload, streams in cases:
             before = get(server.base_url, "/stats").get("speculative") if name.startswith("service") else None
-            runs = [run_level(server.base_url, workload, streams, args.max_tokens) for _ in range(args.rounds)]
+            runs = [run_level(server.base_url, workload, streams, args.max_tokens, r) for r in range(args.rounds)]
             if before is not None:
                 after = get(server.base_url, "/stats")["speculative"]
                 drafted, accepted = after["drafted"] - before["drafted"], after["accepted"] - before["accepted"]
             else:
                 drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
             out[f"{workload}@{streams}"] = {"tok_s": statistics.median(r["tok_s"] for r in runs),
+                                            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
                                             "acceptance": round(accepted / drafted, 3) if drafted else None,
-                                            "drafted": drafted}
+                                            "drafted": drafted, "tokens": [r["tokens"] for r in runs]}
             print(f"[bench] {name} {workload}@{streams}: {out[f'{workload}@{streams}']}", flush=True)
         return out
     finally:
