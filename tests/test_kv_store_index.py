@@ -135,40 +135,12 @@ def test_a_scan_before_a_dropped_file_is_removed_does_not_take_it_back(tmp_path)
         store.close()
 
 
-def test_the_scheduler_saves_what_it_evicts_and_restores_a_stored_prefix(disk_store):
-    w = WorkerState(0, n_ctx=4096, parallel=1, cache_slots=1, n_ctx_seq=4096, n_ids=1, store=disk_store)
+def one_stream(store: KvStore):
+    """A scheduler over one split stream with `store`, and a run of one prompt through it (planned,
+    computed, finished): returns (the sequence, its step's ops)."""
+    w = WorkerState(0, n_ctx=4096, parallel=1, cache_slots=1, n_ctx_seq=4096, n_ids=1, store=store)
     w.alive = True
-    sched = Scheduler([w], max_waiting=8, step_tokens=512, reserve_cap=256, kv_unified=False, store=disk_store)
-    doc = tokens(300, 1)
-
-    def run(prompt):
-        seq = sched.add(Request(prompt=list(prompt), sampling=SamplingParams(temperature=0), max_tokens=1))
-        plans = sched.plan()
-        for row in plans[0].rows:
-            seq.n_computed = row.start + row.count
-        sched.finish(seq, "stop")
-        return plans[0].ops
-
-    run(np.concatenate([doc, tokens(20, 2)]))
-    ops = run(tokens(300, 3))  # another document takes the only stream: the first is saved, then freed
-    kinds = [op.kind for op in ops]
-    assert kinds[:2] == [OpKind.SAVE, OpKind.FREE]
-    save_op = ops[0]
-    kv_file.write(save_op.payload.path, KEY, (), save_op.payload.tokens, b"kv")
-    disk_store.saved(save_op.payload, True, 10)
-    ops = run(np.concatenate([doc, tokens(20, 4)]))
-    restore = next(op for op in ops if op.kind == OpKind.RESTORE)
-    assert len(restore.payload.tokens) == 300 and np.array_equal(restore.payload.tokens, doc)
-    assert [op.kind for op in ops].index(OpKind.RESTORE) < [op.kind for op in ops].index(OpKind.START)
-
-
-def test_a_stream_adopted_for_a_short_common_prefix_is_saved_before_its_trim(disk_store):
-    """A split cache's idle stream is reused for any common prefix (llama-server's slot keeps its last
-    prompt); what the trim drops is saved first when it is worth keeping."""
-    w = WorkerState(0, n_ctx=4096, parallel=1, cache_slots=1, n_ctx_seq=4096, n_ids=1, store=disk_store)
-    w.alive = True
-    sched = Scheduler([w], max_waiting=8, step_tokens=512, reserve_cap=256, kv_unified=False, store=disk_store)
-    head = tokens(8, 7)  # a chat template's few tokens in common
+    sched = Scheduler([w], max_waiting=8, step_tokens=512, reserve_cap=256, kv_unified=False, store=store)
 
     def run(prompt):
         seq = sched.add(Request(prompt=list(prompt), sampling=SamplingParams(temperature=0), max_tokens=1))
@@ -177,6 +149,30 @@ def test_a_stream_adopted_for_a_short_common_prefix_is_saved_before_its_trim(dis
             seq.n_computed = row.start + row.count
         sched.finish(seq, "stop")
         return seq, plans[0].ops
+    return run
+
+
+def test_the_scheduler_saves_what_it_evicts_and_restores_a_stored_prefix(disk_store):
+    run = one_stream(disk_store)
+    doc = tokens(300, 1)
+    run(np.concatenate([doc, tokens(20, 2)]))
+    _, ops = run(tokens(300, 3))  # another document takes the only stream: the first is saved, then freed
+    kinds = [op.kind for op in ops]
+    assert kinds[:2] == [OpKind.SAVE, OpKind.FREE]
+    save_op = ops[0]
+    kv_file.write(save_op.payload.path, KEY, (), save_op.payload.tokens, b"kv")
+    disk_store.saved(save_op.payload, True, 10)
+    _, ops = run(np.concatenate([doc, tokens(20, 4)]))
+    restore = next(op for op in ops if op.kind == OpKind.RESTORE)
+    assert len(restore.payload.tokens) == 300 and np.array_equal(restore.payload.tokens, doc)
+    assert [op.kind for op in ops].index(OpKind.RESTORE) < [op.kind for op in ops].index(OpKind.START)
+
+
+def test_a_stream_adopted_for_a_short_common_prefix_is_saved_before_its_trim(disk_store):
+    """A split cache's idle stream is reused for any common prefix (llama-server's slot keeps its last
+    prompt); what the trim drops is saved first when it is worth keeping."""
+    run = one_stream(disk_store)
+    head = tokens(8, 7)  # a chat template's few tokens in common
 
     run(np.concatenate([head, tokens(300, 1)]))
     seq, ops = run(np.concatenate([head, tokens(300, 2)]))
