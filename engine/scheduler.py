@@ -357,8 +357,7 @@ class Scheduler:
                 plan.ops.append(Op(OpKind.COPY, seq.seq_id, source.seq_id, shared))
             elif source.seq_id == seq_id:  # split: the finished sequence's stream becomes this one's
                 entry = w.cache.adopt(seq_id)
-                if len(entry.tokens) - shared >= kv_store.MIN_TOKENS:
-                    w.store_entry(entry)  # the trim drops a part worth keeping: the store keeps it first
+                w.store_entry(entry, kept=shared)  # what the trim drops, if worth keeping, is stored first
                 seq.seq_id, seq.span = seq_id, entry.span
                 w.ledger.truncate(seq.span, shared)
                 plan.ops.append(Op(OpKind.TRIM, seq.seq_id, n=shared))
@@ -388,7 +387,9 @@ class Scheduler:
         """Cut a unified cache's entry down to the n positions a newcomer shares with it: with one KV
         buffer every cell the cache holds is attended over (masked) by every running sequence, so an old
         answer nobody continues (say 1,000 tokens behind a 20-token common template) would slow every
-        step. Only when the cache is over its cell budget: a conversation's next turn reuses it all."""
+        step. Only when the cache is over its cell budget: a conversation's next turn reuses it all. What the
+        trim drops, if worth keeping, is stored first (the SAVE goes ahead of the step's ops)."""
+        plan.worker.store_entry(entry, kept=n)
         plan.worker.ledger.truncate(entry.span, n)
         entry.tokens = entry.tokens[:n]
         plan.ops.append(Op(OpKind.TRIM, entry.seq_id, n=n))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine import kv_store
 from engine.kv_ledger import KvLedger, Span
 from engine.prefix_cache import MIN_CACHED_PREFIX, CacheEntry, PrefixCache
 from engine.sequence import Sequence
@@ -93,8 +94,11 @@ class WorkerState:
         self.store_entry(entry)
         self._free(entry.seq_id, entry.span)
 
-    def store_entry(self, entry: CacheEntry) -> None:
-        """The store keeps an entry's KV if it is worth keeping (a SAVE op ahead of this step's others)."""
+    def store_entry(self, entry: CacheEntry, kept: int = 0) -> None:
+        """The store keeps an entry's KV if it is worth keeping (a SAVE op ahead of this step's others);
+        `kept`: the positions a trim leaves in the KV buffer (then worth it only if MIN_TOKENS more go)."""
+        if len(entry.tokens) - kept < kv_store.MIN_TOKENS:
+            return
         target = self.store.save_target(entry) if self.store is not None else None
         if target is not None:
             self.pending_ops.append(Op(OpKind.SAVE, entry.seq_id, payload=target))

@@ -129,7 +129,8 @@ def test_the_disk_tier_keeps_within_its_bound_and_restores_into_a_unified_cache(
     assert files and sum(f.stat().st_size for f in files) <= 16 << 20
     assert bounded.stats()["kv_store"]["disk_bytes"] <= 16 << 20
     answer, computed = ask(bounded, 3)  # among the newest: still on disk
-    assert CODE in answer and computed < 40 and bounded.stats()["kv_store"]["hits_disk"] == 1
+    assert CODE in answer and computed < 40 and bounded.stats()["kv_store"]["hits_disk"] == 1, (
+        computed, bounded.stats()["kv_store"], [(f.name, f.stat().st_size) for f in store_files(tmp_path)])
 
 
 def test_q8_0_kv_starts_reports_its_type_and_answers(start_server):

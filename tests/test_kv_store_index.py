@@ -179,3 +179,22 @@ def test_a_stream_adopted_for_a_short_common_prefix_is_saved_before_its_trim(dis
     assert seq.cached_tokens == 8  # the stream's first 8 positions are reused
     kinds = [op.kind for op in ops]
     assert kinds[:2] == [OpKind.SAVE, OpKind.TRIM] and len(ops[0].payload.tokens) == 308
+
+
+def test_a_unified_entry_cut_to_a_newcomers_shared_part_is_saved_before_its_trim(disk_store):
+    """Over its cell budget a unified cache cuts a finished entry down to the part a newcomer shares: the
+    rest, worth keeping, goes to the store first."""
+    w = WorkerState(0, 4096, 4, 8, cache_cells=64, store=disk_store)
+    w.alive = True
+    sched = Scheduler([w], max_waiting=8, step_tokens=512, reserve_cap=256, store=disk_store)
+    template, doc = tokens(40, 1), tokens(300, 2)
+    first = sched.add(Request(prompt=list(np.concatenate([template, doc])), max_tokens=1))
+    for row in sched.plan()[0].rows:
+        first.n_computed = row.start + row.count
+    sched.finish(first, "length")
+    sched.add(Request(prompt=list(np.concatenate([template, tokens(3, 3)])), max_tokens=4))
+    ops = sched.plan()[0].ops
+    kinds = [op.kind for op in ops]
+    assert OpKind.TRIM in kinds and kinds.index(OpKind.SAVE) < kinds.index(OpKind.TRIM)
+    save = ops[kinds.index(OpKind.SAVE)]
+    assert save.seq == first.seq_id and len(save.payload.tokens) == 340
