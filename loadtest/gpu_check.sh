@@ -4,9 +4,11 @@
 # reference from the same source, checks that greedy answers agree, then runs bench_engine.py
 # (against llama-batched-bench) and bench_serving.py (against llama-server) on the GPU build.
 #
-#   loadtest/gpu_check.sh [RESULTS_DIR]   results (7 files) go to RESULTS_DIR, else $OUT, else
-#                                         loadtest/results/gpu; builds and logs to $GPU_CHECK_WORK
-#                                         (default /tmp/sentiric-gpu-check)
+#   loadtest/gpu_check.sh [--builds-only] [RESULTS_DIR]
+#       results (7 files) go to RESULTS_DIR, else $OUT, else loadtest/results/gpu; builds and logs
+#       to $GPU_CHECK_WORK (default /tmp/sentiric-gpu-check), where a later run finds them up to
+#       date. --builds-only stops after the builds and needs no model: a lease whose transfers
+#       cannot carry the model with the source builds in one call and checks in the next.
 #
 # The CUDA toolkit, in this order: a system one whose nvcc has cuBLAS beside it (--cuda); nvcc
 # without cuBLAS (e.g. a /usr/local/cuda made of NVIDIA's wheels) plus the nvidia-cublas wheel
@@ -19,6 +21,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILDS_ONLY=0
+[ "${1:-}" = --builds-only ] && { BUILDS_ONLY=1; shift; }
 RESULTS=${1:-${OUT:-$ROOT/loadtest/results/gpu}}
 WORK=${GPU_CHECK_WORK:-/tmp/sentiric-gpu-check}
 PY=${PYTHON:-python3}
@@ -40,7 +44,7 @@ summary() { printf '%s\n' "$@" >>"$RESULTS/summary.md"; }
 # --- what must be here --------------------------------------------------------
 command -v nvidia-smi >/dev/null || die "nvidia-smi not found: no NVIDIA GPU or driver"
 MODEL=${GPU_CHECK_MODEL:-$("$PY" -c 'from engine.model_files import default_model_path; print(default_model_path())')}
-[ -f "$MODEL" ] || die "no model at $MODEL (set GPU_CHECK_MODEL)"
+[ -f "$MODEL" ] || [ "$BUILDS_ONLY" = 1 ] || die "no model at $MODEL (set GPU_CHECK_MODEL)"
 # the imports of pyproject.toml's dependencies; the generated gRPC module checks the protobuf runtime
 "$PY" -c 'import numpy, aiohttp, orjson, jinja2, prometheus_client, grpc, grpc_health.v1.health
 import grpc_reflection.v1alpha.reflection, server.proto.llama_pb2' \
@@ -65,10 +69,13 @@ if [ -x "$NVCC" ] && compgen -G "$NVCC_ROOT/lib*/libcublas.so*" >/dev/null; then
 elif [ -x "$NVCC" ] && [ -n "$CU13" ] && compgen -G "$CU13/lib/libcublas.so*" >/dev/null; then
   # a copy, so that build_llama.sh can bridge it without touching the system's files
   TK="$WORK/cuda-toolkit"
-  rm -rf "$TK" && mkdir -p "$TK"
-  cp -a "$NVCC_ROOT/." "$TK/"
-  cp -a "$CU13"/lib/libcublas* "$TK/lib/"
-  cp -a "$CU13"/include/cublas* "$TK/include/"
+  if [ ! -x "$TK/bin/nvcc" ]; then  # made once: a rerun's build then finds its toolkit unchanged
+    rm -rf "$TK.partial" && mkdir -p "$TK.partial"
+    cp -a "$NVCC_ROOT/." "$TK.partial/"
+    cp -a "$CU13"/lib/libcublas* "$TK.partial/lib/"
+    cp -a "$CU13"/include/cublas* "$TK.partial/include/"
+    mv "$TK.partial" "$TK"
+  fi
   CUDA_OPT=(--cuda-root "$TK"); TOOLKIT="nvcc of $NVCC_ROOT + cuBLAS of $CU13, copied into $TK"
 else
   CUDA_OPT=(--cuda-from-pip); TOOLKIT="NVIDIA's wheels from PyPI"
@@ -99,6 +106,11 @@ c = EngineConfig(model_path="-")
 print("engine on this build: gpu", c.gpu, "batch", c.batch_size, "|", system_info())
 assert c.gpu and c.batch_size == 1024, "the engine does not offload with this build"' \
   || fail "the CUDA build does not offload"
+if [ "$BUILDS_ONLY" = 1 ]; then
+  say "builds done (--builds-only) in $(( $(date +%s) - START )) s"
+  [ ${#FAILED[@]} -eq 0 ] || die "failed: ${FAILED[*]}"
+  exit 0
+fi
 
 # --- greedy answers: GPU against CPU ----------------------------------------------
 say "greedy answers, CPU build against CUDA build"
