@@ -26,7 +26,7 @@ BUILDS_ONLY=0
 RESULTS=${1:-${OUT:-$ROOT/loadtest/results/gpu}}
 WORK=${GPU_CHECK_WORK:-/tmp/sentiric-gpu-check}
 PY=${PYTHON:-python3}
-JOBS=$(nproc)
+JOBS=${GPU_CHECK_JOBS:-$(nproc)}   # compile jobs (fewer, if a loaded build machine stops answering)
 THREADS=8                        # every layer is on the GPU: CPU threads only feed it
 PROMPTS=("What is the capital of Germany?" "Name the three primary colours."
          "Write one sentence about the sea." "What is 12 times 12?")
