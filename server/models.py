@@ -239,6 +239,10 @@ class Models:
         for served in self.resident.values():
             await served.shutdown()
 
+    def engines(self) -> list:
+        """The generation engines of the profiles loaded, each once (a wake or a load builds new ones)."""
+        return list({id(s.engine): s.engine for s in (self.current, *self.resident.values())}.values())
+
     def health(self) -> dict:
         return {"current_profile": self.current.profile.name, "switching": self.switching,
                 "switch_waiting": self.waiting, "sleeping": self.sleep.asleep}

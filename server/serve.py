@@ -44,7 +44,7 @@ async def run(service: Service) -> int:
     models, settings, drain = service.models, service.settings, service.drain
     metrics = Metrics(lambda: models.current.engine, lambda: models.current.embedder, models.sleep)
     admission = Admission(models, drain, metrics, require_tenant=settings.require_tenant)
-    runners = [web.AppRunner(create_app(admission, settings), access_log=None, handle_signals=False,
+    runners = [web.AppRunner(create_app(admission, settings, service.tenants), access_log=None, handle_signals=False,
                              handler_cancellation=True)]
     sites = [(runners[0], service.port)]
     if service.metrics_port:
@@ -55,8 +55,7 @@ async def run(service: Service) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: (at_once.set(), stop.set()))
-    loop.add_signal_handler(signal.SIGHUP, lambda: service.tenants.reload(
-        {id(s.engine): s.engine for s in (models.current, *models.resident.values())}.values()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: service.tenants.reload(models.engines()))
     try:
         for runner, at in sites:
             await runner.setup()

@@ -1,6 +1,6 @@
 """Per-tenant quotas and priorities: the --tenant-* flags for everyone, a TOML file for some.
 
-    # tenants.toml (--tenants-file); reloaded on SIGHUP without a restart
+    # tenants.toml (--tenants-file); reloaded on SIGHUP or POST /tenants/reload without a restart
     [tenants.acme]
     max_running = 4      # sequences at once (--tenant-max-running for the others)
     max_waiting = 16     # requests waiting beyond this get 429 naming the limit
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import tomllib
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 
 from engine.fair_queue import TenantLimits
 from engine.logs import event
@@ -29,6 +29,7 @@ class Tenants:
         """Raises ValueError when the file cannot be read at start: a service does not start on a bad one."""
         self.default, self.path = default, path
         self.overrides: dict[str, TenantLimits] = self.read() if path else {}
+        self.error: str | None = None  # why the last reload was refused (None: it was not)
 
     def read(self) -> dict[str, TenantLimits]:
         try:
@@ -55,13 +56,14 @@ class Tenants:
         return replace(self.default, **values)
 
     def reload(self, engines) -> bool:
-        """Read the file again (SIGHUP) and give `engines` the new limits (from their next admission on);
-        a bad file keeps the old ones, with the error logged."""
+        """Read the file again (SIGHUP, POST /tenants/reload) and give `engines` the new limits (from their
+        next admission on); a bad file keeps the old ones, with the error logged and kept in `error`."""
         if not self.path:
             return False
         try:
-            self.overrides = self.read()
+            self.overrides, self.error = self.read(), None
         except ValueError as exc:
+            self.error = str(exc)
             log.error("%s; the tenants' limits in force stay", exc, extra=event("TENANTS_RELOAD_FAILED"))
             return False
         for engine in engines:
@@ -69,3 +71,9 @@ class Tenants:
         log.info("tenants file %s reloaded (%d tenants)", self.path, len(self.overrides),
                  extra=event("TENANTS_RELOADED", tenants=len(self.overrides)))
         return True
+
+    def describe(self) -> dict:
+        """The limits in force: the flags' for every tenant, the file's overrides, and a refused reload."""
+        return {"file": self.path, "default": asdict(self.default),
+                "tenants": {name: asdict(limits) for name, limits in self.overrides.items()},
+                "reload_error": self.error}

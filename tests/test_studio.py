@@ -299,6 +299,23 @@ def test_parallel_mode_shows_batching(studio_page, studio_server):
     assert page.console.errors == []
 
 
+def test_telemetry_shows_each_tenants_share(studio_page, studio_server):
+    page = studio_page
+    body = json.dumps({"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}).encode()
+    for tenant in ("acme", "globex", "globex"):
+        req = urllib.request.Request(studio_server + "/v1/chat/completions", body,
+                                     {"Content-Type": "application/json", "x-tenant-id": tenant})
+        urllib.request.urlopen(req, timeout=60).read()
+    shares = get_stats(studio_server)["tenants"]
+    row = page.locator("[data-testid=tenant-row][data-tenant=globex]")
+    row.wait_for(timeout=10_000)
+    shown = int(re.search(r"(\d+)%", row.inner_text()).group(1))
+    assert abs(shown - 100 * shares["globex"]["share"]) <= 2, (shown, shares)
+    assert page.locator("[data-testid=tenant-row][data-tenant=acme]").count() == 1
+    page.locator("[data-testid=tenants]").screenshot(path=str(ARTIFACTS / "studio-tenants.png"))
+    assert page.console.errors == []
+
+
 def test_server_errors_are_readable(studio_page):
     page = studio_page
     message = "max_tokens must be a positive integer"

@@ -1,8 +1,11 @@
 """Many tenants on one service: fair sharing with preemption, quotas, priorities, the tenants file."""
 
+import json
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -150,3 +153,25 @@ def test_the_tenants_file_reloads_and_a_bad_one_keeps_the_old(service, tenants_f
     assert "max_running must be a whole number above 0" in service.log()
     stream(service, "capped", QUESTION, 2, out, "after")  # the old limits still serve it
     assert out["after"][0]
+
+
+def test_a_post_reloads_the_tenants_file_and_answers_why_a_bad_one_is_refused(service, tenants_file):
+    def post_reload():
+        req = urllib.request.Request(service.base_url + "/tenants/reload", b"", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    tenants_file.write_text(TENANTS.replace("max_running = 1\nmax_waiting = 1", "max_running = 2"))
+    status, body = post_reload()
+    assert status == 200 and body["tenants"]["capped"]["max_running"] == 2 and body["reload_error"] is None
+    tenants_file.write_text("[tenants.capped]\nweight = 0\n")
+    status, body = post_reload()
+    assert status == 422 and body["error"]["code"] == "invalid_tenants_file"
+    assert "weight must be a number above 0" in body["error"]["message"]
+    limits = json.loads(service.get("/tenants")[1])  # the good file's limits stay in force
+    assert limits["tenants"]["capped"]["max_running"] == 2 and "weight" in limits["reload_error"]
+    tenants_file.write_text(TENANTS)
+    assert post_reload()[0] == 200

@@ -17,6 +17,7 @@ from engine import logs
 from server.admission import Admission
 from server.refusal import INTERNAL_MESSAGE, Refusal
 from server.settings import ServerSettings
+from server.tenants import Tenants
 from server.web.embedding_routes import EmbeddingRoutes
 from server.web.errors import refusal_response, status_response
 from server.web.messages_routes import MessagesRoutes, anthropic_route
@@ -28,6 +29,7 @@ from server.web.rerank_routes import RerankRoutes
 from server.web.service_routes import ServiceRoutes, prometheus
 from server.web.slot_routes import SlotRoutes
 from server.web.studio import add_studio
+from server.web.tenant_routes import TenantRoutes
 from server.web.vertex_routes import add_vertex_routes
 
 log = logging.getLogger("sentiric.server")
@@ -35,14 +37,14 @@ access_log = logging.getLogger("sentiric.access")
 # the routes that need the model, which an API key protects: the service's and llama-server's own (/health and
 # /v1/health, the metrics, the studio and the OpenAPI document stay open)
 ENGINE_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/completion", "/apply-template", "/chat/", "/embedding",
-                   "/rerank", "/props", "/slots", "/models", "/infill", "/responses")
+                   "/rerank", "/props", "/slots", "/models", "/infill", "/responses", "/tenants")
 
 
 def _engine_route(path: str) -> bool:
     return path.startswith(ENGINE_PREFIXES) and path != "/v1/health"
 
 
-def create_app(admission: Admission, settings: ServerSettings) -> web.Application:
+def create_app(admission: Admission, settings: ServerSettings, tenants: Tenants) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app.middlewares.extend([_cors(app, settings.cors_origins, settings.cors_headers),
                             _errors(admission.metrics, settings.max_body_bytes),
@@ -58,6 +60,7 @@ def create_app(admission: Admission, settings: ServerSettings) -> web.Applicatio
     LlamaRoutes(admission, settings).add_to(app)
     SlotRoutes(admission, settings).add_to(app)
     RerankRoutes(admission, settings).add_to(app)
+    TenantRoutes(tenants, admission.models).add_to(app)
     if settings.studio_dir is not None:
         add_studio(app, settings.studio_dir)
     add_vertex_routes(app)

@@ -340,6 +340,13 @@ def openapi_spec(defaults: SamplingDefaults = SamplingDefaults()) -> dict:
                 "503": _json(_ref("Health"), "Loading, draining or without a live worker")}}},
             "/stats": {"get": {"summary": "Engine numbers for the studio", "security": [],
                                "responses": {"200": _json({"type": "object"})}}},
+            "/tenants": {"get": {"summary": "The tenants' limits in force: the flags', the tenants file's "
+                                            "overrides, and why its last reload was refused", "responses": {
+                "200": _json({"type": "object"}), **_errors(401, 503)}}},
+            "/tenants/reload": {"post": {"summary": "Read --tenants-file again, as SIGHUP does (422 naming the "
+                                                    "error when it is refused: the limits in force stay)",
+                                         "responses": {"200": _json({"type": "object"}),
+                                                       **_errors(401, 422, 501, 503)}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (the service's and llama-server's llamacpp:*; "
                                             "--no-metrics: 501)", "security": [], "responses": {"200": {
                 "description": "Prometheus text format", "content": {"text/plain": {"schema": text}}},

@@ -1,9 +1,10 @@
-// Server-wide telemetry: health, model, /stats counters and throughput chart.
+// Server-wide telemetry: health, model, /stats counters, throughput chart and the tenants' shares.
 import { computed } from 'vue';
 import { server } from '../telemetry.js';
 import Sparkline from './Sparkline.js';
 
 const HEALTH_LABEL = { ok: 'ready', loading: 'loading model', down: 'unreachable', unknown: 'connecting' };
+const MAX_TENANTS = 8; // the busiest; /stats lists every tenant seen lately
 const fmt = (v, digits = 0) => (v === null || v === undefined || !Number.isFinite(Number(v))
   ? '–' : Number(v).toLocaleString(undefined, { maximumFractionDigits: digits, minimumFractionDigits: digits }));
 
@@ -17,7 +18,12 @@ export default {
       return total > 0 ? Math.min(100, (100 * used) / total) : null;
     });
     const last = computed(() => server.history.at(-1)?.v ?? null);
-    return { server, s, kvPct, last, fmt, healthLabel: computed(() => HEALTH_LABEL[server.health]) };
+    // each tenant's share of the service so far (requests without x-tenant-id are one tenant, named '')
+    const tenants = computed(() => Object.entries(s.value.tenants || {})
+      .map(([name, t]) => ({ name, ...t }))
+      .sort((a, b) => (b.share || 0) - (a.share || 0))
+      .slice(0, MAX_TENANTS));
+    return { server, s, kvPct, last, tenants, fmt, healthLabel: computed(() => HEALTH_LABEL[server.health]) };
   },
   template: `
     <section class="panel telemetry" data-testid="telemetry">
@@ -55,6 +61,16 @@ export default {
         <dt>prefix-cache hits</dt><dd>{{ fmt(s.prefix_hit_tokens) }} tok</dd>
         <dt>workers alive</dt><dd>{{ fmt(s.workers_alive) }}</dd>
       </dl>
+      <div v-if="tenants.length" class="tenants" data-testid="tenants">
+        <div class="kv-label"><label>tenants (share of the service)</label></div>
+        <div v-for="t in tenants" :key="t.name" class="tenant" data-testid="tenant-row" :data-tenant="t.name">
+          <div class="kv-label">
+            <span class="tenant-name" :class="{ muted: !t.name }">{{ t.name || '(no tenant id)' }}</span>
+            <span>{{ fmt(t.running) }} running · {{ fmt(t.waiting) }} waiting · {{ fmt(100 * (t.share || 0)) }}%</span>
+          </div>
+          <div class="bar"><div class="fill" :style="{ width: 100 * (t.share || 0) + '%' }"></div></div>
+        </div>
+      </div>
       <p v-if="server.statsError" class="muted small" data-testid="stats-error">/stats: {{ server.statsError }}</p>
     </section>`,
 };
