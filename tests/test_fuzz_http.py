@@ -18,9 +18,12 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 @pytest.fixture(scope="module")
 def fuzzed(start_server, tmp_path_factory):
     """A service of its own (answers 8 tokens unless asked, at most 2 choices) so a fuzzed request stays cheap,
-    with llama-server's optional routes on (POST /props, slot files)."""
+    with the optional routes on (llama-server's POST /props and slot files, POST /tenants/reload)."""
+    tenants = tmp_path_factory.mktemp("tenants") / "tenants.toml"
+    tenants.write_text("[tenants.acme]\nmax_running = 2\n")
     return start_server("--parallel", "4", "--ctx-size", "4096", "--max-tokens", str(MAX_TOKENS), "--max-n", "2",
-                        "--props", "--slot-save-path", str(tmp_path_factory.mktemp("slots")))
+                        "--props", "--slot-save-path", str(tmp_path_factory.mktemp("slots")),
+                        "--tenants-file", str(tenants))
 
 
 @pytest.fixture(scope="module")
