@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "name any profile (loaded on demand; the least recently used "
                                                    "other than the active one is unloaded once idle)", type=int)
     _option(prof, "--switch-timeout", "SWITCH_TIMEOUT", 120.0, "seconds a request waits for a model switch "
-                                                              "(POST /v1/models/switch) to end before it gets 503 / "
-                                                              "UNAVAILABLE", type=float)
+                                                              "(POST /v1/models/switch) or a wake from idle sleep to "
+                                                              "end before it gets 503 / UNAVAILABLE", type=float)
     _option(prof, "--sleep-idle-seconds", "SLEEP_IDLE_SECONDS", 0.0, "after this many seconds with no request, "
                                                                       "the models stop (processes, weights and KV "
                                                                       "freed); the next request that needs one "

@@ -87,10 +87,10 @@ class Models:
     async def use(self, model: str | None = None):
         """The model a request runs on, from before it is shaped to its last byte: the active profile, or
         with --max-models above 1 the profile its `model` names (loaded now if it is not). Refusals: switching
-        (the switch did not end within the switch timeout), not_found (no such profile), unavailable (the
+        (the switch did not end within the switch timeout), loading (nor did a wake from idle sleep), not_found (no such profile), unavailable (the
         profile could not be loaded, or did not wake)."""
         with self.sleep.held():
-            await self.sleep.awake()
+            await self.sleep.awake(self.switch_timeout)
             async with self._gate(model) as served:
                 yield served
 

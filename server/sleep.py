@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Awaitable, Callable
 
 from engine.logs import event
+from server.refusal import Refusal
 
 log = logging.getLogger("sentiric.server")
 
@@ -74,14 +75,19 @@ class IdleSleep:
                          self.seconds, extra=event("MODEL_SLEEPING", idle_s=self.seconds))
                 await asyncio.shield(self._fall_asleep())  # `stop` must not leave the models half stopped
 
-    async def awake(self) -> None:
+    async def awake(self, timeout: float) -> None:
         """Return once the models are awake, waking them if they sleep: concurrent requests share one wake,
-        and a client that leaves does not cancel it for the others."""
+        and a client that leaves does not cancel it for the others. A wake that takes longer than `timeout`
+        (--switch-timeout) goes on, while the request gets Refusal("loading") to retry."""
         if not self.asleep:
             return
         if self._waking is None:
             self._waking = asyncio.create_task(self._waking_up())
-        await asyncio.shield(self._waking)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._waking), timeout)
+        except asyncio.TimeoutError:
+            raise Refusal("loading", f"The model is waking from idle sleep and did not load within {timeout:g} s; "
+                          "retry shortly.", code="model_waking", retry_after=2) from None
 
     def awoken(self) -> None:
         """The models serve again (a wake, or a switch that loaded a model while they slept)."""

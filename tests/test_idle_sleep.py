@@ -177,3 +177,17 @@ def test_a_reload_while_asleep_loads_once_and_serves(movable):
     assert service.stats()["sleeping"] is False
     assert post(service, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})["choices"]
     assert service.process.poll() is None
+
+
+def test_a_wake_slower_than_the_switch_timeout_is_a_retryable_503_and_goes_on(start_server):
+    impatient = start_server("--sleep-idle-seconds", "1", "--switch-timeout", "0.01", "--parallel", "1",
+                             "--ctx-size", "512")
+    wait_asleep(impatient)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        post(impatient, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "2"
+    assert json.loads(refused.value.read())["error"]["code"] == "model_waking"
+    deadline = time.monotonic() + 60  # the wake went on without the request that started it
+    while health(impatient)["status"] != "healthy" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert post(impatient, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})["choices"]
