@@ -35,6 +35,7 @@ class TenantLimits:
     max_waiting: int | None = None   # requests waiting; None: only the engine's --max-waiting
     priority: int = 0                # its requests' priority when they name none
     weight: float = 1.0              # its share relative to the others'
+    tokens_per_minute: int | None = None  # prompt and answer tokens a minute (the server's admission holds it)
 
 
 class QuotaExceeded(Overloaded):

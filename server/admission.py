@@ -44,6 +44,8 @@ from server.metrics import Metrics, RequestTracker
 from server.models import Models, Served
 from server.refusal import Refusal
 from server.shaping import Generation
+from server.tenants import Tenants
+from server.token_budget import TokenBudget
 
 MAX_TENANT_ID = 128  # longer, or unprintable, tenant ids are refused: they would flood logs and metrics
 
@@ -52,9 +54,11 @@ MAX_TENANT_ID = 128  # longer, or unprintable, tenant ids are refused: they woul
 class Admission:
     """The checks and the engine calls between a door and the engine, for every door alike."""
 
-    def __init__(self, models: Models, drain: Drain, metrics: Metrics, *, require_tenant: bool = False):
-        self.models, self.drain, self.metrics = models, drain, metrics
+    def __init__(self, models: Models, drain: Drain, metrics: Metrics, tenants: Tenants, *,
+                 require_tenant: bool = False):
+        self.models, self.drain, self.metrics, self.tenants = models, drain, metrics, tenants
         self.require_tenant = require_tenant
+        self.budget = TokenBudget()
 
     def identify(self, headers: Mapping[str, str], *, carrier: str = "metadata", tenant_scope: bool = True) -> None:
         """Bind the x-tenant-id, x-trace-id and x-span-id of `headers` to every log line of this request; with
@@ -104,12 +108,16 @@ class Admission:
     @asynccontextmanager
     async def submit(self, served: Served, gen: Generation) -> AsyncIterator[Run]:
         """Every choice of `gen` submitted to the engine, or none (Refusal overloaded, unavailable or
-        invalid); whatever still runs is cancelled when the door leaves, for any reason."""
+        invalid); whatever still runs is cancelled when the door leaves, for any reason. A tenant with a
+        tokens-per-minute limit is charged the run's tokens when it ends."""
         engine = served.engine
+        tenant = logs.tenant_id.get()
+        per_minute = self.tenants.limits(tenant or "").tokens_per_minute
+        self.budget.admit(tenant or "", per_minute)
         handles = []
         try:
             for r in gen.requests:
-                r.tenant = logs.tenant_id.get()  # fair admission and quotas per tenant (engine/fair_queue.py)
+                r.tenant = tenant  # fair admission and quotas per tenant (engine/fair_queue.py)
                 handles.append(engine.submit(r))
         except BaseException as exc:
             for h in handles:
@@ -132,6 +140,8 @@ class Admission:
             yield run
         finally:
             await run.close()
+            if per_minute:
+                self.budget.charge(tenant or "", len(gen.prompt) + run.tracker.generated)
 
 
 class Run:

@@ -89,10 +89,12 @@ def assemble(args) -> Service:
         raise ValueError("--sleep-idle-seconds must be 0 (never) or more")
 
     turns = CpuTurns()  # one per process: every profile's engine and embedder share the machine's cores
-    if min(args.tenant_max_running, args.tenant_max_waiting) < 0:
-        raise ValueError("--tenant-max-running and --tenant-max-waiting must be 0 (no limit) or more")
+    if min(args.tenant_max_running, args.tenant_max_waiting, args.tenant_tokens_per_minute) < 0:
+        raise ValueError("--tenant-max-running, --tenant-max-waiting and --tenant-tokens-per-minute must be 0 "
+                         "(no limit) or more")
     tenants = Tenants(TenantLimits(max_running=args.tenant_max_running or None,
-                                   max_waiting=args.tenant_max_waiting or None), args.tenants_file)
+                                   max_waiting=args.tenant_max_waiting or None,
+                                   tokens_per_minute=args.tenant_tokens_per_minute or None), args.tenants_file)
 
     def build(profile: Profile) -> Served:
         return _build(profile, args, settings, turns, tenants)

@@ -160,8 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(0 = no limit)", type=int)
     _option(eng, "--tenant-max-waiting", "TENANT_MAX_WAITING", 0, "requests one tenant may have waiting; beyond, "
                                                                   "429 naming the limit (0 = no limit)", type=int)
+    _option(eng, "--tenant-tokens-per-minute", "TENANT_TOKENS_PER_MINUTE", 0, "prompt and answer tokens one "
+            "tenant may use a minute; beyond, 429 with the seconds to wait (0 = no limit)", type=int)
     _option(eng, "--tenants-file", "TENANTS_FILE", None, "TOML file of per-tenant limits, priority and weight "
-                                                         "(reloaded on SIGHUP; docs/tenants.md)")
+                                                         "(reloaded on SIGHUP or POST /tenants/reload; "
+                                                         "docs/tenants.md)")
     _option(eng, "--overlap", "OVERLAP", True, "plan each decode step while the worker runs the one before "
                                                "(two steps in flight)", type=bool)
     _option(eng, "--burst-ms", "BURST_MS", 50.0, "while every sequence only decodes and nothing waits, a worker "

@@ -214,6 +214,7 @@ class RequestTracker:
         self.first: list[float | None] = [None] * n  # each choice's first token: its prompt was done
         self.last: list[float | None] = [None] * n
         self.unfinished = n
+        self.generated = 0  # tokens of every choice so far (a client that left got these)
         self.labels = (profile, "+".join(name for name, _ in adapters) or "base")
         metrics.llm_requests.inc()
         metrics.adapter_requests.labels(*self.labels).inc()
@@ -221,6 +222,7 @@ class RequestTracker:
 
     def seen(self, i: int, out) -> None:
         now = time.perf_counter()
+        self.generated += len(out.token_ids)
         if out.token_ids:
             if self.last[i] is not None:  # a burst's tokens arrive together: each took its share of the gap
                 gap = (now - self.last[i]) / len(out.token_ids)

@@ -43,8 +43,8 @@ def serve(argv: list[str] | None = None) -> int:
 async def run(service: Service) -> int:
     models, settings, drain = service.models, service.settings, service.drain
     metrics = Metrics(lambda: models.current.engine, lambda: models.current.embedder, models.sleep)
-    admission = Admission(models, drain, metrics, require_tenant=settings.require_tenant)
-    runners = [web.AppRunner(create_app(admission, settings, service.tenants), access_log=None, handle_signals=False,
+    admission = Admission(models, drain, metrics, service.tenants, require_tenant=settings.require_tenant)
+    runners = [web.AppRunner(create_app(admission, settings), access_log=None, handle_signals=False,
                              handler_cancellation=True)]
     sites = [(runners[0], service.port)]
     if service.metrics_port:

@@ -6,6 +6,7 @@
     max_waiting = 16     # requests waiting beyond this get 429 naming the limit
     priority = 5         # its requests' priority when they send none
     weight = 2.0         # twice the share of a tenant of weight 1
+    tokens_per_minute = 20000  # prompt and answer tokens a minute; beyond, 429 (server/token_budget.py)
 
 A file that does not parse, or names an unknown key or a bad value, is refused whole: the limits in force
 stay, with the error logged. The engine applies the limits (engine/fair_queue.py).
@@ -54,6 +55,9 @@ class Tenants:
                 raise ValueError(f"{where}: {key} must be a {'number' if key == 'weight' else 'whole number'}"
                                  f"{'' if key == 'priority' else ' above 0'}, not {value!r}")
         return replace(self.default, **values)
+
+    def limits(self, tenant: str) -> TenantLimits:
+        return self.overrides.get(tenant, self.default)
 
     def reload(self, engines) -> bool:
         """Read the file again (SIGHUP, POST /tenants/reload) and give `engines` the new limits (from their

@@ -21,6 +21,9 @@ max_waiting = 1
 
 [tenants.ranked]
 max_running = 1
+
+[tenants.metered]
+tokens_per_minute = 60
 """
 
 
@@ -129,6 +132,18 @@ def test_a_bad_tenant_id_is_refused(service):
         with pytest.raises(openai.BadRequestError, match="x-tenant-id"):
             client(service, bad).chat.completions.create(model="x", messages=QUESTION, max_tokens=2)
     assert "t" * 129 not in service.stats()["tenants"] and "t" * 129 not in service.metrics()
+
+
+def test_a_tenant_over_its_tokens_per_minute_gets_429_with_the_wait_while_others_are_served(service):
+    metered = client(service, "metered")
+    first = metered.chat.completions.create(model="x", messages=QUESTION, max_tokens=30, extra_body={
+        "ignore_eos": True})
+    assert first.usage.total_tokens >= 60
+    with pytest.raises(openai.RateLimitError) as refused:
+        metered.chat.completions.create(model="x", messages=QUESTION, max_tokens=2)
+    assert refused.value.code == "tenant_tokens_exceeded" and "60 tokens per minute" in refused.value.message
+    assert 1 <= int(refused.value.response.headers["Retry-After"]) <= 60
+    assert client(service, "other").chat.completions.create(model="x", messages=QUESTION, max_tokens=2).choices
 
 
 def test_the_tenants_file_reloads_and_a_bad_one_keeps_the_old(service, tenants_file):

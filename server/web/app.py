@@ -17,7 +17,6 @@ from engine import logs
 from server.admission import Admission
 from server.refusal import INTERNAL_MESSAGE, Refusal
 from server.settings import ServerSettings
-from server.tenants import Tenants
 from server.web.embedding_routes import EmbeddingRoutes
 from server.web.errors import refusal_response, status_response
 from server.web.messages_routes import MessagesRoutes, anthropic_route
@@ -44,7 +43,7 @@ def _engine_route(path: str) -> bool:
     return path.startswith(ENGINE_PREFIXES) and path != "/v1/health"
 
 
-def create_app(admission: Admission, settings: ServerSettings, tenants: Tenants) -> web.Application:
+def create_app(admission: Admission, settings: ServerSettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app.middlewares.extend([_cors(app, settings.cors_origins, settings.cors_headers),
                             _errors(admission.metrics, settings.max_body_bytes),
@@ -60,7 +59,7 @@ def create_app(admission: Admission, settings: ServerSettings, tenants: Tenants)
     LlamaRoutes(admission, settings).add_to(app)
     SlotRoutes(admission, settings).add_to(app)
     RerankRoutes(admission, settings).add_to(app)
-    TenantRoutes(tenants, admission.models).add_to(app)
+    TenantRoutes(admission.tenants, admission.models).add_to(app)
     if settings.studio_dir is not None:
         add_studio(app, settings.studio_dir)
     add_vertex_routes(app)
