@@ -133,7 +133,7 @@ class Scheduler:
     # --- one iteration ---
     def plan(self, max_burst: int = 1) -> list[StepPlan]:
         plans = {w.index: StepPlan(w) for w in self.workers if w.alive and not w.unsettled
-                 and not (self.speculator is not None and self.speculator.holds(w))}
+                 and not (self.speculator is not None and self.speculator.holds(w, self.step_tokens))}
         budget = {i: self.step_tokens for i in plans}
         self._preempt(plans)
         for p in plans.values():

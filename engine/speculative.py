@@ -2,7 +2,8 @@
 
 A sequence's answer often repeats its prompt (RAG answers quote the documents, corrections repeat
 the input) or itself. `NgramIndex` finds the latest earlier occurrence of the sequence's last few
-tokens and proposes the tokens that followed it. The scheduler plans such a draft as one row of
+tokens (the longest key first: 12 tokens, then 8, 6, 4, 3, 2) and proposes the tokens that followed
+it. The scheduler plans such a draft as one row of
 k + 1 positions (the input token and the k drafted ones), every one with logits; the worker samples
 them in order with the sequence's own chain and keeps going while its sample equals the next drafted
 token (engine/worker.py). For a deterministic draft that is exactly the rejection rule, so greedy and
@@ -10,20 +11,22 @@ seeded answers are the answers without drafting (up to the numerics of a differe
 
 Drafting costs rows: on a CPU a decode's time grows with every row, so a draft pays only when the
 step is small and the draft likely right. `Speculator` keeps, per worker, a line fitted to measured
-decode times (seconds = a + b * rows) and, per sequence, how often its proposals were right (scored
-against the tokens that came, whether they were drafted or not), and picks per step how many tokens
-each sequence drafts: the draft positions, best first, while they raise the step's expected tokens
-per second. A drafting step's end is known only when it completes, so nothing is planned after it
+decode times (seconds = a + b * rows) and how often proposals were right (scored against the tokens
+that came, whether they were drafted or not) by the length of the key that found them: a 12-token
+match in a copied text goes on for tens of tokens, a 2-token one rarely for two. A sequence's
+acceptance for a key length is its own record, with the service's record for that length as the
+prior, so a sequence whose long matches keep coming true drafts its whole proposal. Per step the
+draft positions are taken best first while they raise the step's expected tokens per second. A drafting step's end is known only when it completes, so nothing is planned after it
 until then (its worker gives up overlap for that step: the price is part of the rule).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-NGRAM_SIZES = (4, 3, 2)   # the longest match first
+NGRAM_SIZES = (12, 8, 6, 4, 3, 2)  # key lengths, the longest match first
 DRAFT_MAX = 16            # --spec-draft-max's default
-PRIOR_ACCEPT = 0.5        # a new sequence's acceptance before its proposals were scored, as PRIOR_WEIGHT tries
+PRIOR_ACCEPT = 0.5        # a key length's acceptance before any proposal was scored, as PRIOR_WEIGHT tries
 PRIOR_WEIGHT = 4
 ROW_SHARE = 0.35          # a decode's cost per extra row, as a share of a one-row decode, before any is measured
 MARGIN = 1.05             # a draft must promise this much more throughput than the step without it
@@ -41,8 +44,9 @@ class NgramIndex:
         self.seen = 0         # positions indexed: every n-gram ending before `seen` is in the tables
         self.tables = {n: {} for n in NGRAM_SIZES}
 
-    def propose(self, k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the list's longest matching tail."""
+    def propose(self, k: int) -> tuple[int, list[int]]:
+        """(key length, up to k tokens that followed the latest earlier occurrence of the list's longest
+        matching tail); (0, []) if no tail of NGRAM_SIZES occurred before."""
         toks, end = self.tokens, len(self.tokens)
         for i in range(max(self.seen, 1), end):  # index the n-grams that have a following token now
             for n, table in self.tables.items():
@@ -51,27 +55,43 @@ class NgramIndex:
         self.seen = max(self.seen, end)
         for n, table in self.tables.items():
             if end >= n and (at := table.get(tuple(toks[end - n:end]))) is not None:
-                return toks[at:at + k]
-        return []
+                return n, toks[at:at + k]
+        return 0, []
+
+
+class Record:
+    """How often proposals came true, by key length: tokens accepted and tokens compared (up to and
+    including the first wrong one) per NGRAM_SIZES entry."""
+
+    __slots__ = ("accepted", "tried")
+
+    def __init__(self):
+        self.accepted = dict.fromkeys(NGRAM_SIZES, 0)
+        self.tried = dict.fromkeys(NGRAM_SIZES, 0)
+
+    def add(self, n: int, accepted: int, tried: int) -> None:
+        self.accepted[n] += accepted
+        self.tried[n] += tried
+
+    def rate(self, n: int, prior: float) -> float:
+        """The acceptance of key length n, with `prior` counted as PRIOR_WEIGHT tries."""
+        return (self.accepted[n] + prior * PRIOR_WEIGHT) / (self.tried[n] + PRIOR_WEIGHT)
 
 
 @dataclass
 class SeqSpec:
-    """A sequence's drafting state: its mode, bound, index, and the score of its proposals."""
+    """A sequence's drafting state: its mode, bound, index, and the record of its proposals."""
 
     mode: str            # auto | ngram (forced) | none
     draft_max: int
     index: NgramIndex | None = None
-    proposal: tuple[int, list[int]] | None = None  # (position its first token is for, tokens) not scored yet
-    accepted: int = 0    # proposed tokens that came true
-    tried: int = 0       # proposed tokens compared (up to and including the first wrong one)
+    proposal: tuple[int, list[int], int] | None = None  # (position its first token is for, tokens, key length) not scored yet
+    record: Record = field(default_factory=Record)
 
-    def acceptance(self, prior: float) -> float:
-        return (self.accepted + prior * PRIOR_WEIGHT) / (self.tried + PRIOR_WEIGHT)
-
-    def score(self, tokens: list[int]) -> tuple[int, int] | None:
-        """Compare the pending proposal with the tokens that came; (accepted, tried) once decided."""
-        at, proposed = self.proposal
+    def score(self, tokens: list[int]) -> tuple[int, int, int] | None:
+        """Compare the pending proposal with the tokens that came; (key length, accepted, tried) once
+        decided."""
+        at, proposed, n = self.proposal
         came = tokens[at:at + len(proposed)]
         good = 0
         while good < len(came) and came[good] == proposed[good]:
@@ -83,9 +103,8 @@ class SeqSpec:
         else:
             return None  # all that came so far matches: wait for more
         self.proposal = None
-        self.accepted += good
-        self.tried += tried
-        return good, tried
+        self.record.add(n, good, tried)
+        return n, good, tried
 
 
 class CostModel:
@@ -163,7 +182,7 @@ class Speculator:
         self.mode, self.draft_max = mode, draft_max
         self.costs: dict[int, CostModel] = {}
         self.gap_s = 0.0005  # the parent's time per step (planning, writing, completing), measured as it goes
-        self.accepted, self.tried = PRIOR_ACCEPT * PRIOR_WEIGHT, PRIOR_WEIGHT  # all sequences' proposals
+        self.record = Record()  # all sequences' proposals: the prior of a sequence's own record
         self.stats = SpecStats()
 
     def settings_for(self, mode: str | None, draft_max: int | None) -> SeqSpec | None:
@@ -172,26 +191,26 @@ class Speculator:
         k = min(self.draft_max, self.draft_max if draft_max is None else draft_max)
         return None if mode == "none" or k <= 0 else SeqSpec(mode, k)
 
-    @property
-    def prior(self) -> float:
-        return self.accepted / self.tried
+    def acceptance(self, spec: SeqSpec, n: int) -> float:
+        """How likely each next token of a proposal found by an n-token key is right, for this sequence."""
+        return spec.record.rate(n, self.record.rate(n, PRIOR_ACCEPT))
 
     def proposals(self, seqs: list, room: dict) -> list[tuple[object, list[int], float, bool]]:
-        """(sequence, proposed tokens, acceptance, forced) for every sequence with a proposal; `room`:
-        the most tokens each may draft. A proposal is kept to be scored against the tokens that come."""
+        """(sequence, proposed tokens, acceptance, forced) for every sequence with room and a proposal;
+        `room`: the most tokens each may draft. A proposal is kept to be scored against the tokens that
+        come."""
         out = []
         for seq in seqs:
             spec = seq.spec
-            k = min(spec.draft_max, room.get(seq, spec.draft_max))
-            if k <= 0:
+            if room[seq] <= 0:
                 continue
             if spec.index is None:
                 spec.index = NgramIndex(seq.tokens)
-            proposed = spec.index.propose(k)
+            n, proposed = spec.index.propose(room[seq])
             if proposed:
                 if spec.proposal is None:
-                    spec.proposal = (len(seq.tokens), proposed)
-                out.append((seq, proposed, spec.acceptance(self.prior), spec.mode == "ngram"))
+                    spec.proposal = (len(seq.tokens), proposed, n)
+                out.append((seq, proposed, self.acceptance(spec, n), spec.mode == "ngram"))
         return out
 
     def choose(self, worker: int, seqs: list, rows: int, room: dict) -> list[tuple[object, list[int]]]:
@@ -208,8 +227,7 @@ class Speculator:
         """New tokens of `seq` came: score its pending proposal against them."""
         spec = seq.spec
         if spec is not None and spec.proposal is not None and (got := spec.score(seq.tokens)) is not None:
-            self.accepted += got[0]
-            self.tried += got[1]
+            self.record.add(*got)
 
     def observe(self, worker: int, rows: int, seconds: float) -> None:
         self.costs.setdefault(worker, CostModel()).observe(rows, seconds)
@@ -217,13 +235,29 @@ class Speculator:
     def parent_time(self, seconds: float) -> None:
         self.gap_s = 0.9 * self.gap_s + 0.1 * seconds
 
-    def holds(self, w) -> bool:
+    @staticmethod
+    def room(seqs: list, step_tokens: int, n_out: int, n_tokens: int, coming: int) -> dict:
+        """The most tokens each of `seqs` (the step's decode rows that may draft) may draft: its bound,
+        its KV reserve, its max_tokens, and an equal share of what the step's `step_tokens` leave (a
+        step of `n_tokens` rows, `n_out` of them sampling). `coming`: positions each sequence's own row
+        of the step takes that its counters do not show yet (1 before the step is planned, 0 after)."""
+        width = min(step_tokens // n_out, (step_tokens - n_tokens) // len(seqs) + 1) - 1
+        room = {}
+        for seq in seqs:
+            room[seq] = min(seq.spec.draft_max, width, seq.reserve - seq.n_scheduled - coming)
+            if seq.request.max_tokens is not None:
+                room[seq] = min(room[seq], seq.request.max_tokens - seq.outputs_planned - coming)
+        return room
+
+    def holds(self, w, step_tokens: int) -> bool:
         """Its sequences would draft but a step is in flight (their last tokens are unknown): plan the
-        worker's next step when that one completes."""
+        worker's next step when that one completes. "Would draft" is judged as draft() will judge the
+        next step (each sequence decoding one row, the same room)."""
         if not any(s.in_flight for s in w.running):
             return False
         seqs = [s for s in w.running if s.spec is not None and not s.prefilling and s.has_work]
-        if not seqs or not self.choose(w.index, seqs, len(w.running), {}):
+        n = len(w.running)
+        if not seqs or not self.choose(w.index, seqs, n, self.room(seqs, step_tokens, n, n, coming=1)):
             return False
         self.stats.held += 1
         return True
@@ -236,15 +270,9 @@ class Speculator:
         planned = {r.seq: r.count for r in plan.rows}
         if not rows or any(s.n_scheduled - planned.get(s, 0) > s.n_computed for s in w.running):
             return  # a step is in flight: the sequences' last tokens are not known yet
-        n_out = sum(r.output for r in plan.rows)
-        width = min(step_tokens // n_out, (step_tokens - plan.n_tokens) // len(rows) + 1) - 1
-        room = {}
-        for r in rows:
-            seq = r.seq
-            room[seq] = min(width, seq.reserve - seq.n_scheduled)
-            if seq.request.max_tokens is not None:
-                room[seq] = min(room[seq], seq.request.max_tokens - seq.outputs_planned)
-        drafts = dict(self.choose(w.index, [r.seq for r in rows], plan.n_tokens, room))
+        seqs = [r.seq for r in rows]
+        room = self.room(seqs, step_tokens, sum(r.output for r in plan.rows), plan.n_tokens, coming=0)
+        drafts = dict(self.choose(w.index, seqs, plan.n_tokens, room))
         stats = self.stats
         if not drafts:
             stats.steps_plain += 1

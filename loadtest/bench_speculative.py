@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--chat-levels", default="4,8,16")
+    p.add_argument("--spec-types", default="none,auto,ngram", help="the service's --spec-type values to run")
     p.add_argument("--llama-modes", default=",".join(LLAMA_MODES), help="llama-server --spec-type values to try")
     p.add_argument("--llama-server", default=str(servers.DEFAULT_LLAMA_SERVER))
     p.add_argument("--log-dir", default="/tmp/bench-speculative")
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     single = [("copying", 1), ("rag", 1)]
     chat = [("chat", int(n)) for n in args.chat_levels.split(",") if n]
     results = {}
-    for spec, cases in (("none", single + chat), ("auto", single + chat), ("ngram", single)):
+    for spec in [t for t in args.spec_types.split(",") if t]:
+        cases = single if spec == "ngram" else single + chat
         port, grpc_port = servers.free_ports(2)
         cmd = servers.service_command(servers.DEFAULT_SERVICE_CMD, port=port, grpc_port=grpc_port, model=model,
                                       threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size)

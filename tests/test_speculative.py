@@ -11,6 +11,7 @@ import pytest
 from engine.request import Request
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
+from engine.sequence import Sequence
 from engine.speculative import CostModel, NgramIndex, SeqSpec, Speculator, choose_drafts
 from engine.worker_state import WorkerState
 from server.fields import Fields
@@ -26,18 +27,56 @@ TEXT = ("The committee met on Tuesday to review the budget for the new library. 
 def test_ngram_index_proposes_what_followed_the_latest_match():
     tokens = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 1, 2]
     index = NgramIndex(tokens)
-    assert index.propose(3) == [3, 7, 8]  # the latest "1 2" was followed by 3 7 8
+    assert index.propose(3) == (2, [3, 7, 8])  # the latest "1 2" was followed by 3 7 8
     tokens += [3]
-    assert index.propose(2) == [7, 8]     # "1 2 3": its latest earlier occurrence
-    assert NgramIndex([5, 6, 7]).propose(4) == []
+    assert index.propose(2) == (3, [7, 8])     # "1 2 3": its latest earlier occurrence
+    assert NgramIndex([5, 6, 7]).propose(4) == (0, [])
 
 
 @pytest.mark.unit
-def test_a_proposal_is_scored_up_to_its_first_wrong_token():
-    spec = SeqSpec("auto", 8, proposal=(2, [10, 11, 12]))
+def test_the_longest_key_wins_over_a_later_short_match():
+    quote = list(range(100, 112))  # a 12-token passage, then its next token, 50
+    tokens = quote + [50] + [0] + quote[-4:] + [60] + [1] + quote
+    assert NgramIndex(tokens).propose(2) == (12, [50, 0])  # not 60: the 4-token tail's latest match
+
+
+@pytest.mark.unit
+def test_a_proposal_is_scored_up_to_its_first_wrong_token_by_key_length():
+    spec = SeqSpec("auto", 8, proposal=(2, [10, 11, 12], 8))
     assert spec.score([0, 1, 10]) is None           # right so far: wait for more
-    assert spec.score([0, 1, 10, 11, 99]) == (2, 3)
-    assert spec.acceptance(0.5) == pytest.approx((2 + 0.5 * 4) / (3 + 4))
+    assert spec.score([0, 1, 10, 11, 99]) == (8, 2, 3)
+    assert spec.record.rate(8, 0.5) == pytest.approx((2 + 0.5 * 4) / (3 + 4))
+    assert spec.record.rate(2, 0.5) == 0.5         # another key length: still the prior
+
+
+@pytest.mark.unit
+def test_a_sequence_whose_long_matches_come_true_drafts_its_whole_proposal():
+    """This CPU's costs (2-core EPYC, 135M Q4_1: one row 9.4 ms, 17 rows 89 ms, all with logits): a
+    sequence whose 12-token matches kept coming true drafts all 16 proposed tokens, though its 2-token
+    matches mostly failed (one acceptance for both made it draft 2); a sequence whose long matches
+    failed does not draft."""
+    speculator = Speculator("auto", 16)
+    speculator.costs[0] = cost = CostModel()
+    for rows in (1, 17) * 10:
+        cost.observe(rows, 0.0046 + 0.005 * rows)
+    text = list(range(100, 300))  # the prompt's text, of which the answer has copied 12 tokens so far
+    seq = Sequence(Request(prompt=text + text[:12], max_tokens=500))
+    seq.spec = speculator.settings_for(None, None)
+    seq.spec.record.add(2, 10, 40)
+    room = {seq: 16}
+    for _ in range(6):  # six proposals of 16 tokens from a 12-token key, each came true
+        speculator.choose(0, [seq], 1, room)
+        copied = len(seq.tokens) - len(text)
+        seq.tokens += text[copied:copied + 16]
+        speculator.scored(seq)
+    assert seq.spec.record.tried[12] == 96 == seq.spec.record.accepted[12]
+    assert choose_drafts([((96 + 10 + 2) / (136 + 4), 16, False)], 1, *cost.line(), speculator.gap_s) == [2]
+    copied = len(seq.tokens) - len(text)
+    assert speculator.choose(0, [seq], 1, room) == [(seq, text[copied:copied + 16])]
+    wrong = Sequence(Request(prompt=text + text[:12], max_tokens=500))
+    wrong.spec = speculator.settings_for(None, None)
+    wrong.spec.record.add(12, 10, 40)  # its long matches failed after a few tokens
+    assert speculator.choose(0, [wrong], 1, {wrong: 16}) == []
 
 
 @pytest.mark.unit
@@ -63,11 +102,11 @@ def test_drafting_pays_at_one_stream_and_turns_itself_off_under_load():
     assert sum(choose_drafts([(0.99, 16, False)], 1, a, 0.0, gap)) == 16  # rows for free (a GPU): draft all
 
 
-def plan_one(spec_type="ngram"):
+def plan_one(spec_type="ngram", max_tokens=50):
     w = WorkerState(0, 4096, 4, 0)
     w.alive = True
     sched = Scheduler([w], max_waiting=8, step_tokens=64, reserve_cap=256, speculator=Speculator(spec_type, 4))
-    seq = sched.add(Request(prompt=[1, 2, 3, 4, 1, 2, 3], max_tokens=50))
+    seq = sched.add(Request(prompt=[1, 2, 3, 4, 1, 2, 3], max_tokens=max_tokens))
     (plan,) = sched.plan()
     sched.complete(plan, [[4]])  # prefill: "... 1 2 3" sampled 4, so "4 1 2 3" is proposed next
     return sched, w, seq
@@ -85,6 +124,22 @@ def test_a_draft_is_planned_whole_and_what_was_rejected_is_given_back():
     assert seq.tokens[-3:] == [1, 2, 9] and seq.n_computed == seq.n_scheduled == 10 == len(seq.tokens) - 1
     assert w.ledger.used == used - 2 and not w.unsettled
     assert sched.speculator.stats.drafted == 4 and sched.speculator.stats.accepted == 2
+
+
+@pytest.mark.unit
+def test_a_plan_is_held_back_only_when_the_next_step_could_draft():
+    """holds() judges the next step with draft()'s room: a sequence whose max_tokens leaves nothing to
+    draft after its step in flight is planned at once (it was held, holds() assuming the full
+    draft_max, and then did not draft)."""
+    for max_tokens, held in ((3, False), (50, True)):
+        sched, w, seq = plan_one("ngram", max_tokens)
+        seq.n_scheduled += 1  # a plain step in flight: its row samples output 2
+        seq.outputs_planned += 1
+        assert sched.speculator.holds(w, sched.step_tokens) is held
+        seq.n_computed += 1
+        seq.tokens.append(1)
+        (plan,) = sched.plan()
+        assert plan.drafting is held
 
 
 @pytest.mark.unit
