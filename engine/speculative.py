@@ -60,22 +60,30 @@ class NgramIndex:
 
 
 class Record:
-    """How often proposals came true, by key length: tokens accepted and tokens compared (up to and
-    including the first wrong one) per NGRAM_SIZES entry."""
+    """How often proposals came true, by key length, as two rates: of the first proposed token, and of
+    each next one once those before it were right. Proposals fail mostly at their first token (the
+    answer left the text just there) and then tend to run on, so one rate for all tokens would rate
+    a draft's tail as unlikely as its head."""
 
-    __slots__ = ("accepted", "tried")
+    __slots__ = ("counts",)
 
     def __init__(self):
-        self.accepted = dict.fromkeys(NGRAM_SIZES, 0)
-        self.tried = dict.fromkeys(NGRAM_SIZES, 0)
+        self.counts = {n: [0, 0, 0, 0] for n in NGRAM_SIZES}  # first right, first tried, next right, next tried
 
     def add(self, n: int, accepted: int, tried: int) -> None:
-        self.accepted[n] += accepted
-        self.tried[n] += tried
+        """A proposal from an n-token key: `accepted` tokens right, `tried` compared (up to and including
+        the first wrong one)."""
+        c = self.counts[n]
+        c[0] += accepted > 0
+        c[1] += 1
+        c[2] += max(accepted - 1, 0)
+        c[3] += tried - 1
 
-    def rate(self, n: int, prior: float) -> float:
-        """The acceptance of key length n, with `prior` counted as PRIOR_WEIGHT tries."""
-        return (self.accepted[n] + prior * PRIOR_WEIGHT) / (self.tried[n] + PRIOR_WEIGHT)
+    def rates(self, n: int, prior: tuple[float, float]) -> tuple[float, float]:
+        """(first, next) for key length n, each with its `prior` counted as PRIOR_WEIGHT tries."""
+        c = self.counts[n]
+        return ((c[0] + prior[0] * PRIOR_WEIGHT) / (c[1] + PRIOR_WEIGHT),
+                (c[2] + prior[1] * PRIOR_WEIGHT) / (c[3] + PRIOR_WEIGHT))
 
 
 @dataclass
@@ -85,26 +93,32 @@ class SeqSpec:
     mode: str            # auto | ngram (forced) | none
     draft_max: int
     index: NgramIndex | None = None
-    proposal: tuple[int, list[int], int] | None = None  # (position its first token is for, tokens, key length) not scored yet
+    pending: list[tuple[int, list[int], int]] = field(default_factory=list)  # proposals not scored yet:
+    # (position their first token is for, tokens, key length), one per position, in position order
     record: Record = field(default_factory=Record)
 
-    def score(self, tokens: list[int]) -> tuple[int, int, int] | None:
-        """Compare the pending proposal with the tokens that came; (key length, accepted, tried) once
-        decided."""
-        at, proposed, n = self.proposal
-        came = tokens[at:at + len(proposed)]
-        good = 0
-        while good < len(came) and came[good] == proposed[good]:
-            good += 1
-        if good == len(proposed):
-            tried = good
-        elif good < len(came):
-            tried = good + 1
-        else:
-            return None  # all that came so far matches: wait for more
-        self.proposal = None
-        self.record.add(n, good, tried)
-        return n, good, tried
+    def propose(self, at: int, proposed: list[int], n: int) -> None:
+        """Keep a proposal for the tokens from position `at` on, to be scored (one per position)."""
+        if not self.pending or self.pending[-1][0] < at:
+            self.pending.append((at, proposed, n))
+
+    def score(self, tokens: list[int]) -> list[tuple[int, int, int]]:
+        """Compare the pending proposals with the tokens that came; (key length, accepted, tried) of each
+        one decided now (all that came so far matches an undecided one: it waits for more)."""
+        decided, waiting = [], []
+        for at, proposed, n in self.pending:
+            came = tokens[at:at + len(proposed)]
+            good = 0
+            while good < len(came) and came[good] == proposed[good]:
+                good += 1
+            if good < len(proposed) and good == len(came):
+                waiting.append((at, proposed, n))
+                continue
+            tried = good if good == len(proposed) else good + 1
+            self.record.add(n, good, tried)
+            decided.append((n, good, tried))
+        self.pending = waiting
+        return decided
 
 
 class CostModel:
@@ -132,17 +146,19 @@ class CostModel:
         return max(my - b * mx, 0.0), b
 
 
-def choose_drafts(candidates: list[tuple[float, int, bool]], rows: int, a: float, b: float,
+def choose_drafts(candidates: list[tuple[float, float, int, bool]], rows: int, a: float, b: float,
                   gap: float) -> list[int]:
-    """How many tokens each candidate drafts: `candidates` are (acceptance p, tokens proposed, forced);
-    `rows` the step's rows without drafts; a decode costs a + b * rows seconds, and drafting adds
-    `gap` (the parent's turn the step no longer overlaps). The i-th drafted token of a candidate adds
-    p^i expected tokens, so the positions are taken best first while the step's expected tokens per
-    second grow; forced candidates draft all they propose."""
-    ks = [n if forced else 0 for _, n, forced in candidates]
-    tokens, extra = rows + sum(p * (1 - p ** k) / (1 - p) if p < 1 else k for (p, _, _), k in zip(candidates, ks)), sum(ks)
-    gains = sorted(((p ** i, c) for c, (p, n, forced) in enumerate(candidates) if not forced
-                    for i in range(1, n + 1)), reverse=True)
+    """How many tokens each candidate drafts: `candidates` are (first, next: the rates that its first
+    drafted token, and each next one after right ones, is right; tokens proposed; forced); `rows` the
+    step's rows without drafts; a decode costs a + b * rows seconds, and drafting adds `gap` (the
+    parent's turn the step no longer overlaps). The i-th drafted token of a candidate adds
+    first * next^(i-1) expected tokens, so the positions are taken best first while the step's
+    expected tokens per second grow; forced candidates draft all they propose."""
+    ks = [n if forced else 0 for _, _, n, forced in candidates]
+    tokens = rows + sum(first * nxt ** i for (first, nxt, _, _), k in zip(candidates, ks) for i in range(k))
+    extra = sum(ks)
+    gains = sorted(((first * nxt ** i, c) for c, (first, nxt, n, forced) in enumerate(candidates) if not forced
+                    for i in range(n)), reverse=True)
     base = rows / (a + b * rows)  # throughput without drafting
     best, best_len = -1.0, 0
     for length, (gain, c) in enumerate(gains, 1):
@@ -191,13 +207,14 @@ class Speculator:
         k = min(self.draft_max, self.draft_max if draft_max is None else draft_max)
         return None if mode == "none" or k <= 0 else SeqSpec(mode, k)
 
-    def acceptance(self, spec: SeqSpec, n: int) -> float:
-        """How likely each next token of a proposal found by an n-token key is right, for this sequence."""
-        return spec.record.rate(n, self.record.rate(n, PRIOR_ACCEPT))
+    def acceptance(self, spec: SeqSpec, n: int) -> tuple[float, float]:
+        """(first, next) rates of a proposal found by an n-token key, for this sequence: its own record
+        with the service's (all sequences') as the prior."""
+        return spec.record.rates(n, self.record.rates(n, (PRIOR_ACCEPT, PRIOR_ACCEPT)))
 
-    def proposals(self, seqs: list, room: dict) -> list[tuple[object, list[int], float, bool]]:
-        """(sequence, proposed tokens, acceptance, forced) for every sequence with room and a proposal;
-        `room`: the most tokens each may draft. A proposal is kept to be scored against the tokens that
+    def proposals(self, seqs: list, room: dict) -> list[tuple[object, list[int], tuple[float, float], bool]]:
+        """(sequence, proposed tokens, (first, next) rates, forced) for every sequence with room and a proposal;
+        `room`: the most tokens each may draft. Each proposal is kept to be scored against the tokens that
         come."""
         out = []
         for seq in seqs:
@@ -208,8 +225,7 @@ class Speculator:
                 spec.index = NgramIndex(seq.tokens)
             n, proposed = spec.index.propose(room[seq])
             if proposed:
-                if spec.proposal is None:
-                    spec.proposal = (len(seq.tokens), proposed, n)
+                spec.propose(len(seq.tokens), proposed, n)
                 out.append((seq, proposed, self.acceptance(spec, n), spec.mode == "ngram"))
         return out
 
@@ -220,14 +236,14 @@ class Speculator:
             return []
         line = self.costs.setdefault(worker, CostModel()).line()
         a, b = line if line is not None else (1.0, ROW_SHARE)
-        ks = choose_drafts([(p, len(t), forced) for _, t, p, forced in found], rows, a, b, self.gap_s)
+        ks = choose_drafts([(*p, len(t), forced) for _, t, p, forced in found], rows, a, b, self.gap_s)
         return [(seq, tokens[:k]) for (seq, tokens, _, _), k in zip(found, ks) if k]
 
     def scored(self, seq) -> None:
-        """New tokens of `seq` came: score its pending proposal against them."""
-        spec = seq.spec
-        if spec is not None and spec.proposal is not None and (got := spec.score(seq.tokens)) is not None:
-            self.record.add(*got)
+        """New tokens of `seq` came: score its pending proposals against them."""
+        if seq.spec is not None:
+            for got in seq.spec.score(seq.tokens):
+                self.record.add(*got)
 
     def observe(self, worker: int, rows: int, seconds: float) -> None:
         self.costs.setdefault(worker, CostModel()).observe(rows, seconds)

@@ -41,20 +41,23 @@ def test_the_longest_key_wins_over_a_later_short_match():
 
 
 @pytest.mark.unit
-def test_a_proposal_is_scored_up_to_its_first_wrong_token_by_key_length():
-    spec = SeqSpec("auto", 8, proposal=(2, [10, 11, 12], 8))
-    assert spec.score([0, 1, 10]) is None           # right so far: wait for more
-    assert spec.score([0, 1, 10, 11, 99]) == (8, 2, 3)
-    assert spec.record.rate(8, 0.5) == pytest.approx((2 + 0.5 * 4) / (3 + 4))
-    assert spec.record.rate(2, 0.5) == 0.5         # another key length: still the prior
+def test_every_proposal_is_scored_up_to_its_first_wrong_token_by_key_length():
+    spec = SeqSpec("auto", 8)
+    spec.propose(2, [10, 11, 12], 8)
+    spec.propose(2, [10, 11, 13], 8)                # one proposal per position
+    spec.propose(3, [11, 12, 14], 2)
+    assert spec.score([0, 1, 10]) == []             # right so far: wait for more
+    assert spec.score([0, 1, 10, 11, 99]) == [(8, 2, 3), (2, 1, 2)]
+    assert spec.pending == [] and spec.record.counts[8] == [1, 1, 1, 2]  # first right; next: 1 of 2
+    assert spec.record.rates(8, (0.5, 0.5)) == pytest.approx(((1 + 2) / 5, (1 + 2) / 6))
+    assert spec.record.rates(4, (0.5, 0.5)) == (0.5, 0.5)  # another key length: still the prior
 
 
 @pytest.mark.unit
 def test_a_sequence_whose_long_matches_come_true_drafts_its_whole_proposal():
     """This CPU's costs (2-core EPYC, 135M Q4_1: one row 9.4 ms, 17 rows 89 ms, all with logits): a
     sequence whose 12-token matches kept coming true drafts all 16 proposed tokens, though its 2-token
-    matches mostly failed (one acceptance for both made it draft 2); a sequence whose long matches
-    failed does not draft."""
+    matches failed (one rate for all its proposals drafted 3); one whose long matches failed does not."""
     speculator = Speculator("auto", 16)
     speculator.costs[0] = cost = CostModel()
     for rows in (1, 17) * 10:
@@ -62,20 +65,23 @@ def test_a_sequence_whose_long_matches_come_true_drafts_its_whole_proposal():
     text = list(range(100, 300))  # the prompt's text, of which the answer has copied 12 tokens so far
     seq = Sequence(Request(prompt=text + text[:12], max_tokens=500))
     seq.spec = speculator.settings_for(None, None)
-    seq.spec.record.add(2, 10, 40)
+    for _ in range(10):
+        seq.spec.record.add(2, 0, 1)
     room = {seq: 16}
     for _ in range(6):  # six proposals of 16 tokens from a 12-token key, each came true
         speculator.choose(0, [seq], 1, room)
         copied = len(seq.tokens) - len(text)
         seq.tokens += text[copied:copied + 16]
         speculator.scored(seq)
-    assert seq.spec.record.tried[12] == 96 == seq.spec.record.accepted[12]
-    assert choose_drafts([((96 + 10 + 2) / (136 + 4), 16, False)], 1, *cost.line(), speculator.gap_s) == [2]
+    assert seq.spec.record.counts[12] == [6, 6, 90, 90]
+    one_rate = (96 + 2) / (106 + 4)
+    assert choose_drafts([(one_rate, one_rate, 16, False)], 1, *cost.line(), speculator.gap_s) == [3]
     copied = len(seq.tokens) - len(text)
     assert speculator.choose(0, [seq], 1, room) == [(seq, text[copied:copied + 16])]
     wrong = Sequence(Request(prompt=text + text[:12], max_tokens=500))
     wrong.spec = speculator.settings_for(None, None)
-    wrong.spec.record.add(12, 10, 40)  # its long matches failed after a few tokens
+    for _ in range(5):
+        wrong.spec.record.add(12, 0, 1)  # its long matches failed at once
     assert speculator.choose(0, [wrong], 1, {wrong: 16}) == []
 
 
@@ -95,11 +101,12 @@ def test_cost_model_fits_rows_and_falls_back_to_its_prior_shape():
 @pytest.mark.unit
 def test_drafting_pays_at_one_stream_and_turns_itself_off_under_load():
     a, b, gap = 0.006, 0.0027, 0.0005  # this CPU's figures: a 5-row decode costs ~3x a 1-row one
-    assert sum(choose_drafts([(0.9, 16, False)], 1, a, b, gap)) >= 4
-    assert choose_drafts([(0.3, 16, False)], 1, a, b, gap) == [0]        # unlikely drafts cost more than they give
-    assert choose_drafts([(0.8, 16, False)] * 2, 16, a, b, gap) == [0, 0]  # a full step has no room for them
-    assert choose_drafts([(0.1, 5, True)], 16, a, b, gap) == [5]          # forced (spec type ngram)
-    assert sum(choose_drafts([(0.99, 16, False)], 1, a, 0.0, gap)) == 16  # rows for free (a GPU): draft all
+    assert sum(choose_drafts([(0.9, 0.9, 16, False)], 1, a, b, gap)) >= 4
+    assert choose_drafts([(0.3, 0.3, 16, False)], 1, a, b, gap) == [0]          # unlikely drafts cost more than they give
+    assert choose_drafts([(0.8, 0.8, 16, False)] * 2, 16, a, b, gap) == [0, 0]  # a full step has no room for them
+    assert choose_drafts([(0.1, 0.1, 5, True)], 16, a, b, gap) == [5]           # forced (spec type ngram)
+    assert sum(choose_drafts([(0.99, 0.99, 16, False)], 1, a, 0.0, gap)) == 16  # rows for free (a GPU): draft all
+    assert choose_drafts([(0.8, 0.999, 16, False)], 1, a, b, gap) == [16]       # a right head runs on
 
 
 def plan_one(spec_type="ngram", max_tokens=50):
