@@ -363,7 +363,6 @@ class AsyncEngine:
         self._deliver(deliveries)
         self._parent_s += time.perf_counter() - t1
         self._parent_us.append(self._parent_s * 1e6)
-        self._scheduler.speculator.parent_time(self._parent_s)
         self._parent_s = 0.0
 
     def _on_tick(self) -> None:

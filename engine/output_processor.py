@@ -72,12 +72,13 @@ class OutputProcessor:
                 deliveries.append((self.streams.get(seq), final_output(seq, error=message)))
             return
         stride = plan.stride
+        decode_s = None
         if plan.rows and all(row.count == 1 + len(row.draft) for row in plan.rows):  # decode-only
             decode_s = int(buf.out_header[4]) / 1e6
             if not plan.drafting:  # how long one decode takes (a burst's length is planned from it)
                 self.decode_s = decode_s if self.decode_s is None else 0.8 * self.decode_s + 0.2 * decode_s
-            if sched.speculator is not None:
-                sched.speculator.observe(plan.worker.index, plan.n_tokens, decode_s)
+        if sched.speculator is not None:
+            sched.speculator.completed(plan, decode_s)
         rows = buf.out_token[:n_out * stride].reshape(n_out, stride).tolist()
         sampled = sched.complete(plan, [row[:n] for row, n in zip(rows, buf.out_count[:n_out].tolist())])
         n_sampled = sum(len(got) for _, _, got in sampled)

@@ -22,6 +22,7 @@ until then (its worker gives up overlap for that step: the price is part of the 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 NGRAM_SIZES = (12, 8, 6, 4, 3, 2)  # key lengths, the longest match first
@@ -151,7 +152,7 @@ def choose_drafts(candidates: list[tuple[float, float, int, bool]], rows: int, a
     """How many tokens each candidate drafts: `candidates` are (first, next: the rates that its first
     drafted token, and each next one after right ones, is right; tokens proposed; forced); `rows` the
     step's rows without drafts; a decode costs a + b * rows seconds, and drafting adds `gap` (the
-    parent's turn the step no longer overlaps). The i-th drafted token of a candidate adds
+    overlap the step gives up: the worker waits for the parent's turn after it). The i-th drafted token of a candidate adds
     first * next^(i-1) expected tokens, so the positions are taken best first while the step's
     expected tokens per second grow; forced candidates draft all they propose."""
     ks = [n if forced else 0 for _, _, n, forced in candidates]
@@ -197,7 +198,9 @@ class Speculator:
             raise ValueError("spec_draft_max must be 0 or more")
         self.mode, self.draft_max = mode, draft_max
         self.costs: dict[int, CostModel] = {}
-        self.gap_s = 0.0005  # the parent's time per step (planning, writing, completing), measured as it goes
+        self.gap_s = 0.0005  # what a step planned after its worker's last one completed costs beyond its decodes
+        self.done_at: dict[int, float] = {}  # per worker: when its last step's results were taken
+        self.unoverlapped: dict[int, tuple[object, float]] = {}  # per worker: (a plan made with nothing in flight, done_at then)
         self.record = Record()  # all sequences' proposals: the prior of a sequence's own record
         self.stats = SpecStats()
 
@@ -245,11 +248,19 @@ class Speculator:
             for got in seq.spec.score(seq.tokens):
                 self.record.add(*got)
 
-    def observe(self, worker: int, rows: int, seconds: float) -> None:
-        self.costs.setdefault(worker, CostModel()).observe(rows, seconds)
-
-    def parent_time(self, seconds: float) -> None:
-        self.gap_s = 0.9 * self.gap_s + 0.1 * seconds
+    def completed(self, plan, decode_s: float | None) -> None:
+        """A step's results were taken. A decode-only step (`decode_s`: one decode's seconds) is a point
+        of its worker's cost line; one that was planned only after the step before it completed (as
+        every step after a draft is) measures the overlap given up: the time between the two steps'
+        results beyond its own decodes (the parent's turn, the hand-overs; a few ms on 2 busy cores)."""
+        w, now = plan.worker.index, time.perf_counter()
+        if decode_s is not None:
+            self.costs.setdefault(w, CostModel()).observe(plan.n_tokens, decode_s)
+            fresh = self.unoverlapped.pop(w, None)
+            if fresh is not None and fresh[0] is plan:
+                lost = min(max(now - fresh[1] - decode_s * plan.burst, 0.0), decode_s)  # a longer one is a hiccup
+                self.gap_s = 0.9 * self.gap_s + 0.1 * lost
+        self.done_at[w] = now
 
     @staticmethod
     def room(seqs: list, step_tokens: int, n_out: int, n_tokens: int, coming: int) -> dict:
@@ -286,6 +297,8 @@ class Speculator:
         planned = {r.seq: r.count for r in plan.rows}
         if not rows or any(s.n_scheduled - planned.get(s, 0) > s.n_computed for s in w.running):
             return  # a step is in flight: the sequences' last tokens are not known yet
+        if w.index in self.done_at:
+            self.unoverlapped[w.index] = (plan, self.done_at[w.index])
         seqs = [r.seq for r in rows]
         room = self.room(seqs, step_tokens, sum(r.output for r in plan.rows), plan.n_tokens, coming=0)
         drafts = dict(self.choose(w.index, seqs, plan.n_tokens, room))
