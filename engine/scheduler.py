@@ -475,4 +475,4 @@ class Scheduler:
                 "prefix_hit_tokens": self.prefix_hit_tokens,
                 "free_slots": sum(w.parallel - len(w.running) for w in alive), "workers_alive": len(alive),
                 "tenants": self.waiting.stats(),
-                "speculative": self.speculator.stats.as_dict() if self.speculator is not None else None}
+                "speculative": self.speculator.as_dict() if self.speculator is not None else None}

@@ -248,6 +248,14 @@ class Speculator:
             for got in seq.spec.score(seq.tokens):
                 self.record.add(*got)
 
+    def as_dict(self) -> dict:
+        """/stats: the counts, and the figures the rule decides from (per worker ms = a + b * rows; the
+        overlap a drafting step gives up)."""
+        lines = {w: c.line() for w, c in self.costs.items()}
+        return {**self.stats.as_dict(), "gap_ms": round(self.gap_s * 1e3, 2),
+                "decode_ms": {w: [round(a * 1e3, 2), round(b * 1e3, 2)] for w, (a, b) in
+                              ((w, ln) for w, ln in lines.items() if ln is not None)}}
+
     def completed(self, plan, decode_s: float | None) -> None:
         """A step's results were taken. A decode-only step (`decode_s`: one decode's seconds) is a point
         of its worker's cost line; one that was planned only after the step before it completed (as

@@ -10,7 +10,10 @@ max_tokens; tokens/s = completion tokens / wall time, the median over the rounds
 the answers' `timings.predicted_per_second` (tokens after the first over the time since it: prefill
 left out). Every server gets the same prompts (round r's tag), new ones each round: a random tag per
 request made greedy answers of 10 to 200 tokens, so an earlier RAG figure compared answer lengths, not
-speeds (`tokens` lists them per round; drafting may still change a greedy answer, see the docs).
+speeds (`tokens` lists them per round; drafting may still change a greedy answer, see the docs). The
+sampling is the same everywhere too: greedy without a repeat penalty (llama-server's default; the
+service's 1.1 made it copy less faithfully than llama-server, so earlier copying figures compared
+different answers).
 Acceptance: the service's /stats, llama-server's timings (draft_n, draft_n_accepted).
 
   flock /tmp/sentiric-cpu.lock python loadtest/bench_speculative.py --rounds 3
@@ -62,7 +65,7 @@ def run_level(base_url: str, workload: str, streams: int, max_tokens: int, round
     """One round: the same prompts on every server (greedy: the same answers, so tok/s compares speed, not
     answer lengths), new ones each round (no prefix cache across rounds)."""
     bodies = [{"model": "x", "messages": messages(workload, i, f"round{round_no}-{i}"), "max_tokens": max_tokens,
-               "temperature": 0} for i in range(streams)]
+               "temperature": 0, "repeat_penalty": 1.0} for i in range(streams)]
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
         answers = list(pool.map(lambda b: post(base_url, b), bodies))
