@@ -275,3 +275,34 @@ def test_unified_kv_drafts_equal_plain():
         assert h.wait_idle()["kv_running"] == 0
     finally:
         h.close()
+
+
+@pytest.mark.service
+def test_both_doors_carry_a_requests_spec_and_drafted_answers_equal_plain(start_server):
+    import grpc
+    import openai
+    from server.proto import llama_pb2, llama_pb2_grpc
+
+    service = start_server("--parallel", "2", "--ctx-size", "2048", "--spec-type", "ngram")
+    question = "Repeat this text exactly, word for word:\n\n" + TEXT * 2
+
+    def grpc_answer(engine: dict) -> str:
+        params = llama_pb2.GenerationParams(temperature=0, max_new_tokens=64)
+        params.engine_specific_params.update(engine)
+        with grpc.insecure_channel(service.grpc_target) as channel:
+            stream = llama_pb2_grpc.LlamaServiceStub(channel).GenerateStream(
+                llama_pb2.GenerateStreamRequest(user_prompt=question, params=params), timeout=120)
+            return b"".join(m.token for m in stream if m.WhichOneof("type") == "token").decode()
+
+    def accepted() -> int:
+        return service.stats()["speculative"]["accepted"]
+
+    before = accepted()
+    drafted = grpc_answer({"spec": {"type": "ngram", "draft_max": 8}})
+    assert accepted() - before > 10
+    before = accepted()
+    assert grpc_answer({"speculative": False}) == drafted and accepted() == before
+    client = openai.OpenAI(base_url=service.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    http = client.chat.completions.create(model="x", temperature=0, max_tokens=64, extra_body={"spec": {"draft_max": 8}},
+                                          messages=[{"role": "user", "content": question}])
+    assert http.choices[0].message.content == drafted and accepted() > before
