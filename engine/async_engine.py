@@ -40,6 +40,7 @@ from engine.guidance import check_grammar
 from engine.kv_store import KvStore
 from engine.llama import Model
 from engine.output_processor import OutputProcessor, Stream, final_output
+from engine.preemption import Parking
 from engine.request import EngineError, Output, Request
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
@@ -82,6 +83,7 @@ class AsyncEngine:
         self._parent_us = collections.deque(maxlen=256)
         self._parent_s = 0.0  # the step loop's time on the current step (planning, writing, completing)
         self.store: KvStore | None = None  # prefixes evicted from the KV buffer, in RAM and on disk
+        self.parking: Parking | None = None  # the KV of sequences preempted for another tenant
         self.kv_bytes_per_cell = 0
 
     # --- lifecycle ---
@@ -113,10 +115,14 @@ class AsyncEngine:
         if orphans := StepBuffer.remove_orphans():
             log.info("removed %d step buffers left in /dev/shm by services that were killed", len(orphans))
         self._workers, states = start_workers(cfg, cfg.workers if self.generation else 0, self.store)
+        # a split cache's preempted sequence parks its KV (its stream goes to the newcomer), at most the KV buffer's size
+        self.parking = Parking(self.kv_bytes_per_cell * cfg.ctx_size * len(states), self.kv_bytes_per_cell) \
+            if cfg.tenant_fairness and not cfg.kv_unified and self.generation else None
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
                                     reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=eog.__contains__,
                                     kv_unified=cfg.kv_unified, prompt_halves=cfg.prompt_halves, store=self.store,
-                                    fair=cfg.tenant_fairness, speculator=Speculator(cfg.spec_type, cfg.spec_draft_max))
+                                    fair=cfg.tenant_fairness, speculator=Speculator(cfg.spec_type, cfg.spec_draft_max),
+                                    parking=self.parking)
         self._scheduler.waiting.set_limits(cfg.tenant_limits, cfg.tenant_overrides)
         self._outputs = OutputProcessor(self._scheduler, pieces, eog, self._streams)
         self.eog_tokens = eog
@@ -140,6 +146,8 @@ class AsyncEngine:
             self.vocab_model.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
+        if self.parking is not None:
+            self.parking.close()
         self.ready = False
 
     async def _save_cache(self, timeout_s: float = 10.0) -> None:
@@ -357,6 +365,8 @@ class AsyncEngine:
                     self._workers[plan.worker.index].adapters_loaded = buf.adapters_loaded_json()
                 if self.store is not None and plan.ops:  # a restore that failed computed its tokens
                     self._outputs.prompt_tokens_computed += self.store.step_done(plan.ops, buf.op_status, buf.op_us)
+                if self.parking is not None and plan.ops:  # so did an unpark
+                    self._outputs.prompt_tokens_computed += self.parking.step_done(plan.ops, buf.op_status)
                 self._outputs.process(plan, buf, deliveries)
             elif state == "died":
                 self._worker_died(plan.worker, deliveries)
@@ -462,6 +472,7 @@ class AsyncEngine:
             "kv_cache_type": {"k": self.config.cache_type_k, "v": self.config.cache_type_v},
             "kv_bytes_per_cell": self.kv_bytes_per_cell,
             "kv_bytes": self.kv_bytes_per_cell * sum(w.n_ctx for w in sched.workers),
+            "parking": self.parking.stats() if self.parking is not None else None,
             "kv_store": None if self.store is None or outputs is None else
             self.store.stats(prefill_s_per_token=outputs.prefill_s / max(1, outputs.prompt_tokens_computed)),
         }

@@ -92,7 +92,7 @@ class KvStore:
         self.files = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-store")  # copies, removals
         self.scanned_mtime = None
         self.counters = collections.Counter()
-        _remove_orphan_ram_dirs()
+        remove_orphan_ram_dirs()
         if self.ram_dir:
             self.ram_dir.mkdir(mode=0o700, exist_ok=True)
             room = shutil.disk_usage(self.ram_dir).free
@@ -349,7 +349,7 @@ def _touch(path: str) -> None:
         os.utime(path)
 
 
-def _remove_orphan_ram_dirs() -> None:
+def remove_orphan_ram_dirs() -> None:
     """The RAM tiers of services that were killed before they could remove theirs."""
     for name in os.listdir(RAM_ROOT):
         pid = name.removeprefix("sentiric-kv-").split("-")[0]

@@ -44,41 +44,44 @@ first positions restored from the store (a RESTORE op) instead of prefilled.
 Tenants: waiting requests are admitted in the fair queue's order (engine/fair_queue.py: the tenant least
 served first, quotas per tenant). When every slot is taken and a tenant under its share waits, a
 sequence of the tenant most over its share is preempted at the start of the plan (before any row of it
-is planned): it ends as "preempted", its KV kept as a prefix cache entry, and a resumed copy of it goes
-back to the front of its tenant's queue (`preempted` tells the engine which stream now reads which).
+is planned; engine/preemption.py): it ends as "preempted", its KV parked (split cache) or kept as a prefix
+cache entry, and a resumed copy goes to the front of its tenant's queue (`preempted`: which stream reads which).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from engine import kv_store, slots
+from engine import kv_store, preemption, slots
 from engine.fair_queue import FairQueue
 from engine.kv_ledger import KvLedger
+from engine.preemption import Parking
 from engine.prefix_cache import MIN_CACHED_PREFIX, WAIT, CacheEntry, Source
 from engine.request import Request
 from engine.sequence import Sequence
 from engine.speculative import Speculator
-from engine.step import PAYLOAD_BYTES, Op, OpKind, Row, SamplerSpec, StepPlan
+from engine.step import PAYLOAD_BYTES, Op, OpKind, Row, SamplerSpec, StepPlan, StoreFile
 from engine.worker_state import WorkerState
 
 MAX_PASSED_OVER = 2      # steps in a row a prompt may wait for shorter ones (Scheduler.prompt_halves)
 
 
 class Restore(NamedTuple):
-    """A newcomer's first `shared` positions come from a stored prefix (engine/kv_store.py)."""
+    """A newcomer's first `shared` positions come from a stored prefix (engine/kv_store.py) or from its
+    own parked KV (a StoreFile: engine/preemption.py)."""
 
     shared: int
-    stored: kv_store.Stored
+    stored: kv_store.Stored | StoreFile
 
 
 class Scheduler:
     def __init__(self, workers: list[WorkerState], *, max_waiting: int, step_tokens: int,
                  reserve_cap: int, is_eog=lambda token: False, kv_unified: bool = True,
                  prompt_halves: bool = False, store: kv_store.KvStore | None = None,
-                 fair: bool = True, speculator: Speculator | None = None):
+                 fair: bool = True, speculator: Speculator | None = None, parking: Parking | None = None):
         self.workers = workers
         self.store = store
+        self.parking = parking  # where preempted sequences' KV waits (engine/preemption.py); None: computed again
         self.speculator = speculator
         # a step ends the prefill of the shorter half (rounded up) of the prompts still prefilling, so of
         # 8 arriving together 4 start first, then 2, then the last 2, which have waited MAX_PASSED_OVER
@@ -115,6 +118,8 @@ class Scheduler:
         seq.finish_reason = reason
         if seq.worker is None:
             self.waiting.remove(seq)
+            if seq.parked is not None:
+                self.parking.discard(seq.parked)
             return
         # a split cache's idle stream keeps its last sequence at no cost, as llama-server's slot its prompt
         seq.worker.retire(seq, keep_prefix, MIN_CACHED_PREFIX if self.kv_unified else 1)
@@ -266,26 +271,16 @@ class Scheduler:
             self._start(plans[w.index], seq, source, seq_id)
 
     def _preempt(self, plans: dict) -> None:
-        """Every slot is taken and a tenant under its fair share waits: pause the sequence of the tenant
-        most over its share that is cheapest to resume (lowest priority, fewest positions computed; none
-        of higher priority than the newcomer, none whose sampler has state a new chain would lose). One
-        per step: the newcomer takes the slot in this step's admission."""
-        workers = [w for w in self.workers if w.index in plans]
-        if not workers or any(len(w.running) < w.parallel for w in workers):
+        """Pause one sequence for a tenant under its share (engine/preemption.py); the newcomer takes the
+        slot in this step's admission. A split cache's newcomer takes the victim's stream: its KV is parked."""
+        seq = preemption.victim([w for w in self.workers if w.index in plans], self.waiting)
+        if seq is None:
             return
-        newcomer = self.waiting.next()
-        if newcomer is None or newcomer.made_room:
-            return
-        tenant = self.waiting.over_share(newcomer, sum(w.parallel for w in workers))
-        victims = [s for w in workers for s in w.running
-                   if tenant is not None and self.waiting.tenant_of(s).name == tenant
-                   and s.priority <= newcomer.priority and s.request.sampling.resumable]
-        if not victims:
-            return
-        seq = min(victims, key=lambda s: (s.priority, s.n_computed))
-        newcomer.made_room = True
-        self.finish(seq, "preempted")
-        resumed = seq.resumed()
+        parked = self.parking.park(seq) if self.parking is not None and not self.kv_unified else None
+        if parked is not None:  # written before the FREE that finish() plans
+            seq.worker.pending_ops.append(Op(OpKind.PARK, seq.seq_id, payload=parked))
+        self.finish(seq, "preempted", keep_prefix=parked is None)
+        resumed = seq.resumed(parked)
         self.waiting.push(resumed, front=True)
         self.waiting.tenant_of(seq).preempted += 1
         self.preempted.append((seq, resumed))
@@ -293,6 +288,8 @@ class Scheduler:
     def _place(self, seq: Sequence, plans: dict):
         """(worker, prefix source, sequence id or None for any) for a waiting sequence, or None to keep
         it waiting."""
+        if seq.parked is not None and self.parking.state(seq.parked) is None:
+            return None  # its KV is still being parked
         best = None  # ((shared, -load, free cells), worker, source)
         pinned = slots.slot_of(self.workers, self.kv_unified, seq.request.slot)
         for w in self.workers:
@@ -318,6 +315,8 @@ class Scheduler:
         stored = self.store.find(seq.prompt, seq.adapters) if self.store is not None else None
         if stored is not None and stored[1] >= shared + kv_store.MIN_TOKENS and len(stored[0].tokens) <= w.n_ctx_seq:
             src, shared = Restore(stored[1], stored[0]), stored[1]
+        if seq.parked is not None and self.parking.state(seq.parked):  # all it had computed
+            src, shared = Restore(len(seq.parked.tokens), seq.parked), len(seq.parked.tokens)
         keep = src.seq_id if src is not None and not isinstance(src, Restore) else None
         w.cache.touch(keep)  # the source is used now: evicted last, and never for this sequence
         # split: the newcomer's stream is the lowest idle one; a cache entry there is adopted when it is
@@ -345,8 +344,9 @@ class Scheduler:
         elif isinstance(source, Restore):
             seq.seq_id, seq.span = w.take_id(seq_id), w.ledger.new_span()
             w.ledger.grow(seq.span, source.shared)
-            plan.ops.append(Op(OpKind.RESTORE, seq.seq_id,
-                               payload=self.store.restore_source(source.stored, seq.prompt, source.shared)))
+            unpark = source.stored is seq.parked
+            plan.ops.append(Op(OpKind.UNPARK if unpark else OpKind.RESTORE, seq.seq_id, payload=source.stored if unpark
+                               else self.store.restore_source(source.stored, seq.prompt, source.shared)))
             seq.n_computed = seq.n_scheduled = source.shared
             if not seq.preemptions:
                 seq.cached_tokens = source.shared

@@ -29,14 +29,16 @@ class Sequence:
         self.passed_over = 0      # steps in a row its prompt waited for shorter ones (Scheduler.prompt_halves)
         self.preemptions = 0      # times it was paused for another tenant and resumed
         self.made_room = False    # a sequence was paused for it (once: if it still cannot start, more would churn)
+        self.parked = None        # resumed: the StoreFile its KV was parked in (engine/preemption.py); None: computed
         self.finish_reason: str | None = None
         self.spec = None          # its drafting state (engine/speculative.py SeqSpec); None: it does not draft
 
-    def resumed(self) -> Sequence:
+    def resumed(self, parked=None) -> Sequence:
         """This sequence, paused (preempted) for another tenant, as a new one that goes on where it was:
         its prompt is everything it has so far (computed again, mostly found in the prefix cache), its
         answer so far stays its answer (so its stream sees only a gap). A new object, because steps in
-        flight still name this one (they are ignored once it has a finish_reason)."""
+        flight still name this one (they are ignored once it has a finish_reason). `parked`: where its KV
+        waits (engine/preemption.py), restored instead of computed."""
         seq = Sequence(self.request)
         seq.priority = self.priority
         seq.prompt = np.asarray(self.tokens, dtype=np.int32)
@@ -45,6 +47,7 @@ class Sequence:
         seq.outputs_planned = self.n_generated
         seq.preemptions = self.preemptions + 1
         seq.spec = self.spec  # its drafting state goes on with its tokens
+        seq.parked = parked
         return seq
 
     @property

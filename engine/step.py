@@ -32,6 +32,11 @@ class OpKind(IntEnum):
                   # from the tokens instead when the file cannot be used (the op then reports failure)
     SLOT_SAVE = 8  # write seq's KV and tokens to a llama.cpp state file (payload: its SlotFile; /slots)
     SLOT_LOAD = 9  # seq's KV from a llama.cpp state file (payload: its SlotFile; /slots)
+    PARK = 10     # as SAVE, for a sequence paused for another tenant (engine/preemption.py), not the store
+    UNPARK = 11   # as RESTORE, from a parked file
+
+
+STORE_FILE_OPS = (OpKind.SAVE, OpKind.RESTORE, OpKind.PARK, OpKind.UNPARK)  # their payload is a StoreFile
 
 
 class SlotFile(NamedTuple):
@@ -101,9 +106,9 @@ class Op(NamedTuple):
     payload: SamplerSpec | StoreFile | SlotFile | tuple | None = None
 
     def encode_payload(self) -> bytes | None:
-        """The bytes the op carries in the step's blob (START, ADAPTERS, SAVE, RESTORE, SLOT_SAVE,
+        """The bytes the op carries in the step's blob (START, ADAPTERS, the store file ops, SLOT_SAVE,
         SLOT_LOAD), else None."""
-        if self.kind in (OpKind.START, OpKind.SAVE, OpKind.RESTORE):
+        if self.kind in (OpKind.START, *STORE_FILE_OPS):
             return self.payload.to_json()
         if self.kind == OpKind.ADAPTERS:
             return orjson.dumps(self.payload)
@@ -114,9 +119,9 @@ class Op(NamedTuple):
     @classmethod
     def decode(cls, kind: int, seq: int, a: int, b: int, blob) -> "Op":
         """The op a row of the step's op table holds (a, b: src and n, or the payload's place in `blob`;
-        a RESTORE's n is its payload's token count)."""
+        a store file op's n is its payload's token count)."""
         kind = OpKind(kind)
-        if kind in (OpKind.SAVE, OpKind.RESTORE):
+        if kind in STORE_FILE_OPS:
             file = StoreFile.from_json(bytes(blob[a:a + b]))
             return cls(kind, seq, n=len(file.tokens), payload=file)
         if kind == OpKind.START:

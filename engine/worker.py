@@ -190,11 +190,11 @@ class Worker:
                 ctx.seq_rm(seq, op.n, -1)
         elif op.kind == OpKind.TRIM:
             ctx.seq_rm(seq, op.n, -1)
-        elif op.kind == OpKind.SAVE:
+        elif op.kind in (OpKind.SAVE, OpKind.PARK):
             f = op.payload
             ctx.seq_rm(seq, len(f.tokens), -1)  # positions a burst computed past the end are not kept
             kv_file.write(f.path, f.key, f.adapters, f.tokens, ctx.seq_state(seq))
-        elif op.kind == OpKind.RESTORE:
+        elif op.kind in (OpKind.RESTORE, OpKind.UNPARK):
             self.restore(seq, op.payload)
         elif op.kind == OpKind.SLOT_SAVE:  # a slot's KV to a file (llama-server's /slots)
             ctx.seq_rm(seq, len(op.payload.tokens), -1)

@@ -30,6 +30,7 @@ from engine.llama import Model  # noqa: E402
 from engine.model_files import ensure_default_model  # noqa: E402
 from loadtest.servers import free_ports  # noqa: E402
 
+TARGETS = ["fair", "fair-off", "llama-server"]
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 2 plus 2?",
              "Which planet is the largest?", "What do bees make?", "Name a fruit that is yellow.",
              "How many days are in a week?", "What is frozen water called?"]
@@ -67,7 +68,10 @@ async def ask_in_turn(session, url, n, cap):
 
 
 async def measure(url, args, vocab):
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+    # a new connection per request: a server that closes an idle kept-alive one (llama-server) would
+    # otherwise answer a reused one with "Server disconnected"
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None), connector=connector) as session:
         await ask_in_turn(session, url, 2, args.cap)  # warm up
         alone = await ask_in_turn(session, url, args.questions, args.cap)
         texts, stop = [], asyncio.Event()
@@ -85,11 +89,23 @@ async def measure(url, args, vocab):
         await asyncio.sleep(window - (time.monotonic() - t0))
         produced = len(vocab.tokenize("".join(texts), add_special=False, parse_special=False))
         stop.set()
+        stats = await server_stats(session, url)
         for t in flood:
             t.cancel()
         await asyncio.gather(*flood, return_exceptions=True)
     return {"ttft_alone_p50": statistics.median(alone), "ttft_flood_p50": statistics.median(under),
-            "tok_s": produced / window, "capped": sum(t >= args.cap for t in under)}
+            "tok_s": produced / window, "capped": sum(t >= args.cap for t in under),
+            "ttft_flood": [round(t, 3) for t in under], **stats}
+
+
+async def server_stats(session, url) -> dict:
+    """The service's preemptions and parked KV (its /stats); {} from a server without them."""
+    async with session.get(url + "/stats") as r:
+        if r.status != 200:
+            return {}
+        stats = await r.json()
+    tenants = stats.get("tenants") or {}
+    return {"preempted": sum(t["preempted"] for t in tenants.values()), "parking": stats.get("parking")}
 
 
 def serve(cmd, port):
@@ -119,6 +135,7 @@ def main() -> int:
     p.add_argument("--cap", type=float, default=8.0, help="seconds B waits for a first token at most (counted "
                    "as this long beyond)")
     p.add_argument("--llama-server", default=str(ROOT / "native/build/bin/llama-server"))
+    p.add_argument("--only", nargs="+", choices=TARGETS, default=TARGETS, help="the servers to run (default: all)")
     args = p.parse_args()
     model = str(ensure_default_model())
     vocab_model = Model(model, vocab_only=True)
@@ -128,11 +145,13 @@ def main() -> int:
         "fair": [sys.executable, "-m", "server", "--model", model, "--grpc-port", "0", *common],
         "fair-off": [sys.executable, "-m", "server", "--model", model, "--grpc-port", "0", "--no-tenant-fairness",
                      *common],
+        # an HTTP thread for every connection (its default, -np + 2, would queue B's behind the flood's)
         "llama-server": [args.llama_server, "-m", model, "-t", str(args.threads), "-np", str(args.parallel),
-                         "-c", ctx, "--host", "127.0.0.1"],
+                         "-c", ctx, "--host", "127.0.0.1", "--threads-http", str(args.flood + 4)],
     }
     results = {}
-    for name, cmd in targets.items():
+    for name in args.only:
+        cmd = targets[name]
         port, = free_ports(1)
         proc = serve([*cmd, "--port", str(port)], port)
         try:
@@ -140,7 +159,10 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-        print(name, {k: round(v, 3) for k, v in results[name].items()}, flush=True)
+        print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in results[name].items()}, flush=True)
+    vocab_model.close()
+    if len(results) < len(TARGETS):
+        return 0
     fair, off, ls = results["fair"], results["fair-off"], results["llama-server"]
     print(f"\n{datetime.date.today()} {platform.processor() or platform.machine()} {os.cpu_count()} cores, "
           f"{args.flood} x {args.flood_tokens} tokens from A, {args.questions} questions from B, -np {args.parallel}")
@@ -149,7 +171,6 @@ def main() -> int:
     print(f"B's TTFT p50 under the flood, fair / llama-server: {fair['ttft_flood_p50'] / ls['ttft_flood_p50']:.3f}")
     print(f"total tok/s, fair / fair off:                      {fair['tok_s'] / off['tok_s']:.3f}")
     print(f"total tok/s, fair / llama-server:                  {fair['tok_s'] / ls['tok_s']:.3f}")
-    vocab_model.close()
     return 0
 
 

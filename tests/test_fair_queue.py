@@ -3,10 +3,12 @@
 import pytest
 
 from engine.fair_queue import FairQueue, QuotaExceeded, TenantLimits
+from engine.preemption import Parking
 from engine.request import Overloaded, Request
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.step import OpKind
 from engine.worker_state import WorkerState
 
 pytestmark = pytest.mark.unit
@@ -216,3 +218,58 @@ def test_fair_admission_when_slots_free():
     b = sched.add(Request(prompt=[4, 5, 6], max_tokens=3, tenant="b"))
     step(sched)
     assert a[0].worker and b.worker and not a[1].worker  # a's quota: one at a time; b at once
+
+
+def run_step(sched, parking, token=lambda s: 5):
+    """One step, its PARK and UNPARK ops reported done as a worker would (the files are not written)."""
+    plans = sched.plan()
+    for p in plans:
+        sched.complete(p, [[token(r.seq)] for r in p.rows if r.output])
+        parking.step_done(p.ops, [0] * len(p.ops))
+    resumed = list(sched.preempted)
+    sched.preempted.clear()
+    return plans, resumed
+
+
+def flood_then_b(tmp_path):
+    """Two sequences of tenant a fill a split cache's two streams and have decoded a while; b arrives."""
+    w = WorkerState(0, 4096, 2, cache_slots=2, n_ctx_seq=2048, n_ids=2)
+    w.alive = True
+    parking = Parking(1 << 30, 100, root=str(tmp_path))
+    sched = Scheduler([w], max_waiting=64, step_tokens=256, reserve_cap=64, kv_unified=False, parking=parking)
+    for i in (1, 2):
+        sched.add(Request(prompt=[*range(1, 40), i], max_tokens=30, tenant="a"))
+    for _ in range(4):
+        run_step(sched, parking, token=lambda s: 10 + s.n_generated)
+    b = sched.add(Request(prompt=[9, 9, 9], max_tokens=2, tenant="b"))
+    return sched, parking, b
+
+
+def test_a_split_cache_parks_the_preempted_kv_and_unparks_it_when_it_resumes(tmp_path):
+    sched, parking, b = flood_then_b(tmp_path)
+    plans, ((paused, resumed),) = run_step(sched, parking, token=lambda s: 10 + s.n_generated)
+    ops = [(op.kind, op.seq) for op in plans[0].ops]
+    # the victim's KV is written before its stream is freed and given to the newcomer
+    assert ops.index((OpKind.PARK, paused.seq_id)) < ops.index((OpKind.FREE, paused.seq_id)) < \
+        ops.index((OpKind.START, b.seq_id))
+    assert b.seq_id == paused.seq_id and len(resumed.parked.tokens) == paused.n_computed
+    unparked = []
+    while resumed.finish_reason is None and resumed.n_generated < 30:
+        plans, _ = run_step(sched, parking, token=lambda s: 10 + s.n_generated)
+        unparked += [op for p in plans for op in p.ops if op.kind == OpKind.UNPARK]
+        if b.finish_reason is None and b.n_generated >= 2:
+            sched.finish(b, "length")
+    (op,) = unparked  # it resumed from its parked KV: only what followed it was computed
+    assert op.payload is resumed.parked and op.seq == resumed.seq_id
+    assert resumed.tokens[resumed.n_prompt:] == list(range(10, 40))
+    assert parking.stats() == {"parked": 1, "unparked": 1, "unpark_failures": 0, "parked_now": 0, "parked_bytes": 0}
+
+
+def test_a_parked_sequence_cancelled_while_it_waits_leaves_nothing(tmp_path):
+    sched, parking, _ = flood_then_b(tmp_path)
+    _, ((_, resumed),) = run_step(sched, parking)
+    assert parking.stats()["parked_now"] == 1
+    sched.finish(resumed, "cancelled", keep_prefix=False)
+    assert parking.stats()["parked_now"] == 0 and parking.bytes == 0
+    parking.close()
+    assert not any(tmp_path.iterdir())
