@@ -309,14 +309,18 @@ class AsyncEngine:
 
     def _cut_bursts(self) -> None:
         """A request arrived or left: end each worker's newest step early if it is a burst, so the
-        change is planned for within one decode. (An older step in flight cannot be cut: the newer one
-        was planned to go on where it ends.)"""
-        newest = {}
+        change is planned for within one decode, or skip it if it only decodes and waits behind another
+        (the worker runs none of its decodes unless it has begun them), so the change is planned for
+        one step sooner: a newcomer's prefill waits for one step in flight, not two. (An older step in
+        flight cannot be cut: the newer one was planned to go on where it ends.)"""
+        newest, steps = {}, collections.Counter()
         for sent in self._in_flight:
             for entry in sent:
                 newest[entry[0].worker.index] = entry
+                steps[entry[0].worker.index] += 1
         for plan, buf, epoch, _ in newest.values():
-            if plan.burst > 1 and not plan.cut and self._workers[plan.worker.index].epoch == epoch:
+            queued = steps[plan.worker.index] > 1 and all(r.count == 1 and r.output for r in plan.rows)
+            if (plan.burst > 1 or queued) and not plan.cut and self._workers[plan.worker.index].epoch == epoch:
                 buf.cut[0] = 1
                 self._scheduler.cut(plan)
 

@@ -73,7 +73,8 @@ class OutputProcessor:
             return
         stride = plan.stride
         decode_s = None
-        if plan.rows and all(row.count == 1 + len(row.draft) for row in plan.rows):  # decode-only
+        # decode-only, and not skipped (engine/async_engine.py _cut_bursts)
+        if plan.rows and all(row.count == 1 + len(row.draft) for row in plan.rows) and buf.out_count[:n_out].any():
             decode_s = int(buf.out_header[4]) / 1e6
             if not plan.drafting:  # how long one decode takes (a burst's length is planned from it)
                 self.decode_s = decode_s if self.decode_s is None else 0.8 * self.decode_s + 0.2 * decode_s

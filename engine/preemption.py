@@ -26,7 +26,7 @@ import numpy as np
 
 from engine import kv_file, kv_store
 from engine.prefix_cache import MIN_SHARED_PREFIX
-from engine.step import OpKind, StoreFile
+from engine.step import Op, OpKind, StoreFile
 
 PARK_MIN_TOKENS = MIN_SHARED_PREFIX  # shorter victims are computed again (not worth a file)
 
@@ -63,7 +63,8 @@ class Parking:
         self.parked = self.unparked = self.failures = 0
 
     def park(self, seq) -> StoreFile | None:
-        """Where the worker writes a victim's computed positions, or None to compute them again later."""
+        """The file a victim's computed positions are written to, by a PARK op ahead of its worker's next
+        step's (before the newcomer's ops trim or free its stream); None: they are computed again later."""
         n = seq.n_computed
         size = n * self.bytes_per_cell
         if n < PARK_MIN_TOKENS or self.bytes + size > self.limit_bytes or \
@@ -72,11 +73,21 @@ class Parking:
         path = str(self.dir / f"{uuid.uuid4().hex}{kv_file.SUFFIX}")
         self.files[path] = None
         self.bytes += size
-        return StoreFile(path, self.key, seq.adapters, np.asarray(seq.tokens[:n], np.int32))
+        file = StoreFile(path, self.key, seq.adapters, np.asarray(seq.tokens[:n], np.int32))
+        seq.worker.pending_ops.append(Op(OpKind.PARK, seq.seq_id, payload=file))
+        return file
 
     def state(self, file: StoreFile) -> bool | None:
         """True: written, ready to unpark; None: its PARK op has not completed yet; False: it failed."""
         return self.files.get(file.path, False)
+
+    def usable(self, file: StoreFile, shared: int) -> bool:
+        """The parked file is written and holds more than the `shared` positions found elsewhere; if not
+        (its PARK failed, or its stream still holds it all), it is discarded."""
+        if self.state(file) and len(file.tokens) > shared:
+            return True
+        self.discard(file)
+        return False
 
     def step_done(self, ops: list, op_status) -> int:
         """Learn how a step's PARK and UNPARK ops went (an unparked file is removed); returns the tokens

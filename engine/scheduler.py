@@ -67,8 +67,7 @@ MAX_PASSED_OVER = 2      # steps in a row a prompt may wait for shorter ones (Sc
 
 
 class Restore(NamedTuple):
-    """A newcomer's first `shared` positions come from a stored prefix (engine/kv_store.py) or from its
-    own parked KV (a StoreFile: engine/preemption.py)."""
+    """A newcomer's first `shared` positions come from a stored prefix (engine/kv_store.py) or its parked KV."""
 
     shared: int
     stored: kv_store.Stored | StoreFile
@@ -140,10 +139,11 @@ class Scheduler:
         plans = {w.index: StepPlan(w) for w in self.workers if w.alive and not w.unsettled
                  and not (self.speculator is not None and self.speculator.holds(w, self.step_tokens))}
         budget = {i: self.step_tokens for i in plans}
-        self._preempt(plans)
+        paused_in = self._preempt(plans)
         for p in plans.values():
             p.adapters = p.worker.take_turn()
-            self._continue_decoding(p, budget)
+            if p.worker is not paused_in:
+                self._continue_decoding(p, budget)
         self._admit(plans)
         for p in plans.values():
             w = p.worker
@@ -270,20 +270,20 @@ class Scheduler:
             room -= seq.start_bytes
             self._start(plans[w.index], seq, source, seq_id)
 
-    def _preempt(self, plans: dict) -> None:
-        """Pause one sequence for a tenant under its share (engine/preemption.py); the newcomer takes the
-        slot in this step's admission. A split cache's newcomer takes the victim's stream: its KV is parked."""
+    def _preempt(self, plans: dict) -> WorkerState | None:
+        """Pause a sequence for a tenant under its share (engine/preemption.py: a split cache's victim is parked);
+        the newcomer takes its slot in this step's admission, in a step of prefills alone (its worker is
+        returned): its first token waits for no decode of the flood's, which go on in the next step."""
         seq = preemption.victim([w for w in self.workers if w.index in plans], self.waiting)
         if seq is None:
-            return
+            return None
         parked = self.parking.park(seq) if self.parking is not None and not self.kv_unified else None
-        if parked is not None:  # written before the FREE that finish() plans
-            seq.worker.pending_ops.append(Op(OpKind.PARK, seq.seq_id, payload=parked))
-        self.finish(seq, "preempted", keep_prefix=parked is None)
+        self.finish(seq, "preempted")
         resumed = seq.resumed(parked)
         self.waiting.push(resumed, front=True)
         self.waiting.tenant_of(seq).preempted += 1
         self.preempted.append((seq, resumed))
+        return seq.worker
 
     def _place(self, seq: Sequence, plans: dict):
         """(worker, prefix source, sequence id or None for any) for a waiting sequence, or None to keep
@@ -315,7 +315,7 @@ class Scheduler:
         stored = self.store.find(seq.prompt, seq.adapters) if self.store is not None else None
         if stored is not None and stored[1] >= shared + kv_store.MIN_TOKENS and len(stored[0].tokens) <= w.n_ctx_seq:
             src, shared = Restore(stored[1], stored[0]), stored[1]
-        if seq.parked is not None and self.parking.state(seq.parked):  # all it had computed
+        if seq.parked is not None and self.parking.usable(seq.parked, shared):
             src, shared = Restore(len(seq.parked.tokens), seq.parked), len(seq.parked.tokens)
         keep = src.seq_id if src is not None and not isinstance(src, Restore) else None
         w.cache.touch(keep)  # the source is used now: evicted last, and never for this sequence

@@ -249,7 +249,7 @@ class Worker:
         buf.out_count[:n_out] = 0
         t0, runs = time.perf_counter(), 0
         for s in range(burst):
-            if s and buf.cut[0]:
+            if buf.cut[0]:  # cut by the parent (only a step that decodes alone, perhaps before it began)
                 break
             if ended.any() and ended[buf.seq[:n]].any():  # rare: a burst ended a sequence
                 keep = np.flatnonzero(~ended[buf.seq[:n]])

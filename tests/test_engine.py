@@ -280,6 +280,36 @@ def test_a_request_arriving_during_a_burst_cuts_it_short():
         h.close()
 
 
+def test_a_request_arriving_skips_a_queued_decode_step():
+    """Two single-decode steps in flight (overlap, no bursts): a request that arrives skips the newer
+    one, which has not begun, so its prefill runs after one step of the long answer's, not two. Counted
+    as the long answer's tokens between the submit and the newcomer's first token (3 without the skip;
+    a skip that comes too late, the worker already in the step, counts 3 as well: the median is taken)."""
+    h = EngineHarness(parallel=2, ctx_size=2048, threads=2, burst_ms=0)
+    try:
+        long = replace(greedy_request(h, "Write a very long story about a dragon.", 1000), ignore_eos=True)
+        async def scenario():
+            produced = [0]
+            async def run_long():
+                async for out in h.engine.generate(long):
+                    produced[0] += len(out.token_ids)
+            task = asyncio.create_task(run_long())
+            ran_on = []
+            for i in range(7):
+                while produced[0] < 8 * (i + 1):
+                    await asyncio.sleep(0.001)
+                start = produced[0]
+                async for out in h.engine.generate(greedy_request(h, f"Name a colour, {i}.", 1)):
+                    if out.token_ids:
+                        ran_on.append(produced[0] - start)
+            task.cancel()
+            return ran_on
+        ran_on = h.run(scenario())
+        assert sorted(ran_on)[len(ran_on) // 2] <= 2, ran_on
+    finally:
+        h.close()
+
+
 def test_split_kv_limits_each_sequence_to_its_share_and_shares_prefixes_by_stream():
     """With kv_unified=False llama.cpp gives each sequence n_ctx / n_seq_max cells: the engine
     says so, refuses longer prompts and ends a generation that fills its share with "length".

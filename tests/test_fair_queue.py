@@ -179,6 +179,20 @@ def test_a_flood_does_not_make_another_tenant_wait_for_a_slot():
     assert sched.waiting.stats()["a"]["preempted"] == 1 and sched.running == 4
 
 
+def test_the_newcomer_a_sequence_was_paused_for_prefills_in_a_step_of_its_own():
+    sched = make(parallel=4)
+    for i in range(4):
+        sched.add(Request(prompt=[1, 2, 3, i], max_tokens=100, tenant="a"))
+    for _ in range(3):
+        step(sched)
+    b = sched.add(Request(prompt=[9, 9, 9], max_tokens=5, tenant="b"))
+    (plan,) = sched.plan()
+    assert [r.seq for r in plan.rows] == [b]  # its first token waits for no decode of the flood's
+    sched.complete(plan, [[5]])
+    (plan,) = sched.plan()
+    assert len(plan.rows) == 4 and b in [r.seq for r in plan.rows]  # they go on in the next step, b with them
+
+
 def test_a_preempted_sequence_resumes_where_it_was():
     sched = make(parallel=2)
     a = [sched.add(Request(prompt=[1, 2, 3, 4, 5, 6, 7, 8, i], max_tokens=20, tenant="a")) for i in (1, 2)]

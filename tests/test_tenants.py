@@ -67,16 +67,20 @@ def test_a_flood_does_not_starve_another_tenant_and_preempted_answers_are_whole(
     alone = {}
     stream(service, "flood", COUNT, 80, alone, "count")
     stream(service, "voice", QUESTION, 12, alone, "question")
-    out = {}
+    out, generated = {}, service.stats()["generated_tokens"]
     flood = [start(service, "flood", COUNT, 80, out, i) for i in range(4)]  # every sequence taken
     while service.stats()["tenants"].get("flood", {}).get("running", 0) < 4 or \
-            service.stats()["generated_tokens"] < 40:
+            service.stats()["generated_tokens"] < generated + 80:  # each answer some 20 tokens in
         time.sleep(0.02)
     start(service, "voice", QUESTION, 12, out, "voice").join()
     for t in flood:
         t.join()
-    tenants = service.stats()["tenants"]
-    assert tenants["flood"]["preempted"] >= 1  # the voice tenant did not wait for a slot to free
+    stats = service.stats()
+    assert stats["tenants"]["flood"]["preempted"] >= 1  # the voice tenant did not wait for a slot to free
+    # the paused answer's KV was parked and loaded back (the default split cache), not computed again
+    assert stats["parking"]["unparked"] >= 1
+    assert stats["parking"]["unpark_failures"] == 0
+    assert stats["parking"]["parked_now"] == 0
     assert out["voice"][0] == alone["question"][0]
     assert out["voice"][1] < 1.5  # its first token within 1.5 s (alone: about 0.1 s), the flood takes longer
     assert out["voice"][2] < min(out[i][2] for i in range(4))
