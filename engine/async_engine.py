@@ -115,7 +115,7 @@ class AsyncEngine:
         if orphans := StepBuffer.remove_orphans():
             log.info("removed %d step buffers left in /dev/shm by services that were killed", len(orphans))
         self._workers, states = start_workers(cfg, cfg.workers if self.generation else 0, self.store)
-        # a split cache's preempted sequence parks its KV (its stream goes to the newcomer), at most the KV buffer's size
+        # a split cache's preempted sequence parks its KV (its stream goes to the newcomer): at most the KV's size
         self.parking = Parking(self.kv_bytes_per_cell * cfg.ctx_size * len(states), self.kv_bytes_per_cell) \
             if cfg.tenant_fairness and not cfg.kv_unified and self.generation else None
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
@@ -319,7 +319,7 @@ class AsyncEngine:
                 newest[entry[0].worker.index] = entry
                 steps[entry[0].worker.index] += 1
         for plan, buf, epoch, _ in newest.values():
-            queued = steps[plan.worker.index] > 1 and all(r.count == 1 and r.output for r in plan.rows)
+            queued = steps[plan.worker.index] > 1 and plan.rows and all(r.count == 1 and r.output for r in plan.rows)
             if (plan.burst > 1 or queued) and not plan.cut and self._workers[plan.worker.index].epoch == epoch:
                 buf.cut[0] = 1
                 self._scheduler.cut(plan)

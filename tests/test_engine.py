@@ -254,6 +254,27 @@ def test_bursts_decode_many_tokens_per_step_and_match_one_per_step(eng):
     assert outs[-1].completion_tokens == sum(len(o.token_ids) for o in outs) < 96
 
 
+def ran_on(h, long, newcomers, every):
+    """Runs `long` and submits one of `newcomers` each time it has produced `every` more tokens; per
+    newcomer, the tokens the long answer produced between its submit and its first token."""
+    async def scenario():
+        produced, counts = [0], []
+        async def run_long():
+            async for out in h.engine.generate(long):
+                produced[0] += len(out.token_ids)
+        task = asyncio.create_task(run_long())
+        for i, request in enumerate(newcomers):
+            while produced[0] < every * (i + 1):
+                await asyncio.sleep(0.001)
+            start = produced[0]
+            async for out in h.engine.generate(request):
+                if out.token_ids and len(counts) == i:
+                    counts.append(produced[0] - start)
+        task.cancel()
+        return counts
+    return h.run(scenario())
+
+
 def test_a_request_arriving_during_a_burst_cuts_it_short():
     """Bursts of up to 2 s (hundreds of tokens; one step in flight, so the running burst is the one
     cut): a request submitted while a 64-token burst runs is served after about one decode of it,
@@ -261,21 +282,8 @@ def test_a_request_arriving_during_a_burst_cuts_it_short():
     h = EngineHarness(parallel=2, ctx_size=2048, threads=2, burst_ms=2000, overlap=False)
     try:
         long = replace(greedy_request(h, "Write a very long story about a dragon.", 400), ignore_eos=True)
-        async def scenario():
-            produced = [0]
-            async def run_long():
-                async for out in h.engine.generate(long):
-                    produced[0] += len(out.token_ids)
-            task = asyncio.create_task(run_long())
-            while produced[0] < 64:  # bursts double with the answer: the next one is ~64 tokens
-                await asyncio.sleep(0.001)
-            start = produced[0]
-            _, last = await h.collect(greedy_request(h, "What is the capital of Germany?", 2))
-            ran_on = produced[0] - start
-            task.cancel()
-            return last, ran_on
-        last, ran_on = h.run(scenario())
-        assert last.completion_tokens == 2 and ran_on < 32
+        # bursts double with the answer: the one running at 64 tokens is ~64 tokens long
+        assert ran_on(h, long, [greedy_request(h, "What is the capital of Germany?", 2)], 64)[0] < 32
     finally:
         h.close()
 
@@ -288,24 +296,8 @@ def test_a_request_arriving_skips_a_queued_decode_step():
     h = EngineHarness(parallel=2, ctx_size=2048, threads=2, burst_ms=0)
     try:
         long = replace(greedy_request(h, "Write a very long story about a dragon.", 1000), ignore_eos=True)
-        async def scenario():
-            produced = [0]
-            async def run_long():
-                async for out in h.engine.generate(long):
-                    produced[0] += len(out.token_ids)
-            task = asyncio.create_task(run_long())
-            ran_on = []
-            for i in range(7):
-                while produced[0] < 8 * (i + 1):
-                    await asyncio.sleep(0.001)
-                start = produced[0]
-                async for out in h.engine.generate(greedy_request(h, f"Name a colour, {i}.", 1)):
-                    if out.token_ids:
-                        ran_on.append(produced[0] - start)
-            task.cancel()
-            return ran_on
-        ran_on = h.run(scenario())
-        assert sorted(ran_on)[len(ran_on) // 2] <= 2, ran_on
+        counts = ran_on(h, long, [greedy_request(h, f"Name a colour, {i}.", 1) for i in range(7)], 8)
+        assert sorted(counts)[len(counts) // 2] <= 2, counts
     finally:
         h.close()
 
