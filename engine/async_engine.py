@@ -115,9 +115,7 @@ class AsyncEngine:
         if orphans := StepBuffer.remove_orphans():
             log.info("removed %d step buffers left in /dev/shm by services that were killed", len(orphans))
         self._workers, states = start_workers(cfg, cfg.workers if self.generation else 0, self.store)
-        # a split cache's preempted sequence parks its KV (its stream goes to the newcomer): at most the KV's size
-        self.parking = Parking(self.kv_bytes_per_cell * cfg.ctx_size * len(states), self.kv_bytes_per_cell) \
-            if cfg.tenant_fairness and not cfg.kv_unified and self.generation else None
+        self.parking = Parking.for_config(cfg, self.kv_bytes_per_cell, len(states))
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
                                     reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=eog.__contains__,
                                     kv_unified=cfg.kv_unified, prompt_halves=cfg.prompt_halves, store=self.store,
@@ -308,10 +306,9 @@ class AsyncEngine:
         return max(1, int(self.config.burst_ms / 1000 / max(decode_s, 1e-4)))
 
     def _cut_bursts(self) -> None:
-        """A request arrived or left: end each worker's newest step early if it is a burst, so the
-        change is planned for within one decode, or skip it if it only decodes and waits behind another
-        (the worker runs none of its decodes unless it has begun them), so the change is planned for
-        one step sooner: a newcomer's prefill waits for one step in flight, not two. (An older step in
+        """A request arrived or left: end each worker's newest step early if it is a burst (the change
+        is planned for within one decode), or skip it if it only decodes, queued behind another (run
+        unless begun: a newcomer's prefill waits for one step in flight, not two). (An older step in
         flight cannot be cut: the newer one was planned to go on where it ends.)"""
         newest, steps = {}, collections.Counter()
         for sent in self._in_flight:

@@ -62,6 +62,14 @@ class Parking:
         self.bytes = 0
         self.parked = self.unparked = self.failures = 0
 
+    @classmethod
+    def for_config(cls, cfg, bytes_per_cell: int, workers: int) -> Parking | None:
+        """The parking an EngineConfig needs: with fair sharing on a split cache (where a newcomer takes
+        the victim's stream; a unified one keeps its cells as a prefix cache entry), as big as the KV."""
+        if not cfg.tenant_fairness or cfg.kv_unified or not workers:
+            return None
+        return cls(bytes_per_cell * cfg.ctx_size * workers, bytes_per_cell)
+
     def park(self, seq) -> StoreFile | None:
         """The file a victim's computed positions are written to, by a PARK op ahead of its worker's next
         step's (before the newcomer's ops trim or free its stream); None: they are computed again later."""
