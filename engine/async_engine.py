@@ -361,13 +361,14 @@ class AsyncEngine:
         deliveries = []
         for (plan, buf, _, _), state in zip(sent, states):
             slots.settle(plan, buf if state == "done" else None)
+            if self.parking is not None and plan.ops:  # a failed unpark computed its tokens
+                self._outputs.prompt_tokens_computed += self.parking.step_done(
+                    plan.ops, buf.op_status if state == "done" else None)
             if state == "done":
                 if plan.ops and any(op.kind == OpKind.ADAPTERS for op in plan.ops):
                     self._workers[plan.worker.index].adapters_loaded = buf.adapters_loaded_json()
                 if self.store is not None and plan.ops:  # a restore that failed computed its tokens
                     self._outputs.prompt_tokens_computed += self.store.step_done(plan.ops, buf.op_status, buf.op_us)
-                if self.parking is not None and plan.ops:  # so did an unpark
-                    self._outputs.prompt_tokens_computed += self.parking.step_done(plan.ops, buf.op_status)
                 self._outputs.process(plan, buf, deliveries)
             elif state == "died":
                 self._worker_died(plan.worker, deliveries)

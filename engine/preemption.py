@@ -97,23 +97,22 @@ class Parking:
         self.discard(file)
         return False
 
-    def step_done(self, ops: list, op_status) -> int:
-        """Learn how a step's PARK and UNPARK ops went (an unparked file is removed); returns the tokens
-        failed unparks computed instead."""
+    def step_done(self, ops: list, op_status=None) -> int:
+        """Learn how a step's PARK and UNPARK ops went (an unparked file is removed; `op_status` None: the
+        step was lost with its worker, its parks failed); returns the tokens failed unparks computed instead."""
         computed = 0
         for i, op in enumerate(ops):
+            ok = op_status is not None and not op_status[i]
             if op.kind == OpKind.PARK:
-                ok = not op_status[i]
                 self.parked += ok
                 if ok:
                     self.files[op.payload.path] = True
-                else:
+                else:  # its sequence is computed again when it resumes
                     self.discard(op.payload)
             elif op.kind == OpKind.UNPARK:
-                ok = not op_status[i]
                 self.unparked += ok
                 self.failures += not ok
-                computed += 0 if ok else len(op.payload.tokens)
+                computed += len(op.payload.tokens) if op_status is not None and not ok else 0
                 self.discard(op.payload)
         return computed
 

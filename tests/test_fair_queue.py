@@ -287,3 +287,18 @@ def test_a_parked_sequence_cancelled_while_it_waits_leaves_nothing(tmp_path):
     assert parking.stats()["parked_now"] == 0 and parking.bytes == 0
     parking.close()
     assert not any(tmp_path.iterdir())
+
+
+def test_a_park_lost_with_its_worker_is_computed_again(tmp_path):
+    sched, parking, b = flood_then_b(tmp_path)
+    plans = sched.plan()  # b's step, with the victim's PARK op: its worker dies during it
+    parking.step_done(plans[0].ops, None)
+    sched.worker_lost(sched.workers[0])
+    ((_, resumed),) = sched.preempted
+    sched.preempted.clear()
+    sched.workers[0].alive = True
+    plans, _ = run_step(sched, parking)
+    # not left waiting for the park: computed again, whole
+    assert [(r.start, r.count) for p in plans for r in p.rows if r.seq is resumed] == [(0, resumed.n_input)]
+    assert not [op for p in plans for op in p.ops if op.kind == OpKind.UNPARK]
+    assert parking.stats()["parked_now"] == 0
