@@ -55,13 +55,14 @@ async def stream(session, url, tenant, question, max_tokens, *, ignore_eos=False
     return first
 
 
-async def ask_in_turn(session, url, n, cap):
+async def ask_in_turn(session, url, n, cap, texts=None):
     """B's questions one after another; one not answered within `cap` seconds counts as `cap` (a lower
     bound: under a first-come-first-served flood it would wait for the flood itself)."""
     ttfts = []
     for i in range(n):
         try:
-            ttfts.append(await asyncio.wait_for(stream(session, url, "B", QUESTIONS[i % len(QUESTIONS)], 16), cap))
+            ttfts.append(await asyncio.wait_for(stream(session, url, "B", QUESTIONS[i % len(QUESTIONS)], 16,
+                                                       texts=texts), cap))
         except asyncio.TimeoutError:
             ttfts.append(cap)
     return ttfts
@@ -84,7 +85,7 @@ async def measure(url, args, vocab):
         await asyncio.sleep(args.settle)  # every flood request admitted and decoding
         texts.clear()
         t0 = time.monotonic()
-        under = await ask_in_turn(session, url, args.questions, args.cap)
+        under = await ask_in_turn(session, url, args.questions, args.cap, texts)  # B's tokens count too
         window = max(time.monotonic() - t0, args.window)
         await asyncio.sleep(window - (time.monotonic() - t0))
         produced = len(vocab.tokenize("".join(texts), add_special=False, parse_special=False))
