@@ -12,7 +12,8 @@ counter of Sheng et al., "Fairness in Serving Large Language Models" (OSDI 2024)
 Within a tenant, higher priority first, then first come first served (a preempted request goes back to
 the front). Quotas: a tenant never has more than `max_running` sequences at once (its others wait) nor
 more than `max_waiting` requests waiting (the next is refused naming the limit). Requests without a
-tenant form one tenant of their own (""). Plain data, no clock: unit-tested without a model.
+tenant form one tenant of their own (""). Plain data and an injectable clock (each tenant's time waiting
+for admission and to the first token): unit-tested without a model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 
 from engine.request import Overloaded
@@ -57,6 +59,10 @@ class Tenant:
     tokens_out: int = 0              # tokens sampled
     preempted: int = 0               # its sequences paused to give another tenant a slot
     refused: int = 0                 # requests refused at its max_waiting
+    requests: int = 0                # requests admitted (a preempted one once)
+    queue_seconds: float = 0.0       # their time waiting for admission, summed
+    first_tokens: int = 0            # requests that sampled their first token
+    ttft_seconds: float = 0.0        # their time from arrival to it, summed
 
     @property
     def busy(self) -> bool:
@@ -64,9 +70,10 @@ class Tenant:
 
 
 class FairQueue:
-    def __init__(self, max_waiting: int, *, fair: bool = True, prefill_cost: float = PREFILL_COST):
+    def __init__(self, max_waiting: int, *, fair: bool = True, prefill_cost: float = PREFILL_COST,
+                 clock=time.monotonic):
         """`fair=False`: one first-come-first-served queue, every request the tenant "" (the old way)."""
-        self.max_waiting, self.fair, self.prefill_cost = max_waiting, fair, prefill_cost
+        self.max_waiting, self.fair, self.prefill_cost, self.clock = max_waiting, fair, prefill_cost, clock
         self.default = TenantLimits()
         self.overrides: dict[str, TenantLimits] = {}
         self.tenants: dict[str, Tenant] = {}
@@ -105,6 +112,8 @@ class FairQueue:
                 raise QuotaExceeded(t.name, limit)
         if seq.priority is None:
             seq.priority = self.limits(t.name).priority
+        if not front:
+            seq.arrived = self.clock()
         if not t.busy:  # back after a pause: no credit for the time it asked nothing
             t.served = max(t.served, min((x.served for x in self.tenants.values() if x.busy), default=0.0))
         n = next(self._order)
@@ -146,6 +155,9 @@ class FairQueue:
         """A waiting sequence was admitted; its prompt needs `computed` tokens computed."""
         self.remove(seq)
         t = self.tenant_of(seq)
+        if seq.arrived is not None:  # its first admission (a resumed copy has none)
+            t.requests += 1
+            t.queue_seconds += self.clock() - seq.arrived
         t.running += 1
         t.tokens_in += computed
         t.served += computed * self.prefill_cost
@@ -155,7 +167,11 @@ class FairQueue:
         self.tenant_of(seq).running -= 1
 
     def decoded(self, seq, n: int) -> None:
+        """`n` tokens sampled for `seq` (already in seq.tokens)."""
         t = self.tenant_of(seq)
+        if seq.arrived is not None and seq.n_generated == n:  # its first token
+            t.first_tokens += 1
+            t.ttft_seconds += self.clock() - seq.arrived
         t.tokens_out += n
         t.served += n
 
@@ -178,8 +194,11 @@ class FairQueue:
         return max(over)[1] if over else None
 
     def stats(self) -> dict:
-        """Per busy or recently seen tenant: running, waiting, tokens in and out, share of the service."""
+        """Per busy or recently seen tenant: running, waiting, tokens in and out, requests, their time in the
+        queue and to the first token (sums), share of the service."""
         total = sum(t.served for t in self.tenants.values()) or 1.0
         return {t.name: {"running": t.running, "waiting": len(t.waiting), "tokens_in": t.tokens_in,
                          "tokens_out": t.tokens_out, "preempted": t.preempted, "refused": t.refused,
+                         "requests": t.requests, "queue_seconds": round(t.queue_seconds, 6),
+                         "first_tokens": t.first_tokens, "ttft_seconds": round(t.ttft_seconds, 6),
                          "share": round(t.served / total, 3)} for t in self.tenants.values()}

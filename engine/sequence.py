@@ -31,6 +31,7 @@ class Sequence:
         self.made_room = False    # a sequence was paused for it (once: if it still cannot start, more would churn)
         self.parked = None        # resumed: the StoreFile its KV was parked in (engine/preemption.py); None: computed
         self.finish_reason: str | None = None
+        self.arrived: float | None = None  # when it was queued (engine/fair_queue.py); None: a resumed copy
         self.spec = None          # its drafting state (engine/speculative.py SeqSpec); None: it does not draft
 
     def resumed(self, parked=None) -> Sequence:

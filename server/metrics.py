@@ -7,7 +7,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, SummaryMetricFamily
 
 from engine import logs
 from server.llamacpp_metrics import LlamaCppMetrics
@@ -167,15 +167,21 @@ def _tenant_series(tenants: dict):
     """Per tenant, the TOP_TENANTS that generated most by name and the rest summed as "other": a label's
     values stay bounded however many tenants call (the tenant's own name: "" when it sent none)."""
     ranked = sorted(tenants.items(), key=lambda kv: -kv[1]["tokens_out"])
+    summed = dict.fromkeys([*_TENANT_SERIES, *(key for pair in _TENANT_SUMMARIES.values() for key in pair[:2])])
     rows: dict[str, dict] = {}
     for i, (name, t) in enumerate(ranked):
-        row = rows.setdefault(name if i < TOP_TENANTS else "other", dict.fromkeys(_TENANT_SERIES, 0))
-        for key in _TENANT_SERIES:
+        row = rows.setdefault(name if i < TOP_TENANTS else "other", dict.fromkeys(summed, 0))
+        for key in summed:
             row[key] += t[key]
     for key, (kind, doc) in _TENANT_SERIES.items():
         family = kind(f"sentiric_tenant_{key}", doc, labels=["tenant"])
         for name, row in rows.items():
             family.add_metric([name], row[key])
+        yield family
+    for name, (count, total, doc) in _TENANT_SUMMARIES.items():
+        family = SummaryMetricFamily(f"sentiric_tenant_{name}", doc, labels=["tenant"])
+        for tenant, row in rows.items():
+            family.add_metric([tenant], count_value=row[count], sum_value=row[total])
         yield family
 
 
@@ -185,7 +191,11 @@ _TENANT_SERIES = {"running": (GaugeMetricFamily, "Sequences running, by tenant")
                   "tokens_in": (CounterMetricFamily, "Prompt tokens computed, by tenant"),
                   "tokens_out": (CounterMetricFamily, "Tokens sampled, by tenant"),
                   "preempted": (CounterMetricFamily, "Sequences paused for another tenant, by tenant"),
-                  "refused": (CounterMetricFamily, "Requests refused at the tenant's waiting limit, by tenant")}
+                  "refused": (CounterMetricFamily, "Requests refused at the tenant's waiting limit, by tenant"),
+                  "requests": (CounterMetricFamily, "Requests admitted, by tenant")}
+_TENANT_SUMMARIES = {  # (the count's key, the sum's key, what)
+    "queue_seconds": ("requests", "queue_seconds", "Time requests waited for admission, by tenant"),
+    "ttft_seconds": ("first_tokens", "ttft_seconds", "Time from arrival to the first token, by tenant")}
 
 
 class _EmbedderCollector:

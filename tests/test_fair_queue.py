@@ -30,6 +30,27 @@ def admit(q, n=1):
     return out
 
 
+def test_each_tenant_counts_its_requests_time_in_the_queue_and_to_the_first_token():
+    now = [100.0]
+    q = FairQueue(100, clock=lambda: now[0])
+    a, b = seq("a"), seq("b")
+    q.push(a)
+    q.push(b)
+    now[0] += 2
+    admit(q, 2)
+    now[0] += 1
+    for s in (a, b):
+        s.tokens.append(7)
+        q.decoded(s, 1)
+    now[0] += 5
+    a.tokens.append(8)
+    q.decoded(a, 1)                   # not a first token: not timed again
+    q.push(a.resumed(), front=True)   # a paused request's copy is neither queued nor timed anew
+    admit(q)
+    stats = q.stats()["a"]
+    assert (stats["requests"], stats["queue_seconds"], stats["first_tokens"], stats["ttft_seconds"]) == (1, 2.0, 1, 3.0)
+
+
 def test_the_least_served_tenant_goes_first_not_the_oldest_request():
     q = FairQueue(100)
     flood = [seq("a") for _ in range(10)]

@@ -197,3 +197,15 @@ def test_a_post_reloads_the_tenants_file_and_answers_why_a_bad_one_is_refused(se
     assert limits["tenants"]["capped"]["max_running"] == 2 and "weight" in limits["reload_error"]
     tenants_file.write_text(TENANTS)
     assert post_reload()[0] == 200
+
+
+def test_each_tenants_time_in_the_queue_and_to_the_first_token_is_measured(service):
+    out = {}
+    stream(service, "timed", QUESTION, 2, out, "answer")
+    timed = service.stats()["tenants"]["timed"]
+    assert timed["requests"] == timed["first_tokens"] == 1
+    assert 0 <= timed["queue_seconds"] <= timed["ttft_seconds"] <= out["answer"][2]
+    metrics = service.metrics()
+    for series in ("sentiric_tenant_queue_seconds_count", "sentiric_tenant_ttft_seconds_count",
+                   "sentiric_tenant_requests_total"):
+        assert f'{series}{{tenant="timed"}} 1.0' in metrics, series

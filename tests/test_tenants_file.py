@@ -45,8 +45,14 @@ def test_a_bad_file_stops_the_start_and_a_bad_reload_keeps_the_old(tmp_path, tex
 
 
 def test_the_tenant_label_keeps_the_top_tenants_and_sums_the_rest_as_other():
-    row = dict(running=1, waiting=0, tokens_in=5, tokens_out=0, preempted=0, refused=0)
+    row = dict(running=1, waiting=0, tokens_in=5, tokens_out=0, preempted=0, refused=0, requests=2,
+               queue_seconds=0.5, first_tokens=2, ttft_seconds=1.0)
     tenants = {f"t{i}": {**row, "tokens_out": i} for i in range(TOP_TENANTS + 30)}
     running = next(f for f in _tenant_series(tenants) if f.name == "sentiric_tenant_running")
     values = {s.labels["tenant"]: s.value for s in running.samples}
     assert len(values) == TOP_TENANTS + 1 and values["other"] == 30 and f"t{TOP_TENANTS + 29}" in values
+    ttft = next(f for f in _tenant_series(tenants) if f.name == "sentiric_tenant_ttft_seconds")
+    other = {s.name: s.value for s in ttft.samples if s.labels["tenant"] == "other"}
+    assert other == {"sentiric_tenant_ttft_seconds_count": 60, "sentiric_tenant_ttft_seconds_sum": 30.0}
+    admitted = next(f for f in _tenant_series(tenants) if f.name == "sentiric_tenant_requests")
+    assert {s.labels["tenant"]: s.value for s in admitted.samples}["other"] == 60
