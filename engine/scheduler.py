@@ -5,7 +5,8 @@ contributes its next token (decode), waiting requests are admitted as slots
 and KV budget allow, and prompts are prefilled in chunks under a per-step
 token budget, mixed with the decodes. `complete()` takes the sampled tokens
 back. KV cells of common prompt prefixes are shared inside a worker (running
-sequences and finished ones kept as a prefix cache: engine/prefix_cache.py).
+sequences and finished ones kept as a prefix cache: engine/prefix_cache.py);
+where a newcomer starts and from which KV is engine/placement.py's choice.
 Nothing here touches a model, a process or the event loop.
 
 Planning runs one step ahead of completion (overlap scheduling): step N+1 is
@@ -50,27 +51,19 @@ cache entry, and a resumed copy goes to the front of its tenant's queue (`preemp
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-from engine import kv_store, preemption, slots
+from engine import kv_store, preemption
 from engine.fair_queue import FairQueue
 from engine.kv_ledger import KvLedger
 from engine.preemption import Parking
-from engine.prefix_cache import MIN_CACHED_PREFIX, WAIT, CacheEntry, Source
+from engine.placement import Placement
+from engine.prefix_cache import MIN_CACHED_PREFIX
 from engine.request import Request
 from engine.sequence import Sequence
 from engine.speculative import Speculator
-from engine.step import PAYLOAD_BYTES, Op, OpKind, Row, SamplerSpec, StepPlan, StoreFile
+from engine.step import PAYLOAD_BYTES, Op, OpKind, Row, StepPlan
 from engine.worker_state import WorkerState
 
 MAX_PASSED_OVER = 2      # steps in a row a prompt may wait for shorter ones (Scheduler.prompt_halves)
-
-
-class Restore(NamedTuple):
-    """A newcomer's first `shared` positions come from a stored prefix (engine/kv_store.py) or its parked KV."""
-
-    shared: int
-    stored: kv_store.Stored | StoreFile
 
 
 class Scheduler:
@@ -79,7 +72,6 @@ class Scheduler:
                  prompt_halves: bool = False, store: kv_store.KvStore | None = None,
                  fair: bool = True, speculator: Speculator | None = None, parking: Parking | None = None):
         self.workers = workers
-        self.store = store
         self.parking = parking  # where preempted sequences' KV waits (engine/preemption.py); None: computed again
         self.speculator = speculator
         # a step ends the prefill of the shorter half (rounded up) of the prompts still prefilling, so of
@@ -96,7 +88,9 @@ class Scheduler:
         self.waiting = FairQueue(max_waiting, fair=fair)
         self.ended: list[Sequence] = []  # finished inside plan() (context full); the caller reports them
         self.preempted: list[tuple[Sequence, Sequence]] = []  # (paused, its resumed copy) in plan(); the caller re-keys
-        self.prefix_hit_tokens = 0
+        # where a newcomer starts and from which KV (engine/placement.py)
+        self.placement = Placement(kv_unified=kv_unified, reserve_cap=reserve_cap, waiting=self.waiting, store=store,
+                                   parking=parking)
 
     # --- requests in and out ---
     def add(self, request: Request, *, front: bool = False) -> Sequence:
@@ -262,13 +256,13 @@ class Scheduler:
             if seq.start_bytes > room:  # this step carries enough grammars already: the next one starts it
                 blocked.add(seq)
                 continue
-            choice = self._place(seq, plans)
+            choice = self.placement.place(seq, self.workers, plans)
             if choice is None:
                 blocked.add(seq)
                 continue
             w, source, seq_id = choice
             room -= seq.start_bytes
-            self._start(plans[w.index], seq, source, seq_id)
+            self.placement.start(plans[w.index], seq, source, seq_id)
 
     def _preempt(self, plans: dict) -> WorkerState | None:
         """Pause a sequence for a tenant under its share (engine/preemption.py: a split cache's victim is parked);
@@ -284,115 +278,6 @@ class Scheduler:
         self.waiting.tenant_of(seq).preempted += 1
         self.preempted.append((seq, resumed))
         return seq.worker
-
-    def _place(self, seq: Sequence, plans: dict):
-        """(worker, prefix source, sequence id or None for any) for a waiting sequence, or None to keep
-        it waiting."""
-        if seq.parked is not None and self.parking.state(seq.parked) is None:
-            return None  # its KV is still being parked
-        best = None  # ((shared, -load, free cells), worker, source)
-        pinned = slots.slot_of(self.workers, self.kv_unified, seq.request.slot)
-        for w in self.workers:
-            if w.index not in plans or len(w.running) >= w.parallel:
-                continue
-            if pinned is not None and (w is not pinned[0] or w.runs(pinned[1])):
-                continue  # llama-server's id_slot: that stream, once it is idle
-            src = w.cache.find_source(seq.prompt, seq.adapters, w.running)
-            if src is WAIT:
-                return None  # its prefill is computing our prefix (or a step in flight is): wait for it
-            if src is None and not self.kv_unified:
-                src = w.cache.held(pinned[1] if pinned else w.lowest_idle_id(), seq.prompt, seq.adapters)
-            key = (src.shared if src else 0, -len(w.running), w.free_cells)
-            if best is None or key > best[0]:
-                best = (key, w, src)
-        if best is None:
-            return None
-        (shared, _, _), w, src = best
-        if seq.n_input >= w.n_ctx_seq:
-            return None
-        want = seq.n_input + min(seq.request.max_tokens or w.n_ctx_seq, self.reserve_cap)
-        seq_reserve = min(want, w.n_ctx_seq)
-        stored = self.store.find(seq.prompt, seq.adapters) if self.store is not None else None
-        if stored is not None and stored[1] >= shared + kv_store.MIN_TOKENS and len(stored[0].tokens) <= w.n_ctx_seq:
-            src, shared = Restore(stored[1], stored[0]), stored[1]
-        if seq.parked is not None and self.parking.usable(seq.parked, shared):
-            src, shared = Restore(len(seq.parked.tokens), seq.parked), len(seq.parked.tokens)
-        keep = src.seq_id if src is not None and not isinstance(src, Restore) else None
-        w.cache.touch(keep)  # the source is used now: evicted last, and never for this sequence
-        # split: the newcomer's stream is the lowest idle one; a cache entry there is adopted when it is
-        # the source, else evicted (another source's stream is copied into it)
-        seq_id = None if self.kv_unified else pinned[1] if pinned else w.lowest_idle_id()
-        adopts = seq_id is not None and seq_id == keep
-        if seq_id in w.cache and not adopts:
-            w.cache.evict(seq_id)
-        # cells the sequence needs beyond those it gets from its source (a copy of a stream counts again)
-        gets = shared if (self.kv_unified or adopts) and not isinstance(src, Restore) else 0
-        # a restore loads the stored sequence whole before trimming it: a unified cache needs room for all of it
-        needs = max(seq_reserve, len(src.stored.tokens)) if isinstance(src, Restore) and self.kv_unified else seq_reserve
-        if not w.make_room(needs - gets, keep):
-            return None
-        if self.kv_unified and not w.free_ids and not w.cache.evict_lru(keep):
-            return None
-        seq.reserve = seq_reserve
-        return w, src, seq_id
-
-    def _start(self, plan: StepPlan, seq: Sequence, source, seq_id: int | None) -> None:
-        w = plan.worker
-        seq.worker = w
-        if source is None:
-            seq.seq_id, seq.span = w.take_id(seq_id), w.ledger.new_span()
-        elif isinstance(source, Restore):
-            seq.seq_id, seq.span = w.take_id(seq_id), w.ledger.new_span()
-            w.ledger.grow(seq.span, source.shared)
-            unpark = source.stored is seq.parked
-            plan.ops.append(Op(OpKind.UNPARK if unpark else OpKind.RESTORE, seq.seq_id, payload=source.stored if unpark
-                               else self.store.restore_source(source.stored, seq.prompt, source.shared)))
-            seq.n_computed = seq.n_scheduled = source.shared
-            if not seq.preemptions:
-                seq.cached_tokens = source.shared
-        else:
-            shared = source.shared
-            if self.kv_unified:  # the copy references the source's cells
-                seq.seq_id, seq.span = w.take_id(), w.ledger.share(source.span, shared)
-                plan.ops.append(Op(OpKind.COPY, seq.seq_id, source.seq_id, shared))
-            elif source.seq_id == seq_id:  # split: the finished sequence's stream becomes this one's
-                entry = w.cache.adopt(seq_id)
-                w.store_entry(entry, kept=shared)  # what the trim drops, if worth keeping, is stored first
-                seq.seq_id, seq.span = seq_id, entry.span
-                w.ledger.truncate(seq.span, shared)
-                plan.ops.append(Op(OpKind.TRIM, seq.seq_id, n=shared))
-            else:  # split: another stream (running or idle), copied whole, then trimmed
-                seq.seq_id, seq.span = w.take_id(seq_id), w.ledger.new_span()
-                w.ledger.grow(seq.span, shared)
-                plan.ops.append(Op(OpKind.COPY, seq.seq_id, source.seq_id, shared))
-            seq.n_computed = seq.n_scheduled = shared
-            if not seq.preemptions:
-                seq.cached_tokens = shared
-                self.prefix_hit_tokens += shared
-        self.waiting.started(seq, seq.n_input - seq.n_scheduled)
-        r = seq.request
-        last_n = r.sampling.penalty_last_n  # -1: all of them
-        history = tuple(seq.tokens[seq.n_prompt if last_n < 0 else max(seq.n_prompt, len(seq.tokens) - last_n):]) \
-            if seq.preemptions else ()
-        plan.ops.append(Op(OpKind.START, seq.seq_id, payload=SamplerSpec(r.sampling, r.top_logprobs, r.ignore_eos,
-                                                                         history)))
-        w.running.append(seq)
-        w.join(seq.adapters)
-        entry = w.cache.get(source.seq_id) if isinstance(source, Source) and self.kv_unified else None
-        if entry is not None and len(entry.tokens) > source.shared and w.cached_only_cells > w.cache_cells:
-            self._trim_entry(plan, entry, source.shared)
-
-    @staticmethod
-    def _trim_entry(plan: StepPlan, entry: CacheEntry, n: int) -> None:
-        """Cut a unified cache's entry down to the n positions a newcomer shares with it: with one KV
-        buffer every cell the cache holds is attended over (masked) by every running sequence, so an old
-        answer nobody continues (say 1,000 tokens behind a 20-token common template) would slow every
-        step. Only when the cache is over its cell budget: a conversation's next turn reuses it all. What the
-        trim drops, if worth keeping, is stored first (the SAVE goes ahead of the step's ops)."""
-        plan.worker.store_entry(entry, kept=n)
-        plan.worker.ledger.truncate(entry.span, n)
-        entry.tokens = entry.tokens[:n]
-        plan.ops.append(Op(OpKind.TRIM, entry.seq_id, n=n))
 
     # --- results ---
     def complete(self, plan: StepPlan, samples: list[list[int]]) -> list[tuple[Sequence, int, list[int]]]:
@@ -472,7 +357,7 @@ class Scheduler:
                 "kv_running": sum(KvLedger.cells_of(s.span for s in w.running) for w in self.workers),
                 "kv_total": sum(w.n_ctx for w in self.workers),
                 "prefix_cache_entries": sum(len(w.cache) for w in self.workers),
-                "prefix_hit_tokens": self.prefix_hit_tokens,
+                "prefix_hit_tokens": self.placement.prefix_hit_tokens,
                 "free_slots": sum(w.parallel - len(w.running) for w in alive), "workers_alive": len(alive),
                 "tenants": self.waiting.stats(),
                 "speculative": self.speculator.as_dict() if self.speculator is not None else None}

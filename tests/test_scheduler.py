@@ -144,7 +144,7 @@ def test_shared_prefix_waits_for_the_first_prefill_then_copies():
     plans = sched.plan()
     copy = [op for op in plans[0].ops if op.kind == OP_COPY]
     assert copy and copy[0][1] == b.seq_id and copy[0][2] == a.seq_id and copy[0][3] == 200
-    assert b.cached_tokens == 200 and sched.prefix_hit_tokens == 200
+    assert b.cached_tokens == 200 and sched.placement.prefix_hit_tokens == 200
     for p in plans:
         sched.complete(p, [[5]] * sum(r.output for r in p.rows))
     # the 200 shared cells are counted once
