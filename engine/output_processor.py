@@ -21,6 +21,7 @@ from engine.detokenizer import TextStream
 from engine.request import Output, Request, TokenLogprob
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.speculative import PREDICTION
 from engine.step import OpKind, StepPlan
 from engine.transport import STATUS_OK, StepBuffer
 
@@ -43,8 +44,14 @@ class Stream:
 def final_output(seq: Sequence, error: str | None = None) -> Output:
     """The last Output of a sequence that ended (its text, if any, is added by the caller)."""
     reason = "error" if error else (seq.finish_reason or "error")
-    return Output(finish_reason=reason, error=error, prompt_tokens=seq.n_prompt,
-                  completion_tokens=seq.n_generated, cached_tokens=seq.cached_tokens)
+    out = Output(finish_reason=reason, error=error, prompt_tokens=seq.n_prompt,
+                 completion_tokens=seq.n_generated, cached_tokens=seq.cached_tokens)
+    counts = seq.spec.counts if seq.spec is not None else {PREDICTION: (0, 0)}
+    out.draft_tokens, out.draft_accepted = (sum(c[i] for c in counts.values()) for i in (0, 1))
+    if seq.request.prediction:
+        drafted, accepted = counts[PREDICTION]
+        out.prediction = (accepted, drafted - accepted)
+    return out
 
 
 class OutputProcessor:

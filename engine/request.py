@@ -25,6 +25,7 @@ class Request:
     priority: int | None = None           # higher goes first; None: the tenant's default
     spec_type: str | None = None          # drafting (engine/speculative.py): auto | ngram | none; None: the service's
     spec_draft_max: int | None = None     # at most this many drafted tokens per step; None: the service's
+    prediction: list[int] = field(default_factory=list)  # the answer's tokens as the caller expects them: drafted
     progress: bool = False                # report the prompt's prefill as it goes (Output.progress)
     slot: int = -1                        # llama-server's id_slot: run in this slot (a split cache's stream); -1 any
     id: int = field(default_factory=lambda: next(_ids))
@@ -52,6 +53,9 @@ class Output:
     completion_tokens: int = 0
     cached_tokens: int = 0
     progress: int | None = None           # prompt positions computed so far (Request.progress); no text
+    draft_tokens: int = 0                 # tokens drafted for it (engine/speculative.py; the last Output only)
+    draft_accepted: int = 0               # of them, accepted
+    prediction: tuple[int, int] | None = None  # (accepted, rejected) drafted tokens of its prediction; None: none
 
 
 class Overloaded(RuntimeError):

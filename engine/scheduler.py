@@ -100,7 +100,7 @@ class Scheduler:
             raise ValueError(f"the grammar and sampling settings take {seq.start_bytes} bytes; at most "
                              f"{PAYLOAD_BYTES // 2} fit a decode step")
         if self.speculator is not None:
-            seq.spec = self.speculator.settings_for(request.spec_type, request.spec_draft_max)
+            seq.spec = self.speculator.settings_for(request.spec_type, request.spec_draft_max, request.prediction)
         self.waiting.push(seq, front=front)
         return seq
 
@@ -291,8 +291,7 @@ class Scheduler:
             n = len(samples[j]) if row.output else 1
             k = len(row.draft)
             if k and self.speculator is not None:
-                self.speculator.stats.drafted += k
-                self.speculator.stats.accepted += min(n - 1, k)
+                self.speculator.drafted(seq.spec, k, min(n - 1, k))
             if seq.finish_reason is None:
                 seq.n_computed += row.count - k + n - 1
                 unused = plan.burst + k - n if row.output else 0

@@ -32,6 +32,8 @@ PRIOR_WEIGHT = 4
 ROW_SHARE = 0.35          # a decode's cost per extra row, as a share of a one-row decode, before any is measured
 MARGIN = 1.05             # a draft must promise this much more throughput than the step without it
 TYPES = ("auto", "none", "ngram")
+PREDICTION = "prediction"  # the record's key for proposals from a request's prediction (its key lengths: the others)
+PRIORS = {PREDICTION: (0.8, 0.9)}  # a caller's prediction is meant to be the answer: likelier than an n-gram match
 
 
 class NgramIndex:
@@ -48,6 +50,11 @@ class NgramIndex:
     def propose(self, k: int) -> tuple[int, list[int]]:
         """(key length, up to k tokens that followed the latest earlier occurrence of the list's longest
         matching tail); (0, []) if no tail of NGRAM_SIZES occurred before."""
+        return self.follow(self.tokens, k)
+
+    def follow(self, tail: list[int], k: int) -> tuple[int, list[int]]:
+        """(key length, up to k tokens that followed the latest occurrence in this list of the longest
+        tail of `tail` (another list, or this one: then an earlier occurrence)); (0, []) if none."""
         toks, end = self.tokens, len(self.tokens)
         for i in range(max(self.seen, 1), end):  # index the n-grams that have a following token now
             for n, table in self.tables.items():
@@ -55,7 +62,7 @@ class NgramIndex:
                     table[tuple(toks[i - n:i])] = i
         self.seen = max(self.seen, end)
         for n, table in self.tables.items():
-            if end >= n and (at := table.get(tuple(toks[end - n:end]))) is not None:
+            if len(tail) >= n and (at := table.get(tuple(tail[-n:]))) is not None:
                 return n, toks[at:at + k]
         return 0, []
 
@@ -69,9 +76,9 @@ class Record:
     __slots__ = ("counts",)
 
     def __init__(self):
-        self.counts = {n: [0, 0, 0, 0] for n in NGRAM_SIZES}  # first right, first tried, next right, next tried
+        self.counts = {n: [0, 0, 0, 0] for n in (*NGRAM_SIZES, PREDICTION)}  # first right, first tried, next right, next tried
 
-    def add(self, n: int, accepted: int, tried: int) -> None:
+    def add(self, n: int | str, accepted: int, tried: int) -> None:
         """A proposal from an n-token key: `accepted` tokens right, `tried` compared (up to and including
         the first wrong one)."""
         c = self.counts[n]
@@ -80,7 +87,7 @@ class Record:
         c[2] += max(accepted - 1, 0)
         c[3] += tried - 1
 
-    def rates(self, n: int, prior: tuple[float, float]) -> tuple[float, float]:
+    def rates(self, n: int | str, prior: tuple[float, float]) -> tuple[float, float]:
         """(first, next) for key length n, each with its `prior` counted as PRIOR_WEIGHT tries."""
         c = self.counts[n]
         return ((c[0] + prior[0] * PRIOR_WEIGHT) / (c[1] + PRIOR_WEIGHT),
@@ -89,21 +96,45 @@ class Record:
 
 @dataclass
 class SeqSpec:
-    """A sequence's drafting state: its mode, bound, index, and the record of its proposals."""
+    """A sequence's drafting state: its mode, bound, sources (its own tokens' index, the answer its
+    request predicted), the record of its proposals and what its drafts gave."""
 
     mode: str            # auto | ngram (forced) | none
     draft_max: int
+    own: bool = True     # look up its own tokens (False: only its prediction, the service drafts no n-grams)
     index: NgramIndex | None = None
-    pending: list[tuple[int, list[int], int]] = field(default_factory=list)  # proposals not scored yet:
-    # (position their first token is for, tokens, key length), one per position, in position order
+    prediction: NgramIndex | None = None  # the answer the caller expects (OpenAI's Predicted Outputs)
+    aligned: int = 0     # answer tokens equal to the prediction's first ones; -1: the answer left it
+    pending: list[tuple[int, list[int], int | str]] = field(default_factory=list)  # proposals not scored
+    # yet: (position their first token is for, tokens, key: its length, or PREDICTION), in position order
     record: Record = field(default_factory=Record)
+    source: str = "ngram"  # where the draft in flight came from (ngram | prediction)
+    counts: dict = field(default_factory=lambda: {"ngram": [0, 0], PREDICTION: [0, 0]})  # drafted, accepted
 
-    def propose(self, at: int, proposed: list[int], n: int) -> None:
+    def lookup(self, tokens: list[int], n_prompt: int, k: int) -> tuple[int | str, list[int]]:
+        """(key, up to k proposed tokens): the prediction's continuation while the answer follows it, else
+        what followed the answer's tail in the prediction, else in the sequence's own tokens."""
+        if self.prediction is not None:
+            pred, answer, a = self.prediction.tokens, tokens[n_prompt:], self.aligned
+            if a >= 0:
+                while a < len(answer) and a < len(pred) and answer[a] == pred[a]:
+                    a += 1
+                self.aligned = a if a == len(answer) else -1
+            proposed = pred[a:a + k] if self.aligned >= 0 else self.prediction.follow(tokens, k)[1]
+            if proposed:
+                return PREDICTION, proposed
+        if not self.own:
+            return 0, []
+        if self.index is None or self.index.tokens is not tokens:  # a resumed sequence has a new list
+            self.index = NgramIndex(tokens)
+        return self.index.propose(k)
+
+    def propose(self, at: int, proposed: list[int], n: int | str) -> None:
         """Keep a proposal for the tokens from position `at` on, to be scored (one per position)."""
         if not self.pending or self.pending[-1][0] < at:
             self.pending.append((at, proposed, n))
 
-    def score(self, tokens: list[int]) -> list[tuple[int, int, int]]:
+    def score(self, tokens: list[int]) -> list[tuple[int | str, int, int]]:
         """Compare the pending proposals with the tokens that came; (key length, accepted, tried) of each
         one decided now (all that came so far matches an undecided one: it waits for more)."""
         decided, waiting = [], []
@@ -181,10 +212,11 @@ class SpecStats:
     steps_drafting: int = 0  # steps with a draft
     steps_plain: int = 0    # decode steps of sequences that may draft, without a draft
     held: int = 0           # plans put off so the next step can draft
+    by_source: dict = field(default_factory=lambda: {"ngram": [0, 0], PREDICTION: [0, 0]})  # drafted, accepted
 
     def as_dict(self) -> dict:
         return {"drafted": self.drafted, "accepted": self.accepted,
-                "acceptance": {"ngram": round(self.accepted / self.drafted, 3) if self.drafted else None},
+                "acceptance": {src: round(acc / n, 3) if n else None for src, (n, acc) in self.by_source.items()},
                 "steps_drafting": self.steps_drafting, "steps_plain": self.steps_plain, "held": self.held}
 
 
@@ -204,43 +236,59 @@ class Speculator:
         self.record = Record()  # all sequences' proposals: the prior of a sequence's own record
         self.stats = SpecStats()
 
-    def settings_for(self, mode: str | None, draft_max: int | None) -> SeqSpec | None:
-        """A new sequence's drafting state from its request's settings (None: the service's)."""
-        mode = self.mode if self.mode == "none" or mode is None else mode
+    def settings_for(self, mode: str | None, draft_max: int | None, prediction: list[int] = ()) -> SeqSpec | None:
+        """A new sequence's drafting state from its request's settings (None: the service's). A service
+        that drafts no n-grams still drafts a request's prediction (its caller asked for that), unless
+        the request turns drafting off."""
         k = min(self.draft_max, self.draft_max if draft_max is None else draft_max)
-        return None if mode == "none" or k <= 0 else SeqSpec(mode, k)
+        if mode == "none" or k <= 0:
+            return None
+        mode = self.mode if self.mode == "none" or mode is None else mode
+        if mode == "none" and not prediction:
+            return None
+        spec = SeqSpec("auto", k, own=False) if mode == "none" else SeqSpec(mode, k)
+        if prediction:
+            spec.prediction = NgramIndex(list(prediction))
+        return spec
 
-    def acceptance(self, spec: SeqSpec, n: int) -> tuple[float, float]:
+    def acceptance(self, spec: SeqSpec, n: int | str) -> tuple[float, float]:
         """(first, next) rates of a proposal found by an n-token key, for this sequence: its own record
         with the service's (all sequences') as the prior."""
-        return spec.record.rates(n, self.record.rates(n, (PRIOR_ACCEPT, PRIOR_ACCEPT)))
+        return spec.record.rates(n, self.record.rates(n, PRIORS.get(n, (PRIOR_ACCEPT, PRIOR_ACCEPT))))
 
-    def proposals(self, seqs: list, room: dict) -> list[tuple[object, list[int], tuple[float, float], bool]]:
-        """(sequence, proposed tokens, (first, next) rates, forced) for every sequence with room and a proposal;
-        `room`: the most tokens each may draft. Each proposal is kept to be scored against the tokens that
-        come."""
+    def proposals(self, seqs: list, room: dict) -> list[tuple[object, list[int], tuple[float, float], bool, int | str]]:
+        """(sequence, proposed tokens, (first, next) rates, forced, key) for every sequence with room and a
+        proposal; `room`: the most tokens each may draft. Each proposal is kept to be scored against the
+        tokens that come."""
         out = []
         for seq in seqs:
             spec = seq.spec
             if room[seq] <= 0:
                 continue
-            if spec.index is None:
-                spec.index = NgramIndex(seq.tokens)
-            n, proposed = spec.index.propose(room[seq])
+            n, proposed = spec.lookup(seq.tokens, seq.n_prompt, room[seq])
             if proposed:
                 spec.propose(len(seq.tokens), proposed, n)
-                out.append((seq, proposed, self.acceptance(spec, n), spec.mode == "ngram"))
+                out.append((seq, proposed, self.acceptance(spec, n), spec.mode == "ngram", n))
         return out
 
-    def choose(self, worker: int, seqs: list, rows: int, room: dict) -> list[tuple[object, list[int]]]:
-        """The drafts a step of `rows` rows should carry: (sequence, drafted tokens) with at least one."""
+    def choose(self, worker: int, seqs: list, rows: int, room: dict) -> list[tuple[object, list[int], str]]:
+        """The drafts a step of `rows` rows should carry: (sequence, drafted tokens, source) with at least one."""
         found = self.proposals(seqs, room)
         if not found:
             return []
         line = self.costs.setdefault(worker, CostModel()).line()
         a, b = line if line is not None else (1.0, ROW_SHARE)
-        ks = choose_drafts([(*p, len(t), forced) for _, t, p, forced in found], rows, a, b, self.gap_s)
-        return [(seq, tokens[:k]) for (seq, tokens, _, _), k in zip(found, ks) if k]
+        ks = choose_drafts([(*p, len(t), forced) for _, t, p, forced, _ in found], rows, a, b, self.gap_s)
+        return [(seq, tokens[:k], PREDICTION if key == PREDICTION else "ngram")
+                for (seq, tokens, _, _, key), k in zip(found, ks) if k]
+
+    def drafted(self, spec: SeqSpec, k: int, accepted: int) -> None:
+        """A step verified k drafted tokens of a sequence, `accepted` of them held: count them by source."""
+        self.stats.drafted += k
+        self.stats.accepted += accepted
+        for counts in (self.stats.by_source[spec.source], spec.counts[spec.source]):
+            counts[0] += k
+            counts[1] += accepted
 
     def scored(self, seq) -> None:
         """New tokens of `seq` came: score its pending proposals against them."""
@@ -309,15 +357,15 @@ class Speculator:
             self.unoverlapped[w.index] = (plan, self.done_at[w.index])
         seqs = [r.seq for r in rows]
         room = self.room(seqs, step_tokens, sum(r.output for r in plan.rows), plan.n_tokens, coming=0)
-        drafts = dict(self.choose(w.index, seqs, plan.n_tokens, room))
+        drafts = {seq: (draft, source) for seq, draft, source in self.choose(w.index, seqs, plan.n_tokens, room)}
         stats = self.stats
         if not drafts:
             stats.steps_plain += 1
             return
         stats.steps_drafting += 1
         for r in rows:
-            if (draft := drafts.get(r.seq)) is not None:
-                r.draft, k = draft, len(draft)
+            if r.seq in drafts:
+                (r.draft, r.seq.spec.source), k = drafts[r.seq], len(drafts[r.seq][0])
                 r.count += k
                 r.seq.n_scheduled += k
                 r.seq.outputs_planned += k

@@ -36,7 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtest import prompts, servers  # noqa: E402
 
-COPY_TEXT = prompts.knowledge_text(300, start=3)
+
+
+def copy_text(round_no: int) -> str:
+    """Round r's text to repeat: ~300 tokens from other sections each round. With one text for every round, a
+    server that keeps n-grams across requests (llama-server's ngram-mod) drafted rounds 2 and 3 from the answer
+    it gave in round 1: a measure of that memory, not of copying."""
+    return prompts.knowledge_text(300, start=3 + 3 * max(round_no, 0))
 LLAMA_MODES = ("ngram-simple", "ngram-map-k", "ngram-mod", "ngram-cache")
 
 
@@ -52,10 +58,11 @@ def get(base_url: str, path: str) -> dict:
         return json.loads(r.read())
 
 
-def messages(workload: str, i: int, tag: str) -> list[dict]:
+def messages(workload: str, i: int, round_no: int) -> list[dict]:
+    tag = f"round{round_no}-{i}"
     if workload == "copying":
         return [{"role": "user", "content": f"[{tag}] Repeat the following text exactly, word for word, and "
-                                            f"nothing else:\n\n{COPY_TEXT}"}]
+                                            f"nothing else:\n\n{copy_text(round_no)}"}]
     if workload == "rag":
         return prompts.shared_prefix_messages(tag, prompts.RAG_QUESTIONS[i % len(prompts.RAG_QUESTIONS)])
     return prompts.chat_messages(tag, i)
@@ -64,7 +71,7 @@ def messages(workload: str, i: int, tag: str) -> list[dict]:
 def run_level(base_url: str, workload: str, streams: int, max_tokens: int, round_no: int) -> dict:
     """One round: the same prompts on every server (greedy: the same answers, so tok/s compares speed, not
     answer lengths), new ones each round (no prefix cache across rounds)."""
-    bodies = [{"model": "x", "messages": messages(workload, i, f"round{round_no}-{i}"), "max_tokens": max_tokens,
+    bodies = [{"model": "x", "messages": messages(workload, i, round_no), "max_tokens": max_tokens,
                "temperature": 0, "repeat_penalty": 1.0} for i in range(streams)]
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:

@@ -73,6 +73,26 @@ def speculation(f: Fields) -> tuple[str | None, int | None]:
     return "none" if not f.flag("speculative", True) else kind, draft_max
 
 
+def prediction(f: Fields) -> str | None:
+    """OpenAI's Predicted Outputs: {"type": "content", "content": text or [{"type": "text", "text": ...}]},
+    the answer as the caller expects it (drafted from: docs/speculative.md)."""
+    if f.get("prediction") is None:
+        return None
+    if not isinstance(f.get("prediction"), dict):
+        raise f.error("prediction", "must be an object", "invalid_type")
+    p = f.nested("prediction")
+    if p.get("type") != "content":
+        raise p.error("type", f"is {p.get('type')!r}; the one prediction type is 'content'")
+    content = p.get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not all(isinstance(part, dict) and part.get("type") == "text"
+                                                and isinstance(part.get("text"), str) for part in content):
+        raise p.error("content", "must be a string or a list of text parts ({'type': 'text', 'text': ...})",
+                      "invalid_type")
+    return "".join(part["text"] for part in content)
+
+
 def stop(f: Fields) -> list[str]:
     value = f.get("stop")
     if value is None:

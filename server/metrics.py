@@ -260,8 +260,13 @@ class RequestTracker:
         self.metrics.cached_tokens.inc(cached)
         for i, final in enumerate(finals):
             self.metrics.llamacpp.finished(self.timings(i, final, final.completion_tokens))
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+        predicted = [f.prediction for f in finals if f.prediction is not None]
+        if predicted:  # OpenAI's Predicted Outputs: its tokens that were, and were not, the answer's
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": sum(p[0] for p in predicted),
+                                                  "rejected_prediction_tokens": sum(p[1] for p in predicted)}
+        return usage
 
     def timings(self, i: int, out, generated: int) -> dict:
         """llama-server's `timings` of choice i as of `out` (any output: its counts go with every one):
@@ -273,7 +278,8 @@ class RequestTracker:
         prompt_ms = ((first or time.perf_counter()) - self.start) * 1000 if processed > 0 else 0.0
         predicted_ms = max((last - first) * 1000, 1e-3) if first is not None and generated else 0.0
         steps = max(0, generated - 1)
-        return {"cache_n": out.cached_tokens, "prompt_n": processed, "prompt_ms": prompt_ms,
+        drafts = {"draft_n": out.draft_tokens, "draft_n_accepted": out.draft_accepted} if out.draft_tokens else {}
+        return {**drafts, "cache_n": out.cached_tokens, "prompt_n": processed, "prompt_ms": prompt_ms,
                 "prompt_per_token_ms": prompt_ms / processed if processed > 0 else 0.0,
                 "prompt_per_second": 1e3 / prompt_ms * processed if prompt_ms > 0 else 0.0,
                 "predicted_n": generated, "predicted_ms": predicted_ms,

@@ -154,19 +154,29 @@ class Shaper:
         stop, ignore_eos = generation_params.stop(f), f.flag("ignore_eos")
         priority = f.number("priority", None, lo=-1000, hi=1000, integer=True)  # docs/tenants.md
         spec_type, spec_draft_max = generation_params.speculation(f)
+        predicted = self._prediction(f)
         progress = f.flag("return_progress")
         slot = f.number("id_slot", -1, lo=-1, integer=True)  # llama-server's: run in this slot; -1 any
         if slot >= 0 and slot >= (slots := self.engine.config.parallel * self.engine.config.workers):
             raise f.error("id_slot", f"is {slot}; this server's slots are 0..{slots - 1} (GET /slots)")
         requests = [Request(prompt=fitted, max_tokens=max_tokens, stop=stop, top_logprobs=top if logprobs else -1,
                             ignore_eos=ignore_eos, adapters=adapters, priority=priority, spec_type=spec_type,
-                            spec_draft_max=spec_draft_max, progress=progress, slot=slot,
+                            spec_draft_max=spec_draft_max, prediction=predicted, progress=progress, slot=slot,
                             sampling=replace(sampling, seed=None if sampling.seed is None else (sampling.seed + i) & 0xFFFFFFFF))
                     for i in range(n)]
         include_usage = stream and f.nested("stream_options").flag("include_usage")
         return Generation(prompt=fitted, requests=requests, stream=stream, include_usage=include_usage,
                           logprobs=logprobs, truncated=len(fitted) < len(prompt),
                           timings_per_token=f.flag("timings_per_token"), verbose=f.flag("verbose", self.verbose))
+
+    def _prediction(self, f: Fields) -> list[int]:
+        """The tokens of the answer the request predicts (as the model would write them: no special tokens)."""
+        text = generation_params.prediction(f)
+        tokens = self.engine.tokenize(text, add_special=False, parse_special=False) if text else []
+        if len(tokens) > self.engine.n_ctx:
+            raise f.nested("prediction").error("content", f"is {len(tokens)} tokens; at most {self.engine.n_ctx} "
+                                                          "(the context) are used")
+        return tokens
 
     def _fit(self, f: Fields, prompt: list[int], max_tokens: int | None) -> list[int]:
         limit = self.engine.n_ctx

@@ -12,10 +12,10 @@ from engine.request import Request
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.speculative import CostModel, NgramIndex, SeqSpec, Speculator, choose_drafts
+from engine.speculative import PREDICTION, CostModel, NgramIndex, SeqSpec, Speculator, choose_drafts
 from engine.worker_state import WorkerState
 from server.fields import Fields
-from server.generation_params import speculation
+from server.generation_params import prediction, speculation
 from server.refusal import Refusal
 
 TEXT = ("The committee met on Tuesday to review the budget for the new library. After a long discussion "
@@ -77,7 +77,7 @@ def test_a_sequence_whose_long_matches_come_true_drafts_its_whole_proposal():
     one_rate = (96 + 2) / (106 + 4)
     assert choose_drafts([(one_rate, one_rate, 16, False)], 1, *cost.line(), speculator.gap_s) == [3]
     copied = len(seq.tokens) - len(text)
-    assert speculator.choose(0, [seq], 1, room) == [(seq, text[copied:copied + 16])]
+    assert speculator.choose(0, [seq], 1, room) == [(seq, text[copied:copied + 16], "ngram")]
     wrong = Sequence(Request(prompt=text + text[:12], max_tokens=500))
     wrong.spec = speculator.settings_for(None, None)
     for _ in range(5):
@@ -155,6 +155,37 @@ def test_a_sequence_that_may_not_draft_overlaps_as_before():
     (first,) = sched.plan()
     (second,) = sched.plan()  # planned while the first is in flight
     assert not first.rows[0].draft and seq.spec is None and second.rows[0].start == first.rows[0].start + 1
+
+
+@pytest.mark.unit
+def test_a_prediction_is_proposed_while_the_answer_follows_it_then_by_lookup():
+    prompt, pred = [1, 2, 3], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    spec = Speculator("none", 4).settings_for(None, None, pred)
+    assert spec.mode == "auto" and not spec.own  # a service without n-gram drafts still drafts a prediction
+    tokens = prompt + [10, 11]
+    assert spec.lookup(tokens, 3, 4) == (PREDICTION, [12, 13, 14, 15])  # the answer so far is its start
+    tokens += [12, 99, 14, 15, 16]  # the answer left it, then took it up again
+    assert spec.lookup(tokens, 3, 2) == (PREDICTION, [17, 18]) and spec.aligned == -1
+    tokens += [50, 51]  # nowhere in the prediction, and no own lookup
+    assert spec.lookup(tokens, 3, 2) == (0, [])
+    both = Speculator("auto", 4).settings_for(None, None, pred)
+    assert both.own and both.lookup(prompt + [7, 1, 2], 3, 4) == (2, [3, 7, 1, 2])  # its own tokens as before
+    assert Speculator("auto", 4).settings_for("none", None, pred) is None  # the request turned drafting off
+    assert Speculator("none", 0).settings_for(None, None, pred) is None
+
+
+@pytest.mark.unit
+def test_bad_prediction_fields_name_the_field():
+    assert prediction(Fields({})) is None
+    assert prediction(Fields({"prediction": {"type": "content", "content": [{"type": "text", "text": "a"},
+                                                                             {"type": "text", "text": "b"}]}})) == "ab"
+    for body, field in (({"prediction": "x"}, "prediction"), ({"prediction": {"type": "text", "content": "x"}},
+                                                              "prediction.type"),
+                        ({"prediction": {"type": "content", "content": [{"type": "image"}]}}, "prediction.content"),
+                        ({"prediction": {"type": "content"}}, "prediction.content")):
+        with pytest.raises(Refusal) as err:
+            prediction(Fields(body))
+        assert err.value.param == field and field in str(err.value)
 
 
 @pytest.mark.unit
@@ -306,3 +337,35 @@ def test_both_doors_carry_a_requests_spec_and_drafted_answers_equal_plain(start_
     http = client.chat.completions.create(model="x", temperature=0, max_tokens=64, extra_body={"spec": {"draft_max": 8}},
                                           messages=[{"role": "user", "content": question}])
     assert http.choices[0].message.content == drafted and accepted() > before
+
+
+@pytest.mark.service
+def test_a_predicted_answer_is_drafted_and_counted_in_usage(start_server):
+    """OpenAI's Predicted Outputs on a service with n-gram drafting off (the default): the prediction is
+    drafted, the answer is the one without it (greedy), and usage says how much of it held."""
+    import openai
+
+    service = start_server("--parallel", "2", "--ctx-size", "2048")
+    client = openai.OpenAI(base_url=service.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+    def ask(**kw):
+        return client.chat.completions.create(model="x", temperature=0, max_tokens=80, messages=[
+            {"role": "user", "content": "Repeat this text exactly, word for word:\n\n" + TEXT}], **kw)
+
+    plain = ask()
+    answer = plain.choices[0].message.content
+    assert plain.usage.completion_tokens_details is None and service.stats()["speculative"]["drafted"] == 0
+    predicted = ask(prediction={"type": "content", "content": answer})
+    details = predicted.usage.completion_tokens_details
+    assert predicted.choices[0].message.content == answer
+    assert details.accepted_prediction_tokens >= predicted.usage.completion_tokens // 2
+    assert details.rejected_prediction_tokens <= details.accepted_prediction_tokens // 4
+    assert predicted.model_extra["timings"]["draft_n_accepted"] == details.accepted_prediction_tokens
+    wrong = ask(prediction={"type": "content", "content": "Seven ships sailed north past the old lighthouse at dawn."},
+                stream=True, stream_options={"include_usage": True})
+    chunks = list(wrong)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    assert chunks[-1].usage.completion_tokens_details.accepted_prediction_tokens < 5
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(prediction={"type": "text", "content": "x"})
+    assert err.value.body["param"] == "prediction.type"

@@ -169,6 +169,11 @@ def _chat_request(sampling: dict) -> dict:
                                                                         "instead of starting a new one (the default "
                                                                         "when the conversation ends with one)."},
             "verbose": {"type": "boolean", "description": "The answer carries __verbose (the prompt as text)."},
+            "prediction": {"type": "object", "required": ["type", "content"], "description":
+                           "OpenAI's Predicted Outputs: the expected answer, drafted from (docs/speculative.md).",
+                           "properties": {"type": {"const": "content"}, "content": {"oneOf": [
+                               {"type": "string"}, {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                                    "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}}},
             **_TOOLS,
             **sampling,
         },
@@ -199,7 +204,9 @@ _HARDWARE = {"type": "object", "minProperties": 1, "additionalProperties": False
 
 _USAGE = {"type": "object", "properties": {
     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"},
-    "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}}}}
+    "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}},
+    "completion_tokens_details": {"type": "object", "description": "With a prediction only.", "properties": {
+        "accepted_prediction_tokens": {"type": "integer"}, "rejected_prediction_tokens": {"type": "integer"}}}}}
 
 _HEALTH = {"type": "object", "required": ["status", "model_ready"], "properties": {
     "status": {"enum": ["healthy", "loading", "draining", "unavailable"]}, "model_ready": {"type": "boolean"}}}
