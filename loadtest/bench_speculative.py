@@ -3,7 +3,8 @@
 default (auto) and forced (ngram), against llama-server without drafting and with its n-gram modes,
 each started in turn with the same model, threads and slots.
 
-Workloads: `copying` (1 stream: repeat a ~300-token text word for word), `rag` (1 stream: a question
+Workloads: `copying` (1 stream: repeat a ~300-token text word for word; `predicted`: the same request with
+the text as OpenAI's `prediction`, on the service with n-gram drafting off), `rag` (1 stream: a question
 on an ~850-token document, the platform's traffic), and `chat` at 4, 8 and 16 concurrent streams (the
 service only: the load-aware rule must keep the default within 0.97x of drafting off). Greedy, fixed
 max_tokens; tokens/s = completion tokens / wall time, the median over the rounds; decode tokens/s =
@@ -60,7 +61,7 @@ def get(base_url: str, path: str) -> dict:
 
 def messages(workload: str, i: int, round_no: int) -> list[dict]:
     tag = f"round{round_no}-{i}"
-    if workload == "copying":
+    if workload in ("copying", "predicted"):
         return [{"role": "user", "content": f"[{tag}] Repeat the following text exactly, word for word, and "
                                             f"nothing else:\n\n{copy_text(round_no)}"}]
     if workload == "rag":
@@ -73,6 +74,9 @@ def run_level(base_url: str, workload: str, streams: int, max_tokens: int, round
     answer lengths), new ones each round (no prefix cache across rounds)."""
     bodies = [{"model": "x", "messages": messages(workload, i, round_no), "max_tokens": max_tokens,
                "temperature": 0, "repeat_penalty": 1.0} for i in range(streams)]
+    if workload == "predicted":  # the copying request, with the text as OpenAI's `prediction` (the service only)
+        for body in bodies:
+            body["prediction"] = {"type": "content", "content": copy_text(round_no)}
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
         answers = list(pool.map(lambda b: post(base_url, b), bodies))
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
     chat = [("chat", int(n)) for n in args.chat_levels.split(",") if n]
     results = {}
     for spec in [t for t in args.spec_types.split(",") if t]:
-        cases = single if spec == "ngram" else single + chat
+        cases = single if spec == "ngram" else single + [("predicted", 1)] * (spec == "none") + chat
         port, grpc_port = servers.free_ports(2)
         cmd = servers.service_command(servers.DEFAULT_SERVICE_CMD, port=port, grpc_port=grpc_port, model=model,
                                       threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size)
