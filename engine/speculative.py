@@ -36,6 +36,11 @@ PREDICTION = "prediction"  # the record's key for proposals from a request's pre
 PRIORS = {PREDICTION: (0.8, 0.9)}  # a caller's prediction is meant to be the answer: likelier than an n-gram match
 
 
+def by_source() -> dict:
+    """Drafted and accepted tokens, by where the drafts came from."""
+    return {"ngram": [0, 0], PREDICTION: [0, 0]}
+
+
 class NgramIndex:
     """Where each n-gram of a token list last occurred (the position after it), kept up to date as the
     list grows."""
@@ -109,17 +114,17 @@ class SeqSpec:
     # yet: (position their first token is for, tokens, key: its length, or PREDICTION), in position order
     record: Record = field(default_factory=Record)
     source: str = "ngram"  # where the draft in flight came from (ngram | prediction)
-    counts: dict = field(default_factory=lambda: {"ngram": [0, 0], PREDICTION: [0, 0]})  # drafted, accepted
+    counts: dict = field(default_factory=by_source)  # drafted, accepted
 
     def lookup(self, tokens: list[int], n_prompt: int, k: int) -> tuple[int | str, list[int]]:
         """(key, up to k proposed tokens): the prediction's continuation while the answer follows it, else
         what followed the answer's tail in the prediction, else in the sequence's own tokens."""
         if self.prediction is not None:
-            pred, answer, a = self.prediction.tokens, tokens[n_prompt:], self.aligned
+            pred, a, end = self.prediction.tokens, self.aligned, len(tokens) - n_prompt
             if a >= 0:
-                while a < len(answer) and a < len(pred) and answer[a] == pred[a]:
+                while a < end and a < len(pred) and tokens[n_prompt + a] == pred[a]:
                     a += 1
-                self.aligned = a if a == len(answer) else -1
+                self.aligned = a if a == end else -1
             proposed = pred[a:a + k] if self.aligned >= 0 else self.prediction.follow(tokens, k)[1]
             if proposed:
                 return PREDICTION, proposed
@@ -212,7 +217,7 @@ class SpecStats:
     steps_drafting: int = 0  # steps with a draft
     steps_plain: int = 0    # decode steps of sequences that may draft, without a draft
     held: int = 0           # plans put off so the next step can draft
-    by_source: dict = field(default_factory=lambda: {"ngram": [0, 0], PREDICTION: [0, 0]})  # drafted, accepted
+    by_source: dict = field(default_factory=by_source)  # drafted, accepted
 
     def as_dict(self) -> dict:
         return {"drafted": self.drafted, "accepted": self.accepted,

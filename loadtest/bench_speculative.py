@@ -113,6 +113,44 @@ def measure(name: str, argv: list[str], port: int, cases: list[tuple[str, int]],
         server.stop()
 
 
+def paired(specs: list[str], cases: list[tuple[str, int]], model: str, args) -> dict:
+    """The service with each --spec-type of `specs` up at once, each round of a case run on every one in
+    turn (in reverse order every other round): the machine's drift between runs (±5-10 % on a shared VM)
+    falls on all alike, so a per-round ratio to the first spec is a fairer figure than the ratio of
+    medians from services measured minutes apart."""
+    started = {}
+    try:
+        for spec in specs:
+            port, grpc_port = servers.free_ports(2)
+            cmd = servers.service_command(servers.DEFAULT_SERVICE_CMD, port=port, grpc_port=grpc_port, model=model,
+                                          threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size)
+            started[spec] = servers.ManagedServer(f"service-{spec}", cmd + ["--spec-type", spec], port,
+                                                  Path(args.log_dir))
+        for server in started.values():
+            server.wait_ready(args.ready_timeout)
+            run_level(server.base_url, "chat", 1, 8, -1)  # warm-up
+        out = {}
+        for workload, streams in cases:
+            runs = {spec: [] for spec in specs}
+            for r in range(args.rounds):
+                for spec in specs if r % 2 == 0 else specs[::-1]:
+                    runs[spec].append(run_level(started[spec].base_url, workload, streams, args.max_tokens, r))
+            first = runs[specs[0]]
+            out[f"{workload}@{streams}"] = row = {
+                spec: {"tok_s": statistics.median(x["tok_s"] for x in rs),
+                       "ratios": [round(x["tok_s"] / f["tok_s"], 3) for x, f in zip(rs, first)],
+                       "decode_ratios": [round(x["decode_tok_s"] / f["decode_tok_s"], 3) for x, f in zip(rs, first)],
+                       "drafted": sum(x["drafted"] for x in rs), "accepted": sum(x["accepted"] for x in rs)}
+                for spec, rs in runs.items()}
+            for spec, r in row.items():
+                r["median_ratio"] = statistics.median(r["ratios"])
+            print(f"[bench] paired {workload}@{streams}: {row}", flush=True)
+        return out
+    finally:
+        for server in started.values():
+            server.stop()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
@@ -124,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--chat-levels", default="4,8,16")
     p.add_argument("--spec-types", default="none,auto,ngram", help="the service's --spec-type values to run")
     p.add_argument("--llama-modes", default=",".join(LLAMA_MODES), help="llama-server --spec-type values to try")
+    p.add_argument("--paired", default="", help="instead: these --spec-type values side by side, rounds "
+                   "interleaved (e.g. none,auto; the first is the reference of the ratios)")
     p.add_argument("--llama-server", default=str(servers.DEFAULT_LLAMA_SERVER))
     p.add_argument("--log-dir", default="/tmp/bench-speculative")
     p.add_argument("--ready-timeout", type=float, default=300)
@@ -133,13 +173,15 @@ def main(argv=None) -> int:
     single = [("copying", 1), ("rag", 1)]
     chat = [("chat", int(n)) for n in args.chat_levels.split(",") if n]
     results = {}
-    for spec in [t for t in args.spec_types.split(",") if t]:
+    if args.paired:
+        results["paired"] = paired(args.paired.split(","), single + chat, model, args)
+    for spec in [t for t in args.spec_types.split(",") if t and not args.paired]:
         cases = single if spec == "ngram" else single + [("predicted", 1)] * (spec == "none") + chat
         port, grpc_port = servers.free_ports(2)
         cmd = servers.service_command(servers.DEFAULT_SERVICE_CMD, port=port, grpc_port=grpc_port, model=model,
                                       threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size)
         results[f"service {spec}"] = measure(f"service-{spec}", cmd + ["--spec-type", spec], port, cases, args)
-    for mode in ["none"] + [m for m in args.llama_modes.split(",") if m]:
+    for mode in (["none"] + [m for m in args.llama_modes.split(",") if m]) * (not args.paired):
         port, = servers.free_ports(1)
         cmd = servers.llama_server_command(Path(args.llama_server), port=port, model=model, threads=args.threads,
                                            parallel=args.parallel, ctx_size=args.ctx_size,

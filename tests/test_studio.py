@@ -316,6 +316,26 @@ def test_telemetry_shows_each_tenants_share(studio_page, studio_server):
     assert page.console.errors == []
 
 
+def test_telemetry_shows_the_drafts_acceptance(studio_page, studio_server):
+    """A request with OpenAI's `prediction` is drafted even on a service without n-gram drafts: the panel
+    shows accepted / drafted tokens as /stats counts them."""
+    page = studio_page
+    text = "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday."
+    body = json.dumps({"messages": [{"role": "user", "content": "Repeat exactly: " + text}], "max_tokens": 30,
+                       "temperature": 0, "prediction": {"type": "content", "content": text}}).encode()
+    req = urllib.request.Request(studio_server + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=60).read()
+    spec = get_stats(studio_server)["speculative"]
+    assert spec["drafted"] > 0
+    shown = page.locator("[data-testid=stat-acceptance]")
+    shown.wait_for(timeout=10_000)
+    wait_until(lambda: shown.inner_text().startswith(f"{spec['accepted']:,} / {spec['drafted']:,} "), 10,
+               f"the panel shows {shown.inner_text()!r}, /stats {spec}")
+    assert "prediction" in page.locator("[data-testid=drafts-by-source]").inner_text()
+    page.locator("[data-testid=drafts]").screenshot(path=str(ARTIFACTS / "studio-drafts.png"))
+    assert page.console.errors == []
+
+
 def test_server_errors_are_readable(studio_page):
     page = studio_page
     message = "max_tokens must be a positive integer"

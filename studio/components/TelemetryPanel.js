@@ -1,4 +1,5 @@
-// Server-wide telemetry: health, model, /stats counters, throughput chart and the tenants' shares.
+// Server-wide telemetry: health, model, /stats counters, throughput chart, speculative drafts' acceptance
+// and the tenants' shares.
 import { computed } from 'vue';
 import { server } from '../telemetry.js';
 import Sparkline from './Sparkline.js';
@@ -23,7 +24,14 @@ export default {
       .map(([name, t]) => ({ name, ...t }))
       .sort((a, b) => (b.share || 0) - (a.share || 0))
       .slice(0, MAX_TENANTS));
-    return { server, s, kvPct, last, tenants, fmt, healthLabel: computed(() => HEALTH_LABEL[server.health]) };
+    // speculative decoding (docs/speculative.md): how many drafted tokens held, overall and by source
+    const drafts = computed(() => {
+      const sp = s.value.speculative;
+      if (!sp || !sp.drafted) return null;
+      const sources = Object.entries(sp.acceptance || {}).filter(([, rate]) => rate !== null);
+      return { drafted: sp.drafted, accepted: sp.accepted, rate: sp.accepted / sp.drafted, sources };
+    });
+    return { server, s, kvPct, last, tenants, drafts, fmt, healthLabel: computed(() => HEALTH_LABEL[server.health]) };
   },
   template: `
     <section class="panel telemetry" data-testid="telemetry">
@@ -61,6 +69,15 @@ export default {
         <dt>prefix-cache hits</dt><dd>{{ fmt(s.prefix_hit_tokens) }} tok</dd>
         <dt>workers alive</dt><dd>{{ fmt(s.workers_alive) }}</dd>
       </dl>
+      <div v-if="drafts" class="kv" data-testid="drafts">
+        <div class="kv-label"><label>drafted tokens accepted</label>
+          <span data-testid="stat-acceptance">{{ fmt(drafts.accepted) }} / {{ fmt(drafts.drafted) }} ({{ fmt(100 * drafts.rate) }}%)</span>
+        </div>
+        <div class="bar"><div class="fill" :style="{ width: 100 * drafts.rate + '%' }"></div></div>
+        <div class="muted small" data-testid="drafts-by-source">
+          <span v-for="[source, rate] in drafts.sources" :key="source">{{ source }} {{ fmt(100 * rate) }}% </span>
+        </div>
+      </div>
       <div v-if="tenants.length" class="tenants" data-testid="tenants">
         <div class="kv-label"><label>tenants (share of the service)</label></div>
         <div v-for="t in tenants" :key="t.name" class="tenant" data-testid="tenant-row" :data-tenant="t.name">
