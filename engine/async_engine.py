@@ -119,7 +119,7 @@ class AsyncEngine:
         self._scheduler = Scheduler(states, max_waiting=cfg.max_waiting, step_tokens=cfg.batch_size,
                                     reserve_cap=max(256, cfg.ctx_size // cfg.parallel), is_eog=eog.__contains__,
                                     kv_unified=cfg.kv_unified, prompt_halves=cfg.prompt_halves, store=self.store,
-                                    fair=cfg.tenant_fairness, speculator=Speculator(cfg.spec_type, cfg.spec_draft_max),
+                                    fair=cfg.tenant_fairness, speculator=Speculator(cfg.spec_type, cfg.spec_draft_max, bool(cfg.model_draft)),
                                     parking=self.parking)
         self._scheduler.waiting.set_limits(cfg.tenant_limits, cfg.tenant_overrides)
         self._outputs = OutputProcessor(self._scheduler, pieces, eog, self._streams)

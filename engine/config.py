@@ -48,7 +48,8 @@ class EngineConfig:
     tenant_fairness: bool = True      # admit the least-served tenant first, preempt for one under its share
     tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # every tenant's quotas and priority
     tenant_overrides: dict[str, TenantLimits] = field(default_factory=dict)  # per tenant (the tenants file)
-    spec_type: str = "none"           # drafting (engine/speculative.py): auto (where it pays) | ngram (always) | none
+    spec_type: str = "none"           # drafting (engine/speculative.py): auto | ngram | draft | draft-always | none
+    model_draft: str | None = None    # a draft model of the same vocabulary (engine/draft_model.py)
     spec_draft_max: int = 16          # drafted tokens per sequence and step, at most
 
     def __post_init__(self):
@@ -74,8 +75,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.ctx_size < 0:
             raise ValueError("ctx_size must be 0 (auto) or more")
-        if self.spec_type not in ("auto", "none", "ngram"):
-            raise ValueError("spec_type must be auto, none or ngram")
+        if self.spec_type not in ("auto", "none", "ngram", "draft", "draft-always"):
+            raise ValueError("spec_type must be auto, none, ngram, draft or draft-always")
+        self._check_draft_model()
         if self.spec_draft_max < 0:
             raise ValueError("spec_draft_max must be 0 (no drafting) or more")
         if self.flash_attn not in ("auto", "on", "off"):
@@ -100,6 +102,20 @@ class EngineConfig:
         if KV_CACHE_TYPES[self.cache_type_v][2] > 1 and self.flash_attn == "off":
             raise ValueError(f"--cache-type-v {self.cache_type_v} (a quantized V cache) needs flash attention: "
                              "use --flash-attn auto or on, or an unquantized --cache-type-v")
+
+    def _check_draft_model(self) -> None:
+        """Refuse at start a draft model the workers could not draft with."""
+        if self.spec_type.startswith("draft") and not self.model_draft:
+            raise ValueError(f"--spec-type {self.spec_type} needs a draft model (--model-draft PATH)")
+        if self.model_draft:
+            from engine.draft_model import vocab_mismatch
+            try:
+                why = vocab_mismatch(self.model_path, self.model_draft)
+            except (OSError, RuntimeError) as exc:
+                raise ValueError(f"--model-draft {self.model_draft}: {exc}") from None
+            if why:
+                raise ValueError(f"--model-draft {self.model_draft}: {why}; a draft model must have the "
+                                 f"vocabulary of the model ({self.model_path})")
 
     @property
     def store_on(self) -> bool:
@@ -144,7 +160,7 @@ class EngineConfig:
         return {
             "model_path": self.model_path,
             "n_gpu_layers": self.n_gpu_layers if self.gpu else 0,
-            "lora_dir": self.lora_dir, "lora_cache": self.lora_cache,
+            "lora_dir": self.lora_dir, "lora_cache": self.lora_cache, "model_draft": self.model_draft,
             "context": {
                 "n_ctx": self.ctx_size, "n_batch": self.batch_size, "n_ubatch": min(self.ubatch_size, self.batch_size),
                 "n_seq_max": self.n_seq_max, "n_threads": self.threads,

@@ -204,6 +204,7 @@ class Vocab:
     def __init__(self, ptr: int, model: Model):
         self._ptr, self._model = ptr, model
         self.n_tokens = lib.llama_vocab_n_tokens(ptr)
+        self.type = lib.llama_vocab_type(ptr)  # SPM, BPE, WPM, ...: how text becomes tokens
         self.bos = lib.llama_vocab_bos(ptr)
         self.eos = lib.llama_vocab_eos(ptr)
         self.eot = lib.llama_vocab_eot(ptr)
@@ -237,6 +238,10 @@ class Vocab:
             buf = (llama_token * cap)()
             n = lib.llama_tokenize(self.ptr, raw, len(raw), buf, cap, add_special, parse_special)
         return buf[:n]
+
+    def text(self, token: int) -> bytes:
+        """The token's text as the GGUF stores it (before any byte decoding)."""
+        return lib.llama_vocab_get_text(self.ptr, token) or b""
 
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         """The raw bytes of one token (may be part of a UTF-8 character)."""

@@ -219,6 +219,8 @@ _PROTOTYPES = {
     "llama_state_seq_load_file": ([p_context, _s, llama_seq_id, C.POINTER(llama_token), _sz, C.POINTER(_sz)], _sz),
     # vocab
     "llama_vocab_n_tokens": ([p_vocab], _i32),
+    "llama_vocab_type": ([p_vocab], C.c_int),
+    "llama_vocab_get_text": ([p_vocab, llama_token], _s),
     "llama_vocab_bos": ([p_vocab], llama_token),
     "llama_vocab_eos": ([p_vocab], llama_token),
     "llama_vocab_eot": ([p_vocab], llama_token),

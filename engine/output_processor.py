@@ -86,7 +86,7 @@ class OutputProcessor:
             if not plan.drafting:  # how long one decode takes (a burst's length is planned from it)
                 self.decode_s = decode_s if self.decode_s is None else 0.8 * self.decode_s + 0.2 * decode_s
         if sched.speculator is not None:
-            sched.speculator.completed(plan, decode_s)
+            sched.speculator.completed(plan, decode_s, *(int(us) / 1e6 for us in buf.out_header[5:7]))
         rows = buf.out_token[:n_out * stride].reshape(n_out, stride).tolist()
         sampled = sched.complete(plan, [row[:n] for row, n in zip(rows, buf.out_count[:n_out].tolist())])
         n_sampled = sum(len(got) for _, _, got in sampled)

@@ -25,20 +25,24 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from engine.step import DRAFTED_BY_MODEL
+
 NGRAM_SIZES = (12, 8, 6, 4, 3, 2)  # key lengths, the longest match first
 DRAFT_MAX = 16            # --spec-draft-max's default
 PRIOR_ACCEPT = 0.5        # a key length's acceptance before any proposal was scored, as PRIOR_WEIGHT tries
 PRIOR_WEIGHT = 4
 ROW_SHARE = 0.35          # a decode's cost per extra row, as a share of a one-row decode, before any is measured
 MARGIN = 1.05             # a draft must promise this much more throughput than the step without it
-TYPES = ("auto", "none", "ngram")
+TYPES = ("auto", "none", "ngram", "draft", "draft-always")
+DRAFT_MODES = ("draft", "draft-always")  # the draft model's (engine/draft_model.py): where it pays | always
+DRAFT_KEY = "draft"       # the record's key and the source of draft-model drafts
 PREDICTION = "prediction"  # the record's key for proposals from a request's prediction (its key lengths: the others)
 PRIORS = {PREDICTION: (0.8, 0.9)}  # a caller's prediction is meant to be the answer: likelier than an n-gram match
 
 
 def by_source() -> dict:
     """Drafted and accepted tokens, by where the drafts came from."""
-    return {"ngram": [0, 0], PREDICTION: [0, 0]}
+    return {"ngram": [0, 0], PREDICTION: [0, 0], DRAFT_KEY: [0, 0]}
 
 
 class NgramIndex:
@@ -81,7 +85,7 @@ class Record:
     __slots__ = ("counts",)
 
     def __init__(self):
-        self.counts = {n: [0, 0, 0, 0] for n in (*NGRAM_SIZES, PREDICTION)}  # first right, first tried, next right, next tried
+        self.counts = {n: [0, 0, 0, 0] for n in (*NGRAM_SIZES, PREDICTION, DRAFT_KEY)}  # first right, first tried, next right, next tried
 
     def add(self, n: int | str, accepted: int, tried: int) -> None:
         """A proposal from an n-token key: `accepted` tokens right, `tried` compared (up to and including
@@ -104,7 +108,7 @@ class SeqSpec:
     """A sequence's drafting state: its mode, bound, sources (its own tokens' index, the answer its
     request predicted), the record of its proposals and what its drafts gave."""
 
-    mode: str            # auto | ngram (forced) | none
+    mode: str            # auto | ngram (forced) | draft | draft-always (forced) | none
     draft_max: int
     own: bool = True     # look up its own tokens (False: only its prediction, the service drafts no n-grams)
     index: NgramIndex | None = None
@@ -113,7 +117,7 @@ class SeqSpec:
     pending: list[tuple[int, list[int], int | str]] = field(default_factory=list)  # proposals not scored
     # yet: (position their first token is for, tokens, key: its length, or PREDICTION), in position order
     record: Record = field(default_factory=Record)
-    source: str = "ngram"  # where the draft in flight came from (ngram | prediction)
+    source: str = "ngram"  # where the draft in flight came from (ngram | prediction | draft)
     counts: dict = field(default_factory=by_source)  # drafted, accepted
 
     def lookup(self, tokens: list[int], n_prompt: int, k: int) -> tuple[int | str, list[int]]:
@@ -128,6 +132,8 @@ class SeqSpec:
             proposed = pred[a:a + k] if self.aligned >= 0 else self.prediction.follow(tokens, k)[1]
             if proposed:
                 return PREDICTION, proposed
+        if self.mode in DRAFT_MODES:  # the worker's draft model fills them in
+            return DRAFT_KEY, [DRAFTED_BY_MODEL] * k
         if not self.own:
             return 0, []
         if self.index is None or self.index.tokens is not tokens:  # a resumed sequence has a new list
@@ -184,11 +190,12 @@ class CostModel:
 
 
 def choose_drafts(candidates: list[tuple[float, float, int, bool]], rows: int, a: float, b: float,
-                  gap: float) -> list[int]:
+                  gap: float, per_draft: float = 0.0) -> list[int]:
     """How many tokens each candidate drafts: `candidates` are (first, next: the rates that its first
     drafted token, and each next one after right ones, is right; tokens proposed; forced); `rows` the
     step's rows without drafts; a decode costs a + b * rows seconds, and drafting adds `gap` (the
-    overlap the step gives up: the worker waits for the parent's turn after it). The i-th drafted token of a candidate adds
+    overlap the step gives up: the worker waits for the parent's turn after it) and `per_draft` per drafted
+    token (what a draft model takes to propose it). The i-th drafted token of a candidate adds
     first * next^(i-1) expected tokens, so the positions are taken best first while the step's
     expected tokens per second grow; forced candidates draft all they propose."""
     ks = [n if forced else 0 for _, _, n, forced in candidates]
@@ -200,7 +207,7 @@ def choose_drafts(candidates: list[tuple[float, float, int, bool]], rows: int, a
     best, best_len = -1.0, 0
     for length, (gain, c) in enumerate(gains, 1):
         tokens += gain
-        rate = tokens / (a + gap + b * (rows + extra + length))
+        rate = tokens / (a + gap + b * (rows + extra + length) + per_draft * (extra + length))
         if rate > best:
             best, best_len = rate, length
     if best < base * MARGIN:
@@ -217,23 +224,28 @@ class SpecStats:
     steps_drafting: int = 0  # steps with a draft
     steps_plain: int = 0    # decode steps of sequences that may draft, without a draft
     held: int = 0           # plans put off so the next step can draft
+    draft_s: float = 0.0    # seconds the workers' draft models took (engine/draft_model.py)
     by_source: dict = field(default_factory=by_source)  # drafted, accepted
 
     def as_dict(self) -> dict:
         return {"drafted": self.drafted, "accepted": self.accepted,
                 "acceptance": {src: round(acc / n, 3) if n else None for src, (n, acc) in self.by_source.items()},
-                "steps_drafting": self.steps_drafting, "steps_plain": self.steps_plain, "held": self.held}
+                "draft_s": round(self.draft_s, 3), "steps_drafting": self.steps_drafting,
+                "steps_plain": self.steps_plain, "held": self.held}
 
 
 class Speculator:
     """The scheduler's drafting: per request settings, per worker costs, the per-step choice."""
 
-    def __init__(self, mode: str = "auto", draft_max: int = DRAFT_MAX):
+    def __init__(self, mode: str = "auto", draft_max: int = DRAFT_MAX, draft_model: bool = False):
         if mode not in TYPES:
             raise ValueError(f"spec_type must be one of {', '.join(TYPES)}")
+        if mode in DRAFT_MODES and not draft_model:
+            raise ValueError(f"spec_type {mode} needs a draft model")
         if draft_max < 0:
             raise ValueError("spec_draft_max must be 0 or more")
-        self.mode, self.draft_max = mode, draft_max
+        self.mode, self.draft_max, self.draft_model = mode, draft_max, draft_model
+        self.draft_token_s = 0.0  # what the draft model takes per drafted token (measured; none before a draft)
         self.costs: dict[int, CostModel] = {}
         self.gap_s = 0.0005  # what a step planned after its worker's last one completed costs beyond its decodes
         self.done_at: dict[int, float] = {}  # per worker: when its last step's results were taken
@@ -249,6 +261,8 @@ class Speculator:
         if mode == "none" or k <= 0:
             return None
         mode = self.mode if self.mode == "none" or mode is None else mode
+        if mode in DRAFT_MODES and not self.draft_model:  # the doors refuse it (400) before it gets here
+            mode = "none"
         if mode == "none" and not prediction:
             return None
         spec = SeqSpec("auto", k, own=False) if mode == "none" else SeqSpec(mode, k)
@@ -272,8 +286,9 @@ class Speculator:
                 continue
             n, proposed = spec.lookup(seq.tokens, seq.n_prompt, room[seq])
             if proposed:
-                spec.propose(len(seq.tokens), proposed, n)
-                out.append((seq, proposed, self.acceptance(spec, n), spec.mode == "ngram", n))
+                if n != DRAFT_KEY:  # a draft model's draft is scored when it is verified (drafted)
+                    spec.propose(len(seq.tokens), proposed, n)
+                out.append((seq, proposed, self.acceptance(spec, n), spec.mode in ("ngram", "draft-always"), n))
         return out
 
     def choose(self, worker: int, seqs: list, rows: int, room: dict) -> list[tuple[object, list[int], str]]:
@@ -283,8 +298,9 @@ class Speculator:
             return []
         line = self.costs.setdefault(worker, CostModel()).line()
         a, b = line if line is not None else (1.0, ROW_SHARE)
-        ks = choose_drafts([(*p, len(t), forced) for _, t, p, forced, _ in found], rows, a, b, self.gap_s)
-        return [(seq, tokens[:k], PREDICTION if key == PREDICTION else "ngram")
+        per_draft = self.draft_token_s if any(key == DRAFT_KEY for *_, key in found) else 0.0
+        ks = choose_drafts([(*p, len(t), forced) for _, t, p, forced, _ in found], rows, a, b, self.gap_s, per_draft)
+        return [(seq, tokens[:k], key if key in (PREDICTION, DRAFT_KEY) else "ngram")
                 for (seq, tokens, _, _, key), k in zip(found, ks) if k]
 
     def drafted(self, spec: SeqSpec, k: int, accepted: int) -> None:
@@ -294,6 +310,10 @@ class Speculator:
         for counts in (self.stats.by_source[spec.source], spec.counts[spec.source]):
             counts[0] += k
             counts[1] += accepted
+        if spec.source == DRAFT_KEY:  # scored here: its tokens were the draft model's, unknown to the parent
+            tried = min(accepted + 1, k)
+            spec.record.add(DRAFT_KEY, accepted, tried)
+            self.record.add(DRAFT_KEY, accepted, tried)
 
     def scored(self, seq) -> None:
         """New tokens of `seq` came: score its pending proposals against them."""
@@ -306,20 +326,28 @@ class Speculator:
         overlap a drafting step gives up)."""
         lines = {w: c.line() for w, c in self.costs.items()}
         return {**self.stats.as_dict(), "gap_ms": round(self.gap_s * 1e3, 2),
+                "draft_ms_per_token": round(self.draft_token_s * 1e3, 2),
                 "decode_ms": {w: [round(a * 1e3, 2), round(b * 1e3, 2)] for w, (a, b) in
                               ((w, ln) for w, ln in lines.items() if ln is not None)}}
 
-    def completed(self, plan, decode_s: float | None) -> None:
+    def completed(self, plan, decode_s: float | None, draft_s: float = 0.0, draft_decode_s: float = 0.0) -> None:
         """A step's results were taken. A decode-only step (`decode_s`: one decode's seconds) is a point
         of its worker's cost line; one that was planned only after the step before it completed (as
         every step after a draft is) measures the overlap given up: the time between the two steps'
-        results beyond its own decodes (the parent's turn, the hand-overs; a few ms on 2 busy cores)."""
+        results beyond its own decodes (the parent's turn, the hand-overs; a few ms on 2 busy cores).
+        `draft_s`: what the step's drafting on the draft model took (counted, and not lost overlap);
+        `draft_decode_s`: one draft decode's seconds, which the rule charges per drafted token (0: not
+        measured; a sequence's first draft prefills its prompt on the draft model: a cost once)."""
         w, now = plan.worker.index, time.perf_counter()
+        self.stats.draft_s += draft_s
+        if draft_decode_s:
+            d = draft_decode_s
+            self.draft_token_s = d if not self.draft_token_s else 0.8 * self.draft_token_s + 0.2 * d
         if decode_s is not None:
             self.costs.setdefault(w, CostModel()).observe(plan.n_tokens, decode_s)
             fresh = self.unoverlapped.pop(w, None)
             if fresh is not None and fresh[0] is plan:
-                lost = min(max(now - fresh[1] - decode_s * plan.burst, 0.0), decode_s)  # a longer one is a hiccup
+                lost = min(max(now - fresh[1] - decode_s * plan.burst - draft_s, 0.0), decode_s)  # longer: a hiccup
                 self.gap_s = 0.9 * self.gap_s + 0.1 * lost
         self.done_at[w] = now
 

@@ -18,6 +18,7 @@ from engine.sampling import SamplingParams
 
 PAYLOAD_BYTES = 1 << 20  # the op payloads one step carries (sampling settings with grammars, adapter sets, files)
 PENDING_TOKEN = -1  # a decode row's input: the token the worker sampled last for this sequence
+DRAFTED_BY_MODEL = -2  # a drafted position the worker's draft model fills in (engine/draft_model.py)
 DRAFT_ROW = 2       # a batch row's output flag: a drafted token, sampled only while the draft holds (engine/speculative.py)
 
 

@@ -52,7 +52,8 @@ class StepBuffer:
             ("logits", np.int8, (n_batch,)),
             ("ops", np.int32, (max_ops, 4)),         # kind, seq, src or blob offset, n or blob length
             ("blob", np.uint8, (blob_size,)),
-            ("out_header", np.int32, (5,)),          # status, n_out, message length, step id, us per decode
+            ("out_header", np.int32, (7,)),          # status, n_out, message length, step id, us per decode,
+                                                     # us drafting, us per draft decode (engine/draft_model.py)
             ("out_count", np.int32, (n_batch,)),     # tokens sampled per output row (up to the burst)
             ("out_token", np.int32, (n_batch,)),     # output row j's s-th token at j * stride + s
             ("out_logprob", np.float32, (n_batch,)),

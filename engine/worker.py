@@ -28,7 +28,7 @@ import numpy as np
 
 from engine import kv_file
 from engine.logs import setup_logging
-from engine.step import DRAFT_ROW, Op, OpKind
+from engine.step import DRAFT_ROW, PENDING_TOKEN, Op, OpKind
 from engine.transport import MAX_TOP_LOGPROBS, STATUS_ADAPTERS_FAILED, STATUS_DECODE_FAILED, STATUS_OK, StepBuffer
 
 log = logging.getLogger("sentiric.worker")
@@ -116,6 +116,10 @@ class Worker:
         self.adapters = _Adapters(self.model, config["lora_dir"], config["lora_cache"])
         self.prefill_batch = None  # made when a stored prefix cannot be restored and is computed instead
         self.grammars = Grammars(self.vocab)
+        self.drafter = None  # the draft model (engine/draft_model.py), if the service has one
+        if config.get("model_draft"):
+            from engine.draft_model import DraftModel
+            self.drafter = DraftModel(llama, config["model_draft"], config["n_gpu_layers"], config["context"])
 
     def hello(self) -> dict:
         return {"ready": True, "pid": os.getpid(), "n_ctx": self.ctx.n_ctx, "n_ctx_seq": self.ctx.n_ctx_seq,
@@ -143,6 +147,7 @@ class Worker:
     def step(self, buf: StepBuffer, batch) -> None:
         n_tokens, n_ops, _, step_id, burst, stride = (int(x) for x in buf.header)
         status, message = STATUS_OK, ""
+        buf.out_header[5:7] = 0  # no drafting measured (engine/draft_model.py)
         for i in range(n_ops):
             buf.op_status[i] = 0
             t0 = time.perf_counter()
@@ -156,9 +161,12 @@ class Worker:
         if n_tokens and self.adapters.applied is None:  # the step's adapters could not be loaded: decode nothing
             status, message = STATUS_ADAPTERS_FAILED, self.adapters.failure
         elif n_tokens:
-            mask = np.less(buf.token[:n_tokens], 0, out=self.pending[:n_tokens])  # PENDING_TOKEN rows
+            mask = np.equal(buf.token[:n_tokens], PENDING_TOKEN, out=self.pending[:n_tokens])
             if mask.any():
                 buf.token[:n_tokens][mask] = self.last_sampled[buf.seq[:n_tokens][mask]]
+            if self.drafter is not None:  # its drafted positions, before the target decodes them
+                took = self.drafter.fill(buf.token[:n_tokens], buf.pos[:n_tokens], buf.seq[:n_tokens])
+                buf.out_header[5:7] = [int(t * 1e6) for t in took]
             try:
                 n_out, decode_s = self.decode(buf, batch, n_tokens, burst, stride)
             except self.llama.LlamaError as exc:
@@ -170,6 +178,8 @@ class Worker:
 
     def apply(self, buf: StepBuffer, op: Op) -> None:
         ctx, seq = self.ctx, op.seq
+        if self.drafter is not None:
+            self.drafter.apply(op)
         if op.kind == OpKind.START:
             self.drop(seq)
             spec = op.payload
@@ -264,6 +274,8 @@ class Worker:
                 buf.pos[:n] += 1
             batch.n_tokens = n
             self.ctx.decode(batch)
+            if self.drafter is not None:
+                self.drafter.decoded(buf.token[:n], buf.pos[:n], buf.seq[:n])
             self.sample(buf, n, out_row, stride)
             runs += 1
         return n_out, (time.perf_counter() - t0) / max(1, runs)
@@ -299,6 +311,8 @@ class Worker:
             if row + 1 < n and flags[row + 1] == DRAFT_ROW and (stop or token != buf.token[row + 1]):
                 rejected = seq
                 ctx.seq_rm(seq, int(buf.pos[row + 1]), -1)  # the rejected positions leave the KV cache
+                if self.drafter is not None:
+                    self.drafter.truncate(seq, int(buf.pos[row + 1]))
             if stop:
                 ended[seq] = True
                 if token < 0:
@@ -320,6 +334,8 @@ class Worker:
         self.ctx.close()
         self.adapters.close()
         self.model.close()
+        if self.drafter is not None:
+            self.drafter.close()
 
 
 def run(index: int, config: dict, specs: tuple, doorbell_in, doorbell_out, log_settings: dict) -> None:

@@ -17,7 +17,14 @@ service's 1.1 made it copy less faithfully than llama-server, so earlier copying
 different answers).
 Acceptance: the service's /stats, llama-server's timings (draft_n, draft_n_accepted).
 
+With `--draft-model PATH` (repeatable; `layers:N` derives the model's first N layers as a
+self-speculative draft, loadtest/draft_files.py) the service also runs each --draft-types value with
+that draft model (`--model-draft`), and llama-server with it (`-md PATH --spec-type draft-simple`),
+both drafting at most --draft-max tokens, on the single-stream workloads.
+
   flock /tmp/sentiric-cpu.lock python loadtest/bench_speculative.py --rounds 3
+  flock /tmp/sentiric-cpu.lock python loadtest/bench_speculative.py --spec-types none --llama-modes "" \
+      --chat-levels "" --draft-model MODEL.gguf --draft-model layers:4
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtest import prompts, servers  # noqa: E402
+from loadtest.draft_files import derived_model  # noqa: E402
 
 
 
@@ -97,16 +105,19 @@ def measure(name: str, argv: list[str], port: int, cases: list[tuple[str, int]],
         out = {}
         for workload, streams in cases:
             before = get(server.base_url, "/stats").get("speculative") if name.startswith("service") else None
+            draft_s = None
             runs = [run_level(server.base_url, workload, streams, args.max_tokens, r) for r in range(args.rounds)]
             if before is not None:
                 after = get(server.base_url, "/stats")["speculative"]
                 drafted, accepted = after["drafted"] - before["drafted"], after["accepted"] - before["accepted"]
+                draft_s = round(after.get("draft_s", 0) - before.get("draft_s", 0), 2)  # the draft model's time
             else:
                 drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
             out[f"{workload}@{streams}"] = {"tok_s": statistics.median(r["tok_s"] for r in runs),
                                             "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
                                             "acceptance": round(accepted / drafted, 3) if drafted else None,
-                                            "drafted": drafted, "tokens": [r["tokens"] for r in runs]}
+                                            "drafted": drafted, "draft_s": draft_s,
+                                            "tokens": [r["tokens"] for r in runs]}
             print(f"[bench] {name} {workload}@{streams}: {out[f'{workload}@{streams}']}", flush=True)
         return out
     finally:
@@ -151,6 +162,26 @@ def paired(specs: list[str], cases: list[tuple[str, int]], model: str, args) -> 
             server.stop()
 
 
+def measure_draft_model(model: str, draft: str, cases: list, args) -> dict:
+    """The service with `draft` as its draft model (each of --draft-types), and llama-server with it."""
+    if draft.startswith("layers:"):
+        layers = int(draft.split(":")[1])
+        draft = str(derived_model(model, Path(args.log_dir) / f"draft-{layers}-layers.gguf", layers=layers))
+    name, results = Path(draft).name, {}
+    for spec in [t for t in args.draft_types.split(",") if t]:
+        port, grpc_port = servers.free_ports(2)
+        cmd = servers.service_command(servers.DEFAULT_SERVICE_CMD, port=port, grpc_port=grpc_port, model=model,
+                                      threads=args.threads, parallel=args.parallel, ctx_size=args.ctx_size)
+        cmd += ["--spec-type", spec, "--model-draft", draft, "--spec-draft-max", str(args.draft_max)]
+        results[f"service {spec} {name}"] = measure(f"service-{spec}-{name}", cmd, port, cases, args)
+    port, = servers.free_ports(1)
+    cmd = servers.llama_server_command(Path(args.llama_server), port=port, model=model, threads=args.threads,
+                                       parallel=args.parallel, ctx_size=args.ctx_size,
+                                       extra=f"-md {draft} --spec-type draft-simple --spec-draft-n-max {args.draft_max}")
+    results[f"llama-server draft-simple {name}"] = measure(f"llama-server-draft-{name}", cmd, port, cases, args)
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
@@ -165,6 +196,11 @@ def main(argv=None) -> int:
     p.add_argument("--paired", default="", help="instead: these --spec-type values side by side, rounds "
                    "interleaved (e.g. none,auto; the first is the reference of the ratios)")
     p.add_argument("--llama-server", default=str(servers.DEFAULT_LLAMA_SERVER))
+    p.add_argument("--draft-model", action="append", default=[],
+                   help="a draft model (GGUF of the model's vocabulary), or layers:N (the model's first N layers)")
+    p.add_argument("--draft-types", default="draft-always,draft", help="the service's --spec-type values to run "
+                                                                      "with each draft model")
+    p.add_argument("--draft-max", type=int, default=8, help="drafted tokens per step with a draft model, at most")
     p.add_argument("--log-dir", default="/tmp/bench-speculative")
     p.add_argument("--ready-timeout", type=float, default=300)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -187,6 +223,8 @@ def main(argv=None) -> int:
                                            parallel=args.parallel, ctx_size=args.ctx_size,
                                            extra="" if mode == "none" else f"--spec-type {mode}")
         results[f"llama-server {mode}"] = measure(f"llama-server-{mode}", cmd, port, single, args)
+    for draft in args.draft_model:
+        results.update(measure_draft_model(model, draft, single, args))
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores", "threads": args.threads, "max_tokens": args.max_tokens,
               "rounds": args.rounds, "results": results}

@@ -2,10 +2,13 @@
 # The GPU path, proven on a machine with an NVIDIA GPU in one run (sized for under 8 minutes on
 # an H200 with 16 cores): builds libllama and llama.cpp's tools for the GPU found and a CPU
 # reference from the same source, checks that greedy answers agree, then runs bench_engine.py
-# (against llama-batched-bench) and bench_serving.py (against llama-server) on the GPU build.
+# (against llama-batched-bench) and bench_serving.py (against llama-server) on the GPU build, and,
+# given a draft model (GPU_CHECK_DRAFT_MODEL: a GGUF of the model's vocabulary, or layers:N for the
+# model's first N layers), bench_speculative.py's draft-model runs: the service with --model-draft
+# next to --spec-type none, and llama-server -md with the same pair.
 #
 #   loadtest/gpu_check.sh [--builds-only] [RESULTS_DIR]
-#       results (7 files) go to RESULTS_DIR, else $OUT, else loadtest/results/gpu; builds and logs
+#       results (7 files, 9 with a draft model) go to RESULTS_DIR, else $OUT, else loadtest/results/gpu; builds and logs
 #       to $GPU_CHECK_WORK (default /tmp/sentiric-gpu-check), where a later run finds them up to
 #       date. --builds-only stops after the builds and needs no model: a lease whose transfers
 #       cannot carry the model with the source builds in one call and checks in the next.
@@ -150,6 +153,18 @@ say "bench_serving: the service against llama-server"
     --json "$RESULTS/bench_serving.json" 2>&1 | tee "$RESULTS/bench_serving.txt" || fail "bench_serving"
 grep -h -m1 "engine  *CUDA" "$WORK"/logs/sentiric-*.log || fail "the service did not run on CUDA"
 grep -h -m1 "offloaded .* layers to GPU" "$WORK"/logs/llama-server-*.log || fail "llama-server did not offload"
+DRAFT=${GPU_CHECK_DRAFT_MODEL:-}
+if [ -n "$DRAFT" ] && { [ -f "$DRAFT" ] || [[ $DRAFT == layers:* ]]; }; then
+  say "bench_speculative: a draft model ($DRAFT), the service and llama-server -md, next to no drafting"
+  "$PY" "$ROOT/loadtest/bench_speculative.py" --model "$MODEL" --draft-model "$DRAFT" --threads "$THREADS" \
+      --llama-server "$CUDA_BIN/llama-server" --spec-types none --llama-modes "" --chat-levels "" --rounds 2 \
+      --log-dir "$WORK/logs-draft" --out "$RESULTS/bench_draft.json" 2>&1 | tee "$RESULTS/bench_draft.txt" \
+    || fail "bench_speculative with a draft model"
+  summary "- draft model $DRAFT: $RESULTS/bench_draft.json"
+else
+  say "no draft model (GPU_CHECK_DRAFT_MODEL unset or not a file): its runs are skipped"
+  summary "- draft model: not run (set GPU_CHECK_DRAFT_MODEL to a GGUF of the model's vocabulary, or layers:N)"
+fi
 
 summary "- total: $(( $(date +%s) - START )) s" "" "## bench_engine" "" "$(grep '^|' "$RESULTS/bench_engine.txt")" \
         "" "## bench_serving" "" "$(grep '^|' "$RESULTS/bench_serving.txt")"

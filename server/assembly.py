@@ -157,7 +157,7 @@ def _build(profile: Profile, flags, settings: ServerSettings, turns: CpuTurns, t
         overlap=args.overlap, burst_ms=args.burst_ms, step_timeout=args.step_timeout, lora_dir=args.lora_dir,
         lora_cache=args.lora_cache, tenant_fairness=args.tenant_fairness, tenant_limits=tenants.default,
         tenant_overrides=tenants.overrides,
-        spec_type=args.spec_type, spec_draft_max=args.spec_draft_max,
+        spec_type=args.spec_type, spec_draft_max=args.spec_draft_max, model_draft=args.model_draft,
         chat_template=_chat_template(args))
     embedder_config = EmbedderConfig(
         model_path=str(model_path), ctx_size=args.embeddings_ctx_size,

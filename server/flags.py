@@ -15,17 +15,20 @@ from server.settings import STUDIO_DIR
 ENV = "LLM_LLAMA_SERVICE_"
 
 
-def _option(parser, flag: str, env: str, default, help: str, type=str, *, prefixed: bool = True, **kw) -> None:
-    """A flag whose default comes from the environment variable `env` (LLM_LLAMA_SERVICE_<env>) when set."""
+def _option(parser, flag: str | tuple[str, ...], env: str, default, help: str, type=str, *, prefixed: bool = True,
+            **kw) -> None:
+    """A flag (or its names) whose default comes from the environment variable `env`
+    (LLM_LLAMA_SERVICE_<env>) when set."""
+    flags = (flag,) if isinstance(flag, str) else flag
     name = ENV + env if prefixed else env
     value = os.environ.get(name)
     if type is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+        parser.add_argument(*flags, action=argparse.BooleanOptionalAction,
                             default=value.lower() in ("1", "true", "yes", "on") if value else default,
                             help=f"{help} [env {name}]")
         return
     shown = "" if default is None else " (default: %(default)s)"
-    parser.add_argument(flag, type=type, default=type(value) if value else default,
+    parser.add_argument(*flags, type=type, default=type(value) if value else default,
                         help=f"{help}{shown} [env {name}]", **kw)
 
 
@@ -174,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     _option(eng, "--spec-type", "SPEC_TYPE", "none", "speculative decoding: drafts from n-gram lookup in the "
                                                      "prompt and answer, verified in the step (auto = where the "
                                                      "measured acceptance and decode costs say it pays; ngram = "
-                                                     "always; none = off)", choices=["auto", "ngram", "none"])
+                                                     "always; draft = the draft model's, where they pay; "
+                                                     "draft-always = the draft model's, always; none = off)",
+            choices=["auto", "ngram", "draft", "draft-always", "none"])
+    _option(eng, ("--model-draft", "-md"), "MODEL_DRAFT", None, "a draft model for --spec-type draft (GGUF, the "
+                                                               "model's vocabulary; docs/speculative.md)")
     _option(eng, "--spec-draft-max", "SPEC_DRAFT_MAX", 16, "drafted tokens per sequence and step, at most",
             type=int)
     _option(eng, "--step-timeout", "STEP_TIMEOUT", 120.0, "seconds a worker may take to answer one decode step "

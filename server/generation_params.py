@@ -57,9 +57,10 @@ def sampling(f: Fields, defaults: SamplingDefaults, engine, tools: ToolUse | Non
     return params
 
 
-def speculation(f: Fields) -> tuple[str | None, int | None]:
+def speculation(f: Fields, draft_model: bool = False) -> tuple[str | None, int | None]:
     """Drafting for this request (docs/speculative.md): 'speculative': false turns it off; 'spec':
-    {"type": "auto" | "ngram" | "none", "draft_max": k} chooses it. (None, None): the service's."""
+    {"type": "auto" | "ngram" | "draft" | "draft-always" | "none", "draft_max": k} chooses it (the
+    draft types only where the service has a draft model). (None, None): the service's."""
     spec = f.get("spec")
     if spec is not None and not isinstance(spec, dict):
         raise f.error("spec", "must be an object", "invalid_type")
@@ -67,8 +68,10 @@ def speculation(f: Fields) -> tuple[str | None, int | None]:
     for key in sorted(set(spec or {}) - {"type", "draft_max"}):
         raise s.error(key, "is not a spec field (type, draft_max)", "unknown_parameter")
     kind = s.text("type")
-    if kind not in (None, "auto", "ngram", "none"):
-        raise s.error("type", f"must be auto, ngram or none, not {kind!r}")
+    if kind not in (None, "auto", "ngram", "draft", "draft-always", "none"):
+        raise s.error("type", f"must be auto, ngram, draft, draft-always or none, not {kind!r}")
+    if kind in ("draft", "draft-always") and not draft_model:
+        raise s.error("type", f"is {kind}, but this service has no draft model (--model-draft)")
     draft_max = s.number("draft_max", None, lo=0, hi=64, integer=True)
     return "none" if not f.flag("speculative", True) else kind, draft_max
 

@@ -91,22 +91,21 @@ def _api_key(value: str) -> str:
 
 
 NGRAM_TYPES = {"ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache"}
-NO_DRAFT_MODEL = ("a draft model is not supported: drafts here come from n-gram lookup in the sequence's own "
-                  "tokens (--spec-type ngram-*, docs/speculative.md)")
+DRAFT_TYPES = {"draft-simple"}
 
 
 def _spec_type(value: str) -> str:
     """llama-server's comma separated drafters -> this engine's: its n-gram lookups are one here (`ngram`,
-    the engine's own lookup; docs/speculative.md), draft models are not built."""
-    names = {n.strip() for n in value.split(",") if n.strip()}
-    if names <= {"none"}:
-        return "none"
-    if any(n.startswith("draft-") for n in names):
-        raise ValueError(NO_DRAFT_MODEL)
-    if names - NGRAM_TYPES - {"none"}:
-        raise ValueError(f"unknown type {sorted(names - NGRAM_TYPES - {'none'})[0]!r} (none, "
-                         f"{', '.join(sorted(NGRAM_TYPES))})")
-    return "ngram"
+    the engine's own lookup), a draft model's is `draft-always` (docs/speculative.md); not both."""
+    names = {n.strip() for n in value.split(",") if n.strip()} - {"none"}
+    if other := sorted(n for n in names - DRAFT_TYPES if n.startswith("draft-")):
+        raise ValueError(f"{other[0]!r} is not built: a draft model (-md) drafts here as draft-simple does")
+    if names - NGRAM_TYPES - DRAFT_TYPES:
+        raise ValueError(f"unknown type {sorted(names - NGRAM_TYPES - DRAFT_TYPES)[0]!r} (none, "
+                         f"{', '.join(sorted(NGRAM_TYPES | DRAFT_TYPES))})")
+    if names & DRAFT_TYPES and names & NGRAM_TYPES:
+        raise ValueError("n-gram and draft-model drafting together are not supported here: choose one")
+    return "draft-always" if names & DRAFT_TYPES else "ngram" if names else "none"  # both draft always there
 
 
 def _refuse(names: tuple[str, ...], why: str, takes_value: bool = False) -> Flag:
@@ -194,7 +193,7 @@ FLAGS: list[Flag] = [
       for name in ("mod-n-min", "mod-n-max", "mod-n-match", "simple-size-n", "simple-size-m", "simple-min-hits",
                    "map-k-size-n", "map-k-size-m", "map-k-min-hits", "map-k4v-size-n", "map-k4v-size-m",
                    "map-k4v-min-hits")),
-    _refuse(("-md", "--model-draft", "--spec-draft-model"), NO_DRAFT_MODEL, True),
+    Flag(("-md", "--model-draft", "--spec-draft-model"), True, _same("--model-draft")),
     Flag(("-cram", "--cache-ram"), True, _same("--kv-ram-mb", _cache_ram)),
     Flag(("--cache-idle-slots",), note="an idle slot's KV goes to the KV store's RAM tier (--cache-ram) when "
                                        "a newcomer takes its stream"),

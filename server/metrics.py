@@ -112,7 +112,7 @@ class _EngineCollector:
             yield from _kv_store_metrics(store)
         spec = s.get("speculative")
         if spec:  # drafting (engine/speculative.py)
-            for key, doc in (("drafted", "Tokens drafted (n-gram lookup)"), ("accepted", "Drafted tokens accepted"),
+            for key, doc in (("drafted", "Tokens drafted (n-gram lookup or the draft model)"), ("accepted", "Drafted tokens accepted"),
                              ("steps_drafting", "Steps that carried drafts"),
                              ("steps_plain", "Steps of sequences that may draft, without a draft"),
                              ("held", "Plans put off so that the next step can draft")):

@@ -153,7 +153,7 @@ class Shaper:
             raise f.error("stream_options", "must be an object", "invalid_type")
         stop, ignore_eos = generation_params.stop(f), f.flag("ignore_eos")
         priority = f.number("priority", None, lo=-1000, hi=1000, integer=True)  # docs/tenants.md
-        spec_type, spec_draft_max = generation_params.speculation(f)
+        spec_type, spec_draft_max = generation_params.speculation(f, bool(self.engine.config.model_draft))
         predicted = self._prediction(f)
         progress = f.flag("return_progress")
         slot = f.number("id_slot", -1, lo=-1, integer=True)  # llama-server's: run in this slot; -1 any

@@ -44,7 +44,8 @@ def test_the_suites_command_line_maps_onto_serve():
     ("-cram 100 --cache-idle-slots", dict(kv_ram_mb=100)),
     ("--spec-type ngram-mod,ngram-map-k --spec-draft-n-max 8 --spec-ngram-mod-n-max 8",
      dict(spec_type="ngram", spec_draft_max=8)),  # llama-server's n-gram drafters: this engine's lookup
-    ("--spec-type none", dict(spec_type="none")),  # the KV store's RAM tier (docs/kv-store.md)
+    ("--spec-type none", dict(spec_type="none")),
+    ("-md d.gguf --spec-type draft-simple", dict(spec_type="draft-always", model_draft="d.gguf")),  # a draft model  # the KV store's RAM tier (docs/kv-store.md)
     ("--sleep-idle-seconds 5", dict(sleep_idle_seconds=5.0)),  # idle sleep (docs/llama-server.md)
     ("--sleep-idle-seconds -1", dict(sleep_idle_seconds=0.0)),  # llama-server's "never" (its default)
     ("", dict(sleep_idle_seconds=0.0)),
@@ -62,8 +63,8 @@ def test_flags_that_change_nothing_here_say_so():
 @pytest.mark.parametrize("argv, words", [
     ("-hf ggml-org/models", ["local GGUF file", "-m PATH"]),
     ("--hf-file x.gguf", ["local GGUF file"]),
-    ("--model-draft d.gguf", ["draft model", "n-gram"]),
-    ("--spec-type draft-eagle3", ["draft model"]),
+    ("--spec-type draft-eagle3", ["'draft-eagle3' is not built", "draft-simple"]),
+    ("--spec-type draft-simple,ngram-mod", ["choose one"]),
     ("--spec-type ngram-magic", ["unknown type 'ngram-magic'"]),
     ("--cache-ram -1", ["needs a bound"]),
     ("--no-cache-idle-slots", ["--cache-ram 0"]),

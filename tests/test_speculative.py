@@ -192,7 +192,8 @@ def test_bad_prediction_fields_name_the_field():
 def test_bad_spec_fields_name_the_field():
     assert speculation(Fields({"speculative": False})) == ("none", None)
     assert speculation(Fields({"spec": {"type": "ngram", "draft_max": 4}})) == ("ngram", 4)
-    for body, field in (({"spec": {"type": "eagle"}}, "spec.type"), ({"spec": {"draft_max": -1}}, "spec.draft_max"),
+    assert speculation(Fields({"spec": {"type": "draft"}}), draft_model=True) == ("draft", None)
+    for body, field in (({"spec": {"type": "eagle"}}, "spec.type"), ({"spec": {"type": "draft"}}, "spec.type"), ({"spec": {"draft_max": -1}}, "spec.draft_max"),
                         ({"spec": "on"}, "spec"), ({"speculative": "no"}, "speculative"),
                         ({"spec": {"k": 3}}, "spec.k")):
         with pytest.raises(Refusal) as err:
@@ -308,35 +309,40 @@ def test_unified_kv_drafts_equal_plain():
         h.close()
 
 
+def grpc_answer(service, question: str, engine: dict, max_new_tokens: int = 64) -> str:
+    """The service's greedy answer through the gRPC door, with `engine` as engine_specific_params."""
+    import grpc
+    from server.proto import llama_pb2, llama_pb2_grpc
+    params = llama_pb2.GenerationParams(temperature=0, max_new_tokens=max_new_tokens)
+    params.engine_specific_params.update(engine)
+    with grpc.insecure_channel(service.grpc_target) as channel:
+        stream = llama_pb2_grpc.LlamaServiceStub(channel).GenerateStream(
+            llama_pb2.GenerateStreamRequest(user_prompt=question, params=params), timeout=120)
+        return b"".join(m.token for m in stream if m.WhichOneof("type") == "token").decode()
+
+
 @pytest.mark.service
 def test_both_doors_carry_a_requests_spec_and_drafted_answers_equal_plain(start_server):
-    import grpc
     import openai
-    from server.proto import llama_pb2, llama_pb2_grpc
 
     service = start_server("--parallel", "2", "--ctx-size", "2048", "--spec-type", "ngram")
     question = "Repeat this text exactly, word for word:\n\n" + TEXT * 2
-
-    def grpc_answer(engine: dict) -> str:
-        params = llama_pb2.GenerationParams(temperature=0, max_new_tokens=64)
-        params.engine_specific_params.update(engine)
-        with grpc.insecure_channel(service.grpc_target) as channel:
-            stream = llama_pb2_grpc.LlamaServiceStub(channel).GenerateStream(
-                llama_pb2.GenerateStreamRequest(user_prompt=question, params=params), timeout=120)
-            return b"".join(m.token for m in stream if m.WhichOneof("type") == "token").decode()
 
     def accepted() -> int:
         return service.stats()["speculative"]["accepted"]
 
     before = accepted()
-    drafted = grpc_answer({"spec": {"type": "ngram", "draft_max": 8}})
+    drafted = grpc_answer(service, question, {"spec": {"type": "ngram", "draft_max": 8}})
     assert accepted() - before > 10
     before = accepted()
-    assert grpc_answer({"speculative": False}) == drafted and accepted() == before
+    assert grpc_answer(service, question, {"speculative": False}) == drafted and accepted() == before
     client = openai.OpenAI(base_url=service.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
     http = client.chat.completions.create(model="x", temperature=0, max_tokens=64, extra_body={"spec": {"draft_max": 8}},
                                           messages=[{"role": "user", "content": question}])
     assert http.choices[0].message.content == drafted and accepted() > before
+    with pytest.raises(openai.BadRequestError, match="'spec.type' is draft, but this service has no draft model"):
+        client.chat.completions.create(model="x", max_tokens=4, extra_body={"spec": {"type": "draft"}},
+                                       messages=[{"role": "user", "content": "hi"}])
 
 
 @pytest.mark.service
