@@ -48,7 +48,7 @@ class EngineConfig:
     tenant_fairness: bool = True      # admit the least-served tenant first, preempt for one under its share
     tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # every tenant's quotas and priority
     tenant_overrides: dict[str, TenantLimits] = field(default_factory=dict)  # per tenant (the tenants file)
-    spec_type: str = "none"           # drafting (engine/speculative.py): auto | ngram | draft | draft-always | none
+    spec_type: str = "auto"           # drafting (engine/speculative.py): auto | ngram | draft | draft-always | none
     model_draft: str | None = None    # a draft model of the same vocabulary (engine/draft_model.py)
     spec_draft_max: int = 16          # drafted tokens per sequence and step, at most
 

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "decodes this long (several tokens) per round trip to the "
                                                  "parent; tokens stream in chunks of that length (0 = one "
                                                  "token per round trip)", type=float)
-    _option(eng, "--spec-type", "SPEC_TYPE", "none", "speculative decoding: drafts from n-gram lookup in the "
+    _option(eng, "--spec-type", "SPEC_TYPE", "auto", "speculative decoding: drafts from n-gram lookup in the "
                                                      "prompt and answer, verified in the step (auto = where the "
                                                      "measured acceptance and decode costs say it pays; ngram = "
                                                      "always; draft = the draft model's, where they pay; "

@@ -347,11 +347,11 @@ def test_both_doors_carry_a_requests_spec_and_drafted_answers_equal_plain(start_
 
 @pytest.mark.service
 def test_a_predicted_answer_is_drafted_and_counted_in_usage(start_server):
-    """OpenAI's Predicted Outputs on a service with n-gram drafting off (the default): the prediction is
+    """OpenAI's Predicted Outputs on a service with n-gram drafting off: the prediction is
     drafted, the answer is the one without it (greedy), and usage says how much of it held."""
     import openai
 
-    service = start_server("--parallel", "2", "--ctx-size", "2048")
+    service = start_server("--parallel", "2", "--ctx-size", "2048", "--spec-type", "none")
     client = openai.OpenAI(base_url=service.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
 
     def ask(**kw):
@@ -364,7 +364,7 @@ def test_a_predicted_answer_is_drafted_and_counted_in_usage(start_server):
     predicted = ask(prediction={"type": "content", "content": answer})
     details = predicted.usage.completion_tokens_details
     assert predicted.choices[0].message.content == answer
-    assert details.accepted_prediction_tokens >= predicted.usage.completion_tokens // 2
+    assert details.accepted_prediction_tokens >= predicted.usage.completion_tokens // 4  # the rule drafts once it pays
     assert details.rejected_prediction_tokens <= details.accepted_prediction_tokens // 4
     assert predicted.model_extra["timings"]["draft_n_accepted"] == details.accepted_prediction_tokens
     wrong = ask(prediction={"type": "content", "content": "Seven ships sailed north past the old lighthouse at dawn."},

@@ -317,8 +317,8 @@ def test_telemetry_shows_each_tenants_share(studio_page, studio_server):
 
 
 def test_telemetry_shows_the_drafts_acceptance(studio_page, studio_server):
-    """A request with OpenAI's `prediction` is drafted even on a service without n-gram drafts: the panel
-    shows accepted / drafted tokens as /stats counts them."""
+    """A request with OpenAI's `prediction` is drafted: the panel shows accepted / drafted tokens as /stats
+    counts them, and by source."""
     page = studio_page
     text = "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday."
     body = json.dumps({"messages": [{"role": "user", "content": "Repeat exactly: " + text}], "max_tokens": 30,
@@ -331,7 +331,8 @@ def test_telemetry_shows_the_drafts_acceptance(studio_page, studio_server):
     shown.wait_for(timeout=10_000)
     wait_until(lambda: shown.inner_text().startswith(f"{spec['accepted']:,} / {spec['drafted']:,} "), 10,
                f"the panel shows {shown.inner_text()!r}, /stats {spec}")
-    assert "prediction" in page.locator("[data-testid=drafts-by-source]").inner_text()
+    by_source = page.locator("[data-testid=drafts-by-source]").inner_text()
+    assert all(f"{source} " in by_source for source, rate in spec["acceptance"].items() if rate is not None)
     page.locator("[data-testid=drafts]").screenshot(path=str(ARTIFACTS / "studio-drafts.png"))
     assert page.console.errors == []
 
