@@ -4,6 +4,7 @@ roles that must alternate, no system role), with the real tokenizer and real Jin
 import pytest
 
 from engine.chat_template import ChatTemplate
+from engine.config import EngineConfig
 from engine.llama import Model
 from engine.sampler_chain import SamplerChain
 from engine.model_files import ensure_default_model
@@ -26,13 +27,14 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 
 
 class TemplateEngine:
-    """What prompt assembly asks of the engine: its chat template and its tokenizer."""
+    """What prompt assembly asks of the engine: its chat template, its tokenizer and its settings."""
 
     def __init__(self, source: str):
         self.model = Model(ensure_default_model(), vocab_only=True)
         self.template = ChatTemplate(source)
 
     n_ctx = 4096
+    config = EngineConfig(model_path="unused")
 
     def render_chat(self, messages, **options):
         return self.template.render(messages, **options)
