@@ -230,6 +230,7 @@ class SpecStats:
     def as_dict(self) -> dict:
         return {"drafted": self.drafted, "accepted": self.accepted,
                 "acceptance": {src: round(acc / n, 3) if n else None for src, (n, acc) in self.by_source.items()},
+                "by_source": {src: {"drafted": n, "accepted": acc} for src, (n, acc) in self.by_source.items()},
                 "draft_s": round(self.draft_s, 3), "steps_drafting": self.steps_drafting,
                 "steps_plain": self.steps_plain, "held": self.held}
 

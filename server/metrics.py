@@ -117,6 +117,12 @@ class _EngineCollector:
                              ("steps_plain", "Steps of sequences that may draft, without a draft"),
                              ("held", "Plans put off so that the next step can draft")):
                 yield CounterMetricFamily(f"sentiric_spec_{key}", doc, value=spec[key])
+            for key, doc in (("drafted", "Tokens drafted, by where the drafts came from"),
+                             ("accepted", "Drafted tokens accepted, by where the drafts came from")):
+                family = CounterMetricFamily(f"sentiric_spec_source_{key}", doc, labels=["source"])
+                for source, counts in spec["by_source"].items():
+                    family.add_metric([source], counts[key])
+                yield family
         counts = s["batch_size_counts"]
         buckets = []
         for bound in BATCH_BUCKETS:

@@ -4,6 +4,8 @@ strings, grammars, logprobs and cancellation inside drafts."""
 
 import asyncio
 import json
+import re
+import urllib.request
 from dataclasses import replace
 
 import pytest
@@ -367,6 +369,9 @@ def test_a_predicted_answer_is_drafted_and_counted_in_usage(start_server):
     assert details.accepted_prediction_tokens >= predicted.usage.completion_tokens // 4  # the rule drafts once it pays
     assert details.rejected_prediction_tokens <= details.accepted_prediction_tokens // 4
     assert predicted.model_extra["timings"]["draft_n_accepted"] == details.accepted_prediction_tokens
+    metrics = urllib.request.urlopen(service.base_url + "/metrics").read().decode()
+    exported = float(re.search(r'sentiric_spec_source_accepted_total\{source="prediction"\} (\S+)', metrics).group(1))
+    assert exported == service.stats()["speculative"]["by_source"]["prediction"]["accepted"] > 0
     wrong = ask(prediction={"type": "content", "content": "Seven ships sailed north past the old lighthouse at dawn."},
                 stream=True, stream_options={"include_usage": True})
     chunks = list(wrong)
