@@ -6,7 +6,7 @@ when the template rejects the conversation's)."""
 from __future__ import annotations
 
 from engine.chat_template import TemplateError
-from server.fields import Fields
+from server.fields import Fields, joined_text
 from server.reasoning import thinking_off
 from server.refusal import invalid
 from server.tools import ToolUse, history_tool_calls
@@ -61,17 +61,7 @@ def _message(f: Fields, i: int, m) -> dict:
     content = m.get("content")
     if content is None and role == "assistant":
         content = ""
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise f.error(f"{where}.content", f"has a {kind!r} part at {j}; this model reads text parts only "
-                              '({"type": "text", "text": ...})')
-            parts.append(part["text"])
-        content = "\n\n".join(parts)  # as llama-server joins text parts
-    if not isinstance(content, str):
-        raise f.error(f"{where}.content", "must be a string or a list of text parts", "invalid_type")
+    content = joined_text(f, f"{where}.content", content, "\n\n")  # as llama-server joins text parts
     message = {"role": "system" if role == "developer" else role, "content": content}
     if role == "assistant" and m.get("tool_calls"):
         message["tool_calls"] = history_tool_calls(f, where, m["tool_calls"])

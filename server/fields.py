@@ -59,3 +59,20 @@ class Fields:
         if value is not None and not isinstance(value, str):
             raise self.error(name, "must be a string", "invalid_type")
         return value
+
+
+def joined_text(f: Fields, name: str, value, sep: str) -> str:
+    """Field `name`'s `value` as text: a string, or a list of OpenAI text parts ({"type": "text", "text":
+    ...}) joined by `sep`; anything else is a Refusal naming the field."""
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise f.error(name, f"has a {kind!r} part at {j}; this model reads text parts only "
+                              '({"type": "text", "text": ...})')
+            texts.append(part["text"])
+        return sep.join(texts)
+    if not isinstance(value, str):
+        raise f.error(name, "must be a string or a list of text parts", "invalid_type")
+    return value

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from engine.sampling import SamplingParams
-from server.fields import Fields
+from server.fields import Fields, joined_text
 from server.sampling_defaults import SamplingDefaults
 from server.structured import GrammarError, compile_grammar
 from server.tools import ToolUse
@@ -86,14 +86,7 @@ def prediction(f: Fields) -> str | None:
     p = f.nested("prediction")
     if p.get("type") != "content":
         raise p.error("type", f"is {p.get('type')!r}; the one prediction type is 'content'")
-    content = p.get("content")
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list) or not all(isinstance(part, dict) and part.get("type") == "text"
-                                                and isinstance(part.get("text"), str) for part in content):
-        raise p.error("content", "must be a string or a list of text parts ({'type': 'text', 'text': ...})",
-                      "invalid_type")
-    return "".join(part["text"] for part in content)
+    return joined_text(p, "content", p.get("content"), "")
 
 
 def stop(f: Fields) -> list[str]:
